@@ -1,0 +1,32 @@
+# zooaudit — `make demo` and `make test` bootstrap .venv from constraints.txt when missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.zooaudit-installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export AWS_REQUEST_CHECKSUM_CALCULATION := WHEN_REQUIRED
+
+.PHONY: demo test test-fast bench up down clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip wheel setuptools
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/zooaudit demo
+
+# pytest exits 5 when it collected no tests: that is a failure, not a pass.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cka.py
+
+clean:
+	rm -rf $(VENV) zooaudit-store

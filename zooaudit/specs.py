@@ -1,0 +1,108 @@
+"""Pydantic specs shared by the CLI, the flows and the Prefect UI forms.
+
+Every run is described by one of these serializable specs; it is saved beside
+the results (commit metadata, report manifest) and its parts feed the stage
+cache keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Pooling = Literal["mean", "flatten", "none"]
+
+
+class DatasetSpec(BaseModel):
+    """An audit dataset. ``colored-digits`` follows the Colored-MNIST construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("digits", description="Dataset name: 'digits' or 'colored-digits'.")
+    split: Literal["train", "test", "all"] = Field("test", description="Which split of the data to audit on.")
+    color_flip: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="colored-digits only: probability that the colour disagrees with the label "
+        "(0.5 = colour independent of label, a balanced test set; small = strong shortcut).",
+    )
+    label_noise: float = Field(0.25, ge=0.0, le=0.5, description="colored-digits only: label flip probability.")
+    seed: int = Field(0, description="Seed of the dataset's random draws (noise, colours).")
+    max_samples: int | None = Field(None, ge=1, description="Keep only the first N samples (for quick runs).")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return v
+
+
+class FactorizeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(8, ge=1, le=256, description="Number of components per layer.")
+    methods: list[Literal["pca", "nmf"]] = Field(["pca", "nmf"], description="NMF runs on non-negative layers only.")
+    max_iter: int = Field(400, ge=10, description="NMF iteration budget.")
+    random_state: int = 0
+
+
+class BiasSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_boot: int = Field(200, ge=0, description="Bootstrap resamples for confidence intervals (0 = none).")
+    ci: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
+    random_state: int = 0
+    min_group_size: int = Field(20, ge=1, description="Cells smaller than this are reported but never flagged.")
+
+
+class RunOptions(BaseModel):
+    """Options shared by model and zoo audits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[DatasetSpec] = Field(
+        default_factory=lambda: [DatasetSpec(name="digits"), DatasetSpec(name="colored-digits")],
+        description="Datasets to audit on; each model is audited on those that fit its input shape.",
+    )
+    layers: list[str] | None = Field(
+        None, description="Layer module paths or glob patterns; default: the model's own default layers."
+    )
+    pooling: Pooling = Field("mean", description="How spatial maps are stored: spatial mean, flatten, or none.")
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(256, ge=1, description="Samples per extraction shard = Zarr chunk of the sample dim.")
+    device: str = Field("cpu", description="'auto', 'cpu' or 'cuda[:n]'.")
+    factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
+    bias: BiasSpec = Field(default_factory=BiasSpec)
+    store: str | None = Field(None, description="Store root URL; default $ZOOAUDIT_STORE or ./zooaudit-store.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"bad device {v!r}; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class AuditModelSpec(RunOptions):
+    """Audit one model: extract, factorize, similarity, bias."""
+
+    model: str = Field("builtin:mlp-w64-s0", description="Model URI, e.g. 'builtin:cnn-w16-s0' or 'builtin:mlp-w64-s0@5'.")
+
+
+class AuditZooSpec(RunOptions):
+    """Audit every model of a zoo, then compare them on shared datasets."""
+
+    models: list[str] = Field(
+        default_factory=lambda: __import__("zooaudit.zoo.builtin", fromlist=["x"]).default_zoo(),
+        description="Model URIs of the zoo.",
+    )
+    compare_layer: str = Field("embed", description="Layer compared across models (model × model linear CKA).")
+
+    def model_spec(self, model: str) -> AuditModelSpec:
+        fields = self.model_dump(exclude={"models", "compare_layer"})
+        return AuditModelSpec(model=model, **fields)
