@@ -1,0 +1,172 @@
+"""Activation extraction: layer selection, hooks, pooling, batching, device.
+
+One forward pass per batch records every requested layer through forward
+hooks. When the model's outputs are not needed, the pass stops right after the
+last requested layer has fired.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ZooauditError
+
+POOLINGS = ("mean", "flatten", "none")
+
+
+class _StopForward(Exception):
+    """Raised from the last hook to skip the rest of the forward pass."""
+
+
+def list_layers(module: torch.nn.Module) -> list[str]:
+    """Every named submodule (module paths in registration order), root excluded."""
+    return [name for name, _ in module.named_modules() if name]
+
+
+def select_layers(module: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Resolve module paths / glob patterns to layer names, in the model's order.
+
+    Raises a :class:`ZooauditError` that lists the valid names when a pattern
+    matches nothing.
+    """
+    valid = list_layers(module)
+    if not patterns:
+        raise ZooauditError(f"No layers requested. Valid layers: {', '.join(valid)}.")
+    chosen: set[str] = set()
+    for pat in patterns:
+        hits = [n for n in valid if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ZooauditError(
+                f"Layer {pat!r} is not in the model. Valid layers (module paths; globs like "
+                f"'act*' allowed): {', '.join(valid)}."
+            )
+        chosen.update(hits)
+    return [n for n in valid if n in chosen]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ZooauditError(f"Device {device!r} requested but CUDA is not available here. Allowed: 'cpu' or 'auto'.")
+    return torch.device(device)
+
+
+def pool(t: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool one layer output ``(batch, ...)``.
+
+    ``mean``: spatial mean for ``(b, c, y, x)`` maps, token mean for ``(b, t, d)``;
+    ``flatten``: ``(b, prod(...))``; ``none``: unchanged. 2-D outputs are unchanged.
+    """
+    if pooling not in POOLINGS:
+        raise ZooauditError(f"Unknown pooling {pooling!r}. Allowed: {', '.join(POOLINGS)}.")
+    if t.ndim <= 2 or pooling == "none":
+        return t
+    if pooling == "flatten":
+        return t.flatten(1)
+    return t.mean(dim=tuple(range(1, t.ndim - 1))) if t.ndim == 3 else t.mean(dim=tuple(range(2, t.ndim)))
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """Hook outputs may be tuples/lists/dicts (transformers): take the hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    raise ZooauditError(f"A hooked layer returned {type(out).__name__}, which holds no tensor.")
+
+
+def forward_batches(
+    model: torch.nn.Module,
+    inputs: np.ndarray,
+    layers: Sequence[str],
+    *,
+    pooling: str = "mean",
+    batch_size: int = 256,
+    device: str = "cpu",
+    with_outputs: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Run ``inputs`` ``(n, *input_shape)`` through ``model`` in batches.
+
+    Returns ``({layer: (n, ...) float32}, outputs (n, n_out) float32 or None)``.
+    """
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    wanted = set(layers)
+
+    def hook_for(name):
+        def hook(_module, _inp, out):
+            # detach + copy: a kept view would pin the whole activation buffer.
+            captured[name] = pool(_first_tensor(out).detach(), pooling).to("cpu", torch.float32).clone()
+            if not with_outputs and wanted.issubset(captured):
+                raise _StopForward
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    acts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    outs: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])).to(dev)
+                captured.clear()
+                try:
+                    out = model(batch)
+                    if with_outputs:
+                        outs.append(_first_tensor(out).to("cpu", torch.float32).numpy())
+                except _StopForward:
+                    pass
+                for name in layers:
+                    acts[name].append(captured[name].numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    result = {name: np.concatenate(chunks) for name, chunks in acts.items()}
+    return result, (np.concatenate(outs) if with_outputs else None)
+
+
+def layer_shapes(model: torch.nn.Module, input_shape: Iterable[int], layers: Sequence[str],
+                 pooling: str) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of each layer after pooling (one dry forward)."""
+    x = np.zeros((1, *input_shape), np.float32)
+    acts, _ = forward_batches(model, x, layers, pooling=pooling, batch_size=1, with_outputs=False)
+    return {name: tuple(a.shape[1:]) for name, a in acts.items()}
+
+
+def extract(model, dataset, layers, *, pooling="mean", batch_size=256, device="cpu", store_group=None):
+    """Extract ``layers`` of ``model`` over a whole ``dataset`` (public API, DESIGN.md §4).
+
+    Args:
+        model: a ``torch.nn.Module`` or a :class:`zooaudit.zoo.LoadedModel`.
+        dataset: an :class:`zooaudit.data.AuditDataset` (inputs ``(n, *input_shape)``).
+        layers: module paths or globs.
+        store_group: optional writable ``zarr.Group``; each layer is written to
+            ``<group>/<layer>`` with dims ``(sample, unit)`` (or spatial dims).
+
+    Returns:
+        ``{layer: np.ndarray (n, ...)}``.
+    """
+    module = getattr(model, "module", model)
+    names = select_layers(module, layers)
+    acts, _ = forward_batches(module, dataset.inputs, names, pooling=pooling, batch_size=batch_size,
+                              device=device, with_outputs=False)
+    if store_group is not None:
+        for name, arr in acts.items():
+            store_group.create_array(name, data=arr, dimension_names=dims_for(arr.ndim), overwrite=True)
+    return acts
+
+
+def dims_for(ndim: int) -> tuple[str, ...]:
+    """Named dims of a stored activation array of ``ndim`` dimensions (sample first)."""
+    return {2: ("sample", "unit"), 3: ("sample", "token", "unit"), 4: ("sample", "channel", "y", "x")}.get(
+        ndim, ("sample",) + tuple(f"dim_{i}" for i in range(1, ndim))
+    )

@@ -1,0 +1,109 @@
+"""Where things live inside a model repository (DESIGN.md §3), and how to write them.
+
+Per dataset group ``<ds>``::
+
+    <ds>/samples                sample (coord: sample id), label, group attributes
+    <ds>/acts/<layer>           activations (sample, unit) | (sample, channel, y, x)
+    <ds>/outputs                logits (sample, class), prediction (sample)
+    <ds>/factors/<layer>/<m>    components (component, unit), codes (sample, component)
+    <ds>/similarity/<metric>    (layer_a, layer_b)
+    <ds>/bias/<attribute>       per-group metrics with CIs
+
+The sample dimension is chunked by the shard size, so each extraction shard
+writes whole chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from .extract import dims_for
+
+
+def samples_group(ds_key: str) -> str:
+    return f"{ds_key}/samples"
+
+
+def acts_group(ds_key: str, layer: str) -> str:
+    return f"{ds_key}/acts/{layer}"
+
+
+def outputs_group(ds_key: str) -> str:
+    return f"{ds_key}/outputs"
+
+
+def factors_group(ds_key: str, layer: str, method: str) -> str:
+    return f"{ds_key}/factors/{layer}/{method}"
+
+
+def similarity_group(ds_key: str, metric: str) -> str:
+    return f"{ds_key}/similarity/{metric}"
+
+
+def bias_group(ds_key: str, attribute: str) -> str:
+    return f"{ds_key}/bias/{attribute}"
+
+
+def samples_dataset(dataset) -> xr.Dataset:
+    """The ``samples`` table of a dataset: ids, labels and group attributes."""
+    coords = {"sample": ("sample", dataset.sample_ids)}
+    data = {"label": ("sample", dataset.labels)}
+    data.update({name: ("sample", codes) for name, codes in dataset.groups.items()})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update({"dataset": dataset.name, "group_names": dataset.group_names,
+                     "group_attributes": sorted(dataset.groups)})
+    return ds
+
+
+def create_activation_arrays(store, dataset, ds_key: str, shapes: dict[str, tuple[int, ...]],
+                             n_outputs: int | None, chunk: int) -> None:
+    """Create (empty) activation and output arrays plus the samples table.
+
+    ``shapes`` maps layer → per-sample shape after pooling. The ``sample``
+    coordinate is written in full here; the shards fill the data arrays.
+    """
+    n = len(dataset)
+    samples_dataset(dataset).to_zarr(store, group=samples_group(ds_key), mode="w", consolidated=False,
+                                     zarr_format=3)
+    ids = dataset.sample_ids
+    for layer, shape in shapes.items():
+        g = zarr.open_group(store, path=acts_group(ds_key, layer), mode="w")
+        g.attrs.update({"layer": layer})
+        g.create_array("activations", shape=(n, *shape), chunks=(chunk, *shape), dtype="float32",
+                       dimension_names=dims_for(1 + len(shape)), fill_value=np.nan)
+        g.create_array("sample", data=ids, dimension_names=("sample",))
+    if n_outputs is not None:
+        g = zarr.open_group(store, path=outputs_group(ds_key), mode="w")
+        g.create_array("logits", shape=(n, n_outputs), chunks=(chunk, n_outputs), dtype="float32",
+                       dimension_names=("sample", "class"), fill_value=np.nan)
+        g.create_array("prediction", shape=(n,), chunks=(chunk,), dtype="int64",
+                       dimension_names=("sample",), fill_value=-1)
+        g.create_array("sample", data=ids, dimension_names=("sample",))
+
+
+def write_shard(store, ds_key: str, start: int, acts: dict[str, np.ndarray],
+                logits: np.ndarray | None) -> None:
+    """Write one shard's rows ``[start, start + len)`` of every layer (whole chunks)."""
+    for layer, arr in acts.items():
+        zarr.open_array(store, path=f"{acts_group(ds_key, layer)}/activations", mode="r+")[
+            start:start + len(arr)] = arr
+    if logits is not None:
+        g = zarr.open_group(store, path=outputs_group(ds_key), mode="r+")
+        g["logits"][start:start + len(logits)] = logits
+        g["prediction"][start:start + len(logits)] = logits.argmax(axis=1)
+
+
+def open_activations(store, ds_key: str, layer: str) -> xr.DataArray:
+    """Lazy ``(sample, ...)`` DataArray of one layer's activations."""
+    ds = xr.open_zarr(store, group=acts_group(ds_key, layer), consolidated=False, zarr_format=3)
+    da = ds["activations"]
+    da.name = layer
+    return da
+
+
+def as_matrix(da: xr.DataArray):
+    """``(sample, ...)`` → Dask/NumPy ``(n_samples, n_features)`` (non-sample dims flattened)."""
+    data = da.data
+    return data.reshape(data.shape[0], -1) if data.ndim > 2 else data
