@@ -77,6 +77,9 @@ class RunOptions(BaseModel):
     factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
     bias: BiasSpec = Field(default_factory=BiasSpec)
     store: str | None = Field(None, description="Store root URL; default $ZOOAUDIT_STORE or ./zooaudit-store.")
+    task_runner: Literal["dask", "threads"] = Field(
+        "dask", description="Where tasks run: a Dask cluster (local processes unless dask_address is set) or threads.")
+    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://host:port).")
 
     @field_validator("device")
     @classmethod

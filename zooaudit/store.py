@@ -12,10 +12,11 @@ Commits carry provenance in their metadata (stage, cache key, parameters,
 package versions); :func:`find_commit` finds a stage's cache key on ``main``
 so that reruns skip completed work.
 
-Atomicity of multi-task writes: Icechunk cannot fork a session with uncommitted
-changes, so sharded writes go to a staging branch (template commit, then the
-merged forks) and ``main`` is fast-forwarded to the result in one conditional
-``reset_branch``. ``main`` never points at a half-written version.
+Atomicity of multi-task writes (``zooaudit.stages``): Icechunk cannot fork a
+session with uncommitted changes, so sharded writes go to a staging branch
+(template commit, then the merged forks) and ``main`` is fast-forwarded to the
+result in one conditional ``reset_branch``. ``main`` never points at a
+half-written version.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import fcntl
 import json
 import os
 import platform
-import warnings
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Callable, Iterator
@@ -43,8 +43,9 @@ SCHEMES = ("file", "s3")
 MAIN = "main"
 
 # Icechunk warns on every local repository open; we serialize commits per
-# repository ourselves (see `repo_lock`), which is what the warning asks for.
-warnings.filterwarnings("ignore", message=".*LocalFileSystem storage is not safe.*")
+# repository ourselves (see `Store.lock`), which is what the warning asks for.
+if hasattr(icechunk, "set_logs_filter") and "ICECHUNK_LOG" not in os.environ:
+    icechunk.set_logs_filter("error")
 
 
 def resolve_store_url(url: str | None = None) -> str:
@@ -206,46 +207,6 @@ def commit(
         return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector())
 
 
-def staged_commit(
-    store: Store,
-    repo_name: str,
-    repo: icechunk.Repository,
-    *,
-    staging: str,
-    template: Callable[[icechunk.Session], None],
-    fill: Callable[[icechunk.Session], None],
-    message: str,
-    metadata: dict[str, Any],
-) -> str:
-    """Two-phase write for distributed writers, published atomically on ``main``.
-
-    ``template`` creates the arrays (committed on branch ``staging``); ``fill``
-    gets a fresh writable session on that branch (it forks it, hands the forks to
-    workers and merges them back). The result is committed on ``staging`` and
-    ``main`` is fast-forwarded to it only if ``main`` has not moved meanwhile.
-    """
-    base = repo.lookup_branch(MAIN)
-    if staging in repo.list_branches():
-        repo.delete_branch(staging)
-    repo.create_branch(staging, base)
-    session = repo.writable_session(staging)
-    template(session)
-    session.commit(f"{message} (template)", metadata={"stage": "staging", "for": metadata.get("cache_key")})
-    session = repo.writable_session(staging)
-    fill(session)
-    snapshot = session.commit(message, metadata=metadata)
-    with store.lock(repo_name):
-        try:
-            repo.reset_branch(MAIN, snapshot, from_snapshot_id=base)
-        except icechunk.IcechunkError as err:  # main moved while we were writing
-            raise ZooauditError(
-                f"Another run committed to {repo_name!r} while activations were being written; "
-                "rerun the audit (completed stages will be skipped)."
-            ) from err
-    repo.delete_branch(staging)
-    return snapshot
-
-
 # -- reading -----------------------------------------------------------------------
 
 
@@ -268,5 +229,13 @@ def group_exists(session: icechunk.Session, group: str) -> bool:
 
 
 def write_dataset(session: icechunk.Session, ds: xr.Dataset, group: str) -> None:
-    """Write a small in-memory result Dataset to ``group`` (replacing it)."""
+    """Write a small in-memory result Dataset to ``group`` (replacing it).
+
+    Fixed-width unicode labels are stored as variable-length strings: Zarr v3
+    has a specified encoding for those, not for NumPy's ``<U`` dtype.
+    """
+    ds = ds.copy()
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
     ds.to_zarr(session.store, group=group, mode="w", consolidated=False, zarr_format=3)

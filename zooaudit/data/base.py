@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import unknown
-from ..keys import canonical_json, slug_key
+from ..keys import canonical_json, short_hash
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AuditDataset:
     @property
     def key(self) -> str:
         """Path-safe key of this dataset spec (used as the Zarr group name)."""
-        return slug_key(self.name + canonical_json(self.spec), max_len=24)
+        return f"{self.name}-{short_hash(canonical_json(self.spec))}"
 
     @property
     def content_hash(self) -> str:

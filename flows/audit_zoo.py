@@ -1,0 +1,61 @@
+"""Flow ``audit-zoo``: audit every model, compare them on shared datasets, report.
+
+    audit-model × models ─► zoo-similarity per dataset (model × model CKA) ─► report
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.analysis import zoo_similarity
+from tasks.report import build_report
+from zooaudit import stages
+from zooaudit.report.summary import zoo_markdown
+from zooaudit.specs import AuditZooSpec
+from zooaudit.store import Store
+
+from .audit_model import audit_model
+from .runners import dask_cluster, task_runner
+
+
+@dataclass
+class ZooAudit:
+    run_id: str
+    report: str
+    models: list = field(default_factory=list)
+    zoo_results: list = field(default_factory=list)
+
+
+@flow(name="audit-zoo")
+def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
+    logger = get_run_logger()
+    run_id = str(flow_run.id) if flow_run.id else None
+    stages.validate_zoo(spec)   # bad input fails here, before any commit
+    store = Store.open(spec.store)
+    audits = []
+    with dask_cluster(spec) as address:
+        for model in spec.models:
+            sub = audit_model.with_options(task_runner=task_runner(address))
+            audits.append(sub(spec.model_spec(model)))
+    by_dataset = defaultdict(list)
+    snapshots = defaultdict(dict)
+    for audit in audits:
+        acts = {r.dataset: r.snapshot for r in audit.results if r.stage == "activations"}
+        for plan in audit.plans:
+            by_dataset[plan.ds_key].append(plan)
+            snapshots[plan.ds_key][plan.model_uri] = acts[plan.ds_key]
+    zoo_results = [r for ds_key, plans in by_dataset.items()
+                   if (r := zoo_similarity(store.url, plans, snapshots[ds_key], spec.compare_layer, run_id))]
+    report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
+    create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
+    logger.info("report: %s", report)
+    return ZooAudit(run_id=run_id or "", report=report, models=audits, zoo_results=zoo_results)
+
+
+def run_audit_zoo(spec: AuditZooSpec) -> ZooAudit:
+    return audit_zoo(spec)

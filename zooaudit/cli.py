@@ -1,0 +1,204 @@
+"""The ``zooaudit`` command line.
+
+    zooaudit demo                      train the builtin zoo if needed, audit it, print the report
+    zooaudit audit-zoo [options]       audit a zoo (default: the builtin zoo)
+    zooaudit audit-model MODEL [opts]  audit one model
+    zooaudit layers MODEL              list a model's layers with output shapes
+
+Bad input exits with status 2 and one paragraph naming the bad value and what
+is allowed; nothing is committed. The core stays Prefect-free: flows are
+imported only by the commands that run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from .errors import ZooauditError
+
+EXIT_BAD_INPUT = 2
+
+
+def _env_defaults() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Use ``$PREFECT_API_URL`` when set; otherwise run a temporary local Prefect
+    server (ephemeral mode) for the duration of the command. Its URL is exported
+    so Dask worker processes report to the same server."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=60)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        # Drain Prefect's log and event queues while the server still listens;
+        # stopping first leaves them retrying against a dead port at exit.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store root URL (default $ZOOAUDIT_STORE or ./zooaudit-store)")
+    p.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
+                   help="dataset to audit on (repeatable): digits, colored-digits")
+    p.add_argument("--layers", nargs="+", help="layer module paths or globs")
+    p.add_argument("--max-samples", type=int, help="audit only the first N samples of each dataset")
+    p.add_argument("--threads", action="store_true", help="run tasks on threads instead of a local Dask cluster")
+    p.add_argument("--dask-address", help="existing Dask scheduler address")
+
+
+def _spec_fields(args) -> dict:
+    out: dict = {}
+    if args.store:
+        out["store"] = args.store
+    if args.datasets:
+        out["datasets"] = [{"name": n, "max_samples": args.max_samples} for n in args.datasets]
+    elif args.max_samples:
+        out["datasets"] = [{"name": "digits", "max_samples": args.max_samples},
+                           {"name": "colored-digits", "max_samples": args.max_samples}]
+    if args.layers:
+        out["layers"] = args.layers
+    if args.threads:
+        out["task_runner"] = "threads"
+    if args.dask_address:
+        out["dask_address"] = args.dask_address
+    return out
+
+
+def _snippet(store_url: str, audit) -> str:
+    plan = next((p for a in audit.models for p in a.plans), None)
+    if plan is None:
+        return ""
+    layer = plan.layers[0]
+    return (
+        "Open the activations with xarray:\n"
+        "    from zooaudit.store import Store, open_group\n"
+        f"    acts = open_group(Store({store_url!r}).model_repo({plan.model_key!r}), "
+        f"{plan.ds_key + '/acts/' + layer!r})['activations']"
+    )
+
+
+def cmd_audit_zoo(args, *, demo: bool = False) -> int:
+    from .specs import AuditZooSpec
+    from .stages import validate_zoo
+
+    fields = _spec_fields(args)
+    if getattr(args, "models", None):
+        fields["models"] = args.models
+    if getattr(args, "compare_layer", None):
+        fields["compare_layer"] = args.compare_layer
+    spec = AuditZooSpec(**fields)
+    t0 = time.perf_counter()
+    print(f"zooaudit: {len(spec.models)} models → store {spec.store or os.environ.get('ZOOAUDIT_STORE') or './zooaudit-store'}")
+    print("checking models (training the builtin zoo where weights are missing)…", flush=True)
+    validate_zoo(spec)  # fails fast, before Prefect starts or anything is committed
+    print(f"  ready in {time.perf_counter() - t0:.1f}s; starting the audit flow", flush=True)
+    with prefect_api() as api:
+        print(f"  Prefect API: {api}", flush=True)
+        from flows.audit_zoo import audit_zoo
+
+        result = audit_zoo(spec)
+    from .store import Store
+
+    store = Store.open(spec.store)
+    for m in result.models:
+        done = sum(not r.skipped for r in m.results)
+        print(f"  {m.model:32s} {done} stages committed, {len(m.results) - done} skipped (cache hit)")
+    for z in result.zoo_results:
+        print(f"  zoo CKA on {z.dataset}: {'skipped (cache hit)' if z.skipped else 'committed'}")
+    print(f"\nDone in {time.perf_counter() - t0:.1f}s. Report: {result.report}")
+    print(_snippet(store.url, result))
+    return 0
+
+
+def cmd_audit_model(args) -> int:
+    from .specs import AuditModelSpec
+    from .stages import validate_model
+
+    spec = AuditModelSpec(model=args.model, **_spec_fields(args))
+    validate_model(spec)
+    with prefect_api():
+        from flows.audit_model import run_audit_model
+
+        audit = run_audit_model(spec)
+    for r in audit.results:
+        print(f"  {r.stage:11s} {r.dataset:30s} {'skipped (cache hit)' if r.skipped else 'committed'} "
+              f"{(r.snapshot or '')[:12]}")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from .extract import layer_shapes, list_layers
+    from .store import Store
+    from .zoo import resolve_model
+
+    model = resolve_model(args.model, Store.open(args.store))
+    names = list_layers(model.module)
+    shapes = layer_shapes(model.module, model.input_shape, names, "none")
+    for n in names:
+        mark = "*" if n in model.default_layers else " "
+        print(f"{mark} {n:12s} {type(dict(model.module.named_modules())[n]).__name__:10s} {shapes[n]}")
+    print("(* = audited by default)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zooaudit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="audit the builtin zoo end to end and print the report location")
+    _options(p)
+    p = sub.add_parser("audit-zoo", help="audit every model of a zoo")
+    _options(p)
+    p.add_argument("--models", nargs="+", help="model URIs (default: the builtin zoo)")
+    p.add_argument("--compare-layer", help="layer compared across models (default: embed)")
+    p = sub.add_parser("audit-model", help="audit one model")
+    p.add_argument("model")
+    _options(p)
+    p = sub.add_parser("layers", help="list a model's layers with output shapes")
+    p.add_argument("model")
+    p.add_argument("--store")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    try:
+        if args.command in ("demo", "audit-zoo"):
+            return cmd_audit_zoo(args, demo=args.command == "demo")
+        if args.command == "audit-model":
+            return cmd_audit_model(args)
+        return cmd_layers(args)
+    except ZooauditError as err:
+        print(f"zooaudit: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        print(f"zooaudit: error: invalid parameters — {problems}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
