@@ -103,7 +103,7 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
     from .stages import validate_zoo
 
     fields = _spec_fields(args)
-    if getattr(args, "models", None):
+    if getattr(args, "models", None) is not None:
         fields["models"] = args.models
     if getattr(args, "compare_layer", None):
         fields["compare_layer"] = args.compare_layer
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _options(p)
     p = sub.add_parser("audit-zoo", help="audit every model of a zoo")
     _options(p)
-    p.add_argument("--models", nargs="+", help="model URIs (default: the builtin zoo)")
+    p.add_argument("--models", nargs="*", help="model URIs (default: the builtin zoo)")
     p.add_argument("--compare-layer", help="layer compared across models (default: embed)")
     p = sub.add_parser("audit-model", help="audit one model")
     p.add_argument("model")

@@ -8,6 +8,7 @@ last requested layer has fired.
 from __future__ import annotations
 
 import fnmatch
+import threading
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -103,8 +104,14 @@ def forward_batches(
     captured: dict[str, torch.Tensor] = {}
     wanted = set(layers)
 
+    owner = threading.get_ident()
+
     def hook_for(name):
         def hook(_module, _inp, out):
+            # A module may be shared by tasks on several threads: its hooks fire
+            # for every caller, so each call records only its own forward pass.
+            if threading.get_ident() != owner:
+                return
             # detach + copy: a kept view would pin the whole activation buffer.
             captured[name] = pool(_first_tensor(out).detach(), pooling).to("cpu", torch.float32).clone()
             if not with_outputs and wanted.issubset(captured):

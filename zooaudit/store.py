@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -228,6 +229,16 @@ def group_exists(session: icechunk.Session, group: str) -> bool:
         return False
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_dataset(session: icechunk.Session, ds: xr.Dataset, group: str) -> None:
     """Write a small in-memory result Dataset to ``group`` (replacing it).
 
@@ -238,4 +249,7 @@ def write_dataset(session: icechunk.Session, ds: xr.Dataset, group: str) -> None
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":
             ds[name] = var.astype(object)
+    # Zarr metadata is strict JSON: NaN/Inf attributes (e.g. the explained
+    # variance of a dead, constant layer) are stored as null.
+    ds.attrs = json.loads(canonical_json(_finite_or_none(ds.attrs)))
     ds.to_zarr(session.store, group=group, mode="w", consolidated=False, zarr_format=3)

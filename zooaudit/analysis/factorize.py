@@ -79,6 +79,8 @@ def pca(A, k: int, *, name: str = "A") -> Factorization:
     A = A.reshape(A.shape[0], -1) if A.ndim > 2 else A
     _check(A, k, name)
     mom, _ = joint_moments([A])
+    if not np.isfinite(mom.m2).all():
+        raise ZooauditError(f"Layer {name!r} contains NaN or Inf activations; PCA needs finite values.")
     evals, evecs = np.linalg.eigh(mom.m2)
     order = np.argsort(evals)[::-1]
     evals = np.clip(evals[order], 0.0, None)

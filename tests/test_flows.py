@@ -1,0 +1,121 @@
+"""End to end under a real (temporary) Prefect server: audit_zoo on a reduced zoo,
+every result reopened with xarray from its Icechunk snapshot, and the rerun skips."""
+
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from zooaudit import layout
+from zooaudit.errors import ZooauditError
+from zooaudit.specs import AuditModelSpec, AuditZooSpec, DatasetSpec
+from zooaudit.stages import zoo_similarity_group
+from zooaudit.store import Store
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0"]
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _spec(store_url, **kw):
+    return AuditZooSpec(
+        models=MODELS, store=store_url, shard_size=50, batch_size=32, task_runner="threads",
+        datasets=[DatasetSpec(name="digits", max_samples=120), DatasetSpec(name="colored-digits", max_samples=120)],
+        factorize={"k": 4, "max_iter": 100}, bias={"n_boot": 30}, **kw)
+
+
+def _commit_counts(store):
+    counts = {}
+    for key in os.listdir(store.path("models")):
+        counts[key] = len(list(store.model_repo(key).ancestry(branch="main")))
+    counts["zoo"] = len(list(store.zoo_repo().ancestry(branch="main")))
+    return counts
+
+
+def _open(repo, snapshot, group):
+    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False)
+
+
+def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
+    from flows.audit_zoo import audit_zoo
+
+    spec = _spec(store_url)
+    result = audit_zoo(spec)
+    store = Store.open(store_url)
+
+    assert [a.model for a in result.models] == MODELS
+    for audit in result.models:
+        assert audit.plans, audit.model
+        repo = store.model_repo(audit.plans[0].model_key)
+        for plan in audit.plans:
+            res = {r.stage: r for r in audit.results if r.dataset == plan.ds_key}
+            assert {"activations", "factorize", "similarity"} <= set(res)
+            assert not any(r.skipped for r in res.values())
+            for layer in plan.layers:
+                acts = _open(repo, res["activations"].snapshot, layout.acts_group(plan.ds_key, layer))
+                assert acts["activations"].dims[0] == "sample" and acts.sizes["sample"] == 120
+                assert np.isfinite(acts["activations"].values).all()
+                pca = _open(repo, res["factorize"].snapshot, layout.factors_group(plan.ds_key, layer, "pca"))
+                assert pca["components"].dims == ("component", "unit")
+                assert 0 < pca.attrs["explained_variance"] <= 1 + 1e-9
+            cka = _open(repo, res["similarity"].snapshot, layout.similarity_group(plan.ds_key, "linear_cka"))
+            m = cka["linear_cka"]
+            assert m.dims == ("layer_a", "layer_b") and list(m.layer_a.values) == plan.layers
+            np.testing.assert_allclose(np.diag(m.values), 1.0, atol=1e-9)
+            np.testing.assert_allclose(m.values, m.values.T, atol=1e-12)
+            if plan.has_groups:
+                b = _open(repo, res["bias"].snapshot, layout.bias_group(plan.ds_key, "colour")).load()
+                assert set(b["group"].values) == {"red", "green"}
+                assert b.attrs["worst_group_accuracy"] <= b.attrs["overall_accuracy"]
+                assert b["accuracy_ci"].dims == ("group", "ci")
+        meta = repo.lookup_snapshot(audit.results[0].snapshot).metadata
+        assert meta["cache_key"] == audit.results[0].cache_key and meta["params"]["model"] == audit.model
+
+    # The colour-shortcut model fails on the balanced set's minority cells.
+    colored = next(a for a in result.models if "colored" in a.model)
+    bias = next(r for r in colored.results if r.stage == "bias")
+    assert bias.summary["colour"]["worst_group_accuracy"] < 0.3
+
+    (zoo,) = result.zoo_results  # only digits is shared by ≥ 2 models
+    zm = _open(store.zoo_repo(), zoo.snapshot, zoo_similarity_group(zoo.dataset, "embed"))["linear_cka"]
+    assert zm.dims == ("model_a", "model_b") and list(zm.model_a.values) == MODELS[:2]
+    assert os.path.exists(result.report) and "<img" in open(result.report).read()
+
+    before = _commit_counts(store)
+    again = audit_zoo(spec)
+    assert all(r.skipped for a in again.models for r in a.results)
+    assert all(z.skipped for z in again.zoo_results)
+    assert _commit_counts(store) == before
+    assert again.report != result.report and os.path.exists(again.report)
+
+
+def test_empty_zoo_fails_before_any_commit(prefect, store_url):
+    from flows.audit_zoo import audit_zoo
+
+    with pytest.raises(ZooauditError, match="zoo is empty"):
+        audit_zoo(_spec(store_url).model_copy(update={"models": []}))
+    assert not os.path.exists(Store.open(store_url).path("models"))
+
+
+def test_audit_model_on_a_dask_cluster(prefect, store_url):
+    """Shard tasks run in Dask worker processes; forks travel there and back."""
+    from flows.audit_model import run_audit_model
+
+    spec = AuditModelSpec(model="builtin:mlp-w32-s0", store=store_url, shard_size=40, task_runner="dask",
+                          datasets=[DatasetSpec(name="digits", max_samples=120)], factorize={"k": 3})
+    audit = run_audit_model(spec)
+    (plan,) = audit.plans
+    acts = next(r for r in audit.results if r.stage == "activations")
+    assert acts.summary["shards"] == 3 and not acts.skipped
+    repo = Store.open(store_url).model_repo(plan.model_key)
+    stored = _open(repo, acts.snapshot, layout.acts_group(plan.ds_key, "embed"))["activations"].values
+    assert stored.shape == (120, 32) and np.isfinite(stored).all()

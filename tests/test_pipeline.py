@@ -1,0 +1,112 @@
+"""The stages without Prefect: shards written through forks equal a direct forward pass."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from zooaudit import layout, stages
+from zooaudit.data import load_dataset
+from zooaudit.errors import ZooauditError
+from zooaudit.extract import forward_batches, select_layers
+from zooaudit.specs import AuditModelSpec, DatasetSpec
+from zooaudit.store import Store, find_commit
+
+
+def _spec(store_url, **kw):
+    kw.setdefault("datasets", [DatasetSpec(name="digits", max_samples=150)])
+    return AuditModelSpec(model="builtin:cnn-w8-s0", store=store_url, shard_size=64, batch_size=20,
+                          task_runner="threads", **kw)
+
+
+def _run_activations(plan):
+    session, base = stages.begin_activations(plan)
+    forks = [stages.extract_shard(plan, shard, session.fork()) for shard in plan.shards]
+    return stages.publish_activations(plan, session, base, forks)
+
+
+def test_sharded_activations_equal_direct_forward(shared_store):
+    spec = _spec(shared_store, layers=["act*", "embed"], pooling="flatten")
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    assert plan.layers == ["act1", "act2", "embed"] and len(plan.shards) == 3
+    res = _run_activations(plan)
+    model = stages.load_model(spec.model, plan.store).module
+    data = load_dataset(spec.datasets[0])
+    captured = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda m, i, o, n=n: captured.__setitem__(n, o.detach().flatten(1).numpy())) for n in plan.layers]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.inputs)).numpy()
+    for h in hooks:
+        h.remove()
+    repo = Store(plan.store).model_repo(plan.model_key)
+    session = repo.readonly_session(snapshot_id=res.snapshot)
+    for layer in plan.layers:
+        stored = layout.open_activations(session.store, plan.ds_key, layer)
+        assert stored.dims[0] == "sample"
+        np.testing.assert_array_equal(stored["sample"].values, data.sample_ids)
+        np.testing.assert_allclose(stored.values, captured[layer], rtol=1e-5, atol=1e-6)
+    out = xr.open_zarr(session.store, group=layout.outputs_group(plan.ds_key), consolidated=False).load()
+    np.testing.assert_allclose(out["logits"].values, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["prediction"].values, logits.argmax(1))
+    # no staging branch is left behind, main carries the cache key
+    assert repo.list_branches() == {"main"}
+    assert find_commit(repo, plan.cache_key) == res.snapshot
+
+
+def test_batch_size_invariance(shared_store):
+    model = stages.load_model("builtin:cnn-w8-s0", Store.open(shared_store).url).module
+    x = load_dataset(DatasetSpec(name="digits", max_samples=70)).inputs
+    ref, _ = forward_batches(model, x, ["act2", "embed"], batch_size=64)
+    for bs in (1, 7):
+        got, _ = forward_batches(model, x, ["act2", "embed"], batch_size=bs)
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_stops_after_last_layer_when_outputs_not_needed(shared_store):
+    model = stages.load_model("builtin:mlp-w32-s0", Store.open(shared_store).url).module
+    called = []
+    h = model.head.register_forward_hook(lambda *a: called.append(1))
+    acts, out = forward_batches(model, np.zeros((4, 1, 8, 8), np.float32), ["act1"], with_outputs=False)
+    h.remove()
+    assert out is None and not called and acts["act1"].shape == (4, 32)
+
+
+def test_bad_layer_lists_valid_layers(shared_store):
+    model = stages.load_model("builtin:mlp-w32-s0", Store.open(shared_store).url).module
+    with pytest.raises(ZooauditError, match=r"'conv9' is not in the model.*fc1, act1, fc2, embed, head"):
+        select_layers(model, ["conv9"])
+
+
+def test_model_dataset_shape_mismatch_is_explained(shared_store):
+    spec = _spec(shared_store, datasets=[DatasetSpec(name="colored-digits")])
+    with pytest.raises(ZooauditError, match=r"takes inputs of shape \(1, 8, 8\)"):
+        stages.validate_model(spec)
+
+
+def test_colored_digits_construction():
+    flip = load_dataset(DatasetSpec(name="colored-digits", split="train", color_flip=0.1, label_noise=0.25))
+    balanced = load_dataset(DatasetSpec(name="colored-digits", split="test"))
+    agree = (flip.groups["colour"] == flip.labels).mean()
+    assert 0.85 < agree < 0.95
+    assert 0.4 < (balanced.groups["colour"] == balanced.labels).mean() < 0.6
+    # the image sits in the channel named by its colour; the other channel is empty
+    x, c = flip.inputs, flip.groups["colour"]
+    assert np.all(x[np.arange(len(c)), 1 - c].max(axis=(1, 2)) == 0)
+    assert set(np.unique(flip.labels)) == {0, 1}
+
+
+def test_concurrent_extraction_on_a_shared_model_does_not_mix_batches(shared_store):
+    """Tasks on threads share the cached module; each must record only its own pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = stages.load_model("builtin:mlp-w32-s0", Store.open(shared_store).url).module
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((50, 1, 8, 8), dtype=np.float32) for _ in range(8)]
+    ref = [forward_batches(model, x, ["act1", "embed"], batch_size=7)[0] for x in inputs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda x: forward_batches(model, x, ["act1", "embed"], batch_size=7)[0], inputs))
+    for r, g in zip(ref, got):
+        for k in r:
+            np.testing.assert_array_equal(r[k], g[k])
