@@ -90,6 +90,14 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert zm.dims == ("model_a", "model_b") and list(zm.model_a.values) == MODELS[:2]
     assert os.path.exists(result.report) and "<img" in open(result.report).read()
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts()
+    zoo_md = [a for a in arts if a.type == "markdown" and a.description == "zooaudit: zoo audit"]
+    assert zoo_md and "Model × model linear CKA" in zoo_md[0].data and result.report in zoo_md[0].data
+    assert any(a.description == "zooaudit: builtin:mlp-w32-s0" for a in arts)
+
     before = _commit_counts(store)
     again = audit_zoo(spec)
     assert all(r.skipped for a in again.models for r in a.results)
