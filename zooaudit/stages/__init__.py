@@ -1,0 +1,18 @@
+"""The audit stages as plain functions (no Prefect): plan, extract, factorize,
+similarity, bias, zoo comparison. ``tasks/`` wraps each one in a Prefect task.
+
+Every stage has a cache key — a hash of (model hash, dataset hash, stage
+parameters, zooaudit version) — written into its commit's metadata; a stage
+whose key is already on ``main`` is skipped and reports ``skipped=True``.
+Stage inputs and outputs are small, JSON-able dataclasses (never arrays).
+"""
+
+from .analysis import run_bias, run_factorize, run_similarity
+from .common import ExtractionPlan, StageResult, load_model, skipped
+from .extraction import begin_activations, cached_activations, extract_shard, plan_extraction, publish_activations
+from .validate import validate_model, validate_zoo
+from .zoo import run_zoo_similarity, zoo_similarity_group
+
+__all__ = ["ExtractionPlan", "StageResult", "load_model", "skipped", "plan_extraction", "cached_activations",
+           "begin_activations", "extract_shard", "publish_activations", "run_factorize", "run_similarity",
+           "run_bias", "run_zoo_similarity", "zoo_similarity_group", "validate_model", "validate_zoo"]

@@ -1,0 +1,104 @@
+"""Shared pieces of the stages: results, the extraction plan, commits and cache hits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass, field
+
+from ..data import Shard
+from ..store import Store, commit, commit_metadata
+from ..zoo import LoadedModel, resolve_model
+
+log = logging.getLogger("zooaudit.stages")
+
+
+@dataclass
+class StageResult:
+    """What a stage did: its cache key, the snapshot holding its result, whether it was skipped."""
+
+    stage: str
+    model: str
+    dataset: str
+    cache_key: str
+    snapshot: str | None
+    skipped: bool
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything a shard task needs (small and picklable)."""
+
+    store: str
+    model_uri: str
+    model_key: str
+    model_hash: str
+    dataset: dict          # DatasetSpec as a dict
+    ds_key: str
+    ds_hash: str
+    n_samples: int
+    layers: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    n_outputs: int | None
+    pooling: str
+    batch_size: int
+    device: str
+    shard_size: int
+    shards: list[Shard]
+    cache_key: str
+    has_groups: bool
+
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_model(uri: str, store_url: str) -> LoadedModel:
+    return resolve_model(uri, Store(store_url))
+
+
+
+def load_model(uri: str, store_url: str) -> LoadedModel:
+    """Resolve a model once per process (shard tasks on one worker share it)."""
+    return _cached_model(uri, store_url)
+
+
+
+def _repo(plan_or_store, model_key: str | None = None):
+    store = Store(plan_or_store.store) if isinstance(plan_or_store, ExtractionPlan) else plan_or_store
+    key = model_key or plan_or_store.model_key
+    return store, f"models/{key}", store.model_repo(key)
+
+
+
+def _committed_summary(repo, snapshot: str) -> dict:
+    return dict((repo.lookup_snapshot(snapshot).metadata or {}).get("summary") or {})
+
+
+
+def skipped(stage: str, plan: ExtractionPlan, key: str, snapshot: str) -> StageResult:
+    """A cache hit: the result committed earlier, with the summary stored in its metadata."""
+    log.info("%s of %s on %s: cache key %s already committed (snapshot %s) — skipped",
+             stage, plan.model_uri, plan.ds_key, key, snapshot)
+    _, _, repo = _repo(plan)
+    return StageResult(stage, plan.model_uri, plan.ds_key, key, snapshot, True, _committed_summary(repo, snapshot))
+
+
+
+def _read_session(plan: ExtractionPlan, snapshot: str):
+    _, _, repo = _repo(plan)
+    return repo.readonly_session(snapshot_id=snapshot)
+
+
+
+def _commit_result(plan: ExtractionPlan, stage: str, key: str, params: dict, write, summary: dict,
+                   run_id: str | None) -> StageResult:
+    store, repo_name, repo = _repo(plan)
+    meta = commit_metadata(stage, key, params, model=plan.model_uri, model_hash=plan.model_hash,
+                           dataset=plan.dataset, dataset_hash=plan.ds_hash, flow_run_id=run_id, summary=summary)
+    snap = commit(store, repo_name, repo, write, message=f"{stage} {plan.model_uri} on {plan.dataset['name']}",
+                  metadata=meta)
+    return StageResult(stage, plan.model_uri, plan.ds_key, key, snap, False, summary)

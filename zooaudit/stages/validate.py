@@ -1,0 +1,43 @@
+"""Validation before anything is committed: bad input fails with one clear paragraph."""
+
+from __future__ import annotations
+
+from ..data import load_dataset
+from ..errors import ZooauditError
+from ..extract import select_layers
+from ..specs import AuditModelSpec
+from ..store import Store
+from ..zoo import LoadedModel
+from .common import load_model
+
+
+def validate_model(spec: AuditModelSpec) -> LoadedModel:
+    """Fail early, with one clear paragraph, on a bad model, layer, dataset or store."""
+    store = Store.open(spec.store)
+    model = load_model(spec.model, store.url)
+    select_layers(model.module, spec.layers or model.default_layers)
+    fits = [d.name for d in spec.datasets if load_dataset(d).input_shape == tuple(model.input_shape)]
+    if not fits:
+        names = ", ".join(d.name for d in spec.datasets) or "(none)"
+        raise ZooauditError(
+            f"Model {spec.model!r} takes inputs of shape {tuple(model.input_shape)}, but none of the requested "
+            f"datasets ({names}) has that shape. Allowed: datasets whose samples have shape "
+            f"{tuple(model.input_shape)} (builtin digits models: 'digits'; colored models: 'colored-digits')."
+        )
+    return model
+
+
+
+def validate_zoo(spec) -> None:
+    """Validate every model of the zoo and the comparison layer before any audit starts."""
+    if not spec.models:
+        raise ZooauditError("The zoo is empty: give at least one model URI (e.g. 'builtin:mlp-w64-s0'). "
+                            "Builtin models: " + ", ".join(__import__("zooaudit.zoo.builtin", fromlist=["x"])
+                                                           .default_zoo()) + ".")
+    layers: set[str] = set()
+    for uri in spec.models:
+        model = validate_model(spec.model_spec(uri))
+        layers.update(select_layers(model.module, spec.layers or model.default_layers))
+    if spec.compare_layer not in layers:
+        raise ZooauditError(f"compare_layer {spec.compare_layer!r} is not among the audited layers of any zoo "
+                            f"model. Allowed: {', '.join(sorted(layers))}.")
