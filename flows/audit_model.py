@@ -54,7 +54,7 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
         logger.info("activations %s: %s", "skipped (cached)" if acts.skipped else "committed", acts.snapshot)
         futures = [
             factorize.submit(plan, acts.snapshot, spec.factorize.model_dump(), run_id),
-            similarity.submit(plan, acts.snapshot, run_id),
+            similarity.submit(plan, acts.snapshot, spec.similarity.model_dump(), run_id),
             bias.submit(plan, acts.snapshot, spec.bias.model_dump(), run_id),
         ]
         audit.plans.append(plan)

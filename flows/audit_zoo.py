@@ -1,6 +1,8 @@
 """Flow ``audit-zoo``: audit every model, compare them on shared datasets, report.
 
-    audit-model × models ─► zoo-similarity per dataset (model × model CKA) ─► report
+    audit-model × models ─► per shared dataset: zoo-similarity (model × model)
+                                                 revision-similarity (consecutive checkpoints)
+                         ─► report
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.analysis import zoo_similarity
+from tasks.analysis import revision_similarity, zoo_similarity
 from tasks.report import build_report
 from zooaudit import stages
 from zooaudit.report.summary import zoo_markdown
@@ -49,8 +51,12 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
         for plan in audit.plans:
             by_dataset[plan.ds_key].append(plan)
             snapshots[plan.ds_key][plan.model_uri] = acts[plan.ds_key]
-    zoo_results = [r for ds_key, plans in by_dataset.items()
-                   if (r := zoo_similarity(store.url, plans, snapshots[ds_key], spec.compare_layer, run_id))]
+    metrics = spec.similarity.metrics
+    futures = [f(store.url, plans, snapshots[ds_key], *args, run_id=run_id)
+               for ds_key, plans in by_dataset.items()
+               for f, args in ((zoo_similarity.submit, (spec.compare_layers, metrics)),
+                               (revision_similarity.submit, (metrics,)))]
+    zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
     create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
     logger.info("report: %s", report)

@@ -14,8 +14,8 @@ def factorize(plan, acts_snapshot, fspec, run_id=None):
 
 
 @task(name="similarity", cache_policy=NO_CACHE, task_run_name="similarity-{plan.model_key}")
-def similarity(plan, acts_snapshot, run_id=None):
-    return stages.run_similarity(plan, acts_snapshot, run_id)
+def similarity(plan, acts_snapshot, sspec, run_id=None):
+    return stages.run_similarity(plan, acts_snapshot, sspec, run_id)
 
 
 @task(name="bias", cache_policy=NO_CACHE, task_run_name="bias-{plan.model_key}")
@@ -24,5 +24,10 @@ def bias(plan, acts_snapshot, bspec, run_id=None):
 
 
 @task(name="zoo-similarity", cache_policy=NO_CACHE)
-def zoo_similarity(store_url, plans, snapshots, layer, run_id=None):
-    return stages.run_zoo_similarity(store_url, plans, snapshots, layer, run_id)
+def zoo_similarity(store_url, plans, snapshots, layers, metrics, run_id=None):
+    return stages.run_zoo_similarity(store_url, plans, snapshots, layers, metrics, run_id)
+
+
+@task(name="revision-similarity", cache_policy=NO_CACHE)
+def revision_similarity(store_url, plans, snapshots, metrics, run_id=None):
+    return stages.run_revision_similarity(store_url, plans, snapshots, metrics, run_id)

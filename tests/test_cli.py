@@ -20,7 +20,7 @@ def _no_commits(store_dir):
                                                                              "fc1, act1, fc2, embed, head"]),
     (["audit-zoo", "--models"], ["zoo is empty", "builtin:mlp-w64-s0"]),
     (["audit-model", "builtin:mlp-w32-s0", "--dataset", "colored-digits"], ["takes inputs of shape (1, 8, 8)"]),
-    (["audit-zoo", "--models", "builtin:mlp-w32-s0", "--compare-layer", "fc9"], ["compare_layer 'fc9'",
+    (["audit-zoo", "--models", "builtin:mlp-w32-s0", "--compare-layer", "fc9"], ["compare_layers ['fc9']",
                                                                                   "embed"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_commits_nothing(args, expected, tmp_path, capsys):

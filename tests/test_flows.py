@@ -15,7 +15,7 @@ from zooaudit.store import Store
 
 pytestmark = pytest.mark.slow
 
-MODELS = ["builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0"]
+MODELS = ["builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0", "builtin:mlp-w32-s0@5"]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,13 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
                 assert pca["components"].dims == ("component", "unit")
                 assert 0 < pca.attrs["explained_variance"] <= 1 + 1e-9
             cka = _open(repo, res["similarity"].snapshot, layout.similarity_group(plan.ds_key, "linear_cka"))
-            m = cka["linear_cka"]
+            m = cka["value"]
             assert m.dims == ("layer_a", "layer_b") and list(m.layer_a.values) == plan.layers
             np.testing.assert_allclose(np.diag(m.values), 1.0, atol=1e-9)
             np.testing.assert_allclose(m.values, m.values.T, atol=1e-12)
+            # the shuffled-sample control sits near 0, far below the real similarities
+            assert cka["control"].dims == m.dims and float(cka["control"].max()) < 0.2
+            assert float(np.diag(cka["control"].values).mean()) < float(m.values.mean())
             if plan.has_groups:
                 b = _open(repo, res["bias"].snapshot, layout.bias_group(plan.ds_key, "colour")).load()
                 assert set(b["group"].values) == {"red", "green"}
@@ -85,9 +88,22 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     bias = next(r for r in colored.results if r.stage == "bias")
     assert bias.summary["colour"]["worst_group_accuracy"] < 0.3
 
-    (zoo,) = result.zoo_results  # only digits is shared by ≥ 2 models
-    zm = _open(store.zoo_repo(), zoo.snapshot, zoo_similarity_group(zoo.dataset, "embed"))["linear_cka"]
-    assert zm.dims == ("model_a", "model_b") and list(zm.model_a.values) == MODELS[:2]
+    # only digits is shared by ≥ 2 models; mlp-w32-s0 has two revisions there
+    zoo, revs = sorted(result.zoo_results, key=lambda r: r.stage, reverse=True)
+    assert (zoo.stage, revs.stage) == ("zoo-similarity", "revision-similarity")
+    zm = _open(store.zoo_repo(), zoo.snapshot, zoo_similarity_group(zoo.dataset, "linear_cka"))["value"]
+    assert zm.dims == ("model_a", "layer_a", "model_b", "layer_b")
+    digits_models = [MODELS[0], MODELS[1], MODELS[3]]
+    assert list(zm.model_a.values) == digits_models and list(zm.layer_a.values) == ["embed"]
+    emb = zm.sel(layer_a="embed", layer_b="embed")
+    np.testing.assert_allclose(np.diag(emb.values), 1.0, atol=1e-9)
+    np.testing.assert_allclose(emb.values, emb.values.T, atol=1e-12)
+    family = revs.summary["families"]["builtin:mlp-w32-s0"]["linear_cka"]
+    rv = _open(store.zoo_repo(), revs.snapshot, family["group"])["value"]
+    assert rv.dims == ("step", "layer") and list(rv["step"].values) == ["5→15"]
+    assert list(rv["revision_a"].values) == ["builtin:mlp-w32-s0@5"]
+    assert float(rv.sel(layer="embed").values[0]) == pytest.approx(float(emb.sel(model_a=MODELS[3], model_b=MODELS[0])),
+                                                         abs=1e-12)
     assert os.path.exists(result.report) and "<img" in open(result.report).read()
 
     from prefect.client.orchestration import get_client
@@ -95,7 +111,8 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts()
     zoo_md = [a for a in arts if a.type == "markdown" and a.description == "zooaudit: zoo audit"]
-    assert zoo_md and "Model × model linear CKA" in zoo_md[0].data and result.report in zoo_md[0].data
+    assert zoo_md and "Model × model linear_cka, layer `embed`" in zoo_md[0].data
+    assert result.report in zoo_md[0].data
     assert any(a.description == "zooaudit: builtin:mlp-w32-s0" for a in arts)
 
     before = _commit_counts(store)

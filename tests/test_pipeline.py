@@ -110,3 +110,24 @@ def test_concurrent_extraction_on_a_shared_model_does_not_mix_batches(shared_sto
     for r, g in zip(ref, got):
         for k in r:
             np.testing.assert_array_equal(r[k], g[k])
+
+
+@pytest.mark.parametrize("control", ["shuffle", "random_init"])
+def test_similarity_controls(shared_store, control):
+    """Every similarity is reported beside a control; trained-vs-untrained CKA is lower than self-CKA."""
+    from zooaudit.stages.similarity import layer_similarity
+
+    spec = _spec(shared_store, datasets=[DatasetSpec(name="digits", max_samples=200)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    model = stages.load_model(spec.model, plan.store).module
+    acts, _ = forward_batches(model, load_dataset(spec.datasets[0]).inputs, plan.layers, with_outputs=False)
+    layers = {k: v.reshape(len(v), -1) for k, v in acts.items()}
+    sspec = {"metrics": ["linear_cka"], "control": control, "control_max_samples": 150, "random_state": 0}
+    ds = layer_similarity(plan, layers, sspec)["linear_cka"]
+    assert ds["control"].dims == ("layer_a", "layer_b") and ds.attrs["control_n"] == 150
+    assert list(ds["control"].layer_b.values) == plan.layers
+    np.testing.assert_allclose(np.diag(ds["value"].values), 1.0, atol=1e-9)
+    ctrl_diag = np.diag(ds["control"].values)
+    assert np.all(ctrl_diag < 0.999)
+    if control == "shuffle":
+        assert np.all(ds["control"].values < 0.2)

@@ -63,6 +63,8 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help="dataset to audit on (repeatable): digits, colored-digits")
     p.add_argument("--layers", nargs="+", help="layer module paths or globs")
     p.add_argument("--max-samples", type=int, help="audit only the first N samples of each dataset")
+    p.add_argument("--metric", action="append", dest="metrics", metavar="NAME",
+                   help="similarity metric (repeatable; default: linear_cka)")
     p.add_argument("--threads", action="store_true", help="run tasks on threads instead of a local Dask cluster")
     p.add_argument("--dask-address", help="existing Dask scheduler address")
 
@@ -105,8 +107,10 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
     fields = _spec_fields(args)
     if getattr(args, "models", None) is not None:
         fields["models"] = args.models
-    if getattr(args, "compare_layer", None):
-        fields["compare_layer"] = args.compare_layer
+    if getattr(args, "compare_layers", None):
+        fields["compare_layers"] = args.compare_layers
+    if getattr(args, "metrics", None):
+        fields["similarity"] = {"metrics": args.metrics}
     spec = AuditZooSpec(**fields)
     t0 = time.perf_counter()
     print(f"zooaudit: {len(spec.models)} models → store {spec.store or os.environ.get('ZOOAUDIT_STORE') or './zooaudit-store'}")
@@ -125,7 +129,7 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
         done = sum(not r.skipped for r in m.results)
         print(f"  {m.model:32s} {done} stages committed, {len(m.results) - done} skipped (cache hit)")
     for z in result.zoo_results:
-        print(f"  zoo CKA on {z.dataset}: {'skipped (cache hit)' if z.skipped else 'committed'}")
+        print(f"  {z.stage} on {z.dataset}: {'skipped (cache hit)' if z.skipped else 'committed'}")
     print(f"\nDone in {time.perf_counter() - t0:.1f}s. Report: {result.report}")
     print(_snippet(store.url, result))
     return 0
@@ -170,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit-zoo", help="audit every model of a zoo")
     _options(p)
     p.add_argument("--models", nargs="*", help="model URIs (default: the builtin zoo)")
-    p.add_argument("--compare-layer", help="layer compared across models (default: embed)")
+    p.add_argument("--compare-layer", action="append", dest="compare_layers", metavar="LAYER",
+                   help="layer compared across models and revisions (repeatable; default: embed)")
     p = sub.add_parser("audit-model", help="audit one model")
     p.add_argument("model")
     _options(p)

@@ -58,6 +58,32 @@ class BiasSpec(BaseModel):
     min_group_size: int = Field(20, ge=1, description="Cells smaller than this are reported but never flagged.")
 
 
+class SimilaritySpec(BaseModel):
+    """Which similarity metrics to compute, and the control reported beside each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(["linear_cka"], description="Similarity metrics (e.g. linear_cka, "
+                               "linear_cka_debiased, rbf_cka, svcca, pwcca, procrustes, rsa, mutual_knn).")
+    control: Literal["shuffle", "random_init", "none"] = Field(
+        "shuffle", description="Control beside every similarity: the same metric with the second representation's "
+        "samples shuffled, or against a random-initialised copy of the model.")
+    control_max_samples: int = Field(20_000, ge=10, description="Controls use at most this many samples.")
+    random_state: int = 0
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from .analysis.similarity import METRICS
+
+        bad = [m for m in v if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown similarity metric(s) {bad}; allowed: {', '.join(METRICS)}")
+        if not v:
+            raise ValueError(f"give at least one similarity metric; allowed: {', '.join(METRICS)}")
+        return v
+
+
 class RunOptions(BaseModel):
     """Options shared by model and zoo audits."""
 
@@ -76,6 +102,7 @@ class RunOptions(BaseModel):
     device: str = Field("cpu", description="'auto', 'cpu' or 'cuda[:n]'.")
     factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
     bias: BiasSpec = Field(default_factory=BiasSpec)
+    similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
     store: str | None = Field(None, description="Store root URL; default $ZOOAUDIT_STORE or ./zooaudit-store.")
     task_runner: Literal["dask", "threads"] = Field(
         "dask", description="Where tasks run: a Dask cluster (local processes unless dask_address is set) or threads.")
@@ -104,8 +131,9 @@ class AuditZooSpec(RunOptions):
         default_factory=lambda: __import__("zooaudit.zoo.builtin", fromlist=["x"]).default_zoo(),
         description="Model URIs of the zoo.",
     )
-    compare_layer: str = Field("embed", description="Layer compared across models (model × model linear CKA).")
+    compare_layers: list[str] = Field(
+        ["embed"], description="Layers compared across models and across revisions (model × model matrices).")
 
     def model_spec(self, model: str) -> AuditModelSpec:
-        fields = self.model_dump(exclude={"models", "compare_layer"})
+        fields = self.model_dump(exclude={"models", "compare_layers"})
         return AuditModelSpec(model=model, **fields)

@@ -131,8 +131,20 @@ class Store:
         )
 
     def repo(self, *parts: str) -> icechunk.Repository:
-        """Open (or create) the Icechunk repository at ``<root>/<parts...>``."""
-        return icechunk.Repository.open_or_create(self._storage(*parts))
+        """Open (or create) the Icechunk repository at ``<root>/<parts...>``.
+
+        Creation races (two tasks opening a new repository at once) are
+        serialized by the repository lock; on S3 the loser of the race opens
+        the repository the winner created.
+        """
+        storage = self._storage(*parts)
+        with self.lock("/".join(parts)):
+            try:
+                return icechunk.Repository.open_or_create(storage)
+            except icechunk.IcechunkError:
+                if not icechunk.Repository.exists(storage):
+                    raise
+                return icechunk.Repository.open(storage)
 
     def model_repo(self, model_key: str) -> icechunk.Repository:
         return self.repo("models", model_key)

@@ -9,58 +9,16 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import io
 import json
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from .. import layout  # noqa: E402
 from ..errors import ZooauditError  # noqa: E402
+from ..keys import slug_key  # noqa: E402
 from ..store import Store  # noqa: E402
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def heatmap_png(mat: xr.DataArray, title: str) -> bytes:
-    """A labelled heat map of a 2-D similarity DataArray (values in [0, 1])."""
-    a, b = mat.dims
-    n = max(mat.sizes[a], mat.sizes[b])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1.0 + 0.5 * n))
-    im = ax.imshow(mat.values, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(mat.sizes[b]), [str(v).replace("builtin:", "") for v in mat[b].values], rotation=60,
-                  ha="right", fontsize=8)
-    ax.set_yticks(range(mat.sizes[a]), [str(v).replace("builtin:", "") for v in mat[a].values], fontsize=8)
-    for i in range(mat.sizes[a]):
-        for j in range(mat.sizes[b]):
-            v = float(mat.values[i, j])
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
-
-
-def curves_png(curves: dict[str, np.ndarray], title: str) -> bytes:
-    """Cumulative explained variance of PCA against the number of components, one line per layer."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, curve in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name)
-    ax.set_xlabel("components")
-    ax.set_ylabel("explained variance")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
+from .figures import curves_png, heatmap_png, trend_png  # noqa: E402
 
 
 def _open(repo, snapshot, group):
@@ -82,6 +40,47 @@ def _bias_rows(ds: xr.Dataset) -> list[str]:
     return rows
 
 
+def _layer_similarity_section(repo, plan, result, base: str, model: str, files: dict) -> list[str]:
+    """Heat maps of each metric's layer × layer matrix beside its control."""
+    out = []
+    metrics = [m for m in result.summary if isinstance(result.summary[m], dict)]
+    for metric in metrics:
+        ds = _open(repo, result.snapshot, layout.similarity_group(plan.ds_key, metric))
+        name = f"{base}-{metric}.png"
+        files[name] = heatmap_png(ds["value"], f"layer × layer {metric} — {model}")
+        out.append(f"<img src='{name}'>")
+        if "control" in ds:
+            cname = f"{base}-{metric}-control.png"
+            files[cname] = heatmap_png(ds["control"], f"control ({ds.attrs.get('control')}, "
+                                       f"n={ds.attrs.get('control_n')}) — {metric}")
+            out.append(f"<img src='{cname}'>")
+    return out
+
+
+def _zoo_section(store, z, files: dict) -> list[str]:
+    """Model × model heat maps per compare layer, or revision trends per family."""
+    out = []
+    repo = store.zoo_repo()
+    if z.stage == "zoo-similarity":
+        for metric, group in z.summary["groups"].items():
+            value = _open(repo, z.snapshot, group)["value"]
+            for layer in value["layer_a"].values:
+                mat = value.sel(layer_a=layer, layer_b=layer).dropna("model_a", how="all").dropna("model_b", how="all")
+                name = f"zoo-{z.dataset}-{metric}-{layer}.png"
+                files[name] = heatmap_png(mat, f"model × model {metric} — layer {layer} on {z.dataset}")
+                out.append(f"<h2>Zoo: model × model {html.escape(metric)}, layer {html.escape(str(layer))}, "
+                           f"on {html.escape(z.dataset)}</h2><img src='{name}'>")
+    elif z.stage == "revision-similarity":
+        for family, per_metric in z.summary["families"].items():
+            for metric, info in per_metric.items():
+                value = _open(repo, z.snapshot, info["group"])["value"]
+                value.attrs["metric"] = metric
+                name = f"revisions-{z.dataset}-{slug_key(family, 32)}-{metric}.png"
+                files[name] = trend_png(value, f"{family}: {metric} between consecutive checkpoints")
+                out.append(f"<h2>Revisions of {html.escape(family)} ({html.escape(metric)})</h2><img src='{name}'>")
+    return out
+
+
 def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | None = None) -> str:
     """Render the run's report; return the path/URL of its ``index.html``."""
     store = Store(store_url)
@@ -96,11 +95,9 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
     manifest = {"run": run, "flow_run_id": run_id, "spec": spec, "models": [], "zoo": []}
 
     for z in zoo_results:
-        mat = _open(store.zoo_repo(), z.snapshot, z.summary["group"])["linear_cka"]
-        name = f"zoo-{z.dataset}.png"
-        files[name] = heatmap_png(mat, f"model × model linear CKA — layer {mat.attrs.get('layer')} on {z.dataset}")
-        body.append(f"<h2>Zoo: model × model linear CKA on {html.escape(z.dataset)}</h2><img src='{name}'>")
-        manifest["zoo"].append({"dataset": z.dataset, "cache_key": z.cache_key, "snapshot": z.snapshot})
+        body.extend(_zoo_section(store, z, files))
+        manifest["zoo"].append({"stage": z.stage, "dataset": z.dataset, "cache_key": z.cache_key,
+                                "snapshot": z.snapshot})
 
     for audit in audits:
         repo = store.model_repo(audit.plans[0].model_key) if audit.plans else None
@@ -112,10 +109,7 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
                         f"{plan.n_samples} samples)</small></h3>")
             base = f"{plan.model_key}-{plan.ds_key}"
             if "similarity" in res:
-                mat = _open(repo, res["similarity"].snapshot,
-                            layout.similarity_group(plan.ds_key, "linear_cka"))["linear_cka"]
-                files[f"{base}-cka.png"] = heatmap_png(mat, f"layer × layer linear CKA — {audit.model}")
-                body.append(f"<img src='{base}-cka.png'>")
+                body.extend(_layer_similarity_section(repo, plan, res["similarity"], base, audit.model, files))
             if "factorize" in res:
                 curves = {}
                 for layer in plan.layers:

@@ -15,9 +15,36 @@ def _headline(r) -> str:
     if r.stage == "bias":
         return "; ".join(f"{a}: acc {v['overall_accuracy']:.3f}, worst-group {v['worst_group_accuracy']:.3f} "
                          f"({v['worst_group']})" for a, v in s.items())
+    if r.stage == "similarity":
+        parts = []
+        for metric, v in s.items():
+            if not isinstance(v, dict):
+                continue
+            off = _mean_offdiag(v["value"])
+            ctrl = f" (control {_mean_offdiag(v['control'], diag=True):.3f})" if "control" in v else ""
+            parts.append(f"{metric}: mean between layers {off:.3f}{ctrl}")
+        return "; ".join(parts)
     if r.stage == "activations":
         return f"{s.get('n_samples', '')} samples, layers {', '.join(s.get('layers', []))}" if s else ""
     return ""
+
+
+def _mean_offdiag(m, diag: bool = False) -> float:
+    """Mean of the off-diagonal entries (or of all entries for a control matrix)."""
+    import numpy as np
+
+    a = np.asarray(m, dtype=float)
+    if diag or a.shape[0] < 2:
+        return float(np.nanmean(a))
+    return float(np.nanmean(a[~np.eye(a.shape[0], dtype=bool)]))
+
+
+def _matrix_table(models, mat) -> list[str]:
+    short = [m.replace("builtin:", "") for m in models]
+    lines = ["| | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    for name, row in zip(short, mat):
+        lines.append(f"| {name} | " + " | ".join("–" if v != v else f"{v:.3f}" for v in row) + " |")
+    return lines
 
 
 def model_markdown(model: str, results) -> str:
@@ -38,5 +65,18 @@ def zoo_markdown(audits, zoo_results, report: str) -> str:
                for v in r.summary.values()]
         lines.append(f"| `{a.model}` | {done} | {skip} | {', '.join(f'{w:.3f}' for w in wga) or '–'} |")
     for z in zoo_results:
-        lines += ["", f"Model × model linear CKA on `{z.dataset}`: {_status(z)}, snapshot `{z.snapshot[:12]}`"]
+        lines += ["", f"**{z.stage}** on `{z.dataset}`: {_status(z)}, snapshot `{z.snapshot[:12]}`"]
+        s = z.summary or {}
+        if z.stage == "zoo-similarity":
+            for metric in s.get("groups", {}):
+                for layer, mat in s[metric].items():
+                    lines += ["", f"Model × model {metric}, layer `{layer}`:", ""] + _matrix_table(s["models"], mat)
+        elif z.stage == "revision-similarity":
+            for family, per_metric in s.get("families", {}).items():
+                for metric, info in per_metric.items():
+                    lines += ["", f"`{family}` {metric} between consecutive checkpoints "
+                              f"(rows: {', '.join(info['steps'])}; columns: {', '.join(info['layers'])}):", ""]
+                    lines += ["| step | " + " | ".join(info["layers"]) + " |", "|---" * (len(info["layers"]) + 1) + "|"]
+                    lines += [f"| {st} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                              for st, row in zip(info["steps"], info["value"])]
     return "\n".join(lines)

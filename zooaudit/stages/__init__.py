@@ -7,12 +7,13 @@ whose key is already on ``main`` is skipped and reports ``skipped=True``.
 Stage inputs and outputs are small, JSON-able dataclasses (never arrays).
 """
 
-from .analysis import run_bias, run_factorize, run_similarity
+from .analysis import run_bias, run_factorize
 from .common import ExtractionPlan, StageResult, load_model, skipped
 from .extraction import begin_activations, cached_activations, extract_shard, plan_extraction, publish_activations
+from .similarity import run_similarity
 from .validate import validate_model, validate_zoo
-from .zoo import run_zoo_similarity, zoo_similarity_group
+from .zoo import revisions_group, run_revision_similarity, run_zoo_similarity, zoo_similarity_group
 
 __all__ = ["ExtractionPlan", "StageResult", "load_model", "skipped", "plan_extraction", "cached_activations",
            "begin_activations", "extract_shard", "publish_activations", "run_factorize", "run_similarity",
-           "run_bias", "run_zoo_similarity", "zoo_similarity_group", "validate_model", "validate_zoo"]
+           "run_bias", "run_zoo_similarity", "zoo_similarity_group", "run_revision_similarity", "revisions_group", "validate_model", "validate_zoo"]

@@ -8,7 +8,6 @@ import xarray as xr
 from .. import layout
 from ..analysis import bias as bias_mod
 from ..analysis import factorize as fact_mod
-from ..analysis.similarity import similarity_matrix
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
 from .common import ExtractionPlan, StageResult, _commit_result, _read_session, _repo, skipped
@@ -49,24 +48,6 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
             write_dataset(s, ds, layout.factors_group(plan.ds_key, layer, method))
 
     return _commit_result(plan, "factorize", key, fspec, write, {"explained_variance": summary}, run_id)
-
-
-
-def run_similarity(plan: ExtractionPlan, acts_snapshot: str, run_id: str | None = None) -> StageResult:
-    """The layer × layer linear-CKA matrix of the model (one joint pass over the data)."""
-    key = cache_key("similarity", activations=plan.cache_key, metric="linear_cka")
-    _, _, repo = _repo(plan)
-    if (snap := find_commit(repo, key)) is not None:
-        return skipped("similarity", plan, key, snap)
-    session = _read_session(plan, acts_snapshot)
-    layers = {l: layout.as_matrix(layout.open_activations(session.store, plan.ds_key, l)) for l in plan.layers}
-    mat = similarity_matrix(layers, metric="linear_cka")
-
-    def write(s):
-        write_dataset(s, mat.to_dataset(name="linear_cka"), layout.similarity_group(plan.ds_key, "linear_cka"))
-
-    return _commit_result(plan, "similarity", key, {"metric": "linear_cka"}, write,
-                          {"linear_cka": mat.values.round(6).tolist(), "layers": plan.layers}, run_id)
 
 
 

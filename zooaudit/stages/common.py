@@ -52,6 +52,17 @@ class ExtractionPlan:
     shards: list[Shard]
     cache_key: str
     has_groups: bool
+    model_info: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """The model without its revision: ``builtin:mlp-w64-s0@5`` → ``builtin:mlp-w64-s0``."""
+        return self.model_uri.split("@", 1)[0]
+
+    @property
+    def revision(self):
+        """Sortable revision of the model within its family (the checkpoint epoch when known)."""
+        return self.model_info.get("epoch", self.model_uri.partition("@")[2] or "")
 
 
 

@@ -37,7 +37,7 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
         dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=dataset.content_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
-        cache_key=key, has_groups=bool(dataset.groups),
+        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info),
     )
 
 

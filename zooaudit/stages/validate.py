@@ -38,6 +38,7 @@ def validate_zoo(spec) -> None:
     for uri in spec.models:
         model = validate_model(spec.model_spec(uri))
         layers.update(select_layers(model.module, spec.layers or model.default_layers))
-    if spec.compare_layer not in layers:
-        raise ZooauditError(f"compare_layer {spec.compare_layer!r} is not among the audited layers of any zoo "
-                            f"model. Allowed: {', '.join(sorted(layers))}.")
+    missing = [layer for layer in spec.compare_layers if layer not in layers]
+    if missing:
+        raise ZooauditError(f"compare_layers {missing} are not among the audited layers of any zoo model. "
+                            f"Allowed: {', '.join(sorted(layers))}.")

@@ -1,10 +1,22 @@
-"""Zoo-level stages: model × model similarity on a shared dataset."""
+"""Zoo-level stages on one shared dataset.
+
+- model × model: for every chosen metric, a ``(model_a, layer_a, model_b, layer_b)``
+  array over the compare layers of every model audited on the dataset (linear
+  CKA: all pairs from one joint pass over the data);
+- revisions: for each model family with several checkpoints, the similarity of
+  each layer between consecutive checkpoints, ``(step, layer)``.
+
+Sample ids must agree exactly across models: a mismatch is an error, never a
+silent misalignment.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 import numpy as np
+import xarray as xr
 
 from .. import layout
 from ..analysis.similarity import similarity_matrix
@@ -16,50 +28,118 @@ from .common import ExtractionPlan, StageResult, _committed_summary, _read_sessi
 log = logging.getLogger("zooaudit.stages")
 
 
-def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str], layer: str,
-                       run_id: str | None = None) -> StageResult | None:
-    """Model × model linear CKA of ``layer`` over the models audited on one dataset.
+def zoo_similarity_group(ds_key: str, metric: str) -> str:
+    """Group of the model × model array of ``metric`` in the zoo repository."""
+    return f"{ds_key}/similarity/{metric}"
 
-    ``snapshots`` maps model URI → activations snapshot. Sample ids must agree
-    exactly across models (a mismatch is an error, never a silent misalignment).
-    """
-    plans = [p for p in plans if layer in p.layers]
+
+def revisions_group(ds_key: str, family: str, metric: str) -> str:
+    return f"{ds_key}/revisions/{slug_key(family, 32)}/{metric}"
+
+
+def _load_layers(plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str]) -> dict:
+    """``{(model, layer): (n, p) array}`` with sample ids checked across models."""
+    arrays, ids, first = {}, None, None
+    for p in plans:
+        session = _read_session(p, snapshots[p.model_uri])
+        for layer in (l for l in layers if l in p.layers):
+            acts = layout.open_activations(session.store, p.ds_key, layer)
+            sid = acts["sample"].values
+            if ids is not None and not np.array_equal(ids, sid):
+                raise ZooauditError(
+                    f"Models {first!r} and {p.model_uri!r} were audited on different samples of {p.ds_key!r}; "
+                    "cross-model similarity needs identical sample ids in the same order.")
+            ids, first = sid, first or p.model_uri
+            arrays[(p.model_uri, layer)] = layout.as_matrix(acts)
+    return arrays
+
+
+def _commit_zoo(store: Store, stage: str, key: str, params: dict, plans, results: dict[str, tuple[str, xr.Dataset]],
+                summary: dict, run_id: str | None) -> StageResult:
+    def write(s):
+        for group, ds in results.values():
+            write_dataset(s, ds, group)
+
+    meta = commit_metadata(stage, key, params, dataset=plans[0].dataset, models=[p.model_uri for p in plans],
+                           flow_run_id=run_id, summary=summary)
+    snap = commit(store, "zoo", store.zoo_repo(), write, message=f"{stage} on {plans[0].ds_key}", metadata=meta)
+    return StageResult(stage, "zoo", plans[0].ds_key, key, snap, False, summary)
+
+
+def _cached(store: Store, stage: str, ds_key: str, key: str) -> StageResult | None:
+    repo = store.zoo_repo()
+    if (snap := find_commit(repo, key)) is None:
+        return None
+    log.info("%s on %s: cache key %s already committed — skipped", stage, ds_key, key)
+    return StageResult(stage, "zoo", ds_key, key, snap, True, _committed_summary(repo, snap))
+
+
+def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str],
+                       metrics: list[str], run_id: str | None = None) -> StageResult | None:
+    """Model × model similarity of the compare ``layers`` for every metric; one commit."""
+    plans = [p for p in plans if any(l in p.layers for l in layers)]
     if len(plans) < 2:
         return None
     store = Store(store_url)
     ds_key = plans[0].ds_key
-    key = cache_key("zoo-similarity", dataset=plans[0].ds_hash, layer=layer, metric="linear_cka",
+    key = cache_key("zoo-similarity", dataset=plans[0].ds_hash, layers=layers, metrics=metrics,
                     models=sorted((p.model_uri, p.cache_key) for p in plans))
-    repo = store.zoo_repo()
-    if (snap := find_commit(repo, key)) is not None:
-        log.info("zoo similarity on %s: cache key %s already committed — skipped", ds_key, key)
-        return StageResult("zoo-similarity", "zoo", ds_key, key, snap, True, _committed_summary(repo, snap))
-    arrays, ids = {}, None
+    if (hit := _cached(store, "zoo-similarity", ds_key, key)) is not None:
+        return hit
+    arrays = _load_layers(plans, snapshots, layers)
+    models = [p.model_uri for p in plans]
+    names = {f"{m}|{l}": a for (m, l), a in arrays.items()}
+    results, summary = {}, {"models": models, "layers": layers, "groups": {}}
+    for metric in metrics:
+        full = similarity_matrix(names, metric=metric)   # linear CKA: one joint pass over every model × layer
+        value = np.full((len(models), len(layers), len(models), len(layers)), np.nan)
+        for (ma, la) in arrays:
+            for (mb, lb) in arrays:
+                value[models.index(ma), layers.index(la), models.index(mb), layers.index(lb)] = float(
+                    full.sel(layer_a=f"{ma}|{la}", layer_b=f"{mb}|{lb}"))
+        da = xr.DataArray(value, dims=("model_a", "layer_a", "model_b", "layer_b"),
+                          coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
+        group = zoo_similarity_group(ds_key, metric)
+        results[metric] = (group, xr.Dataset({"value": da}, attrs={"metric": metric, "dataset": ds_key}))
+        summary["groups"][metric] = group
+        summary[metric] = {l: da.sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
+    return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, "metrics": metrics}, plans, results,
+                       summary, run_id)
+
+
+def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
+                            metrics: list[str], run_id: str | None = None) -> StageResult | None:
+    """Per layer, the similarity between consecutive checkpoints of each model family; one commit."""
+    families = defaultdict(list)
     for p in plans:
-        session = _read_session(p, snapshots[p.model_uri])
-        acts = layout.open_activations(session.store, p.ds_key, layer)
-        sid = acts["sample"].values
-        if ids is not None and not np.array_equal(ids, sid):
-            raise ZooauditError(f"Models {plans[0].model_uri!r} and {p.model_uri!r} were audited on different "
-                                f"samples of {ds_key!r}; cross-model similarity needs identical sample ids.")
-        ids = sid
-        arrays[p.model_uri] = layout.as_matrix(acts)
-    mat = similarity_matrix(arrays, metric="linear_cka", dims=("model_a", "model_b"))
-    mat.attrs.update({"layer": layer, "dataset": ds_key})
-    group = zoo_similarity_group(ds_key, layer)
-    summary = {"group": group, "layer": layer, "models": list(arrays), "linear_cka": mat.values.round(6).tolist()}
-
-    def write(s):
-        write_dataset(s, mat.to_dataset(name="linear_cka"), group)
-
-    meta = commit_metadata("zoo-similarity", key, {"layer": layer, "metric": "linear_cka"},
-                           dataset=plans[0].dataset, models=[p.model_uri for p in plans], flow_run_id=run_id,
-                           summary=summary)
-    snap = commit(store, "zoo", repo, write, message=f"zoo similarity of {layer} on {ds_key}", metadata=meta)
-    return StageResult("zoo-similarity", "zoo", ds_key, key, snap, False, summary)
-
-
-
-def zoo_similarity_group(ds_key: str, layer: str) -> str:
-    """Group of the model × model matrix of ``layer`` in the zoo repository."""
-    return f"{ds_key}/similarity/{slug_key(layer, 24)}/linear_cka"
+        families[p.family].append(p)
+    families = {f: sorted(ps, key=lambda p: (isinstance(p.revision, str), p.revision))
+                for f, ps in families.items() if len(ps) >= 2}
+    if not families:
+        return None
+    store = Store(store_url)
+    all_plans = [p for ps in families.values() for p in ps]
+    ds_key = all_plans[0].ds_key
+    key = cache_key("revision-similarity", dataset=all_plans[0].ds_hash, metrics=metrics,
+                    models=sorted((p.model_uri, p.cache_key) for p in all_plans))
+    if (hit := _cached(store, "revision-similarity", ds_key, key)) is not None:
+        return hit
+    results, summary = {}, {"families": {}}
+    for family, revs in families.items():
+        layers = [l for l in revs[0].layers if all(l in r.layers for r in revs)]
+        arrays = _load_layers(revs, snapshots, layers)
+        steps = [f"{a.revision}→{b.revision}" for a, b in zip(revs, revs[1:])]
+        for metric in metrics:
+            value = np.array([[float(similarity_matrix({"a": arrays[(a.model_uri, l)]}, {"b": arrays[(b.model_uri, l)]},
+                                                       metric=metric).values[0, 0]) for l in layers]
+                              for a, b in zip(revs, revs[1:])])
+            da = xr.DataArray(value, dims=("step", "layer"), coords={
+                "step": steps, "layer": layers,
+                "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
+                "revision_b": ("step", [b.model_uri for b in revs[1:]])})
+            group = revisions_group(ds_key, family, metric)
+            results[f"{family}/{metric}"] = (group, xr.Dataset({"value": da}, attrs={"family": family,
+                                                                                      "metric": metric}))
+            summary["families"].setdefault(family, {})[metric] = {"group": group, "steps": steps,
+                                                                  "layers": layers, "value": value.round(6).tolist()}
+    return _commit_zoo(store, "revision-similarity", key, {"metrics": metrics}, all_plans, results, summary, run_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ class LoadedModel:
         input_shape: the shape of one input sample, e.g. ``(1, 8, 8)``.
         default_layers: layers audited when the spec names none.
         info: JSON-able description (architecture, training data, epoch).
+        random_init: factory of a random-initialised copy (None if the source cannot build one).
     """
 
     uri: str
@@ -34,6 +36,9 @@ class LoadedModel:
     input_shape: tuple[int, ...]
     default_layers: list[str]
     info: dict = field(default_factory=dict)
+    # Builds an untrained copy of the architecture (fixed seed): the control
+    # that similarity and probe results are reported beside.
+    random_init: Callable[[], torch.nn.Module] | None = None
 
     @property
     def key(self) -> str:

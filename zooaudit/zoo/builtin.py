@@ -11,6 +11,7 @@ URIs: ``builtin:<name>`` is the final checkpoint; ``builtin:<name>@<epoch>`` an 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from . import LoadedModel, weights_hash
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EPOCHS = (2, 5, 15)
+RANDOM_INIT_SEED_OFFSET = 1_000_003  # seed of the untrained control copy = training seed + this
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
         default_layers=list(DEFAULT_LAYERS[spec.arch]),
         info={"arch": spec.arch, "width": spec.width, "seed": spec.seed, "epoch": epoch,
               "train_data": spec.train_data, "n_classes": spec.n_classes},
+        random_init=lambda: build(dataclasses.replace(spec, seed=spec.seed + RANDOM_INIT_SEED_OFFSET)).eval(),
     )
 
 
