@@ -35,8 +35,8 @@ def _activations(plan, run_id, params):
     if (snap := stages.cached_activations(plan)) is not None:
         return stages.skipped("activations", plan, plan.cache_key, snap)
     session, base = begin_activations(plan)
-    forks = extract_shard.map(unmapped(plan), plan.shards, [session.fork() for _ in plan.shards])
-    return publish_activations(plan, session, base, forks.result(), run_id, params)
+    shards = extract_shard.map(unmapped(plan), plan.shards, [session.fork() for _ in plan.shards])
+    return publish_activations(plan, session, base, shards.result(), run_id, params)
 
 
 @flow(name="audit-model", flow_run_name="audit-model-{spec.model}")

@@ -26,5 +26,5 @@ def begin_activations(plan):
 
 
 @task(name="publish-activations", cache_policy=NO_CACHE)
-def publish_activations(plan, session, base, forks, run_id=None, params=None):
-    return stages.publish_activations(plan, session, base, forks, run_id=run_id, params=params)
+def publish_activations(plan, session, base, shards, run_id=None, params=None):
+    return stages.publish_activations(plan, session, base, shards, run_id=run_id, params=params)

@@ -30,6 +30,7 @@ def test_sharded_activations_equal_direct_forward(shared_store):
     plan = stages.plan_extraction(spec, spec.datasets[0])
     assert plan.layers == ["act1", "act2", "embed"] and len(plan.shards) == 3
     res = _run_activations(plan)
+    assert res.summary["nonfinite"] == {layer: 0 for layer in plan.layers}
     model = stages.load_model(spec.model, plan.store).module
     data = load_dataset(spec.datasets[0])
     captured = {}
@@ -131,3 +132,19 @@ def test_similarity_controls(shared_store, control):
     assert np.all(ctrl_diag < 0.999)
     if control == "shuffle":
         assert np.all(ds["control"].values < 0.2)
+
+
+def test_nonfinite_activations_are_counted_per_layer(shared_store, monkeypatch):
+    spec = _spec(shared_store, layers=["act1", "embed"], datasets=[DatasetSpec(name="digits", max_samples=100)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    model = stages.load_model(spec.model, plan.store).module
+    # make act1 produce NaN for inputs whose first pixel is non-zero (a real model bug, simulated)
+    h = model.act1.register_forward_hook(lambda m, i, o: o.masked_fill(i[0][:, :1, :1, :1] > 0, float("nan")))
+    try:
+        res = _run_activations(plan)
+    finally:
+        h.remove()
+    assert res.summary["nonfinite"]["embed"] > 0 or res.summary["nonfinite"]["act1"] > 0
+    repo = Store(plan.store).model_repo(plan.model_key)
+    acts = layout.open_activations(repo.readonly_session(snapshot_id=res.snapshot).store, plan.ds_key, "act1")
+    assert int(np.isnan(acts.values).sum()) == res.summary["nonfinite"]["act1"]

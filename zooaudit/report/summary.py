@@ -25,7 +25,9 @@ def _headline(r) -> str:
             parts.append(f"{metric}: mean between layers {off:.3f}{ctrl}")
         return "; ".join(parts)
     if r.stage == "activations":
-        return f"{s.get('n_samples', '')} samples, layers {', '.join(s.get('layers', []))}" if s else ""
+        bad = {k: v for k, v in s.get("nonfinite", {}).items() if v}
+        warn = f"; **NaN/Inf values: {bad}**" if bad else ""
+        return f"{s.get('n_samples', '')} samples, layers {', '.join(s.get('layers', []))}{warn}" if s else ""
     return ""
 
 

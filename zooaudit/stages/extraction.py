@@ -4,6 +4,10 @@ from per-shard forks, publish all or nothing on ``main``."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
 
 from .. import layout
 from ..data import Shard, load_dataset, plan_shards
@@ -74,26 +78,47 @@ def begin_activations(plan: ExtractionPlan):
 
 
 
-def extract_shard(plan: ExtractionPlan, shard: Shard, fork):
-    """Forward one shard (all layers in one pass per batch) and write it into ``fork``."""
+@dataclass
+class ShardResult:
+    """A written shard: its fork (to merge) and its count of non-finite values per layer."""
+
+    fork: object
+    nonfinite: dict[str, int]
+
+
+def extract_shard(plan: ExtractionPlan, shard: Shard, fork) -> ShardResult:
+    """Forward one shard (all layers in one pass per batch) and write it into ``fork``.
+
+    NaN/Inf activations are stored as computed, but counted per layer so the
+    published commit reports them instead of hiding them.
+    """
     model = load_model(plan.model_uri, plan.store)
     dataset = load_dataset(plan.dataset)
     acts, logits = forward_batches(model.module, dataset.inputs[shard.start:shard.stop], plan.layers,
                                    pooling=plan.pooling, batch_size=plan.batch_size, device=plan.device,
                                    with_outputs=plan.n_outputs is not None)
     layout.write_shard(fork.store, plan.ds_key, shard.start, acts, logits)
-    return fork
+    return ShardResult(fork, {name: int((~np.isfinite(a)).sum()) for name, a in acts.items()})
 
 
 
-def publish_activations(plan: ExtractionPlan, session, base: str, forks, *, run_id: str | None = None,
+def publish_activations(plan: ExtractionPlan, session, base: str, shards: list[ShardResult], *,
+                        run_id: str | None = None,
                         params: dict | None = None) -> StageResult:
     """Merge the shard forks, commit on staging, fast-forward ``main`` (all or nothing)."""
     import icechunk
 
     store, repo_name, repo = _repo(plan)
-    session.merge(*forks)
-    summary = {"layers": plan.layers, "n_samples": plan.n_samples, "shards": len(plan.shards)}
+    session.merge(*(s.fork for s in shards))
+    nonfinite = {layer: sum(s.nonfinite.get(layer, 0) for s in shards) for layer in plan.layers}
+    for layer, count in nonfinite.items():
+        zarr.open_group(session.store, path=layout.acts_group(plan.ds_key, layer), mode="r+").attrs[
+            "nonfinite_count"] = count
+        if count:
+            log.warning("%s layer %s: %d NaN/Inf activation values on %s", plan.model_uri, layer, count,
+                        plan.ds_key)
+    summary = {"layers": plan.layers, "n_samples": plan.n_samples, "shards": len(plan.shards),
+               "nonfinite": nonfinite}
     meta = commit_metadata("activations", plan.cache_key, params or {}, model=plan.model_uri,
                            model_hash=plan.model_hash, dataset=plan.dataset, dataset_hash=plan.ds_hash,
                            layers=plan.layers, flow_run_id=run_id, summary=summary)
