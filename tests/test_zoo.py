@@ -43,3 +43,25 @@ def test_weights_saved_in_store_and_not_retrained(store_url):
 def test_bad_model_uris(uri, match, store_url):
     with pytest.raises(ZooauditError, match=match):
         resolve_model(uri, Store.open(store_url))
+
+
+def test_shortcut_sweep_worst_group_accuracy_rises_with_flip(store_url):
+    """Weaker shortcut (larger colour flip) ⇒ higher worst-group accuracy on the balanced set: monotone."""
+    import numpy as np
+    import torch
+
+    from zooaudit.analysis.bias import group_metrics
+    from zooaudit.data import load_dataset
+    from zooaudit.specs import DatasetSpec
+    from zooaudit.zoo.builtin import shortcut_sweep
+
+    test = load_dataset(DatasetSpec(name="colored-digits"))
+    store = Store.open(store_url)
+    wga = []
+    for flip, uri in shortcut_sweep().items():
+        model = resolve_model(uri, store).module
+        with torch.no_grad():
+            pred = model(torch.from_numpy(test.inputs)).argmax(1).numpy()
+        wga.append(group_metrics(test.labels, pred, test.groups["colour"], n_boot=0).worst_group_accuracy)
+    assert list(shortcut_sweep()) == sorted(shortcut_sweep()) and len(wga) >= 4
+    assert np.all(np.diff(wga) > 0), wga

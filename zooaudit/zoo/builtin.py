@@ -53,9 +53,25 @@ BUILTIN_ZOO: dict[str, BuiltinSpec] = {
     "cnn-colored-w16-s0": BuiltinSpec("cnn", 16, 0, _COLORED, 2, 2),
 }
 
+# The shortcut sweep: one colored-digits model per colour flip probability
+# (smaller flip = colour agrees with the label more often = stronger shortcut).
+SHORTCUT_SWEEP: dict[float, str] = {0.1: "cnn-colored-w16-s0"}
+for _flip in (0.2, 0.3, 0.5):
+    _name = f"cnn-colored-f{int(round(_flip * 100)):02d}-w16-s0"
+    BUILTIN_ZOO[_name] = BuiltinSpec("cnn", 16, 0, {**_COLORED, "color_flip": _flip}, 2, 2)
+    SHORTCUT_SWEEP[_flip] = _name
+
+DEFAULT_ZOO = ("mlp-w32-s0", "mlp-w64-s0", "mlp-w64-s1", "cnn-w8-s0", "cnn-w16-s0", "cnn-colored-w16-s0")
+
 
 def default_zoo() -> list[str]:
-    return [f"builtin:{name}" for name in BUILTIN_ZOO]
+    """The demo's zoo: five digits classifiers and the strong-shortcut colored model."""
+    return [f"builtin:{name}" for name in DEFAULT_ZOO]
+
+
+def shortcut_sweep() -> dict[float, str]:
+    """``{colour flip probability: model URI}`` of the shortcut sweep, strongest shortcut first."""
+    return {flip: f"builtin:{name}" for flip, name in sorted(SHORTCUT_SWEEP.items())}
 
 
 class MLP(nn.Module):
@@ -191,4 +207,4 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
     )
 
 
-__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "default_zoo", "load", "train"]
+__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "SHORTCUT_SWEEP", "default_zoo", "shortcut_sweep", "load", "train"]
