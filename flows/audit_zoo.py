@@ -54,7 +54,7 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     metrics = spec.similarity.metrics
     futures = [f(store.url, plans, snapshots[ds_key], *args, run_id=run_id)
                for ds_key, plans in by_dataset.items()
-               for f, args in ((zoo_similarity.submit, (spec.compare_layers, metrics)),
+               for f, args in ((zoo_similarity.submit, (spec.compare_layers, spec.similarity.model_dump())),
                                (revision_similarity.submit, (metrics,)))]
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)

@@ -24,8 +24,8 @@ def bias(plan, acts_snapshot, bspec, run_id=None):
 
 
 @task(name="zoo-similarity", cache_policy=NO_CACHE)
-def zoo_similarity(store_url, plans, snapshots, layers, metrics, run_id=None):
-    return stages.run_zoo_similarity(store_url, plans, snapshots, layers, metrics, run_id)
+def zoo_similarity(store_url, plans, snapshots, layers, sspec, run_id=None):
+    return stages.run_zoo_similarity(store_url, plans, snapshots, layers, sspec, run_id)
 
 
 @task(name="revision-similarity", cache_policy=NO_CACHE)

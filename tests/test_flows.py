@@ -98,6 +98,8 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     emb = zm.sel(layer_a="embed", layer_b="embed")
     np.testing.assert_allclose(np.diag(emb.values), 1.0, atol=1e-9)
     np.testing.assert_allclose(emb.values, emb.values.T, atol=1e-12)
+    zc = _open(store.zoo_repo(), zoo.snapshot, zoo_similarity_group(zoo.dataset, "linear_cka"))["control"]
+    assert zc.dims == zm.dims and float(zc.max()) < 0.2   # shuffled samples: unrelated representations
     family = revs.summary["families"]["builtin:mlp-w32-s0"]["linear_cka"]
     rv = _open(store.zoo_repo(), revs.snapshot, family["group"])["value"]
     assert rv.dims == ("step", "layer") and list(rv["step"].values) == ["5→15"]

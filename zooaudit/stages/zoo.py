@@ -24,6 +24,7 @@ from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..store import Store, commit, commit_metadata, find_commit, write_dataset
 from .common import ExtractionPlan, StageResult, _committed_summary, _read_session
+from .similarity import shuffled_control
 
 log = logging.getLogger("zooaudit.stages")
 
@@ -75,14 +76,16 @@ def _cached(store: Store, stage: str, ds_key: str, key: str) -> StageResult | No
 
 
 def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str],
-                       metrics: list[str], run_id: str | None = None) -> StageResult | None:
-    """Model × model similarity of the compare ``layers`` for every metric; one commit."""
+                       sspec: dict, run_id: str | None = None) -> StageResult | None:
+    """Model × model similarity of the compare ``layers`` for every metric, beside a
+    shuffled-sample control (``control='none'`` skips it); one commit."""
     plans = [p for p in plans if any(l in p.layers for l in layers)]
     if len(plans) < 2:
         return None
     store = Store(store_url)
     ds_key = plans[0].ds_key
-    key = cache_key("zoo-similarity", dataset=plans[0].ds_hash, layers=layers, metrics=metrics,
+    metrics = sspec["metrics"]
+    key = cache_key("zoo-similarity", dataset=plans[0].ds_hash, layers=layers, **sspec,
                     models=sorted((p.model_uri, p.cache_key) for p in plans))
     if (hit := _cached(store, "zoo-similarity", ds_key, key)) is not None:
         return hit
@@ -90,21 +93,28 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
     models = [p.model_uri for p in plans]
     names = {f"{m}|{l}": a for (m, l), a in arrays.items()}
     results, summary = {}, {"models": models, "layers": layers, "groups": {}}
-    for metric in metrics:
-        full = similarity_matrix(names, metric=metric)   # linear CKA: one joint pass over every model × layer
+    def to_4d(full: xr.DataArray) -> xr.DataArray:
         value = np.full((len(models), len(layers), len(models), len(layers)), np.nan)
         for (ma, la) in arrays:
             for (mb, lb) in arrays:
                 value[models.index(ma), layers.index(la), models.index(mb), layers.index(lb)] = float(
                     full.sel(layer_a=f"{ma}|{la}", layer_b=f"{mb}|{lb}"))
-        da = xr.DataArray(value, dims=("model_a", "layer_a", "model_b", "layer_b"),
-                          coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
+        return xr.DataArray(value, dims=("model_a", "layer_a", "model_b", "layer_b"),
+                            coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
+
+    for metric in metrics:
+        # linear CKA: one joint pass over every model × layer
+        data = {"value": to_4d(similarity_matrix(names, metric=metric))}
+        attrs = {"metric": metric, "dataset": ds_key, "control": "none"}
+        if sspec["control"] != "none":
+            ctrl, n_ctrl = shuffled_control(names, metric, sspec, ("layer_a", "layer_b"))
+            data["control"] = to_4d(ctrl)
+            attrs.update(control="shuffle", control_n=n_ctrl)
         group = zoo_similarity_group(ds_key, metric)
-        results[metric] = (group, xr.Dataset({"value": da}, attrs={"metric": metric, "dataset": ds_key}))
+        results[metric] = (group, xr.Dataset(data, attrs=attrs))
         summary["groups"][metric] = group
-        summary[metric] = {l: da.sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
-    return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, "metrics": metrics}, plans, results,
-                       summary, run_id)
+        summary[metric] = {l: data["value"].sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
+    return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, **sspec}, plans, results, summary, run_id)
 
 
 def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
