@@ -51,11 +51,10 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
         for plan in audit.plans:
             by_dataset[plan.ds_key].append(plan)
             snapshots[plan.ds_key][plan.model_uri] = acts[plan.ds_key]
-    metrics = spec.similarity.metrics
     futures = [f(store.url, plans, snapshots[ds_key], *args, run_id=run_id)
                for ds_key, plans in by_dataset.items()
                for f, args in ((zoo_similarity.submit, (spec.compare_layers, spec.similarity.model_dump())),
-                               (revision_similarity.submit, (metrics,)))]
+                               (revision_similarity.submit, (spec.similarity.model_dump(),)))]
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
     create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")

@@ -29,5 +29,5 @@ def zoo_similarity(store_url, plans, snapshots, layers, sspec, run_id=None):
 
 
 @task(name="revision-similarity", cache_policy=NO_CACHE)
-def revision_similarity(store_url, plans, snapshots, metrics, run_id=None):
-    return stages.run_revision_similarity(store_url, plans, snapshots, metrics, run_id)
+def revision_similarity(store_url, plans, snapshots, sspec, run_id=None):
+    return stages.run_revision_similarity(store_url, plans, snapshots, sspec, run_id)

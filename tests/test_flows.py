@@ -104,6 +104,8 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     rv = _open(store.zoo_repo(), revs.snapshot, family["group"])["value"]
     assert rv.dims == ("step", "layer") and list(rv["step"].values) == ["5→15"]
     assert list(rv["revision_a"].values) == ["builtin:mlp-w32-s0@5"]
+    rc = _open(store.zoo_repo(), revs.snapshot, family["group"])["control"]
+    assert rc.dims == rv.dims and float(rc.max()) < 0.2
     assert float(rv.sel(layer="embed").values[0]) == pytest.approx(float(emb.sel(model_a=MODELS[3], model_b=MODELS[0])),
                                                          abs=1e-12)
     assert os.path.exists(result.report) and "<img" in open(result.report).read()

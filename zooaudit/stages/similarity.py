@@ -52,17 +52,24 @@ def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dic
     return ref, {k: _flat(acts[k]).astype(np.float64) for k in layers}, len(idx)
 
 
-def shuffled_control(named: dict, metric: str, sspec: dict, dims: tuple[str, str]) -> tuple[xr.DataArray, int]:
-    """``metric`` of every array against every other with the second one's samples
-    permuted (one fixed permutation, at most ``control_max_samples`` rows)."""
+def shuffled_control(named: dict, metric: str, sspec: dict, dims: tuple[str, str] = ("layer_a", "layer_b"),
+                     named_b: dict | None = None) -> tuple[xr.DataArray, int]:
+    """``metric`` of every array of ``named`` against every array of ``named_b``
+    (default: ``named``) with the second one's samples permuted (one fixed
+    permutation, at most ``control_max_samples`` rows)."""
+    named_b = named if named_b is None else named_b
     rng = np.random.default_rng(sspec["random_state"])
     n = next(iter(named.values())).shape[0]
     cap = sspec["control_max_samples"]
     idx = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
-    ref = {k: np.asarray(v[idx] if len(idx) < n else v, dtype=np.float64) for k, v in named.items()}
+
+    def subset(d):
+        return {k: np.asarray(v[idx] if len(idx) < n else v, dtype=np.float64) for k, v in d.items()}
+
     perm = rng.permutation(len(idx))
-    mat = similarity_matrix(ref, {f"control:{k}": a[perm] for k, a in ref.items()}, metric=metric, dims=dims)
-    return mat.assign_coords({dims[1]: list(named)}), len(idx)
+    other = {f"control:{k}": a[perm] for k, a in subset(named_b).items()}
+    mat = similarity_matrix(subset(named), other, metric=metric, dims=dims)
+    return mat.assign_coords({dims[1]: list(named_b)}), len(idx)
 
 
 def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[str, xr.Dataset]:

@@ -117,9 +117,17 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
     return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, **sspec}, plans, results, summary, run_id)
 
 
+def _pair_similarity(x, y, metric: str, sspec: dict, control: bool) -> float:
+    """``metric(x, y)``, or its shuffled-sample control."""
+    if control:
+        return float(shuffled_control({"a": x}, metric, sspec, named_b={"b": y})[0].values[0, 0])
+    return float(similarity_matrix({"a": x}, {"b": y}, metric=metric).values[0, 0])
+
+
 def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
-                            metrics: list[str], run_id: str | None = None) -> StageResult | None:
-    """Per layer, the similarity between consecutive checkpoints of each model family; one commit."""
+                            sspec: dict, run_id: str | None = None) -> StageResult | None:
+    """Per layer, the similarity between consecutive checkpoints of each model family, beside a
+    shuffled-sample control; one commit."""
     families = defaultdict(list)
     for p in plans:
         families[p.family].append(p)
@@ -130,7 +138,8 @@ def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapsho
     store = Store(store_url)
     all_plans = [p for ps in families.values() for p in ps]
     ds_key = all_plans[0].ds_key
-    key = cache_key("revision-similarity", dataset=all_plans[0].ds_hash, metrics=metrics,
+    metrics = sspec["metrics"]
+    key = cache_key("revision-similarity", dataset=all_plans[0].ds_hash, **sspec,
                     models=sorted((p.model_uri, p.cache_key) for p in all_plans))
     if (hit := _cached(store, "revision-similarity", ds_key, key)) is not None:
         return hit
@@ -139,17 +148,22 @@ def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapsho
         layers = [l for l in revs[0].layers if all(l in r.layers for r in revs)]
         arrays = _load_layers(revs, snapshots, layers)
         steps = [f"{a.revision}→{b.revision}" for a, b in zip(revs, revs[1:])]
+        coords = {"step": steps, "layer": layers, "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
+                  "revision_b": ("step", [b.model_uri for b in revs[1:]])}
         for metric in metrics:
-            value = np.array([[float(similarity_matrix({"a": arrays[(a.model_uri, l)]}, {"b": arrays[(b.model_uri, l)]},
-                                                       metric=metric).values[0, 0]) for l in layers]
-                              for a, b in zip(revs, revs[1:])])
-            da = xr.DataArray(value, dims=("step", "layer"), coords={
-                "step": steps, "layer": layers,
-                "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
-                "revision_b": ("step", [b.model_uri for b in revs[1:]])})
+            data, attrs = {}, {"family": family, "metric": metric, "control": "none"}
+            for name, control in (("value", False), ("control", True)):
+                if control and sspec["control"] == "none":
+                    continue
+                data[name] = xr.DataArray(
+                    [[_pair_similarity(arrays[(a.model_uri, layer)], arrays[(b.model_uri, layer)], metric, sspec,
+                                       control) for layer in layers] for a, b in zip(revs, revs[1:])],
+                    dims=("step", "layer"), coords=coords)
+            if "control" in data:
+                attrs["control"] = "shuffle"
+            value = data["value"].values
             group = revisions_group(ds_key, family, metric)
-            results[f"{family}/{metric}"] = (group, xr.Dataset({"value": da}, attrs={"family": family,
-                                                                                      "metric": metric}))
+            results[f"{family}/{metric}"] = (group, xr.Dataset(data, attrs=attrs))
             summary["families"].setdefault(family, {})[metric] = {"group": group, "steps": steps,
                                                                   "layers": layers, "value": value.round(6).tolist()}
-    return _commit_zoo(store, "revision-similarity", key, {"metrics": metrics}, all_plans, results, summary, run_id)
+    return _commit_zoo(store, "revision-similarity", key, sspec, all_plans, results, summary, run_id)
