@@ -56,6 +56,13 @@ class BiasSpec(BaseModel):
     ci: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
     random_state: int = 0
     min_group_size: int = Field(20, ge=1, description="Cells smaller than this are reported but never flagged.")
+    n_permutations: int = Field(1000, ge=0, description="Permutations for each disparity's p-value.")
+    correction: Literal["bh", "holm"] = Field("bh", description="Multiple-testing correction across the run.")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="Level at which corrected p-values flag a disparity.")
+    probes: bool = Field(True, description="Probe leakage of each group attribute from each layer, with controls.")
+    erasure: bool = Field(True, description="LEACE erasure diagnostic per layer (needs probes).")
+    probe_cv: int = Field(5, ge=2, description="Cross-validation folds of the probes.")
+    probe_max_samples: int = Field(5000, ge=20, description="Probes and erasure use at most this many samples.")
 
 
 class SimilaritySpec(BaseModel):

@@ -11,33 +11,19 @@ import datetime as dt
 import html
 import json
 
-import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from .. import layout  # noqa: E402
 from ..errors import ZooauditError  # noqa: E402
 from ..keys import slug_key  # noqa: E402
 from ..store import Store  # noqa: E402
+from .bias import bias_section, shortcut_sweep_section  # noqa: E402
 from .figures import curves_png, heatmap_png, trend_png  # noqa: E402
 
 
 def _open(repo, snapshot, group):
     return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False,
                         zarr_format=3).load()
-
-
-def _bias_rows(ds: xr.Dataset) -> list[str]:
-    rows = []
-    for i, g in enumerate(ds["group"].values):
-        ci = ds["accuracy_ci"].values[i] if "accuracy_ci" in ds else (np.nan, np.nan)
-        small = " (small)" if bool(ds["small"].values[i]) else ""
-        rows.append(f"<tr><td>{html.escape(str(g))}</td><td>{ds['accuracy'].values[i]:.3f}</td>"
-                    f"<td>[{ci[0]:.3f}, {ci[1]:.3f}]</td><td>{int(ds['count'].values[i])}{small}</td></tr>")
-    for i, c in enumerate(ds["cell"].values):
-        ci = ds["cell_accuracy_ci"].values[i] if "cell_accuracy_ci" in ds else (np.nan, np.nan)
-        rows.append(f"<tr class=cell><td>{html.escape(str(c))}</td><td>{ds['cell_accuracy'].values[i]:.3f}</td>"
-                    f"<td>[{ci[0]:.3f}, {ci[1]:.3f}]</td><td>{int(ds['cell_count'].values[i])}</td></tr>")
-    return rows
 
 
 def _layer_similarity_section(repo, plan, result, base: str, model: str, files: dict) -> list[str]:
@@ -127,13 +113,10 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
                         f"<tr><td>{html.escape(k)}</td><td>{v if isinstance(v, str) else f'{v:.4f}'}</td></tr>"
                         for k, v in ev.items()) + "</table>")
             if "bias" in res:
-                for attr in (res["bias"].summary or {}):
-                    ds = _open(repo, res["bias"].snapshot, layout.bias_group(plan.ds_key, attr))
-                    body.append(
-                        f"<h4>Bias: accuracy by {html.escape(attr)} — overall {ds.attrs['overall_accuracy']:.3f}, "
-                        f"worst-group {ds.attrs['worst_group_accuracy']:.3f} ({html.escape(ds.attrs['worst_group'])})"
-                        "</h4><table><tr><th>group / cell</th><th>accuracy</th><th>bootstrap CI</th><th>n</th></tr>"
-                        + "".join(_bias_rows(ds)) + "</table>")
+                body.extend(bias_section(lambda g, _s=res["bias"].snapshot: _open(repo, _s, g), plan, res["bias"],
+                                         base, files))
+
+    body.extend(shortcut_sweep_section(audits, files))
 
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>zooaudit report</title><style>"

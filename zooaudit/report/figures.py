@@ -63,3 +63,34 @@ def trend_png(value: xr.DataArray, title: str) -> bytes:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+def bars_png(ds: xr.Dataset, title: str) -> bytes:
+    """Per-group accuracy bars with their bootstrap interval as error bars."""
+    groups = [str(g) for g in ds["group"].values]
+    acc = ds["accuracy"].values
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(groups), 3))
+    if "accuracy_ci" in ds:
+        lo, hi = ds["accuracy_ci"].values.T
+        ax.bar(groups, acc, yerr=np.vstack([acc - lo, hi - acc]), capsize=4, color="#4c78a8")
+    else:
+        ax.bar(groups, acc, color="#4c78a8")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def sweep_png(points: list[tuple[float, float, float | None]]) -> bytes:
+    """Shortcut sweep: worst-group accuracy and colour leakage against the training colour flip."""
+    flips = [p[0] for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(flips, [p[1] for p in points], marker="o", label="worst-group accuracy")
+    if all(p[2] is not None for p in points):
+        ax.plot(flips, [p[2] for p in points], marker="s", label="colour leakage from outputs")
+    ax.set_xlabel("colour flip probability in training (smaller = stronger shortcut)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("shortcut sweep", fontsize=9)
+    return _png(fig)

@@ -7,7 +7,8 @@ whose key is already on ``main`` is skipped and reports ``skipped=True``.
 Stage inputs and outputs are small, JSON-able dataclasses (never arrays).
 """
 
-from .analysis import run_bias, run_factorize
+from .analysis import run_factorize
+from .bias import run_bias
 from .common import ExtractionPlan, StageResult, load_model, skipped
 from .extraction import begin_activations, cached_activations, extract_shard, plan_extraction, publish_activations
 from .similarity import run_similarity
