@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks.analysis import bias, factorize, similarity
 from tasks.extract import begin_activations, extract_shard, plan_extraction, publish_activations
 from zooaudit import stages
-from zooaudit.report.summary import model_markdown
+from zooaudit.report.summary import bias_table, model_markdown
 from zooaudit.specs import AuditModelSpec
 
 from .runners import dask_cluster, task_runner
@@ -64,6 +64,8 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
         logger.info("%-11s %-28s %s", r.stage, r.dataset, "skipped (cache hit)" if r.skipped else "committed")
     create_markdown_artifact(model_markdown(audit.model, audit.results), key=None,
                              description=f"zooaudit: {spec.model}")
+    if rows := bias_table(audit.results):
+        create_table_artifact(rows, description=f"zooaudit bias headline: {spec.model}")
     return audit
 
 

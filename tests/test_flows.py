@@ -118,6 +118,8 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert zoo_md and "Model × model linear_cka, layer `embed`" in zoo_md[0].data
     assert result.report in zoo_md[0].data
     assert any(a.description == "zooaudit: builtin:mlp-w32-s0" for a in arts)
+    (table,) = [a for a in arts if a.type == "table" and "cnn-colored" in (a.description or "")]
+    assert "demographic_parity" in str(table.data) and "worst_group_accuracy" in str(table.data)
 
     before = _commit_counts(store)
     again = audit_zoo(spec)

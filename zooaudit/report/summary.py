@@ -49,6 +49,21 @@ def _matrix_table(models, mat) -> list[str]:
     return lines
 
 
+def bias_table(results) -> list[dict]:
+    """Headline bias numbers as table rows (one per dataset × attribute × disparity)."""
+    rows = []
+    for r in results:
+        if r.stage != "bias":
+            continue
+        for attr, s in (r.summary or {}).items():
+            for metric, d in s.get("disparities", {}).items():
+                rows.append({"dataset": r.dataset, "attribute": attr, "overall_accuracy": s["overall_accuracy"],
+                             "worst_group_accuracy": s["worst_group_accuracy"], "worst_group": s["worst_group"],
+                             "disparity": metric, "difference": d["difference"], "p_adjusted": d["p_adjusted"],
+                             "flagged": d["flagged"], "worse_than_previous": metric in s.get("regressions", [])})
+    return rows
+
+
 def model_markdown(model: str, results) -> str:
     lines = [f"# zooaudit: `{model}`", "", "| stage | dataset | status | snapshot | headline |",
              "|---|---|---|---|---|"]
