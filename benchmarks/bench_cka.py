@@ -1,15 +1,30 @@
-"""All-pairs linear CKA: zooaudit's one-pass joint moments vs pairwise textbook NumPy.
+"""All-pairs linear CKA: zooaudit's one streamed joint pass vs reference implementations.
 
-Both run in this process on the same data; the figure is the ratio of wall
-times (machines are noisy: compare ratios, not seconds). Also checks that both
-give the same matrix.
+Three measurements (machines are noisy and shared: compare ratios, not seconds):
 
-    .venv/bin/python benchmarks/bench_cka.py --n 20000
+``speed``   8 layers, widths (64, 128, 256, 512, 1024, 64, 128, 256), float32 activations
+            in Dask chunks. Reference: the textbook in-memory formula one pair at a time
+            in float64 (centre, then ‖XᵀY‖² / (‖XᵀX‖ ‖YᵀY‖)), on the same data. Also times
+            zooaudit's debiased estimator (same single pass plus row-norm sums).
+``memory``  peak RSS of a fresh subprocess that builds the same layers lazily with Dask
+            (chunk by chunk, never all in RAM) and computes the biased and debiased
+            matrices, at two sample counts; the ratio shows memory independent of n.
+``gram``    zooaudit vs an n×n Gram-matrix implementation (HKH-centred Grams for the
+            biased estimator, U-centred Grams for the debiased one, one pair at a time
+            with the row layer's Gram kept), biased + debiased, all 28 pairs.
+
+    .venv/bin/python benchmarks/bench_cka.py speed --n 100000     (default: speed)
+    .venv/bin/python benchmarks/bench_cka.py memory --n 20000 200000
+    .venv/bin/python benchmarks/bench_cka.py gram --n 20000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import dask.array as da
@@ -18,6 +33,28 @@ import numpy as np
 from zooaudit.analysis.similarity import similarity_matrix
 
 WIDTHS = (64, 128, 256, 512, 1024, 64, 128, 256)
+LATENT = 32
+
+
+def make_layers(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """ReLU layers of a shared 32-d latent plus noise, float32, in memory."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, LATENT)).astype(np.float32)
+    return {f"L{i}-{w}": np.maximum(base @ rng.normal(size=(LATENT, w)).astype(np.float32)
+                                    + rng.normal(size=(n, w)).astype(np.float32), 0) for i, w in enumerate(WIDTHS)}
+
+
+def make_lazy_layers(n: int, chunk: int, seed: int = 0) -> dict[str, da.Array]:
+    """The same construction as Dask arrays generated chunk by chunk (nothing materialised)."""
+    rng = da.random.default_rng(seed)
+    wrng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, LATENT), chunks=(chunk, LATENT), dtype=np.float32)
+    out = {}
+    for i, w in enumerate(WIDTHS):
+        weights = wrng.normal(size=(LATENT, w)).astype(np.float32)
+        noise = rng.standard_normal((n, w), chunks=(chunk, w), dtype=np.float32)
+        out[f"L{i}-{w}"] = da.maximum(base @ weights + noise, 0)
+    return out
 
 
 def textbook_pair(x: np.ndarray, y: np.ndarray) -> float:
@@ -27,35 +64,127 @@ def textbook_pair(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20_000)
-    ap.add_argument("--chunk", type=int, default=4096)
-    args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(args.n, 32)).astype(np.float32)
-    layers = {f"L{i}-{w}": np.maximum(base @ rng.normal(size=(32, w)).astype(np.float32)
-                                      + rng.normal(size=(args.n, w)).astype(np.float32), 0) for i, w in enumerate(WIDTHS)}
+def run_speed(args) -> None:
+    layers = make_layers(args.n)
+    names = list(layers)
+    m = len(names)
 
     t = time.perf_counter()
-    names = list(layers)
-    ref = np.ones((len(names), len(names)))
+    ref = np.ones((m, m))
     f64 = {k: v.astype(np.float64) for k, v in layers.items()}
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
+    for i in range(m):
+        for j in range(i + 1, m):
             ref[i, j] = ref[j, i] = textbook_pair(f64[names[i]], f64[names[j]])
     t_ref = time.perf_counter() - t
+    del f64
 
-    t = time.perf_counter()
     chunked = {k: da.from_array(v, chunks=(args.chunk, -1)) for k, v in layers.items()}
+    t = time.perf_counter()
     got = similarity_matrix(chunked).values
     t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    deb = similarity_matrix(chunked, metric="linear_cka_debiased").values
+    t_deb = time.perf_counter() - t
 
     err = float(np.abs(got - ref).max())
-    print(f"N={args.n} layers={len(WIDTHS)} widths={WIDTHS}")
-    print(f"pairwise NumPy (textbook, {len(names) * (len(names) - 1) // 2} pairs): {t_ref:.2f}s")
-    print(f"zooaudit similarity_matrix (one streamed pass, chunks of {args.chunk}): {t_ours:.2f}s")
-    print(f"speed-up: {t_ref / t_ours:.2f}x   max |difference|: {err:.2e}")
+    print(f"N={args.n} layers={m} widths={WIDTHS} chunks of {args.chunk} rows")
+    print(f"pairwise NumPy float64 (textbook, {m * (m - 1) // 2} pairs): {t_ref:.2f}s")
+    print(f"zooaudit similarity_matrix linear_cka (one streamed pass): {t_ours:.2f}s")
+    print(f"zooaudit similarity_matrix linear_cka_debiased (one streamed pass): {t_deb:.2f}s")
+    print(f"speed-up biased: {t_ref / t_ours:.2f}x   debiased vs textbook biased: {t_ref / t_deb:.2f}x")
+    print(f"max |difference| biased vs textbook: {err:.2e}   max |biased - debiased|: "
+          f"{float(np.abs(got - deb).max()):.3f}")
+
+
+def _child(n: int, chunk: int) -> None:
+    layers = make_lazy_layers(n, chunk)
+    t = time.perf_counter()
+    b = similarity_matrix(layers).values
+    d = similarity_matrix(layers, metric="linear_cka_debiased").values
+    wall = time.perf_counter() - t
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"n": n, "peak_rss_mib": peak_mib, "seconds": wall,
+                      "cka_L0_L4": float(b[0, 4]), "debiased_L0_L4": float(d[0, 4])}))
+
+
+def run_memory(args) -> None:
+    rows = []
+    for n in args.n_list:
+        out = subprocess.run([sys.executable, __file__, "_child", "--n", str(n), "--chunk", str(args.chunk)],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"N={r['n']:>7}: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.1f}s "
+              f"(biased + debiased), CKA(L0, L4)={r['cka_L0_L4']:.4f}, debiased={r['debiased_L0_L4']:.4f}")
+    print(f"peak RSS ratio N={rows[-1]['n']} / N={rows[0]['n']}: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f}")
+
+
+def _gram(x: np.ndarray, unbiased: bool) -> np.ndarray:
+    x = x.astype(np.float64)
+    K = x @ x.T
+    n = K.shape[0]
+    if unbiased:                      # U-centring: ⟨K*, L*⟩ / (n(n−3)) is Song et al.'s HSIC₁
+        np.fill_diagonal(K, 0.0)
+        r = K.sum(0)
+        K -= r[None, :] / (n - 2)
+        K -= r[:, None] / (n - 2)
+        K += r.sum() / ((n - 1) * (n - 2))
+        np.fill_diagonal(K, 0.0)
+    else:                             # H K H
+        r = K.mean(0)
+        K -= r[None, :]
+        K -= r[:, None]
+        K += r.mean()
+    return K
+
+
+def gram_all_pairs(layers: dict[str, np.ndarray], unbiased: bool) -> np.ndarray:
+    names = list(layers)
+    m = len(names)
+    out = np.ones((m, m))
+    norms = {}
+    for i in range(m):
+        Ki = _gram(layers[names[i]], unbiased)
+        norms[i] = np.sqrt(np.vdot(Ki, Ki))
+        for j in range(i + 1, m):
+            Kj = _gram(layers[names[j]], unbiased)
+            norms[j] = np.sqrt(np.vdot(Kj, Kj))
+            out[i, j] = out[j, i] = np.vdot(Ki, Kj) / (norms[i] * norms[j])
+            del Kj
+        del Ki
+    return out
+
+
+def run_gram(args) -> None:
+    layers = make_layers(args.n)
+    t = time.perf_counter()
+    ref_b = gram_all_pairs(layers, unbiased=False)
+    ref_d = gram_all_pairs(layers, unbiased=True)
+    t_ref = time.perf_counter() - t
+    chunked = {k: da.from_array(v, chunks=(args.chunk, -1)) for k, v in layers.items()}
+    t = time.perf_counter()
+    b = similarity_matrix(chunked).values
+    d = similarity_matrix(chunked, metric="linear_cka_debiased").values
+    t_ours = time.perf_counter() - t
+    print(f"N={args.n} layers={len(layers)} widths={WIDTHS}")
+    print(f"n×n Gram implementation (biased + debiased, 28 pairs each): {t_ref:.1f}s")
+    print(f"zooaudit similarity_matrix (biased + debiased, two streamed passes): {t_ours:.2f}s")
+    print(f"speed-up: {t_ref / t_ours:.1f}x   max |diff| biased {np.abs(b - ref_b).max():.2e}, "
+          f"debiased {np.abs(d - ref_d).max():.2e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", default="speed", choices=["speed", "memory", "gram", "_child"])
+    ap.add_argument("--n", type=int, nargs="+", help="sample count(s); memory takes two or more "
+                    "(default: speed 100000, gram 20000, memory 20000 200000)")
+    ap.add_argument("--chunk", type=int, default=4096, help="rows per Dask chunk")
+    args = ap.parse_args()
+    defaults = {"speed": [100_000], "gram": [20_000], "memory": [20_000, 200_000], "_child": [20_000]}
+    args.n_list = args.n or defaults[args.what]
+    args.n = args.n_list[0]
+    {"speed": run_speed, "memory": run_memory, "gram": run_gram,
+     "_child": lambda a: _child(a.n, a.chunk)}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -1,111 +1,143 @@
-"""Representational similarity: linear CKA (streamed), and all-pairs matrices.
+"""Representational similarity: CKA family, CCA family, shape metrics, RSA, k-NN alignment.
 
-Conventions: CKA is computed on column-centred data. The biased estimator is
-``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` from streamed float64 centred second moments
-(exact, one pass). ``debiased=True`` uses the unbiased HSIC estimator of Song
-et al. (2012) on n×n Gram matrices (in memory: moderate n only).
+Every function takes ``(n_samples, n_features)`` arrays whose rows are the same
+samples — NumPy, Dask (streamed over row chunks, float64 accumulation, memory
+independent of n where the method allows), xarray DataArrays or Zarr arrays —
+and validates them at the door (:class:`~zooaudit.errors.ZooauditError` for
+mismatched sample counts, NaN/Inf, unknown options). Where a value is undefined
+for the data (zero variance), the function warns with
+:class:`UndefinedSimilarityWarning` and returns NaN.
+
+=====================  ==========================================================
+``linear_cka``         streamed, exact; biased or debiased (unbiased HSIC)
+``rbf_cka``            exact n×n Gram (moderate n); bandwidth = threshold·√median d²
+``minibatch_cka``      Nguyen et al. 2021, linear or RBF kernel, any n
+``cca``/``svcca``/``pwcca``   streamed covariances; PWCCA weights from X (paper's definition)
+``procrustes``         angular shape distance (alpha=1); ``shape_distance`` for any alpha
+``rsa``                blockwise condensed RDMs, Spearman or Kendall τ-a
+``mutual_knn``         blockwise top-k, cosine neighbours
+``match_neurons``      Pearson + Hungarian one-to-one unit matching
+``similarity_matrix``  every ``METRICS`` name over all pairs of layers / models
+=====================  ==========================================================
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Mapping
+import inspect
+from typing import Callable, Mapping
 
 import numpy as np
 import xarray as xr
 
-from ..errors import ZooauditError
-from .stats import joint_moments
+from ..errors import ZooauditError, unknown
+from .sim_cca import cca, procrustes, pwcca, shape_distance, svcca
+from .sim_checks import (MAX_GRAM_SAMPLES, DegenerateCCAWarning, UndefinedSimilarityWarning, as_matrix,
+                         check_samples)
+from .sim_cka import cka_from_stats, cka_matrix, linear_cka, minibatch_cka, rbf_cka
+from .sim_rsa import rdm, rsa
+from .sim_stream import JointGram, joint_gram
+from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
 
-METRICS = ("linear_cka",)
-MAX_GRAM_N = 20_000
-
-
-def _as_2d(x):
-    return x.reshape(x.shape[0], -1) if x.ndim > 2 else x
-
-
-def _cka_from_cov(cxy: np.ndarray, cxx: np.ndarray, cyy: np.ndarray) -> float:
-    denom = np.linalg.norm(cxx) * np.linalg.norm(cyy)
-    if denom == 0.0:
-        warnings.warn("linear CKA undefined: a representation has zero variance (returning NaN)", RuntimeWarning)
-        return float("nan")
-    return float(np.sum(cxy * cxy) / denom)
+__all__ = [
+    "METRICS", "MAX_GRAM_SAMPLES", "DegenerateCCAWarning", "UndefinedSimilarityWarning", "JointGram", "NeuronMatch",
+    "linear_cka", "cka_matrix", "rbf_cka", "minibatch_cka", "cca", "svcca", "pwcca", "procrustes",
+    "shape_distance", "rsa", "rdm", "mutual_knn", "knn_indices", "match_neurons", "similarity_matrix",
+]
 
 
-def _hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
-    """Unbiased HSIC (Song et al. 2012) of two n×n Gram matrices, n > 3."""
-    n = k.shape[0]
-    k = k.copy()
-    l = l.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    kl = k @ l
-    term = np.trace(kl) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2.0 * kl.sum() / (n - 2)
-    return float(term / (n * (n - 3)))
+def _mean_cca(X, Y) -> float:
+    """Mean canonical correlation (the ``"cca"`` entry of :func:`similarity_matrix`)."""
+    rho = cca(X, Y)
+    return float(rho.mean()) if len(rho) else float("nan")
 
 
-def _debiased_linear_cka(x, y) -> float:
-    n = x.shape[0]
-    if n < 4:
-        raise ZooauditError(f"debiased CKA needs at least 4 samples, got {n}.")
-    if n > MAX_GRAM_N:
-        raise ZooauditError(f"debiased CKA is computed from n×n Gram matrices here; n={n} exceeds {MAX_GRAM_N}.")
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    k, l = x @ x.T, y @ y.T
-    kl, kk, ll = _hsic_unbiased(k, l), _hsic_unbiased(k, k), _hsic_unbiased(l, l)
-    if kk <= 0 or ll <= 0:
-        warnings.warn("debiased CKA undefined: non-positive self-HSIC (returning NaN)", RuntimeWarning)
-        return float("nan")
-    return float(kl / np.sqrt(kk * ll))
+# name → (pairwise function, symmetric?, "similarity" | "distance")
+_PAIRWISE: dict[str, tuple[Callable, bool, str]] = {
+    "rbf_cka": (rbf_cka, True, "similarity"),
+    "cca": (_mean_cca, True, "similarity"),
+    "svcca": (svcca, True, "similarity"),
+    "pwcca": (pwcca, False, "similarity"),
+    "procrustes": (procrustes, True, "distance"),
+    "rsa": (rsa, True, "similarity"),
+    "mutual_knn": (mutual_knn, True, "similarity"),
+}
+METRICS = ("linear_cka", "linear_cka_debiased", *_PAIRWISE)
 
 
-def linear_cka(X, Y, *, debiased: bool = False) -> float:
-    """Linear CKA between ``X (n, p)`` and ``Y (n, q)`` (rows = the same samples).
-
-    Biased: one streaming pass over row chunks (NumPy or Dask), float64.
-    Invariant to orthogonal maps, isotropic scaling and translation.
-    """
-    X, Y = _as_2d(X), _as_2d(Y)
-    if X.shape[0] != Y.shape[0]:
-        raise ZooauditError(f"X and Y must share samples (rows): got {X.shape[0]} and {Y.shape[0]}.")
-    if debiased:
-        return _debiased_linear_cka(X, Y)
-    mom, (sx, sy) = joint_moments([X, Y])
-    return _cka_from_cov(mom.m2[sx, sy], mom.m2[sx, sx], mom.m2[sy, sy])
-
-
-def cka_matrix(named: Mapping[str, object]) -> np.ndarray:
-    """All-pairs linear CKA of ``{name: (n, p_i)}`` from one joint pass over the rows."""
-    arrays = [_as_2d(a) for a in named.values()]
-    mom, slices = joint_moments(arrays)
-    m = len(arrays)
-    out = np.ones((m, m))
-    for i in range(m):
-        for j in range(i, m):
-            si, sj = slices[i], slices[j]
-            out[i, j] = out[j, i] = _cka_from_cov(mom.m2[si, sj], mom.m2[si, si], mom.m2[sj, sj])
-    return out
+def _check_params(metric: str, params: dict) -> None:
+    fn = _PAIRWISE[metric][0] if metric in _PAIRWISE else None
+    allowed = [] if fn is None else [p.name for p in inspect.signature(fn).parameters.values()
+                                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in params:
+        if key not in allowed:
+            raise unknown(f"parameter for metric {metric!r}", key, allowed,
+                          "linear CKA variants take none (choose 'linear_cka' or 'linear_cka_debiased')."
+                          if fn is None else "")
 
 
 def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, object] | None = None, *,
-                      metric: str = "linear_cka", dims: tuple[str, str] = ("layer_a", "layer_b")) -> xr.DataArray:
-    """Similarity of every ``layers_a`` entry with every ``layers_b`` entry.
+                      metric: str = "linear_cka", dims: tuple[str, str] = ("layer_a", "layer_b"),
+                      **params) -> xr.DataArray:
+    """``metric`` between every ``layers_a`` entry and every ``layers_b`` entry (default: ``layers_a``).
 
-    All pairs come from one pass over the data (joint moments of every layer).
-    Returns a DataArray with dims ``dims`` labelled by the mapping keys.
+    ``layers_a``, ``layers_b``: ``{name: (n, p_name) array}`` sharing their samples.
+    ``metric``: one of :data:`METRICS`; ``"cca"`` is the mean canonical correlation,
+    ``"procrustes"`` a distance (0 = same shape), the rest similarities.
+    ``params``: keyword options of the metric's function (e.g. ``k=`` for
+    ``mutual_knn``, ``threshold=`` for ``rbf_cka``). Linear CKA (biased or debiased)
+    comes from one joint streamed pass over every distinct array; the other metrics
+    are computed pair by pair (once per unordered pair when symmetric).
+
+    Returns a ``(len(layers_a), len(layers_b))`` float64 DataArray with dims
+    ``dims``, coordinates the mapping keys, and attrs naming the metric.
     """
-    if metric not in METRICS:
-        raise ZooauditError(f"Unknown similarity metric {metric!r}. Allowed: {', '.join(METRICS)}.")
-    layers_b = layers_a if layers_b is None else layers_b
-    names = list(dict.fromkeys([*layers_a, *layers_b]))
-    union = {**dict(layers_a), **dict(layers_b)}
-    full = cka_matrix({k: union[k] for k in names})
-    ia = [names.index(k) for k in layers_a]
-    ib = [names.index(k) for k in layers_b]
-    return xr.DataArray(full[np.ix_(ia, ib)], dims=dims,
-                        coords={dims[0]: list(layers_a), dims[1]: list(layers_b)},
-                        name=metric, attrs={"metric": metric, "estimator": "biased", "centred": "columns"})
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise unknown("similarity metric", metric, METRICS)
+    if (not isinstance(dims, (tuple, list)) or len(dims) != 2 or not all(isinstance(d, str) for d in dims)
+            or dims[0] == dims[1]):
+        raise ZooauditError(f"dims must be two distinct dimension names, e.g. ('layer_a', 'layer_b'); got {dims!r}.")
+    _check_params(metric, params)
+    same = layers_b is None
+    layers_b = layers_a if same else layers_b
+    for label, m in (("layers_a", layers_a), ("layers_b", layers_b)):
+        if not isinstance(m, Mapping) or not m:
+            raise ZooauditError(f"{label} must be a non-empty mapping {{name: (n_samples, n_features) array}}; "
+                                f"got {type(m).__name__}.")
+    keys_a, keys_b = [str(k) for k in layers_a], [str(k) for k in layers_b]
+    arrays_a = [as_matrix(v, k) for k, v in zip(keys_a, layers_a.values())]
+    arrays_b = arrays_a if same else [as_matrix(v, k) for k, v in zip(keys_b, layers_b.values())]
+    check_samples(arrays_a if same else [*arrays_a, *arrays_b], keys_a if same else [*keys_a, *keys_b],
+                  min_samples=4 if metric == "linear_cka_debiased" else 2)
+
+    if metric in ("linear_cka", "linear_cka_debiased"):
+        values = _linear_cka_block(keys_a, arrays_a, keys_b, arrays_b, debiased=metric.endswith("debiased"))
+        attrs = {"estimator": "debiased (unbiased HSIC, Song et al. 2012)" if metric.endswith("debiased")
+                 else "biased", "centred": "columns", "kind": "similarity"}
+    else:
+        fn, symmetric, kind = _PAIRWISE[metric]
+        values = np.empty((len(arrays_a), len(arrays_b)))
+        for i, x in enumerate(arrays_a):
+            for j, y in enumerate(arrays_b):
+                if same and symmetric and j < i:
+                    values[i, j] = values[j, i]
+                else:
+                    values[i, j] = fn(x, y, **params)
+        attrs = {"kind": kind, **{k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}}
+    return xr.DataArray(values, dims=tuple(dims), coords={dims[0]: keys_a, dims[1]: keys_b}, name=metric,
+                        attrs={"metric": metric, **attrs})
+
+
+def _linear_cka_block(keys_a, arrays_a, keys_b, arrays_b, *, debiased: bool) -> np.ndarray:
+    """One joint pass over the distinct arrays (by identity) of both sides."""
+    index: dict[int, int] = {}
+    names, arrays = [], []
+    for keys, arrs in ((keys_a, arrays_a), (keys_b, arrays_b)):
+        for k, a in zip(keys, arrs):
+            if id(a) not in index:
+                index[id(a)] = len(arrays)
+                names.append(k)
+                arrays.append(a)
+    full = cka_from_stats(joint_gram(arrays, names=names, rownorms=debiased), debiased=debiased)
+    ia = [index[id(a)] for a in arrays_a]
+    ib = [index[id(b)] for b in arrays_b]
+    return full[np.ix_(ia, ib)]
