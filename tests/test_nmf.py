@@ -1,0 +1,133 @@
+"""NMF (full-batch, out-of-core minibatch, scikit-learn), semi-NMF and DFF."""
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from zooaudit.analysis.factorize import dff, matched_cosine, nmf, semi_nmf, stability
+from zooaudit.errors import ZooauditError
+
+
+def planted(n=3000, d=40, k=4, seed=0, signed=False, density=0.5, noise=1e-3):
+    """``X = W H + noise`` with sparse non-negative codes ``W``; ``H`` ≥ 0 (or signed)."""
+    rng = np.random.default_rng(seed)
+    H = rng.normal(size=(k, d)) if signed else rng.random((k, d)) ** 3
+    W = rng.random((n, k)) * (rng.random((n, k)) < density)
+    X = W @ H + noise * (rng.normal(size=(n, d)) if signed else rng.random((n, d)))
+    return X, W, H
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def in_memory(data):
+    return nmf(data[0], 4, random_state=0)
+
+
+def test_full_batch_nmf_recovers_planted_components(data, in_memory):
+    X, _, H = data
+    cos, _ = matched_cosine(H, in_memory.components)
+    assert cos.min() >= 0.99
+    assert in_memory.params["solver"] == "hals"
+    assert (in_memory.components >= 0).all() and (in_memory.codes >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(in_memory.components, axis=1), 1.0)
+    assert in_memory.metrics["explained_variance"] > 0.9999
+    recon = in_memory.codes @ in_memory.components
+    assert in_memory.metrics["reconstruction_mse"] == pytest.approx(np.mean((X - recon) ** 2), rel=1e-9)
+
+
+def test_torch_hals_follows_scikit_learn_coordinate_descent(data, in_memory):
+    """Same start (NNDSVDa), same update, same stopping rule: same iterations, same factors."""
+    ref = nmf(data[0], 4, random_state=0, solver="sklearn")
+    cos, match = matched_cosine(ref.components, in_memory.components)
+    assert cos.min() > 0.99999
+    assert in_memory.metrics["explained_variance"] == pytest.approx(ref.metrics["explained_variance"], abs=1e-8)
+    assert abs(in_memory.metrics["n_iter"] - ref.metrics["n_iter"]) <= 1
+
+
+def test_out_of_core_minibatch_recovers_planted_and_matches_in_memory(data, in_memory):
+    X, _, H = data
+    A = da.from_array(X, chunks=(500, -1))
+    f = nmf(A, 4, solver="minibatch", max_epochs=30, random_state=0)
+    assert f.params["solver"] == "minibatch" and f.metrics["n_iter"] <= 30
+    assert matched_cosine(H, f.components)[0].min() >= 0.99
+    assert matched_cosine(in_memory.components, f.components)[0].min() >= 0.999
+    assert f.metrics["explained_variance"] == pytest.approx(in_memory.metrics["explained_variance"], abs=1e-4)
+    # lazy codes: same transform, evaluated chunk by chunk on demand
+    lazy = nmf(A, 4, solver="minibatch", max_epochs=30, random_state=0, codes="dask")
+    assert isinstance(lazy.codes, da.Array)
+    np.testing.assert_allclose(lazy.codes.compute(), f.codes, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_activations_run_in_float32_and_random_start_is_seeded():
+    X, _, H = planted(n=1500, seed=1)
+    a = nmf(X.astype(np.float32), 4, init="random", random_state=3, max_iter=600)
+    b = nmf(X.astype(np.float32), 4, init="random", random_state=3, max_iter=600)
+    np.testing.assert_array_equal(a.components, b.components)
+    assert matched_cosine(H, a.components)[0].min() >= 0.99
+
+
+def test_stability_is_one_for_a_well_separated_planted_problem():
+    X, _, _ = planted(n=1500, seed=2)
+    s = stability("nmf", X, 4, seeds=(0, 1, 2), max_iter=600)
+    assert s.pairwise.shape == (3, 3) and s.per_component.shape == (4,)
+    assert s.mean >= 0.999 and s.min >= 0.99
+
+
+def test_negative_layer_names_its_minimum_and_offers_shift_or_semi_nmf():
+    X, _, _ = planted(n=200, seed=3)
+    X[5, 7] = -0.5
+    for A in (X, da.from_array(X, chunks=(50, -1))):
+        for solver in ("hals", "minibatch"):
+            with pytest.raises(ZooauditError, match=r"layer 'mlp.3' has minimum -0.5") as err:
+                nmf(A, 2, solver=solver, name="mlp.3")
+            assert "semi_nmf" in str(err.value) and "Shift" in str(err.value)
+
+
+def test_nan_and_rank_and_device_errors():
+    X, _, _ = planted(n=200, seed=4)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ZooauditError, match=r"'L' contains NaN"):
+        nmf(da.from_array(bad, chunks=(50, -1)), 2, solver="minibatch", name="L")
+    low = np.random.default_rng(0).random((100, 2)) @ np.random.default_rng(1).random((2, 30))
+    with pytest.raises(ZooauditError, match=r"'L'.*numerical rank 2.*k must be ≤ 2"):
+        nmf(low, 3, name="L")
+    with pytest.raises(ZooauditError, match=r"device 'cuda:7' for layer 'L'. Allowed here: cpu"):
+        nmf(X, 2, device="cuda:7", name="L")
+    with pytest.raises(ZooauditError, match="Allowed: auto, hals, minibatch, sklearn"):
+        nmf(X, 2, solver="mu", name="L")
+
+
+def test_semi_nmf_recovers_signed_planted_components():
+    X, _, H = planted(n=2000, d=30, signed=True, density=0.3, noise=1e-2)
+    f = semi_nmf(X, 4, random_state=0)
+    assert f.params["update"] == "mu"
+    assert matched_cosine(H, f.components)[0].min() >= 0.95
+    assert (f.codes >= 0).all() and (f.components < 0).any()
+    assert f.metrics["explained_variance"] > 0.999
+    mb = semi_nmf(da.from_array(X, chunks=(400, -1)), 4, solver="minibatch", random_state=0)
+    assert matched_cosine(H, mb.components)[0].min() >= 0.95
+    assert mb.metrics["explained_variance"] == pytest.approx(f.metrics["explained_variance"], abs=1e-4)
+
+
+def test_dff_heat_maps_are_codes_per_image():
+    rng = np.random.default_rng(6)
+    n, c, h, w, k = 6, 10, 5, 7, 3
+    concepts = rng.random((k, c)) ** 3
+    masks = rng.random((n, k, h, w)) * (rng.random((n, k, h, w)) < 0.4)
+    acts = np.einsum("nkyx,kc->ncyx", masks, concepts)
+    for A in (acts, da.from_array(acts, chunks=(2, -1, -1, -1))):
+        f = dff(A, k, random_state=0, max_iter=1000)
+        assert f.method == "dff" and f.maps.shape == (n, k, h, w)
+        assert f.codes.shape == (n * h * w, k) and f.components.shape == (k, c)
+        i, y, x = 4, 2, 5
+        np.testing.assert_allclose(f.maps[i, :, y, x], f.codes[(i * h + y) * w + x])
+        assert matched_cosine(concepts, f.components)[0].min() >= 0.99
+    ds = f.to_dataset(np.arange(n))
+    assert ds["heatmaps"].dims == ("sample", "component", "y", "x")
+    with pytest.raises(ZooauditError, match=r"\(N, C, H, W\)"):
+        dff(acts[0], 2, name="conv1")
