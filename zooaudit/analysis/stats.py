@@ -73,7 +73,9 @@ def iter_row_blocks(arrays: Sequence) -> Iterator[list[np.ndarray]]:
     for start, stop in _row_bounds(arrays[0]):
         parts = [a[start:stop] for a in arrays]
         if any(hasattr(p, "dask") for p in parts):
-            parts = list(dask.compute(*parts))
+            # Local threads: a block read inside a Dask worker task must not go
+            # back through the distributed scheduler (nested compute can deadlock).
+            parts = list(dask.compute(*parts, scheduler="threads"))
         yield [np.asarray(p, dtype=np.float64).reshape(stop - start, -1) for p in parts]
 
 
