@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .errors import ZooauditError
+from .tokens import TOKEN_POOLINGS, TokenRows, pool_tokens
 
-POOLINGS = ("mean", "flatten", "none")
+POOLINGS = ("mean", "flatten", "none", "cls", "token_mean", "tokens")  # the last three: see zooaudit.tokens
 
 
 class _StopForward(Exception):
@@ -58,14 +59,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pool(t: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool(t: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pool one layer output ``(batch, ...)``.
 
-    ``mean``: spatial mean for ``(b, c, y, x)`` maps, token mean for ``(b, t, d)``;
-    ``flatten``: ``(b, prod(...))``; ``none``: unchanged. 2-D outputs are unchanged.
+    ``mean``: spatial mean for ``(b, c, y, x)`` maps, token mean for ``(b, t, d)`` (mask-aware
+    when the batch has an attention ``mask (b, t)``); ``flatten``: ``(b, prod(...))``;
+    ``none``: unchanged; ``cls`` / ``token_mean`` / ``tokens``: see :mod:`zooaudit.tokens`.
+    2-D outputs are unchanged.
     """
     if pooling not in POOLINGS:
         raise ZooauditError(f"Unknown pooling {pooling!r}. Allowed: {', '.join(POOLINGS)}.")
+    if pooling in TOKEN_POOLINGS or (pooling == "mean" and t.ndim == 3 and mask is not None):
+        return pool_tokens(t, "token_mean" if pooling == "mean" else pooling, mask)
     if t.ndim <= 2 or pooling == "none":
         return t
     if pooling == "flatten":
@@ -96,12 +101,19 @@ def forward_batches(
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Run ``inputs`` ``(n, *input_shape)`` through ``model`` in batches.
 
-    Returns ``({layer: (n, ...) float32}, outputs (n, n_out) float32 or None)``.
+    Returns ``({layer: (n, ...) float32}, outputs (n, n_out) float32 or None)``; an
+    all-tokens layer (pooling ``tokens``) gives a :class:`zooaudit.tokens.TokenRows`.
+
+    A model that owns its preprocessing (a text encoder's tokenizer) has a ``collate``
+    method: a batch of raw inputs → a dict of tensors, passed as keyword arguments; its
+    ``attention_mask`` drives the mask-aware token poolings.
     """
     dev = resolve_device(device)
     model = model.to(dev).eval()
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
+    collate = getattr(model, "collate", None)
+    batch_mask: list = [None]  # the current batch's attention mask, read by the hooks
     wanted = set(layers)
 
     owner = threading.get_ident()
@@ -113,7 +125,8 @@ def forward_batches(
             if threading.get_ident() != owner:
                 return
             # detach + copy: a kept view would pin the whole activation buffer.
-            captured[name] = pool(_first_tensor(out).detach(), pooling).to("cpu", torch.float32).clone()
+            captured[name] = pool(_first_tensor(out).detach(), pooling, batch_mask[0]).to(
+                "cpu", torch.float32).clone()
             if not with_outputs and wanted.issubset(captured):
                 raise _StopForward
         return hook
@@ -124,10 +137,14 @@ def forward_batches(
     try:
         with torch.inference_mode():
             for start in range(0, len(inputs), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])).to(dev)
+                if collate is not None:
+                    batch = {k: v.to(dev) for k, v in collate(inputs[start:start + batch_size]).items()}
+                    batch_mask[0] = batch.get("attention_mask")
+                else:
+                    batch = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])).to(dev)
                 captured.clear()
                 try:
-                    out = model(batch)
+                    out = model(**batch) if isinstance(batch, dict) else model(batch)
                     if with_outputs:
                         outs.append(_first_tensor(out).to("cpu", torch.float32).numpy())
                 except _StopForward:
@@ -137,16 +154,19 @@ def forward_batches(
     finally:
         for h in handles:
             h.remove()
-    result = {name: np.concatenate(chunks) for name, chunks in acts.items()}
+    result = {name: TokenRows.concat(chunks) if chunks and isinstance(chunks[0], TokenRows) else
+              np.concatenate(chunks) for name, chunks in acts.items()}
     return result, (np.concatenate(outs) if with_outputs else None)
 
 
 def layer_shapes(model: torch.nn.Module, input_shape: Iterable[int], layers: Sequence[str],
                  pooling: str) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of each layer after pooling (one dry forward)."""
-    x = np.zeros((1, *input_shape), np.float32)
+    """Per-sample output shape of each layer after pooling (one dry forward); ``(-1, unit)``
+    for an all-tokens layer (a variable number of token rows per sample)."""
+    dummy = getattr(model, "dummy_inputs", None)  # text encoders: a placeholder string, not zeros
+    x = dummy(1) if dummy is not None else np.zeros((1, *input_shape), np.float32)
     acts, _ = forward_batches(model, x, layers, pooling=pooling, batch_size=1, with_outputs=False)
-    return {name: tuple(a.shape[1:]) for name, a in acts.items()}
+    return {name: (-1, a.n_units) if isinstance(a, TokenRows) else tuple(a.shape[1:]) for name, a in acts.items()}
 
 
 def extract(model, dataset, layers, *, pooling="mean", batch_size=256, device="cpu", store_group=None):
@@ -160,7 +180,8 @@ def extract(model, dataset, layers, *, pooling="mean", batch_size=256, device="c
             ``<group>/<layer>`` with dims ``(sample, unit)`` (or spatial dims).
 
     Returns:
-        ``{layer: np.ndarray (n, ...)}``.
+        ``{layer: np.ndarray (n, ...)}``; with ``pooling="tokens"``, token-level layers give
+        :class:`zooaudit.tokens.TokenRows` (``rows (n_tokens, unit)``, ``counts (n,)``).
     """
     module = getattr(model, "module", model)
     names = select_layers(module, layers)
@@ -168,6 +189,14 @@ def extract(model, dataset, layers, *, pooling="mean", batch_size=256, device="c
                               device=device, with_outputs=False)
     if store_group is not None:
         for name, arr in acts.items():
+            if isinstance(arr, TokenRows):  # all tokens: <layer>/{activations (token, unit), token_start, token_count}
+                g = store_group.create_group(name, overwrite=True)
+                g.attrs.update({"storage": "tokens"})
+                g.create_array("activations", data=arr.rows, dimension_names=("token", "unit"))
+                starts = np.concatenate([[0], np.cumsum(arr.counts)[:-1]]).astype(np.int64)
+                g.create_array("token_start", data=starts, dimension_names=("sample",))
+                g.create_array("token_count", data=arr.counts, dimension_names=("sample",))
+                continue
             store_group.create_array(name, data=arr, dimension_names=dims_for(arr.ndim), overwrite=True)
     return acts
 

@@ -4,6 +4,7 @@ Per dataset group ``<ds>``::
 
     <ds>/samples                sample (coord: sample id), label, group attributes
     <ds>/acts/<layer>           activations (sample, unit) | (sample, channel, y, x)
+                                | all tokens: (token, unit) + token_start, token_count (sample,)
     <ds>/outputs                logits (sample, class), prediction (sample)
     <ds>/factors/<layer>/<m>    components (component, unit), codes (sample, component)
     <ds>/similarity/<metric>    (layer_a, layer_b)
@@ -19,7 +20,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .errors import ZooauditError
 from .extract import dims_for
+from .tokens import TokenRows, create_token_array, is_token_shape, write_token_shard
 
 
 def samples_group(ds_key: str) -> str:
@@ -58,11 +61,14 @@ def samples_dataset(dataset) -> xr.Dataset:
 
 
 def create_activation_arrays(store, dataset, ds_key: str, shapes: dict[str, tuple[int, ...]],
-                             n_outputs: int | None, chunk: int) -> None:
+                             n_outputs: int | None, chunk: int, dtype: str = "float32",
+                             token_rows: int = 0) -> None:
     """Create (empty) activation and output arrays plus the samples table.
 
     ``shapes`` maps layer → per-sample shape after pooling. The ``sample``
     coordinate is written in full here; the shards fill the data arrays.
+    A shape ``(-1, unit)`` is an all-tokens layer, laid out as in :mod:`zooaudit.tokens`
+    with ``token_rows`` rows reserved per shard.
     """
     n = len(dataset)
     samples_dataset(dataset).to_zarr(store, group=samples_group(ds_key), mode="w", consolidated=False,
@@ -71,7 +77,10 @@ def create_activation_arrays(store, dataset, ds_key: str, shapes: dict[str, tupl
     for layer, shape in shapes.items():
         g = zarr.open_group(store, path=acts_group(ds_key, layer), mode="w")
         g.attrs.update({"layer": layer})
-        g.create_array("activations", shape=(n, *shape), chunks=(chunk, *shape), dtype="float32",
+        if is_token_shape(shape):
+            create_token_array(g, n, shape[1], -(-n // chunk), token_rows, chunk, dtype, ids)
+            continue
+        g.create_array("activations", shape=(n, *shape), chunks=(chunk, *shape), dtype=dtype,
                        dimension_names=dims_for(1 + len(shape)), fill_value=np.nan)
         g.create_array("sample", data=ids, dimension_names=("sample",))
     if n_outputs is not None:
@@ -87,6 +96,9 @@ def write_shard(store, ds_key: str, start: int, acts: dict[str, np.ndarray],
                 logits: np.ndarray | None) -> None:
     """Write one shard's rows ``[start, start + len)`` of every layer (whole chunks)."""
     for layer, arr in acts.items():
+        if isinstance(arr, TokenRows):
+            write_token_shard(zarr.open_group(store, path=acts_group(ds_key, layer), mode="r+"), start, arr)
+            continue
         zarr.open_array(store, path=f"{acts_group(ds_key, layer)}/activations", mode="r+")[
             start:start + len(arr)] = arr
     if logits is not None:
@@ -96,7 +108,12 @@ def write_shard(store, ds_key: str, start: int, acts: dict[str, np.ndarray],
 
 
 def open_activations(store, ds_key: str, layer: str) -> xr.DataArray:
-    """Lazy ``(sample, ...)`` DataArray of one layer's activations."""
+    """Lazy ``(sample, ...)`` DataArray of one layer's activations (all-tokens layers:
+    :func:`zooaudit.tokens.open_token_activations`)."""
+    if zarr.open_group(store, path=acts_group(ds_key, layer), mode="r").attrs.get("storage") == "tokens":
+        raise ZooauditError(f"Layer {layer!r} of {ds_key!r} is stored as all tokens (token, unit) with per-sample "
+                            "offsets, not (sample, unit); open it with zooaudit.tokens.open_token_activations, "
+                            "or extract it with pooling 'cls' or 'token_mean' for per-sample analyses.")
     ds = xr.open_zarr(store, group=acts_group(ds_key, layer), consolidated=False, zarr_format=3)
     da = ds["activations"]
     da.name = layer

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Pooling = Literal["mean", "flatten", "none"]
+Pooling = Literal["mean", "flatten", "none", "cls", "token_mean", "tokens"]
 
 
 class DatasetSpec(BaseModel):
@@ -29,6 +29,8 @@ class DatasetSpec(BaseModel):
     label_noise: float = Field(0.25, ge=0.0, le=0.5, description="colored-digits only: label flip probability.")
     seed: int = Field(0, description="Seed of the dataset's random draws (noise, colours).")
     max_samples: int | None = Field(None, ge=1, description="Keep only the first N samples (for quick runs).")
+    path: str | None = Field(None, description="File-backed datasets ('text'): the file to read "
+                             "(default: the example shipped with zooaudit).")
 
     @field_validator("name")
     @classmethod
@@ -103,7 +105,9 @@ class RunOptions(BaseModel):
     layers: list[str] | None = Field(
         None, description="Layer module paths or glob patterns; default: the model's own default layers."
     )
-    pooling: Pooling = Field("mean", description="How spatial maps are stored: spatial mean, flatten, or none.")
+    pooling: Pooling = Field("mean", description="How spatial maps are stored: spatial mean, flatten, or none; "
+                             "token outputs: cls, token_mean (mask-aware; 'mean' is the same), or tokens (all "
+                             "tokens, (token, unit) plus per-sample offsets).")
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(256, ge=1, description="Samples per extraction shard = Zarr chunk of the sample dim.")
     device: str = Field("cpu", description="'auto', 'cpu' or 'cuda[:n]'.")

@@ -85,3 +85,4 @@ def load_dataset(spec) -> AuditDataset:
 
 # Register the builtin datasets.
 from . import digits  # noqa: E402,F401
+from . import text  # noqa: E402,F401

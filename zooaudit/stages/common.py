@@ -53,6 +53,14 @@ class ExtractionPlan:
     cache_key: str
     has_groups: bool
     model_info: dict = field(default_factory=dict)
+    dtype: str = "float32"      # stored activations: float32 | float16
+    token_rows: int = 0         # all-tokens layers: token rows reserved per shard (zooaudit.tokens)
+
+    @property
+    def sample_layers(self) -> list[str]:
+        """Layers stored per sample ``(sample, ...)``; all-tokens layers ``(token, unit)`` are left
+        out (the analyses that need one row per sample skip them)."""
+        return [name for name in self.layers if not (len(self.shapes[name]) == 2 and self.shapes[name][0] == -1)]
 
     @property
     def family(self) -> str:

@@ -1,6 +1,7 @@
 """Model sources: a URI scheme per source, resolved to a loaded model.
 
 ``builtin:<name>[@<epoch>]`` — the project's own small digits classifiers.
+``sentence-transformers:<dir-or-package>`` / ``hf:<dir-or-package>`` — local text encoders (:mod:`.hf`).
 The content hash of the weights, not the name, is the model's cache identity.
 """
 
@@ -39,6 +40,9 @@ class LoadedModel:
     # Builds an untrained copy of the architecture (fixed seed): the control
     # that similarity and probe results are reported beside.
     random_init: Callable[[], torch.nn.Module] | None = None
+    # False for encoders (text): forward returns an embedding, not class logits, so no
+    # predictions are stored and prediction-level bias metrics do not apply.
+    has_logits: bool = True
 
     @property
     def key(self) -> str:
@@ -57,9 +61,9 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _sources():
-    from . import builtin
+    from . import builtin, hf
 
-    return {"builtin": builtin.load}
+    return {"builtin": builtin.load, "sentence-transformers": hf.load_sentence_transformers, "hf": hf.load_hf}
 
 
 def resolve_model(uri: str, store) -> LoadedModel:
