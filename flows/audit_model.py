@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from tasks.analysis import bias, factorize, similarity
 from tasks.extract import begin_activations, extract_shard, plan_extraction, publish_activations
 from zooaudit import stages
-from zooaudit.report.summary import bias_table, model_markdown
+from zooaudit.report.summary import bias_table, model_markdown, weat_table
 from zooaudit.specs import AuditModelSpec
 
 from .runners import dask_cluster, task_runner
@@ -66,6 +66,8 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
                              description=f"zooaudit: {spec.model}")
     if rows := bias_table(audit.results):
         create_table_artifact(rows, description=f"zooaudit bias headline: {spec.model}")
+    if rows := weat_table(audit.results):
+        create_table_artifact(rows, description=f"zooaudit WEAT/SEAT (Holm within method × layer): {spec.model}")
     return audit
 
 

@@ -65,6 +65,11 @@ class BiasSpec(BaseModel):
     erasure: bool = Field(True, description="LEACE erasure diagnostic per layer (needs probes).")
     probe_cv: int = Field(5, ge=2, description="Cross-validation folds of the probes.")
     probe_max_samples: int = Field(5000, ge=20, description="Probes and erasure use at most this many samples.")
+    weat_sets: str | None = Field(
+        "example", description="Text encoders: word-set file (YAML/JSON) of WEAT/SEAT tests; 'example' = the set "
+        "shipped with zooaudit; empty/None = no association tests. Ignored for other models.")
+    weat_permutations: int = Field(10_000, ge=1, description="Monte Carlo partitions per WEAT/SEAT test when exact "
+                                   "enumeration is too large.")
 
 
 class SimilaritySpec(BaseModel):

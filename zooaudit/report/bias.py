@@ -41,6 +41,9 @@ def bias_section(open_group, plan, result, base: str, files: dict) -> list[str]:
     """HTML for one model's bias stage on one dataset."""
     out = []
     for attr, s in (result.summary or {}).items():
+        if attr == "weat":  # the association tests of text encoders, not a group attribute
+            out.extend(weat_section(s))
+            continue
         ds = open_group(layout.bias_group(plan.ds_key, attr))
         name = f"{base}-bias-{attr}.png"
         files[name] = bars_png(ds, f"accuracy by {attr} (bootstrap {ds.attrs.get('ci', 0.95):.0%} CI)")
@@ -74,6 +77,18 @@ def bias_section(open_group, plan, result, base: str, files: dict) -> list[str]:
             out.append("<p>LEACE erasure: change in worst-group accuracy of a refit readout:</p>"
                        + _table(["layer", "Δ worst-group accuracy"], [[k, v] for k, v in d.items()]))
     return out
+
+
+def weat_section(rows: list[dict]) -> list[str]:
+    """WEAT/SEAT table: effect size d (ddof 1), one-sided p, Holm-adjusted within (method, layer)."""
+    if not rows:
+        return []
+    return ["<h4>Embedding association tests (WEAT / SEAT)</h4><p>Effect size d (sample std, ddof = 1); "
+            "one-sided partition-test p-value; Holm-adjusted within the tests of one method and layer.</p>"
+            + _table(["method", "layer", "test", "effect size d", "p", "Holm p", "significant", "n per target set"],
+                     [[html.escape(r["method"]), html.escape(r["layer"]), html.escape(r["test"]), r["effect_size"],
+                       r["p_value"], r["p_adjusted"], "<b>yes</b>" if r["significant"] else "no",
+                       str(r["n_targets"])] for r in rows])]
 
 
 def shortcut_sweep_section(audits, files: dict) -> list[str]:

@@ -13,8 +13,12 @@ def _headline(r) -> str:
         ev = s.get("explained_variance", {})
         return ", ".join(f"{k}: {v:.3f}" for k, v in ev.items() if isinstance(v, float))
     if r.stage == "bias":
-        return "; ".join(f"{a}: acc {v['overall_accuracy']:.3f}, worst-group {v['worst_group_accuracy']:.3f} "
-                         f"({v['worst_group']})" for a, v in s.items())
+        parts = [f"{a}: acc {v['overall_accuracy']:.3f}, worst-group {v['worst_group_accuracy']:.3f} "
+                 f"({v['worst_group']})" for a, v in s.items() if a != "weat"]
+        if s.get("weat"):
+            sig = sum(r["significant"] for r in s["weat"])
+            parts.append(f"WEAT/SEAT: {sig} of {len(s['weat'])} tests significant (Holm)")
+        return "; ".join(parts)
     if r.stage == "similarity":
         parts = []
         for metric, v in s.items():
@@ -56,12 +60,20 @@ def bias_table(results) -> list[dict]:
         if r.stage != "bias":
             continue
         for attr, s in (r.summary or {}).items():
+            if attr == "weat":  # association tests: see weat_table
+                continue
             for metric, d in s.get("disparities", {}).items():
                 rows.append({"dataset": r.dataset, "attribute": attr, "overall_accuracy": s["overall_accuracy"],
                              "worst_group_accuracy": s["worst_group_accuracy"], "worst_group": s["worst_group"],
                              "disparity": metric, "difference": d["difference"], "p_adjusted": d["p_adjusted"],
                              "flagged": d["flagged"], "worse_than_previous": metric in s.get("regressions", [])})
     return rows
+
+
+def weat_table(results) -> list[dict]:
+    """WEAT/SEAT rows of text encoders' bias stages (one per dataset × method × layer × test)."""
+    return [{"dataset": r.dataset, **row} for r in results if r.stage == "bias"
+            for row in (r.summary or {}).get("weat", [])]
 
 
 def model_markdown(model: str, results) -> str:
@@ -79,7 +91,7 @@ def zoo_markdown(audits, zoo_results, report: str) -> str:
         done = sum(not r.skipped for r in a.results)
         skip = sum(r.skipped for r in a.results)
         wga = [v["worst_group_accuracy"] for r in a.results if r.stage == "bias" and r.summary
-               for v in r.summary.values()]
+               for k, v in r.summary.items() if k != "weat"]
         lines.append(f"| `{a.model}` | {done} | {skip} | {', '.join(f'{w:.3f}' for w in wga) or '–'} |")
     for z in zoo_results:
         lines += ["", f"**{z.stage}** on `{z.dataset}`: {_status(z)}, snapshot `{z.snapshot[:12]}`"]

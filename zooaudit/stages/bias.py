@@ -8,6 +8,7 @@ Written under ``<ds>/bias/``::
     probes/<attr>          probe accuracy per (layer, probe): activations, shuffled labels,
                            inputs, random-init model
     output_leakage/<attr>  leakage of the attribute from the logits within each true label
+    weat                   text encoders: WEAT/SEAT per (method, layer, test), Holm within (method, layer)
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
 
 Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset).
@@ -26,7 +27,16 @@ from ..data import load_dataset
 from ..extract import forward_batches
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
-from .common import ExtractionPlan, StageResult, _commit_result, _read_session, _repo, load_model, skipped
+from . import weat as weat_stage
+from .common import (
+    ExtractionPlan,
+    StageResult,
+    _commit_result,
+    _read_session,
+    _repo,
+    load_model,
+    skipped,
+)
 
 log = logging.getLogger("zooaudit.stages")
 
@@ -47,11 +57,11 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
     model = load_model(plan.model_uri, plan.store)
     random_acts = {}
     if model.random_init is not None:
-        random_acts, _ = forward_batches(model.random_init(), dataset.inputs[idx], plan.layers, pooling=plan.pooling,
+        random_acts, _ = forward_batches(model.random_init(), dataset.inputs[idx], plan.sample_layers, pooling=plan.pooling,
                                          batch_size=plan.batch_size, with_outputs=False)
     probes, erasures = [], []
     kw = {"cv": bspec["probe_cv"], "random_state": bspec["random_state"]}
-    for layer in plan.layers:
+    for layer in plan.sample_layers:
         acts = np.asarray(layout.as_matrix(layout.open_activations(session.store, plan.ds_key, layer))[idx],
                           dtype=np.float64)
         controls = {"inputs": inputs}
@@ -102,19 +112,23 @@ def regressions(current: xr.Dataset, previous: xr.Dataset) -> list[str]:
 
 
 def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str | None = None) -> StageResult | None:
-    """The bias audit of one model on a dataset with group attributes; one commit."""
-    if not plan.has_groups or plan.n_outputs is None:
+    """The bias audit of one model on a dataset with group attributes (and, for text
+    encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
+    association = weat_stage.applies(plan, bspec)
+    predictions = plan.has_groups and plan.n_outputs is not None
+    if not predictions and not association:
         return None
-    key = cache_key("bias", activations=plan.cache_key, **bspec)
+    key = cache_key("bias", activations=plan.cache_key, **bspec, **weat_stage.key_params(plan, bspec))
     _, _, repo = _repo(plan)
     if (snap := find_commit(repo, key)) is not None:
         return skipped("bias", plan, key, snap)
     session = _read_session(plan, acts_snapshot)
     samples = xr.open_zarr(session.store, group=layout.samples_group(plan.ds_key), consolidated=False).load()
-    outputs = xr.open_zarr(session.store, group=layout.outputs_group(plan.ds_key), consolidated=False).load()
+    outputs = xr.open_zarr(session.store, group=layout.outputs_group(plan.ds_key), consolidated=False).load() \
+        if predictions else None
     groups_out: dict[str, xr.Dataset] = {}
     reports, summary = {}, {}
-    for attr in samples.attrs.get("group_attributes", []):
+    for attr in (samples.attrs.get("group_attributes", []) if predictions else []):
         rep = bias_mod.group_metrics(
             samples["label"].values, outputs["prediction"].values, samples[attr].values,
             n_boot=bspec["n_boot"], random_state=bspec["random_state"], ci=bspec["ci"],
@@ -146,7 +160,7 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
         }
         if "probes" in rep_ds:
             summary[attr]["probe_accuracy"] = {
-                str(p): dict(zip(plan.layers, rep_ds["probes"]["accuracy"].sel(probe=p).values.round(4).tolist()))
+                str(p): dict(zip(plan.sample_layers, rep_ds["probes"]["accuracy"].sel(probe=p).values.round(4).tolist()))
                 for p in rep_ds["probes"]["probe"].values}
             summary[attr]["probe_chance"] = round(float(rep_ds["probes"].attrs.get("chance", np.nan)), 4)
         if "output_leakage" in rep_ds:
@@ -155,7 +169,7 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
                                                if k in ol}
         if "erasure" in rep_ds:
             summary[attr]["erasure_delta_worst_group"] = dict(zip(
-                plan.layers, [round(float(v), 4) for v in
+                plan.sample_layers, [round(float(v), 4) for v in
                               (rep_ds["erasure"]["worst_group_accuracy"].sel(stage="after")
                                - rep_ds["erasure"]["worst_group_accuracy"].sel(stage="before")).values]))
         if worse:
@@ -164,6 +178,9 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
     if reports:
         groups_out[layout.bias_group(plan.ds_key, "adjusted")] = bias_mod.adjust_run(
             reports, method=bspec["correction"], alpha=bspec["alpha"])
+    if association:
+        weat_ds, summary[weat_stage.SUMMARY_KEY] = weat_stage.run_weat(plan, bspec)
+        groups_out[layout.bias_group(plan.ds_key, "weat")] = weat_ds
 
     def write(s):
         for group, ds in groups_out.items():

@@ -8,6 +8,7 @@ from ..extract import select_layers
 from ..specs import AuditModelSpec
 from ..store import Store
 from ..zoo import LoadedModel
+from . import weat as weat_stage
 from .common import load_model
 
 
@@ -24,6 +25,7 @@ def validate_model(spec: AuditModelSpec) -> LoadedModel:
             f"datasets ({names}) has that shape. Allowed: datasets whose samples have shape "
             f"{tuple(model.input_shape)} (builtin digits models: 'digits'; colored models: 'colored-digits')."
         )
+    weat_stage.validate(model, spec.bias.model_dump())  # word sets of text encoders, before any commit
     return model
 
 
