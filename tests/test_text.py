@@ -132,6 +132,14 @@ def test_bad_sources_and_poolings(tmp_path):
         pool(torch.zeros(2, 3), "median")
 
 
+def test_layers_that_never_run(minilm):
+    # encoder.layer is a ModuleList: hookable, but never called itself.
+    with pytest.raises(ZooauditError, match="produced no output"):
+        forward_batches(minilm.module, TEXTS[:2], ["encoder.layer", "encoder.layer.0"], with_outputs=False)
+    shapes = layer_shapes(minilm.module, (), ["encoder.layer", "encoder.layer.0"], "cls", strict=False)
+    assert shapes == {"encoder.layer.0": (384,)}
+
+
 def test_text_dataset_formats(tmp_path):
     (tmp_path / "a.txt").write_text("# comment\nfirst line\n\nsecond line\n")
     d = load_texts(tmp_path / "a.txt")

@@ -59,8 +59,8 @@ def prefect_api():
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store root URL (default $ZOOAUDIT_STORE or ./zooaudit-store)")
-    p.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
-                   help="dataset to audit on (repeatable): digits, colored-digits")
+    p.add_argument("--dataset", action="append", dest="datasets", metavar="NAME[=PATH]",
+                   help="dataset to audit on (repeatable): digits, colored-digits, text[=FILE] (txt/csv/json/yaml)")
     p.add_argument("--layers", nargs="+", help="layer module paths or globs")
     p.add_argument("--max-samples", type=int, help="audit only the first N samples of each dataset")
     p.add_argument("--metric", action="append", dest="metrics", metavar="NAME",
@@ -74,7 +74,8 @@ def _spec_fields(args) -> dict:
     if args.store:
         out["store"] = args.store
     if args.datasets:
-        out["datasets"] = [{"name": n, "max_samples": args.max_samples} for n in args.datasets]
+        out["datasets"] = [{"name": n.partition("=")[0], "path": n.partition("=")[2] or None,
+                            "max_samples": args.max_samples} for n in args.datasets]
     elif args.max_samples:
         out["datasets"] = [{"name": "digits", "max_samples": args.max_samples},
                            {"name": "colored-digits", "max_samples": args.max_samples}]
@@ -158,8 +159,11 @@ def cmd_layers(args) -> int:
 
     model = resolve_model(args.model, Store.open(args.store))
     names = list_layers(model.module)
-    shapes = layer_shapes(model.module, model.input_shape, names, "none")
-    for n in names:
+    # Text encoders: per-sample token counts vary, so token outputs show as (-1, unit).
+    pooling = "tokens" if hasattr(model.module, "collate") else "none"
+    # strict=False: containers (ModuleList) and modules the forward bypasses have no output shape.
+    shapes = layer_shapes(model.module, model.input_shape, names, pooling, strict=False)
+    for n in (n for n in names if n in shapes):
         mark = "*" if n in model.default_layers else " "
         print(f"{mark} {n:12s} {type(dict(model.module.named_modules())[n]).__name__:10s} {shapes[n]}")
     print("(* = audited by default)")

@@ -98,6 +98,7 @@ def forward_batches(
     batch_size: int = 256,
     device: str = "cpu",
     with_outputs: bool = True,
+    strict: bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Run ``inputs`` ``(n, *input_shape)`` through ``model`` in batches.
 
@@ -106,7 +107,8 @@ def forward_batches(
 
     A model that owns its preprocessing (a text encoder's tokenizer) has a ``collate``
     method: a batch of raw inputs → a dict of tensors, passed as keyword arguments; its
-    ``attention_mask`` drives the mask-aware token poolings.
+    ``attention_mask`` drives the mask-aware token poolings. A requested layer that never
+    runs is an error (``strict``) or left out of the result.
     """
     dev = resolve_device(device)
     model = model.to(dev).eval()
@@ -149,23 +151,29 @@ def forward_batches(
                         outs.append(_first_tensor(out).to("cpu", torch.float32).numpy())
                 except _StopForward:
                     pass
+                missing = [name for name in layers if name not in captured]
+                if missing and strict:
+                    raise ZooauditError(f"Layers {missing} produced no output in the forward pass: the model never "
+                                        "calls them (containers such as ModuleList, or modules its forward "
+                                        "bypasses). Pick modules that run, e.g. the items of a ModuleList.")
                 for name in layers:
-                    acts[name].append(captured[name].numpy())
+                    if name in captured:
+                        acts[name].append(captured[name].numpy())
     finally:
         for h in handles:
             h.remove()
-    result = {name: TokenRows.concat(chunks) if chunks and isinstance(chunks[0], TokenRows) else
-              np.concatenate(chunks) for name, chunks in acts.items()}
+    result = {name: TokenRows.concat(chunks) if isinstance(chunks[0], TokenRows) else
+              np.concatenate(chunks) for name, chunks in acts.items() if chunks}
     return result, (np.concatenate(outs) if with_outputs else None)
 
 
 def layer_shapes(model: torch.nn.Module, input_shape: Iterable[int], layers: Sequence[str],
-                 pooling: str) -> dict[str, tuple[int, ...]]:
+                 pooling: str, *, strict: bool = True) -> dict[str, tuple[int, ...]]:
     """Per-sample output shape of each layer after pooling (one dry forward); ``(-1, unit)``
     for an all-tokens layer (a variable number of token rows per sample)."""
     dummy = getattr(model, "dummy_inputs", None)  # text encoders: a placeholder string, not zeros
     x = dummy(1) if dummy is not None else np.zeros((1, *input_shape), np.float32)
-    acts, _ = forward_batches(model, x, layers, pooling=pooling, batch_size=1, with_outputs=False)
+    acts, _ = forward_batches(model, x, layers, pooling=pooling, batch_size=1, with_outputs=False, strict=strict)
     return {name: (-1, a.n_units) if isinstance(a, TokenRows) else tuple(a.shape[1:]) for name, a in acts.items()}
 
 
