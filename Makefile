@@ -28,5 +28,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cka.py
 
+# The local stack (Prefect server + UI, SeaweedFS S3, Dask, deployment runner) on loopback.
+# Options: make up UP_ARGS="--data-dir DIR --prefect-port 4200 --s3-port 8333 ..."
+STACK_DIR ?= .zooaudit-stack
+up: $(STAMP)
+	$(BIN)/zooaudit up --data-dir $(STACK_DIR) $(UP_ARGS)
+
+down:
+	$(BIN)/zooaudit down --data-dir $(STACK_DIR)
+
 clean:
 	rm -rf $(VENV) zooaudit-store

@@ -12,6 +12,14 @@ Commits carry provenance in their metadata (stage, cache key, parameters,
 package versions); :func:`find_commit` finds a stage's cache key on ``main``
 so that reruns skip completed work.
 
+On ``s3://`` the endpoint, region and credentials come from the environment
+(``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``; the flows layer may fill them from a Prefect Secret
+block) and are never written anywhere. Commits to one repository are
+serialized by a lock object written with an S3 conditional put (``If-None-Match``)
+— valid across machines, unlike the ``fcntl`` lock used for ``file://`` — and a
+commit that still meets a conflict is rebased, or retried (see :func:`commit`).
+
 Atomicity of multi-task writes (``zooaudit.stages``): Icechunk cannot fork a
 session with uncommitted changes, so sharded writes go to a staging branch
 (template commit, then the merged forks) and ``main`` is fast-forwarded to the
@@ -24,12 +32,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import platform
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import icechunk
@@ -39,7 +52,10 @@ import zarr
 from .errors import ZooauditError
 from .keys import canonical_json
 
+log = logging.getLogger("zooaudit.store")
+
 DEFAULT_STORE = "./zooaudit-store"
+S3_LOCK_TTL = 300.0   # seconds after which an S3 lock left by a killed process is broken
 SCHEMES = ("file", "s3")
 MAIN = "main"
 
@@ -91,7 +107,7 @@ class Store:
     url: str
 
     @classmethod
-    def open(cls, url: str | None = None) -> "Store":
+    def open(cls, url: str | None = None) -> Store:
         return cls(resolve_store_url(url))
 
     @property
@@ -119,15 +135,15 @@ class Store:
             os.makedirs(path, exist_ok=True)
             return icechunk.local_filesystem_storage(path)
         parsed = urlparse(self.path(*parts))
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        s3 = s3_settings()
         return icechunk.s3_storage(
             bucket=parsed.netloc,
             prefix=parsed.path.strip("/"),
-            region=os.environ.get("AWS_REGION", "us-east-1"),
-            endpoint_url=endpoint,
-            allow_http=bool(endpoint and endpoint.startswith("http://")),
-            force_path_style=bool(endpoint),
-            from_env=True,
+            region=s3["region"],
+            endpoint_url=s3["endpoint"],
+            allow_http=s3["allow_http"],
+            force_path_style=bool(s3["endpoint"]),
+            from_env=True,   # credentials straight from the environment: never in our objects or logs
         )
 
     def repo(self, *parts: str) -> icechunk.Repository:
@@ -149,16 +165,33 @@ class Store:
     def model_repo(self, model_key: str) -> icechunk.Repository:
         return self.repo("models", model_key)
 
+    def existing_repo(self, *parts: str) -> icechunk.Repository:
+        """Open the repository at ``<root>/<parts...>`` for reading; never creates one."""
+        storage = self._storage(*parts)
+        if not icechunk.Repository.exists(storage):
+            known = ", ".join(self.model_keys()) or "none"
+            raise ZooauditError(f"No repository {'/'.join(parts)!r} in store {self.url}. Models in this store: "
+                                f"{known}.")
+        return icechunk.Repository.open(storage)
+
+    def model_keys(self) -> list[str]:
+        """Keys of the model repositories in this store."""
+        folder = self.path("models")
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return []
+
     def zoo_repo(self) -> icechunk.Repository:
         return self.repo("zoo")
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Serialize commits to one repository (local filesystems are not safe for
-        concurrent commits). On S3, Icechunk's conditional writes detect conflicts
-        and :func:`commit` rebases instead."""
+        """Serialize commits to one repository across processes: ``fcntl`` on a local
+        filesystem, a conditionally written lock object on S3 (across machines)."""
         if self.scheme != "file":
-            yield
+            with self._s3_lock(self.path("locks", name.replace("/", "__") + ".lock")):
+                yield
             return
         path = self.path("locks", name.replace("/", "__") + ".lock")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -170,9 +203,67 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+    @contextlib.contextmanager
+    def _s3_lock(self, path: str, timeout: float = 900.0) -> Iterator[None]:
+        """Hold the lock object ``path``: created with ``If-None-Match: *`` (the S3 server
+        refuses a second creator), deleted on release. A lock older than
+        :data:`S3_LOCK_TTL` was left by a killed process and is broken."""
+        fs = self.fs
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode(), mode="create")
+                break
+            except (FileExistsError, OSError) as err:
+                if not _lock_taken(err):
+                    raise
+            fs.invalidate_cache(path)
+            with contextlib.suppress(FileNotFoundError):
+                held = json.loads(fs.cat_file(path))
+                if time.time() - float(held.get("time", 0)) > S3_LOCK_TTL:
+                    log.warning("breaking stale store lock %s (held since %.0fs)", path, time.time() - held["time"])
+                    fs.rm_file(path)
+                    continue
+            if time.monotonic() > deadline:
+                raise ZooauditError(f"Timed out after {timeout:.0f}s waiting for the store lock {path}; if no "
+                                    f"other run is active, delete that object.")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        try:
+            yield
+        finally:
+            fs.invalidate_cache(path)
+            with contextlib.suppress(FileNotFoundError):
+                if json.loads(fs.cat_file(path)).get("owner") == token:
+                    fs.rm_file(path)
+
+
+def _lock_taken(err: OSError) -> bool:
+    """True when a conditional create failed because the object exists (HTTP 412 / 409)."""
+    if isinstance(err, FileExistsError):
+        return True
+    cause = getattr(err, "__cause__", None)
+    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or "pre-condition" in str(err)
+
+
+def s3_settings() -> dict[str, Any]:
+    """Endpoint and region of the S3 store, from the environment (no credentials here)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Plain HTTP only for an explicit http:// endpoint (a local SeaweedFS / MinIO).
+    return {"endpoint": endpoint, "region": region, "allow_http": bool(endpoint and endpoint.startswith("http://"))}
+
+
 def _s3fs_options() -> dict[str, Any]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    s3 = s3_settings()
+    client_kwargs: dict[str, Any] = {"region_name": s3["region"]}
+    if s3["endpoint"]:
+        client_kwargs["endpoint_url"] = s3["endpoint"]
+    return {"client_kwargs": client_kwargs, "config_kwargs": {"s3": {"addressing_style": "path"}}
+            if s3["endpoint"] else {}}
 
 
 # -- commits and cache lookups ---------------------------------------------------
@@ -208,16 +299,34 @@ def commit(
     *,
     message: str,
     metadata: dict[str, Any],
+    attempts: int = 5,
 ) -> str:
     """Open a session on ``main``, let ``write`` fill it, commit it: all or nothing.
 
     If ``write`` raises, nothing is committed. Commits to one repository are
-    serialized (file://) or rebased on conflict (s3://).
+    serialized by :meth:`Store.lock`; a writer that bypassed the lock is still
+    caught by Icechunk's conflict detection: a commit touching other arrays is
+    rebased onto it, one touching the same arrays is retried on the new tip —
+    unless the tip already carries this commit's cache key (another run committed
+    the same result), whose snapshot is then returned. No commit is lost.
     """
-    with store.lock(repo_name):
-        session = repo.writable_session(MAIN)
-        write(session)
-        return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector())
+    key = metadata.get("cache_key")
+    for attempt in range(attempts):
+        with store.lock(repo_name):
+            if attempt and key and (snap := find_commit(repo, key)):
+                log.info("%s: cache key %s was committed by another run meanwhile (snapshot %s)",
+                         repo_name, key, snap)
+                return snap
+            session = repo.writable_session(MAIN)
+            write(session)
+            try:
+                return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector())
+            except (icechunk.ConflictError, icechunk.RebaseFailedError) as err:
+                log.warning("%s: commit %r conflicted with another run (%s); retrying on the new tip",
+                            repo_name, message, type(err).__name__)
+        time.sleep(0.1 * (attempt + 1))
+    raise ZooauditError(f"Could not commit {message!r} to {repo_name!r}: it conflicted with other runs "
+                        f"{attempts} times.")
 
 
 # -- reading -----------------------------------------------------------------------
