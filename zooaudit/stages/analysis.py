@@ -21,7 +21,7 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
     session = _read_session(plan, acts_snapshot)
     results: dict[tuple[str, str], xr.Dataset] = {}
     summary: dict = {}
-    for layer in plan.layers:
+    for layer in plan.sample_layers:
         acts = layout.open_activations(session.store, plan.ds_key, layer)
         A = layout.as_matrix(acts)
         k = min(fspec["k"], *A.shape)

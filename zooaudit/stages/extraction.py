@@ -14,6 +14,7 @@ from ..data import Shard, load_dataset, plan_shards
 from ..errors import ZooauditError
 from ..extract import forward_batches, layer_shapes, select_layers
 from ..keys import cache_key
+from ..tokens import is_token_shape, token_rows_per_shard
 from ..specs import AuditModelSpec, DatasetSpec
 from ..store import MAIN, Store, commit_metadata, find_commit
 from .common import ExtractionPlan, StageResult, _repo, load_model
@@ -33,7 +34,11 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
         return None
     layers = select_layers(model.module, spec.layers or model.default_layers)
     shapes = layer_shapes(model.module, model.input_shape, layers, spec.pooling)
-    n_outputs = int(forward_batches(model.module, dataset.inputs[:1], [], batch_size=1)[1].shape[1])
+    n_outputs = int(forward_batches(model.module, dataset.inputs[:1], [], batch_size=1)[1].shape[1]) \
+        if model.has_logits else None
+    # All-tokens layers: rows reserved per shard (zooaudit.tokens); needs one tokenisation pass.
+    token_rows = token_rows_per_shard(model.module.collate, dataset.inputs, spec.shard_size) \
+        if any(is_token_shape(s) for s in shapes.values()) else 0
     params = {"layers": layers, "pooling": spec.pooling, "shard_size": spec.shard_size, "dtype": "float32"}
     key = cache_key("activations", model=model.content_hash, dataset=dataset.content_hash, **params)
     return ExtractionPlan(
@@ -41,7 +46,7 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
         dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=dataset.content_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
-        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info),
+        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), token_rows=token_rows,
     )
 
 
@@ -72,7 +77,7 @@ def begin_activations(plan: ExtractionPlan):
     repo.create_branch(staging, base)
     session = repo.writable_session(staging)
     layout.create_activation_arrays(session.store, dataset, plan.ds_key, plan.shapes, plan.n_outputs,
-                                    plan.shard_size)
+                                    plan.shard_size, token_rows=plan.token_rows)
     session.commit("activations template", metadata={"stage": "staging", "for": plan.cache_key})
     return repo.writable_session(staging), base
 

@@ -47,7 +47,7 @@ def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dic
         raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy; "
                             "use control='shuffle' or control='none'.")
     inputs = load_dataset(plan.dataset).inputs[idx]
-    acts, _ = forward_batches(model.random_init(), inputs, plan.layers, pooling=plan.pooling,
+    acts, _ = forward_batches(model.random_init(), inputs, plan.sample_layers, pooling=plan.pooling,
                               batch_size=plan.batch_size, device=plan.device, with_outputs=False)
     return ref, {k: _flat(acts[k]).astype(np.float64) for k in layers}, len(idx)
 
@@ -97,14 +97,14 @@ def run_similarity(plan: ExtractionPlan, acts_snapshot: str, sspec: dict, run_id
     if (snap := find_commit(repo, key)) is not None:
         return skipped("similarity", plan, key, snap)
     session = _read_session(plan, acts_snapshot)
-    layers = {l: layout.as_matrix(layout.open_activations(session.store, plan.ds_key, l)) for l in plan.layers}
+    layers = {l: layout.as_matrix(layout.open_activations(session.store, plan.ds_key, l)) for l in plan.sample_layers}
     results = layer_similarity(plan, layers, sspec)
 
     def write(s):
         for metric, ds in results.items():
             write_dataset(s, ds, layout.similarity_group(plan.ds_key, metric))
 
-    summary = {"layers": plan.layers, "control": sspec["control"],
+    summary = {"layers": plan.sample_layers, "control": sspec["control"],
                **{m: {"value": ds["value"].values.round(6).tolist(),
                       **({"control": ds["control"].values.round(6).tolist()} if "control" in ds else {})}
                   for m, ds in results.items()}}

@@ -43,7 +43,7 @@ def _load_layers(plans: list[ExtractionPlan], snapshots: dict[str, str], layers:
     arrays, ids, first = {}, None, None
     for p in plans:
         session = _read_session(p, snapshots[p.model_uri])
-        for layer in (l for l in layers if l in p.layers):
+        for layer in (l for l in layers if l in p.sample_layers):
             acts = layout.open_activations(session.store, p.ds_key, layer)
             sid = acts["sample"].values
             if ids is not None and not np.array_equal(ids, sid):
