@@ -169,3 +169,12 @@ def test_text_dataset_bad_input(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(ZooauditError, match=match):
         load_texts(tmp_path / name)
+
+
+def test_hf_scheme_plain_transformers_folder(minilm):
+    """hf: reads the same folder as plain transformers: mean-pooled, not normalised."""
+    plain = resolve_model(f"hf:{minilm.info['path']}", None)
+    assert plain.info["source"] == "hf" and not plain.info["normalize"]
+    assert plain.content_hash != minilm.content_hash  # same weights, different sentence pooling settings
+    acts, out = forward_batches(plain.module, TEXTS, ["encoder.layer.5"], pooling="token_mean", batch_size=4)
+    np.testing.assert_allclose(out, acts["encoder.layer.5"], atol=1e-6)

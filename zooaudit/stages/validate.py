@@ -23,7 +23,8 @@ def validate_model(spec: AuditModelSpec) -> LoadedModel:
         raise ZooauditError(
             f"Model {spec.model!r} takes inputs of shape {tuple(model.input_shape)}, but none of the requested "
             f"datasets ({names}) has that shape. Allowed: datasets whose samples have shape "
-            f"{tuple(model.input_shape)} (builtin digits models: 'digits'; colored models: 'colored-digits')."
+            f"{tuple(model.input_shape)} (builtin digits models: 'digits'; colored models: 'colored-digits'; "
+            "text encoders, input shape (): 'text')."
         )
     weat_stage.validate(model, spec.bias.model_dump())  # word sets of text encoders, before any commit
     return model
