@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,9 @@ DEFAULT_MAX_LENGTH = 256
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                     "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+# Fast (Rust) tokenizers keep padding/truncation state and raise "Already borrowed" when
+# two threads (the stages of one flow) call the same one at once: tokenise one at a time.
+_TOKENIZE = threading.Lock()
 
 
 class SentencePooling(nn.Module):
@@ -109,7 +113,9 @@ class TextEncoder(nn.Module):
         """Tokenise a batch of strings ``(batch,)`` → tensors ``(batch, token)``, padded to the
         longest text of the batch and truncated at ``max_length`` tokens."""
         texts = [str(t) for t in np.asarray(texts, dtype=object).reshape(-1)]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with _TOKENIZE:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
         keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if self._accepts_token_types else [])
         return {k: enc[k] for k in keys if k in enc}
 
@@ -119,7 +125,8 @@ class TextEncoder(nn.Module):
 
     def content_tokens(self, texts) -> list[list[int]]:
         """Token ids of each text without special tokens (``[]`` = the tokenizer maps it to nothing)."""
-        return self.tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
+        with _TOKENIZE:
+            return self.tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
 
     @property
     def unk_token_id(self) -> int | None:
