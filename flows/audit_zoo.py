@@ -7,16 +7,19 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from tasks.analysis import revision_similarity, zoo_similarity
 from tasks.report import build_report
-from zooaudit import stages
+from zooaudit import stages, versions
 from zooaudit.report.summary import zoo_markdown
 from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
@@ -31,6 +34,19 @@ class ZooAudit:
     report: str
     models: list = field(default_factory=list)
     zoo_results: list = field(default_factory=list)
+
+
+def _run_tag(spec: AuditZooSpec) -> str | None:
+    """The tag of this run: ``spec.tag``, else ``nightly-{date}`` for the nightly deployment;
+    ``{date}`` is the scheduled date in ``$ZOOAUDIT_TIMEZONE`` (default UTC)."""
+    template = spec.tag
+    if template is None and deployment.name == "nightly":
+        template = versions.NIGHTLY_PREFIX + "{date}"
+    if template is None:
+        return None
+    when = flow_run.scheduled_start_time or datetime.now(UTC)
+    when = when.astimezone(ZoneInfo(os.environ.get("ZOOAUDIT_TIMEZONE", "UTC")))
+    return template.replace("{date}", when.date().isoformat())
 
 
 @flow(name="audit-zoo")
@@ -58,6 +74,10 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
     create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
+    if (tag := _run_tag(spec)) is not None:
+        # After every commit of the run: the tag names the version this run produced.
+        tagged = versions.tag_repositories(store, sorted({p.model_key for a in audits for p in a.plans}), tag)
+        logger.info("tagged %d repositories: %s", len(tagged), ", ".join(sorted(set(tagged.values()))))
     logger.info("report: %s", report)
     return ZooAudit(run_id=run_id or "", report=report, models=audits, zoo_results=zoo_results)
 

@@ -110,6 +110,8 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
         fields["models"] = args.models
     if getattr(args, "compare_layers", None):
         fields["compare_layers"] = args.compare_layers
+    if getattr(args, "tag", None):
+        fields["tag"] = args.tag
     if getattr(args, "metrics", None):
         fields["similarity"] = {"metrics": args.metrics}
     spec = AuditZooSpec(**fields)
@@ -170,6 +172,30 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def cmd_versions(args) -> int:
+    """``history`` / ``diff`` / ``show``: read versions of a model's repository."""
+    from . import versions
+    from .store import Store, open_group
+
+    store = Store.open(args.store)
+    _, repo = versions.model_repository(store, args.model)
+    if args.command == "history":
+        print(versions.format_history(versions.history(repo, args.at, results_only=not args.all)))
+    elif args.command == "diff":
+        print(versions.format_diff(versions.diff_versions(repo, args.a, args.b), args.a, args.b))
+    elif args.group:
+        snapshot = versions.resolve_version(repo, args.at)
+        try:
+            ds = open_group(repo, args.group, snapshot=snapshot)
+            print(ds.load(scheduler="synchronous") if ds.nbytes < 1_000_000 else ds)   # values when small
+        except (FileNotFoundError, KeyError) as err:
+            raise ZooauditError(f"No group {args.group!r} at version {args.at or 'main'} ({snapshot}).") from err
+    else:
+        print(f"{args.model} at {args.at or 'main'} ({versions.resolve_version(repo, args.at)})")
+        print(versions.format_stages(versions.stages_at(repo, args.at)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zooaudit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,12 +206,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", help="model URIs (default: the builtin zoo)")
     p.add_argument("--compare-layer", action="append", dest="compare_layers", metavar="LAYER",
                    help="layer compared across models and revisions (repeatable; default: embed)")
+    p.add_argument("--tag", help="tag the version of every audited repository, e.g. 'nightly-{date}'")
     p = sub.add_parser("audit-model", help="audit one model")
     p.add_argument("model")
     _options(p)
     p = sub.add_parser("layers", help="list a model's layers with output shapes")
     p.add_argument("model")
     p.add_argument("--store")
+    p = sub.add_parser("history", help="list the versions of a model's results (tag, snapshot, time, cache key)")
+    p.add_argument("model", help="model URI or key, or 'zoo'")
+    p.add_argument("--store")
+    p.add_argument("--at", help="list the history up to this tag or snapshot (default: main)")
+    p.add_argument("--all", action="store_true", help="include internal commits (extraction template, shards)")
+    p = sub.add_parser("diff", help="what changed between two versions: stages, headline metrics, arrays")
+    p.add_argument("model", help="model URI or key, or 'zoo'")
+    p.add_argument("a", help="tag, branch or snapshot id")
+    p.add_argument("b", help="tag, branch or snapshot id")
+    p.add_argument("--store")
+    p = sub.add_parser("show", help="the results of a model as of a version, or one group read at it")
+    p.add_argument("model", help="model URI or key, or 'zoo'")
+    p.add_argument("--store")
+    p.add_argument("--at", help="tag, branch or snapshot id (default: main)")
+    p.add_argument("--group", help="print this group read with xarray (e.g. digits-<hash>/acts/embed)")
+    from . import stack
+
+    p = sub.add_parser("up", help="start the local stack: Prefect server + UI, S3, Dask, deployment runner")
+    stack.add_arguments(p, for_up=True)
+    p = sub.add_parser("down", help="stop the local stack started by 'zooaudit up'")
+    stack.add_arguments(p, for_up=False)
     return parser
 
 
@@ -199,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_audit_zoo(args, demo=args.command == "demo")
         if args.command == "audit-model":
             return cmd_audit_model(args)
+        if args.command in ("history", "diff", "show"):
+            return cmd_versions(args)
+        if args.command in ("up", "down"):
+            from . import stack
+
+            return stack.cmd_up(args) if args.command == "up" else stack.cmd_down(args)
         return cmd_layers(args)
     except ZooauditError as err:
         print(f"zooaudit: error: {err}", file=sys.stderr)

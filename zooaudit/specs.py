@@ -149,7 +149,23 @@ class AuditZooSpec(RunOptions):
     )
     compare_layers: list[str] = Field(
         ["embed"], description="Layers compared across models and across revisions (model × model matrices).")
+    tag: str | None = Field(
+        None, description="Tag this version of every audited repository after the run; '{date}' becomes the "
+        "run's scheduled date (YYYY-MM-DD). Runs of the nightly deployment are tagged 'nightly-{date}' "
+        "by default. Letters, digits, '.', '_' and '-' only.")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .versions import validate_tag
+
+            try:
+                validate_tag(v.replace("{date}", "2000-01-01"))
+            except Exception as err:  # noqa: BLE001 — re-raised as the form's validation message
+                raise ValueError(str(err)) from None
+        return v
 
     def model_spec(self, model: str) -> AuditModelSpec:
-        fields = self.model_dump(exclude={"models", "compare_layers"})
+        fields = self.model_dump(exclude={"models", "compare_layers", "tag"})
         return AuditModelSpec(model=model, **fields)

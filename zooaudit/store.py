@@ -167,12 +167,12 @@ class Store:
 
     def existing_repo(self, *parts: str) -> icechunk.Repository:
         """Open the repository at ``<root>/<parts...>`` for reading; never creates one."""
-        storage = self._storage(*parts)
-        if not icechunk.Repository.exists(storage):
+        missing = self.scheme == "file" and not os.path.isdir(self.path(*parts))   # _storage would mkdir it
+        if missing or not icechunk.Repository.exists(self._storage(*parts)):
             known = ", ".join(self.model_keys()) or "none"
             raise ZooauditError(f"No repository {'/'.join(parts)!r} in store {self.url}. Models in this store: "
                                 f"{known}.")
-        return icechunk.Repository.open(storage)
+        return icechunk.Repository.open(self._storage(*parts))
 
     def model_keys(self) -> list[str]:
         """Keys of the model repositories in this store."""
