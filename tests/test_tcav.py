@@ -66,3 +66,22 @@ def test_bad_input():
         layer_gradients(model, np.zeros((2, 4), np.float32), "nope", target=0)
     with pytest.raises(ZooauditError, match="out of range"):
         layer_gradients(model, np.zeros((2, 4), np.float32), "0", target=5)
+
+
+def test_colour_concept_drives_the_shortcut_model(shared_store):
+    """The colored-digits CNN learnt colour as a shortcut for its label (colour = label 90% of the
+    time in training): the concept 'green' raises the logit of class 1 (green's label), 'red' does not."""
+    from zooaudit.analysis.tcav import concept_sensitivity
+    from zooaudit.data import load_dataset
+    from zooaudit.store import Store
+    from zooaudit.zoo import resolve_model
+
+    model = resolve_model("builtin:cnn-colored-w16-s0", Store(shared_store)).module
+    data = load_dataset({"name": "colored-digits", "color_flip": 0.5})
+    colour, x = data.groups["colour"], data.inputs
+    class1 = x[data.labels == 1][:100]
+    kw = {"n_random": 10, "random_size": 40, "random_state": 0}
+    green = concept_sensitivity(model, "embed", class1, 1, x[colour == 1][:40], x, **kw)
+    red = concept_sensitivity(model, "embed", class1, 1, x[colour == 0][:40], x, **kw)
+    assert green.score > 0.8 and green.significant
+    assert red.score < 0.2 and red.significant

@@ -105,7 +105,12 @@ def tcav(gradients, concept, random_sets, *, alpha: float = 0.05, random_state: 
     if np.ptp(np.r_[scores, null]) == 0:
         p = 1.0  # identical constant score lists: no evidence either way (the t statistic is undefined)
     else:
-        p = float(stats.ttest_ind(scores, null, equal_var=False).pvalue)
+        import warnings
+
+        with warnings.catch_warnings():
+            # A list of identical scores (e.g. every CAV gives 1.0) is legitimate; scipy warns about it.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_ind(scores, null, equal_var=False).pvalue)
         p = 0.0 if np.isnan(p) else p  # both lists constant but different: perfectly separated
     return TcavResult(score=float(scores.mean()), scores=scores, random_scores=null, p_value=p,
                       significant=bool(p < alpha), cav_accuracy=np.array([a for _, a in cavs]))
@@ -147,4 +152,35 @@ def layer_gradients(model, inputs, layer: str, target: int, *, batch_size: int =
     return np.concatenate(rows)
 
 
-__all__ = ["TcavResult", "concept_activation_vector", "layer_gradients", "tcav", "tcav_score"]
+def concept_sensitivity(module, layer: str, class_inputs, target: int, concept_inputs, random_pool, *,
+                        n_random: int = 20, random_size: int | None = None, alpha: float = 0.05,
+                        random_state: int = 0, batch_size: int = 256) -> TcavResult:
+    """TCAV of a named concept, given as example inputs, for class ``target`` of a model.
+
+    Args:
+        module: the ``torch.nn.Module`` (a classifier: its output is ``(n, n_classes)`` logits).
+        layer: module path whose output the CAVs live in (flattened per sample).
+        class_inputs: ``(n, *input_shape)`` inputs of class ``target`` (the sensitivities).
+        concept_inputs: ``(n_c, *input_shape)`` examples of the concept.
+        random_pool: ``(m, *input_shape)`` inputs the ``n_random`` random concepts are drawn
+            from (each ``random_size`` samples without replacement; default ``n_c``).
+    """
+    from ..extract import forward_batches
+
+    size = int(random_size or len(concept_inputs))
+    if size > len(random_pool):
+        raise ZooauditError(f"random_pool has {len(random_pool)} inputs; each random concept needs {size}.")
+    rng = np.random.default_rng(random_state)
+    draws = [rng.choice(len(random_pool), size, replace=False) for _ in range(n_random)]
+
+    def acts(x):
+        return forward_batches(module, x, [layer], pooling="flatten", batch_size=batch_size,
+                               with_outputs=False)[0][layer]
+
+    pool_acts = acts(random_pool)
+    grads = layer_gradients(module, class_inputs, layer, target, batch_size=batch_size)
+    return tcav(grads, acts(concept_inputs), [pool_acts[i] for i in draws], alpha=alpha, random_state=random_state)
+
+
+__all__ = ["TcavResult", "concept_activation_vector", "concept_sensitivity", "layer_gradients", "tcav",
+           "tcav_score"]
