@@ -19,6 +19,7 @@ from tasks.extract import begin_activations, extract_shard, plan_extraction, pub
 from zooaudit import stages
 from zooaudit.report.summary import bias_table, model_markdown, weat_table
 from zooaudit.specs import AuditModelSpec
+from zooaudit.store import Store
 
 from .runners import dask_cluster, task_runner
 
@@ -50,7 +51,11 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
         if plan is None:
             logger.info("%s does not take %s inputs; not audited on it", spec.model, ds_spec.name)
             continue
-        acts = _activations(plan, run_id, spec.model_dump(mode="json"))
+        # One extraction per (model, plan) at a time, across processes and machines: a second
+        # run of the same audit waits here, then finds the committed activations (cache hit).
+        # Runs on other models take other locks and never wait.
+        with Store(plan.store).lock(f"extract-{plan.model_key}-{plan.cache_key}"):
+            acts = _activations(plan, run_id, spec.model_dump(mode="json"))
         logger.info("activations %s: %s", "skipped (cached)" if acts.skipped else "committed", acts.snapshot)
         futures = [
             factorize.submit(plan, acts.snapshot, spec.factorize.model_dump(), run_id),

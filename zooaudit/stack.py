@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ipaddress
 import json
 import os
@@ -269,7 +270,7 @@ def _start_s3(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
     argv = [_weed_binary(), "server", f"-dir={data}", f"-ip={cfg.host}", f"-ip.bind={cfg.host}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}", "-master.volumeSizeLimitMB=256",
             "-master.telemetry=false", f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-            "-volume.max=100", "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+            "-volume.max=100", "-volume.preStopSeconds=0", "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={cfg.s3_port}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={s3_config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false"]
     proc = _spawn(cfg, "seaweedfs", argv, {}, state)
@@ -428,10 +429,11 @@ def down(data_dir: str) -> list[str]:
         while time.monotonic() < deadline and _group_members(pgid):
             time.sleep(0.2)
         if _group_members(pgid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_deadline = time.monotonic() + 10
+            while _group_members(pgid) and time.monotonic() < kill_deadline:
+                time.sleep(0.1)
     state_path.unlink()
     return stopped
 

@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -231,9 +232,22 @@ class Store:
                                     f"other run is active, delete that object.")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+        # Heartbeat: a lock held longer than the TTL (a long extraction) is refreshed,
+        # so only a lock whose holder died goes stale.
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(S3_LOCK_TTL / 4):
+                with contextlib.suppress(Exception):
+                    fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode())
+
+        heart = threading.Thread(target=beat, name="zooaudit-lock-heartbeat", daemon=True)
+        heart.start()
         try:
             yield
         finally:
+            done.set()
+            heart.join()
             fs.invalidate_cache(path)
             with contextlib.suppress(FileNotFoundError):
                 if json.loads(fs.cat_file(path)).get("owner") == token:
