@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from zooaudit.analysis.factorize import eigencam, k_sweep, matched_cosine, nmf, pca, stability
+from zooaudit.analysis.factorize import (
+    eigencam,
+    k_sweep,
+    matched_cosine,
+    nmf,
+    pca,
+    stability,
+)
 from zooaudit.analysis.quality import QualityAccumulator
 from zooaudit.errors import ZooauditError
 

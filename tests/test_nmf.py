@@ -42,7 +42,7 @@ def test_full_batch_nmf_recovers_planted_components(data, in_memory):
 def test_torch_hals_follows_scikit_learn_coordinate_descent(data, in_memory):
     """Same start (NNDSVDa), same update, same stopping rule: same iterations, same factors."""
     ref = nmf(data[0], 4, random_state=0, solver="sklearn")
-    cos, match = matched_cosine(ref.components, in_memory.components)
+    cos, _match = matched_cosine(ref.components, in_memory.components)
     assert cos.min() > 0.99999
     assert in_memory.metrics["explained_variance"] == pytest.approx(ref.metrics["explained_variance"], abs=1e-8)
     assert abs(in_memory.metrics["n_iter"] - ref.metrics["n_iter"]) <= 1

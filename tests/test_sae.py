@@ -35,7 +35,7 @@ def test_training_reduces_reconstruction_error_and_codes_are_topk(data):
 
 def test_fixed_seed_is_bitwise_reproducible_on_cpu(data):
     X, _ = data
-    kw = dict(topk=4, epochs=3, batch_size=256, random_state=7)
+    kw = {"topk": 4, "epochs": 3, "batch_size": 256, "random_state": 7}
     a, b = sae(X, 24, **kw), sae(X, 24, **kw)
     np.testing.assert_array_equal(a.components, b.components)
     np.testing.assert_array_equal(a.codes, b.codes)
@@ -53,10 +53,10 @@ def test_streams_dask_chunks_and_returns_lazy_codes(data):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(topk=40), "topk=40 exceeds k_latents=32"),
-    (dict(epochs=-1), "epochs=-1"),
-    (dict(lr=0), "lr=0"),
-    (dict(device="tpu"), "Allowed here: cpu"),
+    ({"topk": 40}, "topk=40 exceeds k_latents=32"),
+    ({"epochs": -1}, "epochs=-1"),
+    ({"lr": 0}, "lr=0"),
+    ({"device": "tpu"}, "Allowed here: cpu"),
 ])
 def test_bad_settings_are_clear_errors(data, kw, match):
     with pytest.raises(ZooauditError, match=match):

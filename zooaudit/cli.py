@@ -67,6 +67,13 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help="similarity metric (repeatable; default: linear_cka)")
     p.add_argument("--threads", action="store_true", help="run tasks on threads instead of a local Dask cluster")
     p.add_argument("--dask-address", help="existing Dask scheduler address")
+    p.add_argument("--pooling", choices=["mean", "flatten", "none", "cls", "token_mean", "tokens"],
+                   help="how spatial maps are stored; 'none' keeps (channel, y, x) maps for concept heat maps; "
+                   "token outputs: cls, token_mean, or tokens (all tokens + per-sample offsets)")
+    p.add_argument("--factorize", action="append", dest="factorize_methods", metavar="METHOD",
+                   help="factorization method (repeatable): pca, nmf, semi_nmf, sae, eigencam (default: pca, nmf)")
+    p.add_argument("--k", type=int, help="components per layer (default 8)")
+    p.add_argument("--k-sweep", type=int, nargs="+", help="also fit these k and plot the quality curve")
 
 
 def _spec_fields(args) -> dict:
@@ -85,6 +92,13 @@ def _spec_fields(args) -> dict:
         out["task_runner"] = "threads"
     if args.dask_address:
         out["dask_address"] = args.dask_address
+    if getattr(args, "pooling", None):
+        out["pooling"] = args.pooling
+    fact = {key: value for key, value in (("methods", getattr(args, "factorize_methods", None)),
+                                          ("k", getattr(args, "k", None)), ("k_sweep", getattr(args, "k_sweep", None)))
+            if value}
+    if fact:
+        out["factorize"] = fact
     return out
 
 

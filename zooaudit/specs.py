@@ -43,12 +43,35 @@ class DatasetSpec(BaseModel):
 
 
 class FactorizeSpec(BaseModel):
+    """Factorization per layer; spatial maps (pooling 'none') use positions as samples (DFF)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(8, ge=1, le=256, description="Number of components per layer.")
-    methods: list[Literal["pca", "nmf"]] = Field(["pca", "nmf"], description="NMF runs on non-negative layers only.")
-    max_iter: int = Field(400, ge=10, description="NMF iteration budget.")
+    k: int = Field(8, ge=1, le=256, description="Number of components per layer (SAE: see sae_latents).")
+    methods: list[Literal["pca", "nmf", "semi_nmf", "sae", "eigencam"]] = Field(
+        ["pca", "nmf"], description="pca, nmf (non-negative layers), semi_nmf (signed layers), sae (TopK), "
+        "eigencam (per-image maps of spatial layers only).")
+    on_negative: Literal["skip", "error", "shift", "semi_nmf"] = Field(
+        "skip", description="NMF on a layer with negative values: skip it (reason recorded), fail, subtract the "
+        "layer minimum, or run semi-NMF instead.")
+    k_above_features: Literal["clip", "error"] = Field(
+        "clip", description="A layer with fewer features than k: use k = features (recorded) or fail.")
+    k_sweep: list[int] = Field([], description="Also fit these k and store the quality curve (empty = no sweep).")
+    seeds: list[int] = Field([0, 1, 2], description="Refit with these seeds for seed stability (Hungarian-matched "
+                             "cosine); fewer than 2 distinct seeds = off.")
+    top_n: int = Field(8, ge=1, le=64, description="Top-activating samples stored per component.")
+    max_iter: int = Field(400, ge=10, description="NMF / semi-NMF iteration budget.")
+    sae_latents: int | None = Field(None, ge=1, description="SAE dictionary size (default 4·k).")
+    sae_topk: int = Field(4, ge=1, description="Active SAE latents per sample.")
+    sae_epochs: int = Field(10, ge=1, description="SAE training epochs.")
     random_state: int = 0
+
+    @field_validator("k_sweep")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"k_sweep must list distinct positive integers; got {v}")
+        return sorted(v)
 
 
 class BiasSpec(BaseModel):

@@ -17,8 +17,9 @@ reader that keeps the stored dtype (float32 stays float32 on the way to torch).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def row_bounds(A) -> list[tuple[int, int]]:
     chunks = getattr(A, "chunks", None)
     if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], tuple):
         edges = np.cumsum([0, *chunks[0]])
-        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
     n = A.shape[0]
     return [(s, min(s + ROW_BLOCK, n)) for s in range(0, n, ROW_BLOCK)]
 

@@ -21,13 +21,38 @@ import warnings
 import numpy as np
 
 from ..errors import ZooauditError
-from .eigencam import (as_matrix, check_k, check_rank, eigencam, iter_blocks, load_rows, row_bounds,  # noqa: F401
-                       top_eigenpairs)
-from .nmf import (cpu_threads, fit_full, fit_minibatch, nndsvd_start, random_start, resolve_device, scan,
-                  solve_codes, to_tensor, torch_dtype)
-from .quality import Factorization, Stability, explained_variance, k_sweep, matched_cosine, stability  # noqa: F401
+from .eigencam import (
+    as_matrix,
+    check_k,
+    check_rank,
+    eigencam,
+    iter_blocks,
+    load_rows,
+    row_bounds,
+    top_eigenpairs,
+)
+from .nmf import (
+    cpu_threads,
+    fit_full,
+    fit_minibatch,
+    nndsvd_start,
+    random_start,
+    resolve_device,
+    scan,
+    solve_codes,
+    to_tensor,
+    torch_dtype,
+)
+from .quality import (
+    Factorization,
+    Stability,
+    explained_variance,
+    k_sweep,
+    matched_cosine,
+    stability,
+)
 from .quality import finish as _finish
-from .sae import sae  # noqa: F401
+from .sae import sae
 
 __all__ = ["Factorization", "Stability", "dff", "eigencam", "explained_variance", "is_nonnegative", "k_sweep",
            "matched_cosine", "nmf", "pca", "sae", "semi_nmf", "stability"]

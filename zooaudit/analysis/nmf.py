@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from ..errors import ZooauditError
-from .eigencam import Scan, check_rank, finish_scan, iter_blocks, load_rows, row_bounds, top_eigenpairs
+from .eigencam import (
+    Scan,
+    check_rank,
+    finish_scan,
+    iter_blocks,
+    load_rows,
+    row_bounds,
+    top_eigenpairs,
+)
 
 NNDSVD_EPS = 1e-6  # scikit-learn zeroes NNDSVD entries below this before filling
 
@@ -86,13 +94,19 @@ def _solve_sym(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(S, hermitian=True) @ G
 
 
+def _codes_rhs(x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``H xᵀ (k, b)``, contiguous. Computed as ``(x Hᵀ)ᵀ``: with row-major ``x (b, D)`` that
+    product is ~1.5× faster on the CPU than ``H @ x.T`` (which multiplies by a transposed view)."""
+    return (x @ H.T).T.contiguous()
+
+
 def solve_codes(x: torch.Tensor, H: torch.Tensor, *, max_iter: int, tol: float = 0.0) -> torch.Tensor:
     """Codes ``Wt (k, b) ≥ 0`` of a block ``x (b, D)`` for fixed ``H (k, D)`` (any sign).
 
     Starts from the clipped least-squares solution and runs HALS sweeps until the
     violation falls to ``tol`` of the first sweep's (or ``max_iter`` sweeps).
     """
-    P = H @ x.T
+    P = _codes_rhs(x, H)
     Q = H @ H.T
     Wt = _solve_sym(Q, P).clamp_(min=0)
     v0 = None
@@ -118,7 +132,7 @@ def fit_full(X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, *, max_iter: in
     if not signed:
         v0 = None
         for it in range(1, max_iter + 1):
-            v = hals_rows(Wt, H @ X.T, H @ H.T)
+            v = hals_rows(Wt, _codes_rhs(X, H), H @ H.T)
             v += hals_rows(H, Wt @ X, Wt @ Wt.T)
             v0 = float(v) if v0 is None else v0
             if v0 == 0 or float(v) <= tol * v0:

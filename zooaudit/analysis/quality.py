@@ -22,9 +22,9 @@ refit the method and are computed on request only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Sequence
 
 import numpy as np
 import xarray as xr
@@ -226,8 +226,9 @@ class Stability:
     Attributes:
         seeds: the seeds, in order.
         pairwise: ``(S, S)`` mean Hungarian-matched cosine per pair of seeds (1 on the diagonal).
-        per_component: ``(k,)`` for each component of the first seed's fit, its matched
-            cosine averaged over the other seeds.
+        per_component: ``(k,)`` for each component of the first seed's fit (or of the
+            ``reference`` passed to :func:`stability`), its matched cosine averaged over the
+            other seeds (all seeds for a reference).
         mean / min: mean and minimum of the off-diagonal ``pairwise`` entries.
     """
 
@@ -249,7 +250,7 @@ def _fit(method: str, A, k: int, seed: int, name: str, options: dict) -> Factori
 
 
 def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name: str = "A",
-              **options) -> Stability:
+              reference: np.ndarray | None = None, **options) -> Stability:
     """Fit ``method`` once per seed and compare the component sets pairwise.
 
     Components are matched one-to-one by the Hungarian algorithm on their cosines
@@ -259,6 +260,9 @@ def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name:
 
     Args:
         A: ``(N, D)`` NumPy or Dask. ``seeds``: at least two distinct ints.
+        reference: optional ``(k, D)`` components of a fit kept elsewhere (e.g. the stored
+            one); ``per_component`` is then each reference row's matched cosine averaged
+            over all the seeds' fits, so it lines up with the stored components.
         options: passed to the method (``max_iter``, ``solver``, ``epochs`` ...).
     """
     seeds = tuple(int(s) for s in seeds)
@@ -275,6 +279,8 @@ def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name:
         pairwise[i, j] = pairwise[j, i] = float(cos.mean())
         if i == 0:
             per[j - 1] = cos
+    if reference is not None:
+        per = np.stack([matched_cosine(reference, c)[0] for c in comps])
     off = pairwise[~np.eye(n, dtype=bool)]
     return Stability(seeds, pairwise, per.mean(axis=0), float(off.mean()), float(off.min()))
 

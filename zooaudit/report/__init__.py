@@ -18,7 +18,8 @@ from ..errors import ZooauditError  # noqa: E402
 from ..keys import slug_key  # noqa: E402
 from ..store import Store  # noqa: E402
 from .bias import bias_section, shortcut_sweep_section  # noqa: E402
-from .figures import curves_png, heatmap_png, trend_png  # noqa: E402
+from .factorize import factorize_section  # noqa: E402
+from .figures import heatmap_png, trend_png  # noqa: E402
 
 
 def _open(repo, snapshot, group):
@@ -97,21 +98,8 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
             if "similarity" in res:
                 body.extend(_layer_similarity_section(repo, plan, res["similarity"], base, audit.model, files))
             if "factorize" in res:
-                curves = {}
-                for layer in plan.layers:
-                    try:
-                        ds = _open(repo, res["factorize"].snapshot, layout.factors_group(plan.ds_key, layer, "pca"))
-                        curves[layer] = ds["explained_variance_curve"].values
-                    except (KeyError, FileNotFoundError):
-                        continue
-                if curves:
-                    files[f"{base}-pca.png"] = curves_png(curves, f"PCA explained variance — {audit.model}")
-                    body.append(f"<img src='{base}-pca.png'>")
-                ev = res["factorize"].summary.get("explained_variance", {}) if res["factorize"].summary else {}
-                if ev:
-                    body.append("<table><tr><th>layer/method</th><th>explained variance (k)</th></tr>" + "".join(
-                        f"<tr><td>{html.escape(k)}</td><td>{v if isinstance(v, str) else f'{v:.4f}'}</td></tr>"
-                        for k, v in ev.items()) + "</table>")
+                body.extend(factorize_section(lambda g, _s=res["factorize"].snapshot, _r=repo: _open(_r, _s, g), plan,
+                                              res["factorize"], base, audit.model, files))
             if "bias" in res:
                 body.extend(bias_section(lambda g, _s=res["bias"].snapshot: _open(repo, _s, g), plan, res["bias"],
                                          base, files))
