@@ -12,13 +12,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 @contextlib.contextmanager
 def dask_cluster(options) -> Iterator[str | None]:
-    """Yield a scheduler address: ``options.dask_address``, or a LocalCluster we start
+    """Yield a scheduler address: ``options.dask_address``, else ``$ZOOAUDIT_DASK_ADDRESS`` (set by
+    ``zooaudit up`` for the runner it starts), or a LocalCluster we start
     (worker processes) and close afterwards; None when tasks run on threads."""
     if options.task_runner != "dask":
         yield None
         return
-    if options.dask_address:
-        yield options.dask_address
+    if address := options.dask_address or os.environ.get("ZOOAUDIT_DASK_ADDRESS"):
+        yield address
         return
     from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL

@@ -21,9 +21,9 @@ def shared_store(tmp_path_factory):
 def local_stack(tmp_path_factory):
     """The real local stack (``zooaudit up``): Prefect server + UI, SeaweedFS S3, a Dask scheduler
     with 2 workers and the deployment runner, on free loopback ports; one per test session,
-    stopped at the end (nothing left running). ``os.environ`` holds its environment meanwhile
-    (PREFECT_API_URL, ZOOAUDIT_STORE=s3://…, AWS_*, ZOOAUDIT_DASK_ADDRESS). Yields a
-    ``zooaudit.stack.Stack``."""
+    stopped at the end (nothing left running). ``os.environ`` holds its PREFECT_API_URL and AWS_*
+    settings meanwhile; ``stack.env`` the full environment (ZOOAUDIT_STORE=s3://…,
+    ZOOAUDIT_DASK_ADDRESS). Yields a ``zooaudit.stack.Stack``."""
     from stack import running_stack
 
     with running_stack(tmp_path_factory.mktemp("stack"), runner=True) as st:

@@ -7,9 +7,10 @@
         with running_stack(tmp_path_factory.mktemp("stack"), runner=False) as st:
             yield st
 
-While the context is open, ``os.environ`` holds the stack's environment
-(PREFECT_API_URL, ZOOAUDIT_STORE, AWS_*, ZOOAUDIT_DASK_ADDRESS), so flows run
-in the test process report to the stack's Prefect server and write to its S3.
+While the context is open, ``os.environ`` holds the stack's PREFECT_API_URL and
+AWS_* settings, so flows run in the test process report to the stack's Prefect
+server and can use its S3 (pass ``stack.config.store_url`` / ``dask_address``
+explicitly; ``stack.env`` has the full environment for subprocesses).
 On exit every process the stack started is stopped and the environment restored;
 the helper asserts that nothing is left running.
 """
@@ -54,8 +55,11 @@ def running_stack(data_dir, *, runner: bool = True, dask_workers: int = 2) -> It
     cfg = StackConfig(data_dir=str(data_dir), prefect_port=base, s3_port=base + 1, dask_port=base + 2,
                       weed_port=base + 3, dask_workers=dask_workers, runner=runner, timeout=240)
     stack = up(cfg)
-    saved = {k: os.environ.get(k) for k in stack.env}
-    os.environ.update(stack.env)
+    # Only the Prefect API and the S3 settings go into os.environ: a default store or Dask address
+    # would silently redirect every other test of the session to the stack.
+    applied = {k: v for k, v in stack.env.items() if k not in ("ZOOAUDIT_STORE", "ZOOAUDIT_DASK_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in applied}
+    os.environ.update(applied)
     try:
         # Prefect reads its settings once at import: point the running process at the stack too.
         from prefect.settings import PREFECT_API_URL, temporary_settings

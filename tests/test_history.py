@@ -19,6 +19,7 @@ from zooaudit.keys import slug_key
 from zooaudit.store import Store, commit, commit_metadata, open_group, write_dataset
 
 MODEL = "builtin:toy-model"
+MODEL_S3 = "builtin:mlp-w32-s0"
 
 
 def _commit_stage(store, stage, key, value, ds="digits"):
@@ -105,3 +106,39 @@ def test_cli_history_diff_show(two_nights, capsys):
     assert "Unknown version 'nope'" in capsys.readouterr().err
     assert main(["history", "builtin:absent", "--store", store.url]) == 2
     assert "Models in this store: " + slug_key(MODEL) in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nightly_tags_and_time_travel_on_s3(local_stack, capsys):
+    """Two 'nights' of the audit-zoo flow on the stack's S3, the second with another k: the
+    first night's tag still reads the first night's components, and diff names what moved."""
+    from flows.audit_zoo import audit_zoo
+    from zooaudit.specs import AuditZooSpec
+
+    store_url = f"s3://{local_stack.config.bucket}/history-{dt.datetime.now():%H%M%S%f}"
+    runs = {}
+    for night, k in (("2026-11-20", 4), ("2026-11-21", 3)):
+        spec = AuditZooSpec(models=[MODEL_S3], store=store_url, task_runner="threads", tag=f"nightly-{night}",
+                            datasets=[{"name": "digits", "max_samples": 60}],
+                            factorize={"methods": ["pca"], "k": k})
+        runs[night] = audit_zoo(spec)
+    store = Store.open(store_url)
+    _, repo = versions.model_repository(store, MODEL_S3)
+    assert {"nightly-2026-11-20", "nightly-2026-11-21"} <= set(repo.list_tags())
+    assert {"nightly-2026-11-20", "nightly-2026-11-21"} <= set(store.zoo_repo().list_tags())
+
+    plan = runs["2026-11-20"].models[0].plans[0]
+    group = f"{plan.ds_key}/factors/{plan.layers[0]}/pca"
+    assert open_group(repo, group, tag="nightly-2026-11-20").sizes["component"] == 4
+    assert open_group(repo, group).sizes["component"] == 3
+
+    d = versions.diff_versions(repo, "nightly-2026-11-20", "nightly-2026-11-21")
+    changed = {c.stage: c for c in d.stages}
+    assert set(changed) == {"factorize"} and changed["factorize"].status == "changed"
+    assert changed["factorize"].metrics[f"k.{plan.layers[0]}"] == (4.0, 3.0)
+
+    assert main(["show", MODEL_S3, "--store", store_url, "--at", "nightly-2026-11-20", "--group", group]) == 0
+    assert "component: 4" in capsys.readouterr().out
+    assert main(["history", MODEL_S3, "--store", store_url]) == 0
+    out = capsys.readouterr().out
+    assert "nightly-2026-11-20" in out and "nightly-2026-11-21" in out
