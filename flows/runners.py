@@ -15,10 +15,16 @@ def dask_cluster(options) -> Iterator[str | None]:
     """Yield a scheduler address: ``options.dask_address``, else ``$ZOOAUDIT_DASK_ADDRESS`` (set by
     ``zooaudit up`` for the runner it starts), or a LocalCluster we start
     (worker processes) and close afterwards; None when tasks run on threads."""
+    from .credentials import apply_s3_credentials
+
+    # S3 keys from a Prefect Secret block (if configured) reach this process before any
+    # LocalCluster worker is spawned (they inherit them) …
+    apply_s3_credentials()
     if options.task_runner != "dask":
         yield None
         return
     if address := options.dask_address or os.environ.get("ZOOAUDIT_DASK_ADDRESS"):
+        apply_s3_credentials(address)   # … and the workers of an existing cluster in memory
         yield address
         return
     from distributed import LocalCluster

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from zooaudit.errors import ZooauditError
 from zooaudit.keys import slug_key
 from zooaudit.store import (
     Store,
@@ -158,3 +159,37 @@ def test_two_flows_auditing_one_model_at_once(local_stack):
     # The second run found the first one's activations (it waited on the extraction lock).
     assert sum("activations" in o and "skipped (cache hit)" in o for o in outs) >= 1
     assert local_stack.env["AWS_SECRET_ACCESS_KEY"] not in "".join(outs)
+
+
+def test_credentials_from_a_prefect_secret_block(local_stack, monkeypatch):
+    """Keys from a Secret block (ZOOAUDIT_S3_SECRET_BLOCK) reach this process and the stack's
+    Dask workers; without them the S3 server refuses the store."""
+    import json
+
+    import icechunk
+    from distributed import Client
+    from prefect.blocks.system import Secret
+
+    from flows.credentials import apply_s3_credentials
+
+    env = local_stack.env
+    Secret(value=json.dumps({"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+                             "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]})).save(
+        "zooaudit-s3-test", overwrite=True)
+    addr = local_stack.config.dask_address
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    store = Store.open(_prefix_url(local_stack))
+    with pytest.raises((icechunk.IcechunkError, PermissionError)):
+        store.model_repo("cred")
+    with Client(addr, timeout=10) as client:
+        client.run(os.environ.pop, "AWS_SECRET_ACCESS_KEY", None)
+        monkeypatch.setenv("ZOOAUDIT_S3_SECRET_BLOCK", "zooaudit-s3-test")
+        assert apply_s3_credentials(addr)
+        on_workers = set(client.run(os.environ.get, "AWS_SECRET_ACCESS_KEY").values())
+    assert on_workers == {env["AWS_SECRET_ACCESS_KEY"]}
+    _stage_commit_on(store, "cred")
+    assert find_commit(store.model_repo("cred"), "fast-1") is not None
+    monkeypatch.setenv("ZOOAUDIT_S3_SECRET_BLOCK", "no-such-block")
+    with pytest.raises(ZooauditError, match="no-such-block"):
+        apply_s3_credentials()

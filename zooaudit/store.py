@@ -276,8 +276,14 @@ def _s3fs_options() -> dict[str, Any]:
     client_kwargs: dict[str, Any] = {"region_name": s3["region"]}
     if s3["endpoint"]:
         client_kwargs["endpoint_url"] = s3["endpoint"]
-    return {"client_kwargs": client_kwargs, "config_kwargs": {"s3": {"addressing_style": "path"}}
-            if s3["endpoint"] else {}}
+    opts: dict[str, Any] = {"client_kwargs": client_kwargs,
+                            "config_kwargs": {"s3": {"addressing_style": "path"}} if s3["endpoint"] else {}}
+    # Keys passed explicitly (from the environment, read now) so that fsspec's instance cache,
+    # keyed by these arguments, never hands out a client made with other credentials.
+    for arg, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+        if os.environ.get(var):
+            opts[arg] = os.environ[var]
+    return opts
 
 
 # -- commits and cache lookups ---------------------------------------------------
