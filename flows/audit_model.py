@@ -1,6 +1,6 @@
 """Flow ``audit-model``: activations of one model on each dataset, then the analyses.
 
-    plan ─► begin ─► extract-shard × shards ─► publish (commit "activations")
+    plan ─► begin ─► extract-shards × groups ─► publish (commit "activations")
                                                  ├─ factorize  → commit
                                                  ├─ similarity → commit
                                                  └─ bias       → commit
@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks.analysis import bias, factorize, similarity
-from tasks.extract import begin_activations, extract_shard, plan_extraction, publish_activations
+from tasks.extract import begin_activations, extract_shards, plan_extraction, publish_activations
 from zooaudit import stages
 from zooaudit.report.summary import bias_table, model_markdown, weat_table
 from zooaudit.specs import AuditModelSpec
@@ -32,12 +32,13 @@ class ModelAudit:
 
 
 def _activations(plan, run_id, params):
-    """Extract every shard into a fork of a staging session; publish all or nothing."""
+    """Commit every missing shard on a staging branch; publish all or nothing."""
     if (snap := stages.cached_activations(plan)) is not None:
         return stages.skipped("activations", plan, plan.cache_key, snap)
-    session, base = begin_activations(plan)
-    shards = extract_shard.map(unmapped(plan), plan.shards, [session.fork() for _ in plan.shards])
-    return publish_activations(plan, session, base, shards.result(), run_id, params)
+    staging = begin_activations(plan)
+    groups = stages.shard_groups(stages.pending_shards(plan, staging))
+    shards = extract_shards.map(unmapped(plan), groups, unmapped(staging.branch))
+    return publish_activations(plan, staging, run_id, params, shards.result())
 
 
 @flow(name="audit-model", flow_run_name="audit-model-{spec.model}")

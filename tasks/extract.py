@@ -13,18 +13,20 @@ def plan_extraction(spec, ds_spec):
     return stages.plan_extraction(spec, ds_spec)
 
 
-@task(name="extract-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
-      task_run_name="extract-shard-{shard.index}")
-def extract_shard(plan, shard, fork):
-    return stages.extract_shard(plan, shard, fork)
+@task(name="extract-shards", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      task_run_name="extract-shards-{shards[0].index}")
+def extract_shards(plan, shards, branch):
+    """Each shard is committed on the staging branch as soon as it is written
+    (a retry or a rerun recomputes only the shards not yet committed)."""
+    return stages.extract_shards(plan, shards, branch)
 
 
 @task(name="begin-activations", cache_policy=NO_CACHE)
 def begin_activations(plan):
-    """Runs in the flow's process (called directly): returns a writable session."""
+    """Create or resume the staging branch; returns a Staging (which shards are done)."""
     return stages.begin_activations(plan)
 
 
 @task(name="publish-activations", cache_policy=NO_CACHE)
-def publish_activations(plan, session, base, shards, run_id=None, params=None):
-    return stages.publish_activations(plan, session, base, shards, run_id=run_id, params=params)
+def publish_activations(plan, staging, run_id=None, params=None, wait_for_shards=None):
+    return stages.publish_activations(plan, staging, run_id=run_id, params=params)

@@ -16,9 +16,7 @@ def audited(shared_store):
                           datasets=[DatasetSpec(name="colored-digits", max_samples=300)],
                           bias={"n_boot": 50, "n_permutations": 200, "probe_cv": 3})
     plan = stages.plan_extraction(spec, spec.datasets[0])
-    session, base = stages.begin_activations(plan)
-    acts = stages.publish_activations(plan, session, base,
-                                      [stages.extract_shard(plan, s, session.fork()) for s in plan.shards])
+    acts = stages.run_activations(plan)
     return spec, plan, acts
 
 

@@ -20,9 +20,7 @@ def _spec(store_url, **kw):
 
 
 def _run_activations(plan):
-    session, base = stages.begin_activations(plan)
-    forks = [stages.extract_shard(plan, shard, session.fork()) for shard in plan.shards]
-    return stages.publish_activations(plan, session, base, forks)
+    return stages.run_activations(plan)
 
 
 def test_sharded_activations_equal_direct_forward(shared_store):

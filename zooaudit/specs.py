@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Pooling = Literal["mean", "flatten", "none", "cls", "token_mean", "tokens"]
 
@@ -31,6 +31,9 @@ class DatasetSpec(BaseModel):
     max_samples: int | None = Field(None, ge=1, description="Keep only the first N samples (for quick runs).")
     path: str | None = Field(None, description="File-backed datasets ('text'): the file to read "
                              "(default: the example shipped with zooaudit).")
+    options: dict[str, str | int | float | bool | list[str]] = Field(
+        default_factory=dict, description="Source-specific options of file-backed datasets (image-folder, "
+        "arrays, hf-disk): e.g. image_size, on_error, inputs/labels keys, groups; each loader lists its own.")
 
     @field_validator("name")
     @classmethod
@@ -136,6 +139,7 @@ class RunOptions(BaseModel):
     pooling: Pooling = Field("mean", description="How spatial maps are stored: spatial mean, flatten, or none; "
                              "token outputs: cls, token_mean (mask-aware; 'mean' is the same), or tokens (all "
                              "tokens, (token, unit) plus per-sample offsets).")
+    dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored activations.")
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(256, ge=1, description="Samples per extraction shard = Zarr chunk of the sample dim.")
     device: str = Field("cpu", description="'auto', 'cpu' or 'cuda[:n]'.")
@@ -189,6 +193,27 @@ class AuditZooSpec(RunOptions):
                 raise ValueError(str(err)) from None
         return v
 
+    manifest: str | None = Field(
+        None, description="A zoo manifest (YAML; local path, file:// or s3://): listed models and/or globs over "
+        "checkpoint folders, with per-family layer selections. Replaces `models` (zooaudit.zoo.manifest).")
+    model_layers: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per-model layer selections (filled from the manifest); "
+        "models not listed use `layers`.")
+
+    @model_validator(mode="after")
+    def _manifest(self) -> "AuditZooSpec":
+        if self.manifest is not None:
+            from .zoo.manifest import load_manifest
+
+            entries = load_manifest(self.manifest)
+            # A re-validated dump carries both; they must agree (a user giving both gets an error).
+            if "models" in self.model_fields_set and self.models and self.models != [e.uri for e in entries]:
+                raise ValueError("give either `models` or `manifest`, not both")
+            self.models = [e.uri for e in entries]
+            self.model_layers = {e.uri: list(e.layers) for e in entries if e.layers}
+        return self
+
     def model_spec(self, model: str) -> AuditModelSpec:
-        fields = self.model_dump(exclude={"models", "compare_layers", "tag"})
+        fields = self.model_dump(exclude={"models", "compare_layers", "manifest", "model_layers", "tag"})
+        fields["layers"] = self.model_layers.get(model, fields["layers"])
         return AuditModelSpec(model=model, **fields)

@@ -86,3 +86,4 @@ def load_dataset(spec) -> AuditDataset:
 # Register the builtin datasets.
 from . import digits  # noqa: E402,F401
 from . import text  # noqa: E402,F401
+from . import images, arrays  # noqa: E402,F401

@@ -1,10 +1,27 @@
-"""Extraction: plan the shards, create the arrays on a staging branch, fill them
-from per-shard forks, publish all or nothing on ``main``."""
+"""Extraction: plan the shards, create the arrays on a staging branch, commit
+every shard there as it is written, publish all or nothing on ``main``.
+
+Resumability: each shard is its own commit on the staging branch
+``staging-<cache key>`` (metadata ``{"stage": "shard", "for": key, "shard": i}``).
+A run killed mid-extraction leaves that branch behind; the next run with the
+same cache key finds it, skips the committed shards and extracts only the
+missing ones. ``main`` moves only in :func:`publish_activations`, by one
+conditional ``reset_branch`` to the staging tip, so no half-written version is
+ever visible there. Shards are deterministic functions of (model, samples), so
+a resumed run's arrays are bitwise identical to an uninterrupted run's.
+
+Overlap: :func:`extract_shards` computes on the calling thread and hands each
+finished shard to a background writer thread through a bounded queue, so the
+Zarr encoding and the Icechunk write/commit of shard ``i`` run while shard
+``i + 1`` is being computed.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import queue
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
@@ -14,12 +31,17 @@ from ..data import Shard, load_dataset, plan_shards
 from ..errors import ZooauditError
 from ..extract import forward_batches, layer_shapes, select_layers
 from ..keys import cache_key
-from ..tokens import is_token_shape, token_rows_per_shard
 from ..specs import AuditModelSpec, DatasetSpec
 from ..store import MAIN, Store, commit_metadata, find_commit
+from ..tokens import is_token_shape, token_rows_per_shard
 from .common import ExtractionPlan, StageResult, _repo, load_model
 
 log = logging.getLogger("zooaudit.stages")
+
+STORED_DTYPES = ("float32", "float16")
+# Finished shards waiting for the writer: bounded so a slow store applies
+# back-pressure instead of piling activations up in memory.
+WRITE_QUEUE_SIZE = 2
 
 
 def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPlan | None:
@@ -39,16 +61,19 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
     # All-tokens layers: rows reserved per shard (zooaudit.tokens); needs one tokenisation pass.
     token_rows = token_rows_per_shard(model.module.collate, dataset.inputs, spec.shard_size) \
         if any(is_token_shape(s) for s in shapes.values()) else 0
-    params = {"layers": layers, "pooling": spec.pooling, "shard_size": spec.shard_size, "dtype": "float32"}
+    dtype = getattr(spec, "dtype", "float32")
+    if dtype not in STORED_DTYPES:
+        raise ZooauditError(f"Unknown stored dtype {dtype!r}. Allowed: {', '.join(STORED_DTYPES)}.")
+    params = {"layers": layers, "pooling": spec.pooling, "shard_size": spec.shard_size, "dtype": dtype}
     key = cache_key("activations", model=model.content_hash, dataset=dataset.content_hash, **params)
     return ExtractionPlan(
         store=store.url, model_uri=spec.model, model_key=model.key, model_hash=model.content_hash,
         dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=dataset.content_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
-        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), token_rows=token_rows,
+        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype,
+        token_rows=token_rows,
     )
-
 
 
 def cached_activations(plan: ExtractionPlan) -> str | None:
@@ -57,65 +82,178 @@ def cached_activations(plan: ExtractionPlan) -> str | None:
     return find_commit(repo, plan.cache_key)
 
 
-
 def _staging_branch(plan: ExtractionPlan) -> str:
     return f"staging-{plan.cache_key}"
 
 
+@dataclass
+class Staging:
+    """The staging branch of one extraction: where it started and what it holds.
 
-def begin_activations(plan: ExtractionPlan):
-    """Create the arrays on a staging branch; return ``(writable session, base snapshot)``.
-
-    Shard writers get ``session.fork()``; :func:`publish_activations` merges and publishes.
+    Attributes:
+        branch: the staging branch name.
+        base: the ``main`` snapshot it was created from (``main`` is reset from it on publish).
+        done: ``{shard index: {layer: non-finite count}}`` of the shards committed there.
     """
-    store, _, repo = _repo(plan)
-    dataset = load_dataset(plan.dataset)
-    base = repo.lookup_branch(MAIN)
-    staging = _staging_branch(plan)
-    if staging in repo.list_branches():
-        repo.delete_branch(staging)
-    repo.create_branch(staging, base)
-    session = repo.writable_session(staging)
-    layout.create_activation_arrays(session.store, dataset, plan.ds_key, plan.shapes, plan.n_outputs,
-                                    plan.shard_size, token_rows=plan.token_rows)
-    session.commit("activations template", metadata={"stage": "staging", "for": plan.cache_key})
-    return repo.writable_session(staging), base
 
+    branch: str
+    base: str
+    done: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+def _read_staging(repo, plan: ExtractionPlan, branch: str, main_tip: str) -> Staging | None:
+    """The committed shards of an earlier run on ``branch``, or None if that branch
+    does not belong to this plan or ``main`` has moved since it was created."""
+    done: dict[int, dict[str, int]] = {}
+    for info in repo.ancestry(branch=branch):
+        meta = info.metadata or {}
+        if meta.get("for") != plan.cache_key:
+            return None
+        if meta.get("stage") == "shard":
+            done[int(meta["shard"])] = {k: int(v) for k, v in meta.get("nonfinite", {}).items()}
+        elif meta.get("stage") == "staging":
+            return Staging(branch, main_tip, done) if meta.get("base") == main_tip else None
+    return None
+
+
+def begin_activations(plan: ExtractionPlan) -> Staging:
+    """Create the arrays on a staging branch, or pick up the one a killed run left.
+
+    Returns the :class:`Staging` whose ``done`` lists the shards that need no
+    recomputation (empty for a fresh start).
+    """
+    store, repo_name, repo = _repo(plan)
+    dataset = load_dataset(plan.dataset)
+    with store.lock(repo_name):
+        base = repo.lookup_branch(MAIN)
+        branch = _staging_branch(plan)
+        if branch in repo.list_branches():
+            found = _read_staging(repo, plan, branch, base)
+            if found is not None:
+                log.info("%s on %s: resuming extraction, %d of %d shards already committed",
+                         plan.model_uri, plan.ds_key, len(found.done), len(plan.shards))
+                return found
+            # Left by a run whose base is no longer main's tip: restart from scratch.
+            repo.delete_branch(branch)
+        repo.create_branch(branch, base)
+        session = repo.writable_session(branch)
+        layout.create_activation_arrays(session.store, dataset, plan.ds_key, plan.shapes, plan.n_outputs,
+                                        plan.shard_size, dtype=plan.dtype, token_rows=plan.token_rows)
+        session.commit("activations template", metadata={"stage": "staging", "for": plan.cache_key,
+                                                         "base": base})
+    return Staging(branch, base)
+
+
+def pending_shards(plan: ExtractionPlan, staging: Staging) -> list[Shard]:
+    """The shards of ``plan`` not yet committed on the staging branch."""
+    return [s for s in plan.shards if s.index not in staging.done]
+
+
+def shard_groups(shards: list[Shard], max_groups: int = 64) -> list[list[Shard]]:
+    """Bundle shards into at most ``max_groups`` contiguous task-sized groups
+    (Prefect tasks stay coarse; inside a group, writes overlap compute)."""
+    if not shards:
+        return []
+    per = -(-len(shards) // max_groups)
+    return [shards[i:i + per] for i in range(0, len(shards), per)]
 
 
 @dataclass
 class ShardResult:
-    """A written shard: its fork (to merge) and its count of non-finite values per layer."""
+    """A committed shard: its index, snapshot and count of non-finite values per layer."""
 
-    fork: object
+    index: int
+    snapshot: str
     nonfinite: dict[str, int]
 
 
-def extract_shard(plan: ExtractionPlan, shard: Shard, fork) -> ShardResult:
-    """Forward one shard (all layers in one pass per batch) and write it into ``fork``.
-
-    NaN/Inf activations are stored as computed, but counted per layer so the
-    published commit reports them instead of hiding them.
-    """
+def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Forward one shard (all layers in one pass per batch); activations cast to the stored dtype."""
     model = load_model(plan.model_uri, plan.store)
     dataset = load_dataset(plan.dataset)
     acts, logits = forward_batches(model.module, dataset.inputs[shard.start:shard.stop], plan.layers,
                                    pooling=plan.pooling, batch_size=plan.batch_size, device=plan.device,
                                    with_outputs=plan.n_outputs is not None)
-    layout.write_shard(fork.store, plan.ds_key, shard.start, acts, logits)
-    return ShardResult(fork, {name: int((~np.isfinite(a)).sum()) for name, a in acts.items()})
+    if plan.dtype != "float32":
+        acts = {name: a.astype(plan.dtype) for name, a in acts.items()}
+    return acts, logits
 
 
+def _commit_shard(plan: ExtractionPlan, branch: str, shard: Shard, acts, logits) -> ShardResult:
+    """Write one shard's whole chunks on the staging branch and commit them.
 
-def publish_activations(plan: ExtractionPlan, session, base: str, shards: list[ShardResult], *,
-                        run_id: str | None = None,
-                        params: dict | None = None) -> StageResult:
-    """Merge the shard forks, commit on staging, fast-forward ``main`` (all or nothing)."""
+    NaN/Inf activations are stored as computed but counted per layer (in the
+    commit metadata, so a resumed run still reports them at publish)."""
     import icechunk
 
     store, repo_name, repo = _repo(plan)
-    session.merge(*(s.fork for s in shards))
-    nonfinite = {layer: sum(s.nonfinite.get(layer, 0) for s in shards) for layer in plan.layers}
+    nonfinite = {name: int((~np.isfinite(a)).sum()) for name, a in acts.items()}
+    session = repo.writable_session(branch)
+    layout.write_shard(session.store, plan.ds_key, shard.start, acts, logits)
+    meta = {"stage": "shard", "for": plan.cache_key, "shard": shard.index, "nonfinite": nonfinite}
+    # Shards write distinct chunks, so a commit that finds the branch moved
+    # (another shard committed) rebases without conflict.
+    with store.lock(repo_name):
+        snap = session.commit(f"shard {shard.index}", metadata=meta, rebase_with=icechunk.ConflictDetector())
+    return ShardResult(shard.index, snap, nonfinite)
+
+
+def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None = None) -> list[ShardResult]:
+    """Compute ``shards`` on this thread and commit each one on the staging branch
+    from a background writer thread (bounded queue: writes overlap compute).
+
+    A shard is committed as soon as it is written, so an interruption loses at
+    most the shards in flight. The first error (compute or write) is raised
+    after the writer has stopped; shards committed before it stay committed.
+    """
+    branch = branch or _staging_branch(plan)
+    todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_SIZE)
+    results: list[ShardResult] = []
+    failure: list[BaseException] = []
+
+    def writer():
+        while (item := todo.get()) is not None:
+            if failure:
+                continue  # drain: a failed writer must not block the producer
+            try:
+                results.append(_commit_shard(plan, branch, *item))
+            except BaseException as err:  # noqa: BLE001 — re-raised on the caller's thread
+                failure.append(err)
+
+    thread = threading.Thread(target=writer, name=f"zooaudit-writer-{plan.model_key}", daemon=True)
+    thread.start()
+    try:
+        for shard in shards:
+            if failure:
+                break
+            todo.put((shard, *compute_shard(plan, shard)))
+    finally:
+        todo.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return results
+
+
+def extract_shard(plan: ExtractionPlan, shard: Shard, branch: str | None = None) -> ShardResult:
+    """Compute and commit one shard on the staging branch."""
+    return extract_shards(plan, [shard], branch)[0]
+
+
+def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str | None = None,
+                        params: dict | None = None) -> StageResult:
+    """Check every shard is committed, record the non-finite counts, fast-forward
+    ``main`` to the staging tip (all or nothing)."""
+    import icechunk
+
+    store, repo_name, repo = _repo(plan)
+    found = _read_staging(repo, plan, staging.branch, staging.base) or Staging(staging.branch, staging.base)
+    missing = [s.index for s in plan.shards if s.index not in found.done]
+    if missing:
+        raise ZooauditError(f"Cannot publish activations of {plan.model_uri} on {plan.ds_key}: shards {missing} "
+                            f"are not committed on {staging.branch!r}; rerun to extract them.")
+    nonfinite = {layer: sum(found.done[s.index].get(layer, 0) for s in plan.shards) for layer in plan.layers}
+    session = repo.writable_session(staging.branch)
     for layer, count in nonfinite.items():
         zarr.open_group(session.store, path=layout.acts_group(plan.ds_key, layer), mode="r+").attrs[
             "nonfinite_count"] = count
@@ -123,16 +261,27 @@ def publish_activations(plan: ExtractionPlan, session, base: str, shards: list[S
             log.warning("%s layer %s: %d NaN/Inf activation values on %s", plan.model_uri, layer, count,
                         plan.ds_key)
     summary = {"layers": plan.layers, "n_samples": plan.n_samples, "shards": len(plan.shards),
-               "nonfinite": nonfinite}
+               "nonfinite": nonfinite, "dtype": plan.dtype}
     meta = commit_metadata("activations", plan.cache_key, params or {}, model=plan.model_uri,
                            model_hash=plan.model_hash, dataset=plan.dataset, dataset_hash=plan.ds_hash,
                            layers=plan.layers, flow_run_id=run_id, summary=summary)
-    snapshot = session.commit(f"activations {plan.model_uri} on {plan.dataset['name']}", metadata=meta)
     with store.lock(repo_name):
+        snapshot = session.commit(f"activations {plan.model_uri} on {plan.dataset['name']}", metadata=meta)
         try:
-            repo.reset_branch(MAIN, snapshot, from_snapshot_id=base)
+            repo.reset_branch(MAIN, snapshot, from_snapshot_id=staging.base)
         except icechunk.IcechunkError as err:
             raise ZooauditError(f"Another run committed to {repo_name!r} while activations were written; "
                                 "rerun (completed stages are skipped).") from err
-    repo.delete_branch(_staging_branch(plan))
+        repo.delete_branch(staging.branch)
     return StageResult("activations", plan.model_uri, plan.ds_key, plan.cache_key, snapshot, False, summary)
+
+
+def run_activations(plan: ExtractionPlan, *, run_id: str | None = None, params: dict | None = None) -> StageResult:
+    """The whole activations stage in this process: cache hit, else resume/extract and publish."""
+    from .common import skipped
+
+    if (snap := cached_activations(plan)) is not None:
+        return skipped("activations", plan, plan.cache_key, snap)
+    staging = begin_activations(plan)
+    extract_shards(plan, pending_shards(plan, staging), staging.branch)
+    return publish_activations(plan, staging, run_id=run_id, params=params)

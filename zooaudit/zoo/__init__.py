@@ -61,9 +61,10 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _sources():
-    from . import builtin, hf
+    from . import builtin, file, hf, torchvision
 
-    return {"builtin": builtin.load, "sentence-transformers": hf.load_sentence_transformers, "hf": hf.load_hf}
+    return {"builtin": builtin.load, "sentence-transformers": hf.load_sentence_transformers, "hf": hf.load_hf,
+            "torchvision": torchvision.load_torchvision, "timm": torchvision.load_timm, "file": file.load}
 
 
 def resolve_model(uri: str, store) -> LoadedModel:

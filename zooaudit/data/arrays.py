@@ -1,0 +1,186 @@
+"""Array datasets: NumPy ``.npy`` / ``.npz``, Zarr groups, and HF ``datasets`` folders.
+
+``arrays`` — ``DatasetSpec.path`` is a ``.npz`` file, a Zarr group (a folder), or a
+``.npy`` file of inputs. Arrays by name (options override the names):
+
+- ``inputs`` (option ``inputs``): ``(sample, *input_shape)``, cast to float32;
+- ``labels`` (option ``labels``): ``(sample,)`` integers; for a ``.npy`` file the
+  option names a second ``.npy`` file; absent: every label is 0;
+- ``sample_ids``: ``(sample,)`` unique integers (default: the row numbers);
+- ``group_<attr>``: one ``(sample,)`` array per group attribute (or option
+  ``groups``: a list of array names, each used as an attribute of that name).
+
+``hf-disk`` — ``DatasetSpec.path`` is a folder written by ``datasets``'
+``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose split is
+``DatasetSpec.split``; ``all`` concatenates the splits). Options: ``inputs``
+(column; default the first of ``pixel_values``, ``image``, ``img``, ``inputs``,
+``x``), ``labels`` (default ``label`` / ``labels`` if present), ``groups`` (a list of
+columns), ``image_size`` and ``mode`` for image columns (as for image folders).
+
+Group attribute values are coded in sorted order of their string form (class
+names of ``ClassLabel`` columns are used as the values).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ZooauditError
+from .base import AuditDataset, register
+from .images import (
+    check_options,
+    code_groups,
+    local_path,
+    parse_size,
+    stack_images,
+    to_array,
+)
+
+ARRAY_OPTIONS = {"inputs", "labels", "groups"}
+HF_OPTIONS = {"inputs", "labels", "groups", "image_size", "mode"}
+HF_INPUT_COLUMNS = ("pixel_values", "image", "img", "inputs", "x")
+
+
+def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list], where: str) -> AuditDataset:
+    """Validate lengths and dtypes; build the dataset."""
+    inputs = np.asarray(inputs)
+    n = len(inputs) if inputs.ndim else 0
+    if n == 0:
+        raise ZooauditError(f"Dataset {name!r} at {where!r} is empty: it needs at least one sample.")
+    if inputs.dtype.kind not in "fiub":
+        raise ZooauditError(f"Dataset {name!r}: inputs at {where!r} have dtype {inputs.dtype}; numeric arrays only.")
+    labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
+    for what, arr in [("labels", labels), ("sample_ids", ids), *[(f"group {k!r}", np.asarray(v))
+                                                                for k, v in group_columns.items()]]:
+        if arr.shape != (n,):
+            raise ZooauditError(f"Dataset {name!r} at {where!r}: {what} has shape {arr.shape}; expected ({n},) — one "
+                                "value per sample of the inputs.")
+    if labels.dtype.kind not in "iub":
+        raise ZooauditError(f"Dataset {name!r}: labels must be integers, got dtype {labels.dtype}.")
+    if len(np.unique(ids)) != n:
+        raise ZooauditError(f"Dataset {name!r}: sample_ids at {where!r} are not unique.")
+    groups, group_names = code_groups({k: list(v) for k, v in group_columns.items()})
+    return AuditDataset(name=name, spec=spec.model_dump(), inputs=np.ascontiguousarray(inputs, np.float32),
+                        labels=labels.astype(np.int64), sample_ids=ids.astype(np.int64), groups=groups,
+                        group_names=group_names)
+
+
+def _get(arrays, key: str, where: str, required: bool = True):
+    if key in arrays:
+        return np.asarray(arrays[key][...])
+    if required:
+        raise ZooauditError(f"{where!r} has no array {key!r}; it holds {sorted(arrays)}. Name the right one with "
+                            "options.inputs / options.labels.")
+    return None
+
+
+def _np_load(path):
+    # allow_pickle=False: an object array would need unpickling, which can run code.
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ZooauditError(f"Cannot load {str(path)!r} without unpickling ({err}); store numeric arrays only.") from None
+
+
+def _npz_item(z, key: str, where: str):
+    try:
+        return z[key]
+    except ValueError as err:
+        raise ZooauditError(f"Array {key!r} in {where!r} cannot be loaded without unpickling ({err}); store numeric "
+                            "arrays only.") from None
+
+
+@register("arrays")
+def load_arrays(spec) -> AuditDataset:
+    options = dict(spec.options)
+    check_options(options, ARRAY_OPTIONS, "arrays")
+    path = local_path(spec.path, "arrays")
+    where = str(path)
+    if path.suffix == ".npy":
+        inputs = _np_load(path)
+        labels = _np_load(local_path(str(options["labels"]), "arrays")) if "labels" in options else None
+        return _finish("arrays", spec, inputs, labels, None, {}, where)
+    if path.suffix == ".npz":
+        with _np_load(path) as z:
+            arrays = {k: _npz_item(z, k, where) for k in z.files}
+    elif path.is_dir():
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        arrays = {k: v for k, v in group.arrays()}
+    else:
+        raise ZooauditError(f"Dataset 'arrays': {where!r} is neither a .npy / .npz file nor a Zarr group folder.")
+    inputs = _get(arrays, str(options.get("inputs", "inputs")), where)
+    labels = _get(arrays, str(options.get("labels", "labels")), where, required="labels" in options)
+    ids = _get(arrays, "sample_ids", where, required=False)
+    if "groups" in options:
+        names = options["groups"] if isinstance(options["groups"], list) else [options["groups"]]
+        cols = {g: _get(arrays, g, where) for g in names}
+    else:
+        cols = {k[len("group_"):]: np.asarray(v[...]) for k, v in arrays.items() if k.startswith("group_")}
+    return _finish("arrays", spec, inputs, labels, ids, cols, where)
+
+
+def _hf_split(obj, split: str, where: str):
+    import datasets
+
+    if isinstance(obj, datasets.DatasetDict):
+        if split == "all":
+            return datasets.concatenate_datasets([obj[k] for k in sorted(obj)])
+        if split not in obj:
+            raise ZooauditError(f"HF dataset {where!r} has splits {sorted(obj)}; DatasetSpec.split={split!r} is not "
+                                "one of them (or use 'all').")
+        return obj[split]
+    return obj
+
+
+def _hf_column_values(ds, column: str):
+    """Values of a column; ``ClassLabel`` codes become their class names."""
+    import datasets
+
+    feature = ds.features[column]
+    values = ds[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.int2str(int(v)) for v in values]
+    return list(values)
+
+
+@register("hf-disk")
+def load_hf_disk(spec) -> AuditDataset:
+    import datasets
+
+    options = dict(spec.options)
+    check_options(options, HF_OPTIONS, "hf-disk")
+    path = local_path(spec.path, "hf-disk")
+    where = str(path)
+    try:
+        obj = datasets.load_from_disk(where)
+    except (FileNotFoundError, ValueError) as err:
+        raise ZooauditError(f"{where!r} is not a dataset saved with datasets' save_to_disk: {err}") from None
+    ds = _hf_split(obj, spec.split, where)
+    columns = list(ds.column_names)
+    input_col = options.get("inputs") or next((c for c in HF_INPUT_COLUMNS if c in columns), None)
+    if input_col not in columns:
+        raise ZooauditError(f"HF dataset {where!r}: no input column {input_col!r}; columns are {columns}. "
+                            "Name it with options.inputs.")
+    label_col = options.get("labels") or next((c for c in ("label", "labels") if c in columns), None)
+    if label_col is not None and label_col not in columns:
+        raise ZooauditError(f"HF dataset {where!r}: no label column {label_col!r}; columns are {columns}.")
+    group_cols = options.get("groups", [])
+    group_cols = group_cols if isinstance(group_cols, list) else [group_cols]
+    for g in group_cols:
+        if g not in columns:
+            raise ZooauditError(f"HF dataset {where!r}: no group column {g!r}; columns are {columns}.")
+    if len(ds) == 0:
+        raise ZooauditError(f"HF dataset {where!r} (split {spec.split!r}) is empty: it needs at least one sample.")
+    if isinstance(ds.features[input_col], datasets.Image):
+        size = parse_size(options.get("image_size"))
+        mode = str(options.get("mode", "RGB"))
+        images = [to_array(img, mode, size) for img in ds[input_col]]
+        inputs = stack_images(images, [f"row {i}" for i in range(len(images))], "hf-disk")
+    else:
+        inputs = np.asarray(ds.with_format("numpy")[input_col])
+    labels = np.asarray(ds[label_col]) if label_col else None
+    cols = {g: _hf_column_values(ds, g) for g in group_cols}
+    return _finish("hf-disk", spec, inputs, labels, None, cols, where)

@@ -1,0 +1,172 @@
+"""Image folders: one sub-folder per class (``<root>/<class>/<image>``).
+
+Dataset name ``image-folder``; ``DatasetSpec.path`` is the root folder (a local
+path or ``file://`` URL). Options (``DatasetSpec.options``):
+
+- ``image_size``: ``"HxW"`` or one integer; images are resized to it (bilinear).
+  Without it every image must already have the same size.
+- ``mode``: ``"RGB"`` (default, 3 channels) or ``"L"`` (1 channel).
+- ``on_error``: ``"fail"`` (default) or ``"skip"`` for files that cannot be decoded.
+- ``groups``: a CSV file (relative to the root; default ``groups.csv`` when present)
+  with a ``path`` column (relative to the root) and one column per group attribute.
+
+Labels are class indices in sorted order of the folder names; sample ids are the
+positions in sorted (class, file) order; inputs ``(sample, channel, y, x)``
+float32 in [0, 1]. Group attribute values are coded in sorted order of their
+string form, the names kept in ``group_names`` (the text datasets' convention).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..errors import ZooauditError
+from .base import AuditDataset, register
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+OPTIONS = {"image_size", "mode", "on_error", "groups"}
+
+
+def local_path(path: str | None, dataset: str) -> Path:
+    """A dataset's local path from ``DatasetSpec.path`` (plain or ``file://``); must exist."""
+    if not path:
+        raise ZooauditError(f"Dataset {dataset!r} needs a path (DatasetSpec.path / --dataset {dataset}=PATH).")
+    parsed = urlparse(path)
+    if parsed.scheme not in ("", "file"):
+        raise ZooauditError(f"Dataset {dataset!r} reads local files only; got {path!r} (allowed: a path or "
+                            "file:///abs/path).")
+    p = Path(parsed.path if parsed.scheme == "file" else path).expanduser().resolve()
+    if not p.exists():
+        raise ZooauditError(f"Dataset {dataset!r}: {str(p)!r} does not exist.")
+    return p
+
+
+def check_options(options: dict, allowed: set[str], dataset: str) -> None:
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise ZooauditError(f"Unknown option(s) {bad} for dataset {dataset!r}. Allowed: {', '.join(sorted(allowed))}.")
+
+
+def parse_size(value) -> tuple[int, int] | None:
+    """``"32x48"`` → ``(32, 48)`` (height, width); ``32`` → ``(32, 32)``."""
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in str(value).lower().split("x")]
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or min(parts) < 1:
+            raise ValueError
+        return parts[0], parts[1]
+    except ValueError:
+        raise ZooauditError(f"Bad image_size {value!r}: expected 'HxW' or one positive integer.") from None
+
+
+def to_array(img, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """A PIL image → ``(channel, y, x)`` float32 in [0, 1], converted to ``mode`` and resized to ``size``."""
+    from PIL import Image
+
+    img = img.convert(mode)
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def stack_images(arrays: list[np.ndarray], names: list[str], dataset: str) -> np.ndarray:
+    """Stack per-image arrays; differing sizes are an error that names two of them."""
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        first = arrays[0].shape
+        other = next(i for i, a in enumerate(arrays) if a.shape != first)
+        raise ZooauditError(f"Dataset {dataset!r}: images differ in size ({names[0]!r} is {first}, {names[other]!r} "
+                            f"is {arrays[other].shape}); set options.image_size, e.g. '32x32'.")
+    return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def code_groups(columns: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Group attribute values → int64 codes in sorted order of their string form, and the names."""
+    groups, names = {}, {}
+    for attr, values in columns.items():
+        labels = sorted({str(v) for v in values})
+        index = {v: i for i, v in enumerate(labels)}
+        groups[attr] = np.array([index[str(v)] for v in values], np.int64)
+        names[attr] = labels
+    return groups, names
+
+
+def _read_groups(root: Path, spec_value, files: list[str]) -> tuple[dict, dict]:
+    path = root / (spec_value or "groups.csv")
+    if not path.exists():
+        if spec_value:
+            raise ZooauditError(f"Group file {str(path)!r} (options.groups) does not exist.")
+        return {}, {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "path" not in rows[0]:
+        raise ZooauditError(f"Group file {str(path)!r} needs a header with a 'path' column and one column per "
+                            "group attribute.")
+    by_path = {r["path"]: r for r in rows}
+    missing = [f for f in files if f not in by_path]
+    if missing:
+        raise ZooauditError(f"Group file {str(path)!r} has no row for {len(missing)} image(s), e.g. {missing[:3]}.")
+    attrs = [c for c in rows[0] if c != "path"]
+    return code_groups({a: [by_path[f][a] for f in files] for a in attrs})
+
+
+@register("image-folder")
+def load_image_folder(spec) -> AuditDataset:
+    from PIL import Image, UnidentifiedImageError
+
+    options = dict(spec.options)
+    check_options(options, OPTIONS, "image-folder")
+    root = local_path(spec.path, "image-folder")
+    mode = str(options.get("mode", "RGB"))
+    on_error = str(options.get("on_error", "fail"))
+    if mode not in ("RGB", "L"):
+        raise ZooauditError(f"Unknown image mode {mode!r}. Allowed: RGB, L.")
+    if on_error not in ("fail", "skip"):
+        raise ZooauditError(f"Unknown on_error {on_error!r}. Allowed: fail, skip.")
+    size = parse_size(options.get("image_size"))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ZooauditError(f"Image folder {str(root)!r} has no class sub-folders (expected <root>/<class>/<image>).")
+    arrays, labels, files, ids = [], [], [], []
+    position = 0
+    for label, cls in enumerate(classes):
+        for f in sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            rel = f"{cls}/{f.name}"
+            try:
+                with Image.open(f) as img:
+                    arrays.append(to_array(img, mode, size))
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                if on_error == "fail":
+                    raise ZooauditError(f"Cannot read image {str(f)!r}: {err}. Fix or remove it, or set "
+                                        "options.on_error='skip'.") from None
+                log.warning("skipping unreadable image %s: %s", f, err)
+                position += 1
+                continue
+            labels.append(label)
+            files.append(rel)
+            ids.append(position)
+            position += 1
+    if not arrays:
+        raise ZooauditError(f"Image folder {str(root)!r} holds no readable images (suffixes: "
+                            f"{', '.join(IMAGE_SUFFIXES)}).")
+    groups, group_names = _read_groups(root, options.get("groups"), files)
+    return AuditDataset(
+        name="image-folder",
+        spec=spec.model_dump(),
+        inputs=stack_images(arrays, files, "image-folder"),
+        labels=np.array(labels, np.int64),
+        sample_ids=np.array(ids, np.int64),
+        groups=groups,
+        group_names=group_names,
+    )
