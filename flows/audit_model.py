@@ -17,7 +17,12 @@ from prefect.runtime import flow_run
 from tasks.analysis import bias, factorize, similarity
 from tasks.extract import begin_activations, extract_shards, plan_extraction, publish_activations
 from zooaudit import stages
-from zooaudit.report.summary import bias_table, model_markdown, weat_table
+from zooaudit.report.summary import (
+    bias_table,
+    model_markdown,
+    similarity_table,
+    weat_table,
+)
 from zooaudit.specs import AuditModelSpec
 from zooaudit.store import Store
 
@@ -72,6 +77,8 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
                              description=f"zooaudit: {spec.model}")
     if rows := bias_table(audit.results):
         create_table_artifact(rows, description=f"zooaudit bias headline: {spec.model}")
+    if rows := similarity_table(audit.results):
+        create_table_artifact(rows, description=f"zooaudit similarity (value beside control): {spec.model}")
     if rows := weat_table(audit.results):
         create_table_artifact(rows, description=f"zooaudit WEAT/SEAT (Holm within method × layer): {spec.model}")
     return audit

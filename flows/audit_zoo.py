@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
 from tasks.analysis import revision_similarity, zoo_similarity
 from tasks.report import build_report
 from zooaudit import stages, versions
-from zooaudit.report.summary import zoo_markdown
+from zooaudit.report.summary import similarity_table, zoo_markdown
 from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
 
@@ -74,6 +74,8 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
     create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
+    if rows := similarity_table(zoo_results):
+        create_table_artifact(rows, description="zooaudit zoo similarity (value beside control)")
     if (tag := _run_tag(spec)) is not None:
         # After every commit of the run: the tag names the version this run produced.
         tagged = versions.tag_repositories(store, sorted({p.model_key for a in audits for p in a.plans}), tag)

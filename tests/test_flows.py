@@ -118,8 +118,13 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert zoo_md and "Model × model linear_cka, layer `embed`" in zoo_md[0].data
     assert result.report in zoo_md[0].data
     assert any(a.description == "zooaudit: builtin:mlp-w32-s0" for a in arts)
-    (table,) = [a for a in arts if a.type == "table" and "cnn-colored" in (a.description or "")]
+    (table,) = [a for a in arts if a.type == "table" and "bias headline" in (a.description or "")
+                and "cnn-colored" in (a.description or "")]
     assert "demographic_parity" in str(table.data) and "worst_group_accuracy" in str(table.data)
+    # similarity beside its control as table artifacts: per model, and model × model / revisions for the zoo
+    assert any(a.type == "table" and a.description == "zooaudit similarity (value beside control): builtin:cnn-w8-s0"
+               and "control" in str(a.data) for a in arts)
+    assert any(a.type == "table" and a.description == "zooaudit zoo similarity (value beside control)" for a in arts)
 
     before = _commit_counts(store)
     again = audit_zoo(spec)

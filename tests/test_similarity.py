@@ -8,8 +8,13 @@ import pytest
 from scipy.stats import ortho_group
 
 from zooaudit.analysis import sim_stream
-from zooaudit.analysis.similarity import (METRICS, UndefinedSimilarityWarning, cka_matrix, linear_cka,
-                                          similarity_matrix)
+from zooaudit.analysis.similarity import (
+    METRICS,
+    UndefinedSimilarityWarning,
+    cka_matrix,
+    linear_cka,
+    similarity_matrix,
+)
 
 
 def textbook_cka(x, y):
@@ -199,9 +204,9 @@ def test_debiased_matrix_one_joint_pass_matches_pairs(xy):
     m = similarity_matrix({k: da.from_array(v, chunks=(61, -1)) for k, v in layers.items()},
                           metric="linear_cka_debiased")
     assert m.attrs["metric"] == "linear_cka_debiased"
-    for a in layers:
-        for b in layers:
-            assert m.sel(layer_a=a, layer_b=b).item() == pytest.approx(gram_debiased_cka(layers[a], layers[b]),
+    for a, xa in layers.items():
+        for b, xb in layers.items():
+            assert m.sel(layer_a=a, layer_b=b).item() == pytest.approx(gram_debiased_cka(xa, xb),
                                                                        abs=1e-8)
 
 
@@ -217,3 +222,16 @@ def test_model_by_model_matrix_with_clashing_names(xy):
 def test_metrics_list():
     assert METRICS == ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes",
                        "rsa", "mutual_knn")
+
+
+def test_panelled_accumulation_equals_in_memory(xy, small_blocks, monkeypatch):
+    """Several column panels (upper ones summed, mirrored at the end) and batched rank-one
+    corrections give the exact centred co-moment matrix."""
+    monkeypatch.setattr(sim_stream, "PANEL", 3)
+    x, y = xy
+    z = np.concatenate([x, y], axis=1) + 100.0
+    acc = sim_stream.joint_gram([x + 100.0, y + 100.0], dtype=np.float64)
+    assert len(acc._panels) > 2
+    zc = z - z.mean(0)
+    np.testing.assert_allclose(acc.centred(), zc.T @ zc, rtol=1e-10, atol=1e-8)
+    np.testing.assert_array_equal(acc.T, acc.T.T)

@@ -5,9 +5,23 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from zooaudit.analysis.similarity import (METRICS, cca, cka_matrix, linear_cka, match_neurons, minibatch_cka,
-                                          mutual_knn, procrustes, pwcca, rbf_cka, rdm, rsa, shape_distance,
-                                          similarity_matrix, svcca)
+from zooaudit.analysis.similarity import (
+    METRICS,
+    cca,
+    cka_matrix,
+    linear_cka,
+    match_neurons,
+    minibatch_cka,
+    mutual_knn,
+    procrustes,
+    pwcca,
+    rbf_cka,
+    rdm,
+    rsa,
+    shape_distance,
+    similarity_matrix,
+    svcca,
+)
 from zooaudit.errors import ZooauditError
 
 PAIR_FUNCTIONS = [linear_cka, rbf_cka, minibatch_cka, cca, svcca, pwcca, procrustes, shape_distance, rsa,
@@ -116,9 +130,9 @@ def test_similarity_matrix_every_metric(metric, xy):
     m = similarity_matrix(layers, metric=metric)
     assert m.dims == ("layer_a", "layer_b") and m.name == metric and m.attrs["metric"] == metric
     assert list(m.layer_b.values) == ["x", "y", "z"]
-    for a in layers:
-        for b in layers:
-            assert m.sel(layer_a=a, layer_b=b).item() == pytest.approx(REFERENCE[metric](layers[a], layers[b]),
+    for a, xa in layers.items():
+        for b, xb in layers.items():
+            assert m.sel(layer_a=a, layer_b=b).item() == pytest.approx(REFERENCE[metric](xa, xb),
                                                                        abs=1e-9)
     self_value = 0.0 if metric == "procrustes" else 1.0
     np.testing.assert_allclose(np.diag(m.values), self_value, atol=1e-7)
@@ -136,3 +150,54 @@ def test_similarity_matrix_passes_metric_parameters(xy):
     assert m.values[0, 1] == pytest.approx(mutual_knn(x, y, k=3), abs=1e-12) and m.attrs["k"] == 3
     m = similarity_matrix({"x": x, "y": y}, metric="rsa", rdm="euclidean", compare="kendall")
     assert m.values[0, 1] == pytest.approx(rsa(x, y, rdm="euclidean", compare="kendall"), abs=1e-12)
+
+
+@pytest.mark.parametrize("fn", PAIR_FUNCTIONS, ids=lambda f: f.__name__)
+def test_different_sample_ids_of_labelled_inputs(fn, xy):
+    x, y = xy
+    ids = np.arange(60)
+    a = xr.DataArray(x, dims=("sample", "unit"), coords={"sample": ids})
+    b = xr.DataArray(y, dims=("sample", "unit"), coords={"sample": ids[::-1]})
+    with pytest.raises(ZooauditError, match=r"different sample ids .*same ids in a different order"):
+        fn(a, b)
+    with pytest.raises(ZooauditError, match=r"different sample ids \(first difference at row 0: 100 vs 0\)"):
+        fn(a, b.assign_coords(sample=ids + 100))
+    fn(a, b.assign_coords(sample=ids))          # same ids, same order: fine
+    fn(a, y)                                     # unlabelled inputs are trusted
+
+
+def test_similarity_matrix_checks_sample_ids(xy):
+    x, y = xy
+    a = xr.DataArray(x, dims=("sample", "unit"), coords={"sample": np.arange(60)})
+    b = xr.DataArray(y, dims=("sample", "unit"), coords={"sample": np.arange(1, 61)})
+    with pytest.raises(ZooauditError, match="m2 and m1 label their rows with different sample ids"):
+        similarity_matrix({"m1": a}, {"m2": b}, dims=("model_a", "model_b"))
+
+
+def test_similarity_matrices_share_one_pass(xy, monkeypatch):
+    from zooaudit.analysis import sim_stream
+    from zooaudit.analysis.similarity import STREAMED_METRICS, similarity_matrices
+
+    x, y = xy
+    layers = {"x": da.from_array(x, chunks=(16, -1)), "y": y, "z": np.sin(x[:, :3])}
+    passes = []
+    real = sim_stream.iter_row_blocks
+    monkeypatch.setattr(sim_stream, "iter_row_blocks", lambda arrays, rows: passes.append(len(arrays)) or
+                        real(arrays, rows))
+    got = similarity_matrices(layers, metrics=list(METRICS), params={"svcca": {"keep_variance": 0.9}})
+    assert passes == [3]                          # every streamed metric, every pair: one pass over 3 arrays
+    monkeypatch.setattr(sim_stream, "iter_row_blocks", real)
+    for metric in METRICS:
+        kw = {"keep_variance": 0.9} if metric == "svcca" else {}
+        alone = similarity_matrix(layers, metric=metric, **kw)
+        np.testing.assert_allclose(got[metric].values, alone.values, atol=1e-9, err_msg=metric)
+        assert got[metric].attrs == alone.attrs
+    assert set(STREAMED_METRICS) == {"linear_cka", "linear_cka_debiased", "cca", "svcca", "pwcca", "procrustes"}
+    with pytest.raises(ZooauditError, match="keep_variance must lie in"):
+        similarity_matrices(layers, metrics=["svcca"], params={"svcca": {"keep_variance": 1.5}})
+    with pytest.raises(ZooauditError, match="listed twice|twice"):
+        similarity_matrices(layers, metrics=["rsa", "rsa"])
+    with pytest.raises(ZooauditError, match=r"Unknown metric in params 'rsa'"):
+        similarity_matrices(layers, metrics=["cca"], params={"rsa": {}})
+    with pytest.raises(ZooauditError, match="non-empty list"):
+        similarity_matrices(layers, metrics="cca")

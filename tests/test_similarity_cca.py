@@ -8,8 +8,15 @@ import pytest
 from scipy.linalg import fractional_matrix_power, orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from zooaudit.analysis.similarity import (DegenerateCCAWarning, UndefinedSimilarityWarning, cca, procrustes,
-                                          pwcca, shape_distance, svcca)
+from zooaudit.analysis.similarity import (
+    DegenerateCCAWarning,
+    UndefinedSimilarityWarning,
+    cca,
+    procrustes,
+    pwcca,
+    shape_distance,
+    svcca,
+)
 from zooaudit.errors import ZooauditError
 
 

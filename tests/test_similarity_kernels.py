@@ -7,7 +7,12 @@ from scipy.spatial.distance import pdist, squareform
 from scipy.stats import ortho_group
 
 from zooaudit.analysis import sim_checks
-from zooaudit.analysis.similarity import (UndefinedSimilarityWarning, linear_cka, minibatch_cka, rbf_cka)
+from zooaudit.analysis.similarity import (
+    UndefinedSimilarityWarning,
+    linear_cka,
+    minibatch_cka,
+    rbf_cka,
+)
 from zooaudit.errors import ZooauditError
 
 

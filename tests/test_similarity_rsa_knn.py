@@ -10,8 +10,15 @@ from scipy.stats import spearmanr
 from sklearn.neighbors import NearestNeighbors
 
 from zooaudit.analysis import sim_rsa, sim_units
-from zooaudit.analysis.similarity import (NeuronMatch, UndefinedSimilarityWarning, knn_indices, match_neurons,
-                                          mutual_knn, rdm, rsa)
+from zooaudit.analysis.similarity import (
+    NeuronMatch,
+    UndefinedSimilarityWarning,
+    knn_indices,
+    match_neurons,
+    mutual_knn,
+    rdm,
+    rsa,
+)
 from zooaudit.errors import ZooauditError
 
 

@@ -109,6 +109,9 @@ class SimilaritySpec(BaseModel):
         "shuffle", description="Control beside every similarity: the same metric with the second representation's "
         "samples shuffled, or against a random-initialised copy of the model.")
     control_max_samples: int = Field(20_000, ge=10, description="Controls use at most this many samples.")
+    pairwise_max_samples: int = Field(
+        5000, ge=10, le=10_000, description="RBF CKA, RSA and mutual k-NN (n×n Grams, RDMs, neighbour search) use a "
+        "fixed random subset of at most this many samples; the streamed metrics use all samples.")
     random_state: int = 0
 
     @field_validator("metrics")
@@ -121,6 +124,8 @@ class SimilaritySpec(BaseModel):
             raise ValueError(f"unknown similarity metric(s) {bad}; allowed: {', '.join(METRICS)}")
         if not v:
             raise ValueError(f"give at least one similarity metric; allowed: {', '.join(METRICS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"similarity metrics listed twice: {sorted({m for m in v if v.count(m) > 1})}")
         return v
 
 

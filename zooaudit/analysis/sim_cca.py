@@ -16,28 +16,59 @@ import math
 
 import numpy as np
 
-from .sim_checks import (DegenerateCCAWarning, as_matrix, check_real, check_samples, warn_undefined)
+from .sim_checks import (
+    DegenerateCCAWarning,
+    as_matrix,
+    check_real,
+    check_sample_ids,
+    check_samples,
+    warn_undefined,
+)
 from .sim_stream import joint_gram
 
 
 class _Pair:
-    """Centred co-moments of X and Y from one joint pass, with their eigen-decompositions."""
+    """Centred co-moments of X and Y from one joint pass, with their eigen-decompositions.
+
+    :meth:`from_moments` builds one from blocks of a larger joint pass (every layer
+    pair of :func:`~zooaudit.analysis.similarity.similarity_matrix` from one pass).
+    """
 
     def __init__(self, X, Y, min_samples: int = 2):
+        check_sample_ids([X, Y], ["X", "Y"])
         X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
         self.n = check_samples([X, Y], ["X", "Y"], min_samples=min_samples)
         acc = joint_gram([X, Y], names=["X", "Y"], dtype=np.float64)
         C = acc.centred()
         sx, sy = acc.slices
-        self.p, self.q = sx.stop - sx.start, sy.stop - sy.start
-        self.cxx, self.cyy, self.cxy = C[sx, sx], C[sy, sy], C[sx, sy]
-        self.constant = acc.constant_layers(C)
+        self._set(C[sx, sx], C[sy, sy], C[sx, sy], acc.constant_layers(C), None)
+
+    @classmethod
+    def from_moments(cls, n: int, cxx: np.ndarray, cyy: np.ndarray, cxy: np.ndarray, constant: np.ndarray,
+                     eigs=None) -> _Pair:
+        """From centred co-moments ``(p, p)``, ``(q, q)``, ``(p, q)`` over ``n`` samples.
+
+        ``constant``: ``(2,)`` bool, X / Y has zero variance. ``eigs``: optional
+        ``((λx, Vx), (λy, Vy))`` full descending eigen-decompositions of ``cxx`` and
+        ``cyy`` (computed once per layer by the caller).
+        """
+        self = cls.__new__(cls)
+        self.n = int(n)
+        self._set(cxx, cyy, cxy, np.asarray(constant, bool), eigs)
+        return self
+
+    def _set(self, cxx, cyy, cxy, constant, eigs) -> None:
+        self.cxx, self.cyy, self.cxy = cxx, cyy, cxy
+        self.p, self.q = cxx.shape[0], cyy.shape[0]
+        self.constant = constant
+        self._full = eigs
         self._eig = None
 
     def _decompose(self):
         if self._eig is None:
             rtol = max(self.p, self.q) * 100 * np.finfo(np.float64).eps
-            self._eig = (*_eig_desc(self.cxx, rtol), *_eig_desc(self.cyy, rtol))
+            (lx, vx), (ly, vy) = self._full or (full_eig(self.cxx), full_eig(self.cyy))
+            self._eig = (*_keep(lx, vx, rtol), *_keep(ly, vy, rtol))
         return self._eig
 
     lx = property(lambda self: self._decompose()[0])
@@ -62,10 +93,14 @@ class _Pair:
                 "than features (or SVCCA with fewer retained directions).", DegenerateCCAWarning, stacklevel=3)
 
 
-def _eig_desc(C: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, above ``rtol·λ_max``) and their eigenvectors (columns)."""
+def full_eig(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenvalues of the symmetric ``C`` (descending) and their eigenvectors (columns)."""
     lam, V = np.linalg.eigh(C)
-    lam, V = lam[::-1], V[:, ::-1]
+    return lam[::-1], V[:, ::-1]
+
+
+def _keep(lam: np.ndarray, V: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """The eigen-pairs above ``rtol·λ_max`` (the rank of ``C``)."""
     if not len(lam) or lam[0] <= 0:
         return lam[:0], V[:, :0]
     keep = lam > rtol * lam[0]
@@ -89,7 +124,11 @@ def cca(X, Y) -> np.ndarray:
     q ≥ n − 1 (every correlation is then 1). A zero-variance input warns and gives
     an all-NaN vector of length ``min(p, q)``.
     """
-    pr = _Pair(X, Y)
+    return cca_of(_Pair(X, Y))
+
+
+def cca_of(pr: _Pair) -> np.ndarray:
+    """:func:`cca` from a pair's co-moments."""
     pr.warn_saturated(pr.p, pr.q, "cca")
     if pr.undefined("CCA"):
         return np.full(min(pr.p, pr.q), np.nan)
@@ -112,7 +151,11 @@ def svcca(X, Y, *, keep_variance: float = 0.99) -> float:
     ≥ n − 1 directions; zero variance warns and gives NaN.
     """
     keep_variance = check_real("keep_variance", keep_variance, low=0.0, high=1.0, low_open=True)
-    pr = _Pair(X, Y)
+    return svcca_of(_Pair(X, Y), keep_variance=keep_variance)
+
+
+def svcca_of(pr: _Pair, *, keep_variance: float = 0.99) -> float:
+    """:func:`svcca` from a pair's co-moments (``keep_variance`` already checked)."""
     if pr.undefined("SVCCA"):
         return float("nan")
     kx, ky = _n_keep(pr.lx, keep_variance), _n_keep(pr.ly, keep_variance)
@@ -132,7 +175,11 @@ def pwcca(X, Y) -> float:
     QR-orthonormalises its directions and weights by those.) Computed in feature
     space: ``X̃ᵀhᵢ = Cxx aᵢ``. Not symmetric in X and Y. Warnings as :func:`cca`.
     """
-    pr = _Pair(X, Y)
+    return pwcca_of(_Pair(X, Y))
+
+
+def pwcca_of(pr: _Pair) -> float:
+    """:func:`pwcca` from a pair's co-moments."""
     pr.warn_saturated(pr.p, pr.q, "pwcca")
     if pr.undefined("PWCCA"):
         return float("nan")
@@ -177,9 +224,24 @@ def procrustes(X, Y) -> float:
     rotation, translation and scale; a metric (triangle inequality). One
     streamed pass. Zero variance warns and gives NaN.
     """
-    pr = _Pair(X, Y)
+    return procrustes_of(_Pair(X, Y))
+
+
+def procrustes_of(pr: _Pair) -> float:
+    """:func:`procrustes` from a pair's co-moments."""
     if pr.constant.any():
         return warn_undefined("Procrustes distance is undefined: a representation has zero variance; returning NaN.")
     nuclear = float(np.linalg.svd(pr.cxy, compute_uv=False).sum())
     norm = math.sqrt(max(float(np.trace(pr.cxx)), 0.0) * max(float(np.trace(pr.cyy)), 0.0))
     return float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
+
+
+def mean_cca_of(pr: _Pair) -> float:
+    """Mean canonical correlation (the ``"cca"`` entry of ``similarity_matrix``)."""
+    rho = cca_of(pr)
+    return float(rho.mean()) if len(rho) else float("nan")
+
+
+# similarity_matrix metrics computed from co-moments: name → (function of a _Pair, symmetric?)
+MOMENT_METRICS = {"cca": (mean_cca_of, True), "svcca": (svcca_of, True), "pwcca": (pwcca_of, False),
+                  "procrustes": (procrustes_of, True)}

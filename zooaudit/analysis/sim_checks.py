@@ -69,6 +69,38 @@ def width(x) -> int:
     return int(np.prod(x.shape[1:]))
 
 
+def _sample_ids(x):
+    """The sample-dimension coordinate of an xarray DataArray (its first dim), else None."""
+    if hasattr(x, "dims") and hasattr(x, "coords") and getattr(x, "ndim", 0) >= 1 and x.dims[0] in x.coords:
+        return np.asarray(x.coords[x.dims[0]].values)
+    return None
+
+
+def check_sample_ids(inputs, names) -> None:
+    """Labelled inputs (xarray DataArrays with a coordinate on their first dim) must
+    carry the same sample ids in the same order; unlabelled inputs are trusted.
+
+    Called on the raw inputs, before :func:`as_matrix` drops the labels.
+    """
+    first = None
+    for x, name in zip(inputs, names):
+        ids = _sample_ids(x)
+        if ids is None:
+            continue
+        if first is None:
+            first = (name, ids)
+            continue
+        ref_name, ref = first
+        if len(ids) == len(ref) and not np.array_equal(ids, ref):
+            pos = int(np.flatnonzero(ids != ref)[0]) if ids.shape == ref.shape else 0
+            same_set = set(ids.tolist()) == set(ref.tolist())
+            raise ZooauditError(
+                f"{name} and {ref_name} label their rows with different sample ids (first difference at row "
+                f"{pos}: {ids[pos].tolist()!r} vs {ref[pos].tolist()!r}{'; same ids in a different order' if same_set else ''}). "
+                "Similarity compares row i of one representation with row i of the other: align both to the "
+                "same samples in the same order (e.g. x.sel(sample=y.sample)) first.")
+
+
 def check_samples(arrays, names, *, min_samples: int = 2) -> int:
     """All arrays share their number of rows (≥ ``min_samples``); return it."""
     ns = [int(a.shape[0]) for a in arrays]

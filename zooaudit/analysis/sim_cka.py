@@ -22,13 +22,24 @@ Conventions (X: ``(n, p)``, Y: ``(n, q)``, rows = the same samples):
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
 from ..errors import ZooauditError
-from .sim_checks import (as_matrix, check_bool, check_choice, check_gram_size, check_int, check_real,
-                         check_samples, dense, is_dask, warn_undefined)
+from .sim_checks import (
+    as_matrix,
+    check_bool,
+    check_choice,
+    check_gram_size,
+    check_int,
+    check_real,
+    check_sample_ids,
+    check_samples,
+    dense,
+    is_dask,
+    warn_undefined,
+)
 from .sim_stream import JointGram, joint_gram
 
 KERNELS = ("linear", "rbf")
@@ -81,6 +92,7 @@ def _unbiased_hsic_from_stats(acc: JointGram) -> np.ndarray:
 
 def _prepare(named: Mapping[str, object], debiased: bool):
     names = [str(k) for k in named]
+    check_sample_ids(list(named.values()), names)
     arrays = [as_matrix(v, name) for name, v in zip(names, named.values())]
     if not arrays:
         raise ZooauditError("No representations given: pass a mapping {name: (n_samples, n_features) array}.")
@@ -210,6 +222,7 @@ def rbf_cka(X, Y, *, threshold: float = 1.0, debiased: bool = False) -> float:
     """
     threshold = check_real("threshold", threshold, low=0.0, low_open=True)
     debiased = check_bool("debiased", debiased)
+    check_sample_ids([X, Y], ["X", "Y"])
     X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
     n = check_samples([X, Y], ["X", "Y"], min_samples=4 if debiased else 2)
     check_gram_size(n, "rbf_cka", "Use minibatch_cka(X, Y, kernel='rbf', batch_size=...) for large n.")
@@ -258,6 +271,7 @@ def minibatch_cka(X, Y, *, kernel: str = "linear", batch_size: int = 1024, rando
     kernel = check_choice("kernel", kernel, KERNELS)
     threshold = check_real("threshold", threshold, low=0.0, low_open=True)
     shuffle = check_bool("shuffle", shuffle)
+    check_sample_ids([X, Y], ["X", "Y"])
     X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
     n = check_samples([X, Y], ["X", "Y"], min_samples=4)
     batch_size = min(n, check_int("batch_size", batch_size, low=4, high=MAX_BATCH,

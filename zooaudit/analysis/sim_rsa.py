@@ -14,8 +14,15 @@ import warnings
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from .sim_checks import (UndefinedSimilarityWarning, as_matrix, check_choice, check_samples, dense,
-                         warn_undefined)
+from .sim_checks import (
+    UndefinedSimilarityWarning,
+    as_matrix,
+    check_choice,
+    check_sample_ids,
+    check_samples,
+    dense,
+    warn_undefined,
+)
 
 RDM_KINDS = ("correlation", "euclidean", "sqeuclidean")
 COMPARE = ("spearman", "kendall")
@@ -95,6 +102,7 @@ def rsa(X, Y, *, rdm: str = "correlation", compare: str = "spearman") -> float:
     """
     kind = check_choice("rdm", rdm, RDM_KINDS)
     compare = check_choice("compare", compare, COMPARE)
+    check_sample_ids([X, Y], ["X", "Y"])
     X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
     check_samples([X, Y], ["X", "Y"], min_samples=3)
     dx = _rdm_fn(X, kind=kind)

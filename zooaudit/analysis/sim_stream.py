@@ -24,8 +24,8 @@ relative accuracy per entry whatever the offset of the data. Memory is
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -141,7 +141,7 @@ class JointGram:
 
     # -- accumulation ---------------------------------------------------------------
 
-    def update(self, parts: Sequence[np.ndarray], start: int = 0) -> "JointGram":
+    def update(self, parts: Sequence[np.ndarray], start: int = 0) -> JointGram:
         """Add one aligned row block ``[(b, p_l) ...]`` (any real dtype)."""
         b = int(parts[0].shape[0])
         if b == 0:
@@ -205,21 +205,30 @@ class JointGram:
         self.RZ += np.outer(rsum, e)
 
     def _flush(self) -> None:
-        if self._plus:
-            D = np.asarray(self._plus)
-            self.T += D.T @ D
-            self._plus.clear()
-        if self._minus:
-            D = np.asarray(self._minus)
-            self.T -= D.T @ D
-            self._minus.clear()
+        # T += Σ d dᵀ − Σ δ δᵀ as one GEMM [D₊; D₋]ᵀ [D₊; −D₋], added panel by panel into the
+        # upper panels only (the lower ones are copied from them in finalize): no (P, P) temporary
+        if not self._plus:
+            return
+        D = np.asarray(self._plus + self._minus)
+        E = np.concatenate([np.asarray(self._plus), -np.asarray(self._minus)])
+        for i, si in enumerate(self._panels):
+            for sj in self._panels[i:]:
+                self.T[si, sj] += D[:, si].T @ E[:, sj]
+        self._plus.clear()
+        self._minus.clear()
 
-    def finalize(self) -> "JointGram":
-        """Apply pending corrections and symmetrise ``T`` (only its upper panels were summed)."""
+    def finalize(self) -> JointGram:
+        """Apply pending corrections and mirror the upper panels into the lower ones."""
         if not self._final:
             self._flush()
-            upper = np.triu(self.T)
-            self.T = upper + np.triu(upper, 1).T
+            panels = self._panels
+            for i, si in enumerate(panels):
+                # diagonal panels were summed in full; average their two triangles so T is exactly symmetric
+                d = self.T[si, si]
+                d += d.T.copy()
+                d *= 0.5
+                for sj in panels[i + 1:]:
+                    self.T[sj, si] = self.T[si, sj].T
             self._buf = None
             self._final = True
         return self

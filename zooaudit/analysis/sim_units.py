@@ -9,7 +9,14 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError
-from .sim_checks import UndefinedSimilarityWarning, as_matrix, check_int, check_samples, dense
+from .sim_checks import (
+    UndefinedSimilarityWarning,
+    as_matrix,
+    check_int,
+    check_sample_ids,
+    check_samples,
+    dense,
+)
 from .sim_stream import joint_gram
 
 BLOCK_BYTES = 64 * 2**20
@@ -53,6 +60,7 @@ def mutual_knn(X, Y, *, k: int = 10) -> float:
     representations is about ``k / (n − 1)``. Needs ``1 ≤ k ≤ n − 1``. Symmetric.
     Memory: the inputs, ``O(n·k)`` indices and one ``(block, n)`` similarity block.
     """
+    check_sample_ids([X, Y], ["X", "Y"])
     X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
     n = check_samples([X, Y], ["X", "Y"], min_samples=2)
     k = check_int("k", k, low=1, high=n - 1,
@@ -101,6 +109,7 @@ def match_neurons(X, Y) -> NeuronMatch:
     """
     from scipy.optimize import linear_sum_assignment
 
+    check_sample_ids([X, Y], ["X", "Y"])
     X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
     check_samples([X, Y], ["X", "Y"], min_samples=2)
     acc = joint_gram([X, Y], names=["X", "Y"], dtype=np.float64)

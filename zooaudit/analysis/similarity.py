@@ -19,60 +19,107 @@ for the data (zero variance), the function warns with
 ``match_neurons``      Pearson + Hungarian one-to-one unit matching
 ``similarity_matrix``  every ``METRICS`` name over all pairs of layers / models
 =====================  ==========================================================
+
+:func:`similarity_matrices` computes several metrics over all pairs at once: the
+linear-CKA variants and the co-moment metrics (CCA family, Procrustes) of every pair
+come from ONE streamed pass over the rows that accumulates the joint second moments
+of all representations (memory ``O(P²)`` for ``P`` features in all, independent of
+n); the sample-pair metrics (RBF CKA, RSA, mutual k-NN) need every pair of samples
+and are computed pair by pair in memory.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError, unknown
-from .sim_cca import cca, procrustes, pwcca, shape_distance, svcca
-from .sim_checks import (MAX_GRAM_SAMPLES, DegenerateCCAWarning, UndefinedSimilarityWarning, as_matrix,
-                         check_samples)
+from .sim_cca import (
+    MOMENT_METRICS,
+    _Pair,
+    cca,
+    full_eig,
+    procrustes,
+    pwcca,
+    shape_distance,
+    svcca,
+)
+from .sim_checks import (
+    MAX_GRAM_SAMPLES,
+    DegenerateCCAWarning,
+    UndefinedSimilarityWarning,
+    as_matrix,
+    check_real,
+    check_sample_ids,
+    check_samples,
+)
 from .sim_cka import cka_from_stats, cka_matrix, linear_cka, minibatch_cka, rbf_cka
 from .sim_rsa import rdm, rsa
 from .sim_stream import JointGram, joint_gram
 from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
 
 __all__ = [
-    "METRICS", "MAX_GRAM_SAMPLES", "DegenerateCCAWarning", "UndefinedSimilarityWarning", "JointGram", "NeuronMatch",
-    "linear_cka", "cka_matrix", "rbf_cka", "minibatch_cka", "cca", "svcca", "pwcca", "procrustes",
-    "shape_distance", "rsa", "rdm", "mutual_knn", "knn_indices", "match_neurons", "similarity_matrix",
+    "MAX_GRAM_SAMPLES",
+    "METRICS",
+    "SAMPLE_PAIR_METRICS",
+    "STREAMED_METRICS",
+    "DegenerateCCAWarning",
+    "JointGram",
+    "NeuronMatch",
+    "UndefinedSimilarityWarning",
+    "cca",
+    "cka_matrix",
+    "knn_indices",
+    "linear_cka",
+    "match_neurons",
+    "minibatch_cka",
+    "mutual_knn",
+    "procrustes",
+    "pwcca",
+    "rbf_cka",
+    "rdm",
+    "rsa",
+    "shape_distance",
+    "similarity_matrices",
+    "similarity_matrix",
+    "svcca",
 ]
 
 
-def _mean_cca(X, Y) -> float:
-    """Mean canonical correlation (the ``"cca"`` entry of :func:`similarity_matrix`)."""
-    rho = cca(X, Y)
-    return float(rho.mean()) if len(rho) else float("nan")
-
-
-# name → (pairwise function, symmetric?, "similarity" | "distance")
+# name → (pairwise function, symmetric?, "similarity" | "distance") for metrics that need every pair of samples
 _PAIRWISE: dict[str, tuple[Callable, bool, str]] = {
     "rbf_cka": (rbf_cka, True, "similarity"),
-    "cca": (_mean_cca, True, "similarity"),
-    "svcca": (svcca, True, "similarity"),
-    "pwcca": (pwcca, False, "similarity"),
-    "procrustes": (procrustes, True, "distance"),
     "rsa": (rsa, True, "similarity"),
     "mutual_knn": (mutual_knn, True, "similarity"),
 }
-METRICS = ("linear_cka", "linear_cka_debiased", *_PAIRWISE)
+_PUBLIC = {"cca": cca, "svcca": svcca, "pwcca": pwcca, "procrustes": procrustes, **{k: v[0] for k, v in _PAIRWISE.items()}}
+METRICS = ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes", "rsa", "mutual_knn")
+# exact from one streamed pass over the rows (memory independent of n)
+STREAMED_METRICS = ("linear_cka", "linear_cka_debiased", *MOMENT_METRICS)
+# need every pair of samples: n×n Gram / RDM / neighbour search, time O(n²)
+SAMPLE_PAIR_METRICS = tuple(_PAIRWISE)
+_KIND = {m: "distance" if m == "procrustes" else "similarity" for m in METRICS}
 
 
-def _check_params(metric: str, params: dict) -> None:
-    fn = _PAIRWISE[metric][0] if metric in _PAIRWISE else None
+def _check_params(metric: str, params: dict) -> dict:
+    fn = _PUBLIC.get(metric)
     allowed = [] if fn is None else [p.name for p in inspect.signature(fn).parameters.values()
                                      if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if not isinstance(params, Mapping):
+        raise ZooauditError(f"parameters of metric {metric!r} must be a mapping {{name: value}}; got {params!r}.")
     for key in params:
         if key not in allowed:
             raise unknown(f"parameter for metric {metric!r}", key, allowed,
                           "linear CKA variants take none (choose 'linear_cka' or 'linear_cka_debiased')."
-                          if fn is None else "")
+                          if fn is None else "" if allowed else f"{metric} takes none.")
+    params = dict(params)
+    if metric == "svcca" and "keep_variance" in params:   # the co-moment path skips svcca()'s own check
+        params["keep_variance"] = check_real("keep_variance", params["keep_variance"], low=0.0, high=1.0,
+                                             low_open=True)
+    return params
 
 
 def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, object] | None = None, *,
@@ -80,23 +127,49 @@ def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, obj
                       **params) -> xr.DataArray:
     """``metric`` between every ``layers_a`` entry and every ``layers_b`` entry (default: ``layers_a``).
 
-    ``layers_a``, ``layers_b``: ``{name: (n, p_name) array}`` sharing their samples.
+    ``layers_a``, ``layers_b``: ``{name: (n, p_name) array}`` sharing their samples
+    (xarray DataArrays labelled with sample ids must carry the same ids, in order).
     ``metric``: one of :data:`METRICS`; ``"cca"`` is the mean canonical correlation,
     ``"procrustes"`` a distance (0 = same shape), the rest similarities.
     ``params``: keyword options of the metric's function (e.g. ``k=`` for
-    ``mutual_knn``, ``threshold=`` for ``rbf_cka``). Linear CKA (biased or debiased)
-    comes from one joint streamed pass over every distinct array; the other metrics
-    are computed pair by pair (once per unordered pair when symmetric).
+    ``mutual_knn``, ``threshold=`` for ``rbf_cka``). The streamed metrics
+    (:data:`STREAMED_METRICS`) come from one joint pass over every distinct array;
+    the others are computed pair by pair (once per unordered pair when symmetric).
 
     Returns a ``(len(layers_a), len(layers_b))`` float64 DataArray with dims
     ``dims``, coordinates the mapping keys, and attrs naming the metric.
     """
     if not isinstance(metric, str) or metric not in METRICS:
         raise unknown("similarity metric", metric, METRICS)
+    return similarity_matrices(layers_a, layers_b, metrics=[metric], dims=dims, params={metric: params})[metric]
+
+
+def similarity_matrices(layers_a: Mapping[str, object], layers_b: Mapping[str, object] | None = None, *,
+                        metrics: Sequence[str], dims: tuple[str, str] = ("layer_a", "layer_b"),
+                        params: Mapping[str, Mapping] | None = None) -> dict[str, xr.DataArray]:
+    """Several metrics over all pairs: ``{metric: similarity_matrix(..., metric=metric)}``.
+
+    Every requested metric of :data:`STREAMED_METRICS` is computed from the same
+    single pass over the rows (float64 joint moments of all distinct arrays of both
+    sides, plus row-norm sums when ``linear_cka_debiased`` is asked for); the
+    :data:`SAMPLE_PAIR_METRICS` pair by pair. ``params``: ``{metric: {option: value}}``.
+    """
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
+        raise ZooauditError(f"metrics must be a non-empty list of metric names; got {metrics!r}. "
+                            f"Allowed: {', '.join(METRICS)}.")
+    for metric in metrics:
+        if not isinstance(metric, str) or metric not in METRICS:
+            raise unknown("similarity metric", metric, METRICS)
+    if len(set(metrics)) != len(metrics):
+        raise ZooauditError(f"metrics lists a metric twice: {list(metrics)!r}.")
+    params = dict(params or {})
+    for m in params:
+        if m not in metrics:
+            raise unknown("metric in params", m, list(metrics), "params are keyed by the requested metrics.")
+    params = {m: _check_params(m, params.get(m, {})) for m in metrics}
     if (not isinstance(dims, (tuple, list)) or len(dims) != 2 or not all(isinstance(d, str) for d in dims)
             or dims[0] == dims[1]):
         raise ZooauditError(f"dims must be two distinct dimension names, e.g. ('layer_a', 'layer_b'); got {dims!r}.")
-    _check_params(metric, params)
     same = layers_b is None
     layers_b = layers_a if same else layers_b
     for label, m in (("layers_a", layers_a), ("layers_b", layers_b)):
@@ -104,31 +177,41 @@ def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, obj
             raise ZooauditError(f"{label} must be a non-empty mapping {{name: (n_samples, n_features) array}}; "
                                 f"got {type(m).__name__}.")
     keys_a, keys_b = [str(k) for k in layers_a], [str(k) for k in layers_b]
+    check_sample_ids([*layers_a.values(), *([] if same else layers_b.values())], keys_a if same else [*keys_a, *keys_b])
     arrays_a = [as_matrix(v, k) for k, v in zip(keys_a, layers_a.values())]
     arrays_b = arrays_a if same else [as_matrix(v, k) for k, v in zip(keys_b, layers_b.values())]
+    min_samples = max(4 if m == "linear_cka_debiased" else 3 if m == "rsa" else 2 for m in metrics)
     check_samples(arrays_a if same else [*arrays_a, *arrays_b], keys_a if same else [*keys_a, *keys_b],
-                  min_samples=4 if metric == "linear_cka_debiased" else 2)
+                  min_samples=min_samples)
 
-    if metric in ("linear_cka", "linear_cka_debiased"):
-        values = _linear_cka_block(keys_a, arrays_a, keys_b, arrays_b, debiased=metric.endswith("debiased"))
-        attrs = {"estimator": "debiased (unbiased HSIC, Song et al. 2012)" if metric.endswith("debiased")
-                 else "biased", "centred": "columns", "kind": "similarity"}
-    else:
-        fn, symmetric, kind = _PAIRWISE[metric]
-        values = np.empty((len(arrays_a), len(arrays_b)))
+    values = {}
+    streamed = [m for m in metrics if m in STREAMED_METRICS]
+    if streamed:
+        values.update(_streamed_block(streamed, params, keys_a, arrays_a, keys_b, arrays_b, same))
+    for metric in (m for m in metrics if m in _PAIRWISE):
+        fn, symmetric, _ = _PAIRWISE[metric]
+        v = np.empty((len(arrays_a), len(arrays_b)))
         for i, x in enumerate(arrays_a):
             for j, y in enumerate(arrays_b):
-                if same and symmetric and j < i:
-                    values[i, j] = values[j, i]
-                else:
-                    values[i, j] = fn(x, y, **params)
-        attrs = {"kind": kind, **{k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}}
-    return xr.DataArray(values, dims=tuple(dims), coords={dims[0]: keys_a, dims[1]: keys_b}, name=metric,
-                        attrs={"metric": metric, **attrs})
+                v[i, j] = v[j, i] if same and symmetric and j < i else fn(x, y, **params[metric])
+        values[metric] = v
+
+    out = {}
+    for metric in metrics:
+        attrs = {"metric": metric, "kind": _KIND[metric],
+                 **{k: v for k, v in params[metric].items() if isinstance(v, (str, int, float, bool))}}
+        if metric.startswith("linear_cka"):
+            attrs.update(estimator="debiased (unbiased HSIC, Song et al. 2012)" if metric.endswith("debiased")
+                         else "biased", centred="columns")
+        if metric == "procrustes":
+            attrs["units"] = "radians"
+        out[metric] = xr.DataArray(values[metric], dims=tuple(dims), coords={dims[0]: keys_a, dims[1]: keys_b},
+                                   name=metric, attrs=attrs)
+    return out
 
 
-def _linear_cka_block(keys_a, arrays_a, keys_b, arrays_b, *, debiased: bool) -> np.ndarray:
-    """One joint pass over the distinct arrays (by identity) of both sides."""
+def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: bool) -> dict[str, np.ndarray]:
+    """One joint pass over the distinct arrays (by identity) of both sides → every streamed metric."""
     index: dict[int, int] = {}
     names, arrays = [], []
     for keys, arrs in ((keys_a, arrays_a), (keys_b, arrays_b)):
@@ -137,7 +220,37 @@ def _linear_cka_block(keys_a, arrays_a, keys_b, arrays_b, *, debiased: bool) -> 
                 index[id(a)] = len(arrays)
                 names.append(k)
                 arrays.append(a)
-    full = cka_from_stats(joint_gram(arrays, names=names, rownorms=debiased), debiased=debiased)
     ia = [index[id(a)] for a in arrays_a]
     ib = [index[id(b)] for b in arrays_b]
-    return full[np.ix_(ia, ib)]
+    moments = [m for m in metrics if m in MOMENT_METRICS]
+    # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32
+    acc = joint_gram(arrays, names=names, rownorms="linear_cka_debiased" in metrics,
+                     dtype=np.float64 if moments else None)
+    out = {}
+    for metric in ("linear_cka", "linear_cka_debiased"):
+        if metric in metrics:
+            out[metric] = cka_from_stats(acc, debiased=metric.endswith("debiased"))[np.ix_(ia, ib)]
+    if moments:
+        C = acc.centred()
+        constant = acc.constant_layers(C)
+        sl = acc.slices
+        eigs: dict[int, tuple] = {}
+
+        def eig(i):
+            if i not in eigs:
+                eigs[i] = full_eig(C[sl[i], sl[i]])
+            return eigs[i]
+
+        for metric in moments:
+            fn, symmetric = MOMENT_METRICS[metric]
+            v = np.empty((len(ia), len(ib)))
+            for r, i in enumerate(ia):
+                for c, j in enumerate(ib):
+                    if same and symmetric and c < r:
+                        v[r, c] = v[c, r]
+                        continue
+                    pair = _Pair.from_moments(acc.n, C[sl[i], sl[i]], C[sl[j], sl[j]], C[sl[i], sl[j]],
+                                              constant[[i, j]], eigs=(eig(i), eig(j)))
+                    v[r, c] = fn(pair, **params[metric])
+            out[metric] = v
+    return out

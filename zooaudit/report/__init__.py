@@ -33,13 +33,14 @@ def _layer_similarity_section(repo, plan, result, base: str, model: str, files: 
     metrics = [m for m in result.summary if isinstance(result.summary[m], dict)]
     for metric in metrics:
         ds = _open(repo, result.snapshot, layout.similarity_group(plan.ds_key, metric))
+        kind = ds.attrs.get("kind", "distance" if metric == "procrustes" else "similarity")
         name = f"{base}-{metric}.png"
-        files[name] = heatmap_png(ds["value"], f"layer × layer {metric} — {model}")
+        files[name] = heatmap_png(ds["value"], f"layer × layer {metric} (n={ds.attrs.get('n')}) — {model}", kind=kind)
         out.append(f"<img src='{name}'>")
         if "control" in ds:
             cname = f"{base}-{metric}-control.png"
             files[cname] = heatmap_png(ds["control"], f"control ({ds.attrs.get('control')}, "
-                                       f"n={ds.attrs.get('control_n')}) — {metric}")
+                                       f"n={ds.attrs.get('control_n')}) — {metric}", kind=kind)
             out.append(f"<img src='{cname}'>")
     return out
 
@@ -50,13 +51,22 @@ def _zoo_section(store, z, files: dict) -> list[str]:
     repo = store.zoo_repo()
     if z.stage == "zoo-similarity":
         for metric, group in z.summary["groups"].items():
-            value = _open(repo, z.snapshot, group)["value"]
-            for layer in value["layer_a"].values:
-                mat = value.sel(layer_a=layer, layer_b=layer).dropna("model_a", how="all").dropna("model_b", how="all")
-                name = f"zoo-{z.dataset}-{metric}-{layer}.png"
-                files[name] = heatmap_png(mat, f"model × model {metric} — layer {layer} on {z.dataset}")
+            ds = _open(repo, z.snapshot, group)
+            kind = ds.attrs.get("kind", "distance" if metric == "procrustes" else "similarity")
+            for layer in ds["value"]["layer_a"].values:
+                imgs = []
+                for var in ("value", "control"):
+                    if var not in ds:
+                        continue
+                    mat = ds[var].sel(layer_a=layer, layer_b=layer)
+                    mat = mat.dropna("model_a", how="all").dropna("model_b", how="all")
+                    name = f"zoo-{z.dataset}-{metric}-{layer}{'-control' if var == 'control' else ''}.png"
+                    label = (f"model × model {metric} — layer {layer} on {z.dataset}" if var == "value" else
+                             f"control (shuffled samples, n={ds.attrs.get('control_n')}) — {metric}, layer {layer}")
+                    files[name] = heatmap_png(mat, label, kind=kind)
+                    imgs.append(f"<img src='{name}'>")
                 out.append(f"<h2>Zoo: model × model {html.escape(metric)}, layer {html.escape(str(layer))}, "
-                           f"on {html.escape(z.dataset)}</h2><img src='{name}'>")
+                           f"on {html.escape(z.dataset)}</h2>" + "".join(imgs))
     elif z.stage == "revision-similarity":
         for family, per_metric in z.summary["families"].items():
             for metric, info in per_metric.items():

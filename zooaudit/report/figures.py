@@ -7,9 +7,9 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
 
 
 def _png(fig) -> bytes:
@@ -19,21 +19,37 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def heatmap_png(mat: xr.DataArray, title: str) -> bytes:
-    """A labelled heat map of a 2-D similarity DataArray (values in [0, 1])."""
+def heatmap_png(mat: xr.DataArray, title: str, *, kind: str | None = None) -> bytes:
+    """A labelled heat map of a 2-D similarity DataArray.
+
+    Colour range by ``kind`` (default: ``mat.attrs["kind"]``): a ``"distance"``
+    (Procrustes angle, radians) spans [0, π/2]; a similarity spans [0, 1], extended
+    below 0 when values are negative (debiased CKA, RSA). NaN cells (undefined
+    similarity) are left blank and labelled "–".
+    """
     a, b = mat.dims
+    kind = kind or mat.attrs.get("kind", "similarity")
+    vals = np.asarray(mat.values, dtype=float)
+    finite = vals[np.isfinite(vals)]
+    if kind == "distance":
+        vmin, vmax, cmap = 0.0, float(np.pi / 2), "viridis_r"
+    else:
+        vmin, vmax, cmap = min(0.0, float(finite.min()) if finite.size else 0.0), 1.0, "viridis"
     n = max(mat.sizes[a], mat.sizes[b])
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1.0 + 0.5 * n))
-    im = ax.imshow(mat.values, vmin=0, vmax=1, cmap="viridis")
+    im = ax.imshow(vals, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(mat.sizes[b]), [str(v).replace("builtin:", "") for v in mat[b].values], rotation=60,
                   ha="right", fontsize=8)
     ax.set_yticks(range(mat.sizes[a]), [str(v).replace("builtin:", "") for v in mat[a].values], fontsize=8)
+    mid = vmin + 0.6 * (vmax - vmin)
     for i in range(mat.sizes[a]):
         for j in range(mat.sizes[b]):
-            v = float(mat.values[i, j])
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+            v = float(vals[i, j])
+            dark = (v > vmin + 0.4 * (vmax - vmin)) if kind == "distance" else (v < mid)
+            ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="radians" if kind == "distance" else None)
     return _png(fig)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _status(r) -> str:
     return "cached (skipped)" if r.skipped else "committed"
@@ -26,7 +28,8 @@ def _headline(r) -> str:
                 continue
             off = _mean_offdiag(v["value"])
             ctrl = f" (control {_mean_offdiag(v['control'], diag=True):.3f})" if "control" in v else ""
-            parts.append(f"{metric}: mean between layers {off:.3f}{ctrl}")
+            dist = " (distance)" if v.get("kind") == "distance" else ""
+            parts.append(f"{metric}{dist}: mean between layers {off:.3f}{ctrl}")
         return "; ".join(parts)
     if r.stage == "activations":
         bad = {k: v for k, v in s.get("nonfinite", {}).items() if v}
@@ -45,11 +48,17 @@ def _mean_offdiag(m, diag: bool = False) -> float:
     return float(np.nanmean(a[~np.eye(a.shape[0], dtype=bool)]))
 
 
+def _with_control(v, c) -> str:
+    """``value (control)`` for a table cell."""
+    text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
+    return text if c is None else f"{text} ({'–' if math.isnan(c) else f'{c:.3f}'})"
+
+
 def _matrix_table(models, mat) -> list[str]:
     short = [m.replace("builtin:", "") for m in models]
     lines = ["| | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for name, row in zip(short, mat):
-        lines.append(f"| {name} | " + " | ".join("–" if v != v else f"{v:.3f}" for v in row) + " |")
+        lines.append(f"| {name} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in row) + " |")
     return lines
 
 
@@ -76,6 +85,52 @@ def weat_table(results) -> list[dict]:
             for row in (r.summary or {}).get("weat", [])]
 
 
+def _cell(m, i: int, j: int):
+    v = None if m is None else m[i][j]
+    return None if v is None or math.isnan(v) else round(float(v), 4)
+
+
+def similarity_table(results) -> list[dict]:
+    """Similarity beside its control as table rows: layer pairs (``similarity``),
+    model pairs per compare layer (``zoo-similarity``), consecutive checkpoints per
+    layer (``revision-similarity``). ``kind`` says whether larger means more alike."""
+    rows = []
+    for r in results:
+        s = r.summary or {}
+        if r.stage == "similarity":
+            layers = s.get("layers", [])
+            for metric, v in s.items():
+                if not isinstance(v, dict) or "value" not in v:
+                    continue
+                for i, la in enumerate(layers):
+                    for j in range(i + 1, len(layers)):
+                        rows.append({"stage": r.stage, "dataset": r.dataset, "metric": metric,
+                                     "kind": v.get("kind", "similarity"), "a": la, "b": layers[j],
+                                     "value": _cell(v["value"], i, j), "control": _cell(v.get("control"), i, j),
+                                     "n": v.get("n")})
+        elif r.stage == "zoo-similarity":
+            models = s.get("models", [])
+            for metric in s.get("groups", {}):
+                for layer, mat in s.get(metric, {}).items():
+                    ctrl = s.get("control", {}).get(metric, {}).get(layer)
+                    for i, ma in enumerate(models):
+                        for j in range(i + 1, len(models)):
+                            if _cell(mat, i, j) is None:
+                                continue
+                            rows.append({"stage": r.stage, "dataset": r.dataset, "metric": metric, "layer": layer,
+                                         "a": ma, "b": models[j], "value": _cell(mat, i, j),
+                                         "control": _cell(ctrl, i, j)})
+        elif r.stage == "revision-similarity":
+            for family, per_metric in s.get("families", {}).items():
+                for metric, info in per_metric.items():
+                    for i, step in enumerate(info["steps"]):
+                        for j, layer in enumerate(info["layers"]):
+                            rows.append({"stage": r.stage, "dataset": r.dataset, "metric": metric, "layer": layer,
+                                         "a": family, "b": step, "value": _cell(info["value"], i, j),
+                                         "control": _cell(info.get("control"), i, j)})
+    return rows
+
+
 def model_markdown(model: str, results) -> str:
     lines = [f"# zooaudit: `{model}`", "", "| stage | dataset | status | snapshot | headline |",
              "|---|---|---|---|---|"]
@@ -100,12 +155,17 @@ def zoo_markdown(audits, zoo_results, report: str) -> str:
             for metric in s.get("groups", {}):
                 for layer, mat in s[metric].items():
                     lines += ["", f"Model × model {metric}, layer `{layer}`:", ""] + _matrix_table(s["models"], mat)
+                    if (ctrl := s.get("control", {}).get(metric, {}).get(layer)) is not None:
+                        lines += ["", f"Control (shuffled samples), {metric}, layer `{layer}`:", ""]
+                        lines += _matrix_table(s["models"], ctrl)
         elif z.stage == "revision-similarity":
             for family, per_metric in s.get("families", {}).items():
                 for metric, info in per_metric.items():
-                    lines += ["", f"`{family}` {metric} between consecutive checkpoints "
-                              f"(rows: {', '.join(info['steps'])}; columns: {', '.join(info['layers'])}):", ""]
+                    lines += ["", (f"`{family}` {metric} between consecutive checkpoints "
+                                   f"(rows: {', '.join(info['steps'])}; columns: {', '.join(info['layers'])}"
+                                   f"{'; in brackets: shuffled-sample control' if info.get('control') else ''}):"), ""]
                     lines += ["| step | " + " | ".join(info["layers"]) + " |", "|---" * (len(info["layers"]) + 1) + "|"]
-                    lines += [f"| {st} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-                              for st, row in zip(info["steps"], info["value"])]
+                    ctrl = info.get("control") or [[None] * len(info["layers"])] * len(info["steps"])
+                    lines += [f"| {st} | " + " | ".join(_with_control(v, c) for v, c in zip(row, crow)) + " |"
+                              for st, row, crow in zip(info["steps"], info["value"], ctrl)]
     return "\n".join(lines)

@@ -1,5 +1,16 @@
 """Similarity stage: layer × layer matrices per metric, each beside its control.
 
+Which samples each metric sees:
+
+- streamed metrics (linear CKA biased/debiased, CCA, SVCCA, PWCCA, Procrustes;
+  ``STREAMED_METRICS``) use every sample, all of them and all layer pairs from ONE
+  pass over the Zarr chunks (joint second moments of all layers, memory
+  independent of the number of samples);
+- sample-pair metrics (RBF CKA, RSA, mutual k-NN; ``SAMPLE_PAIR_METRICS``) build
+  n×n Grams / RDMs / neighbour searches: they use a fixed random subset of at most
+  ``pairwise_max_samples`` samples (all when fewer), recorded as ``n`` in the
+  result's attrs.
+
 Controls (FIELD-NOTES.md: raw CKA/RSA between unrelated networks is high, so a
 number alone says little):
 
@@ -10,7 +21,8 @@ number alone says little):
   model on the same inputs.
 
 Controls are computed in memory on at most ``control_max_samples`` samples (a
-fixed random subset, recorded as ``control_n``).
+fixed random subset, recorded as ``control_n``; sample-pair metrics also within
+``pairwise_max_samples``).
 """
 
 from __future__ import annotations
@@ -19,17 +31,66 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.similarity import similarity_matrix
+from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
 from ..data import load_dataset
 from ..errors import ZooauditError
 from ..extract import forward_batches
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
-from .common import ExtractionPlan, StageResult, _commit_result, _read_session, _repo, load_model, skipped
+from .common import (
+    ExtractionPlan,
+    StageResult,
+    _commit_result,
+    _read_session,
+    _repo,
+    load_model,
+    skipped,
+)
+
+PAIRWISE_MAX_SAMPLES = 5000   # default of SimilaritySpec.pairwise_max_samples
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
+
+
+def _subset(n: int, cap: int, seed) -> np.ndarray:
+    """Sorted fixed random subset of ``range(n)`` of at most ``cap`` indices (all when n ≤ cap)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
+def _rows(a, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (sorted) of a NumPy or Dask ``(n, p)`` array as float64 in memory."""
+    part = a if len(idx) == a.shape[0] else a[idx]
+    part = part.compute() if hasattr(part, "compute") else part
+    return np.asarray(part, dtype=np.float64)
+
+
+def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[str], sspec: dict,
+                            dims: tuple[str, str] = ("layer_a", "layer_b")) -> tuple[dict, dict]:
+    """``({metric: (len(a), len(b)) DataArray}, {metric: samples used})``.
+
+    Streamed metrics over all rows in one joint pass; sample-pair metrics on a fixed
+    random subset of at most ``pairwise_max_samples`` rows (the same rows for every
+    representation).
+    """
+    first = next(iter(named_a.values()))
+    n = int(first.shape[0])
+    pairwise = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
+    streamed = [m for m in metrics if m not in SAMPLE_PAIR_METRICS]
+    out, used = {}, {}
+    if streamed:
+        out.update(similarity_matrices(named_a, named_b, metrics=streamed, dims=dims))
+        used.update({m: n for m in streamed})
+    if pairwise:
+        idx = _subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
+        sub_a = {k: _rows(v, idx) for k, v in named_a.items()}
+        sub_b = None if named_b is None else {k: _rows(v, idx) for k, v in named_b.items()}
+        out.update(similarity_matrices(sub_a, sub_b, metrics=pairwise, dims=dims))
+        used.update({m: len(idx) for m in pairwise})
+    return out, used
 
 
 def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dict, dict, int]:
@@ -38,7 +99,7 @@ def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dic
     n = plan.n_samples
     idx = np.sort(rng.choice(n, sspec["control_max_samples"], replace=False)) if n > sspec[
         "control_max_samples"] else np.arange(n)
-    ref = {k: np.asarray(v[idx] if len(idx) < n else v, dtype=np.float64) for k, v in layers.items()}
+    ref = {k: _rows(v, idx) for k, v in layers.items()}
     if sspec["control"] == "shuffle":
         perm = rng.permutation(len(idx))
         return ref, {k: a[perm] for k, a in ref.items()}, len(idx)
@@ -52,40 +113,46 @@ def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dic
     return ref, {k: _flat(acts[k]).astype(np.float64) for k in layers}, len(idx)
 
 
-def shuffled_control(named: dict, metric: str, sspec: dict, dims: tuple[str, str] = ("layer_a", "layer_b"),
-                     named_b: dict | None = None) -> tuple[xr.DataArray, int]:
-    """``metric`` of every array of ``named`` against every array of ``named_b``
+def shuffled_controls(named: dict, metrics: list[str], sspec: dict, dims: tuple[str, str] = ("layer_a", "layer_b"),
+                      named_b: dict | None = None) -> tuple[dict, dict]:
+    """Every metric of every array of ``named`` against every array of ``named_b``
     (default: ``named``) with the second one's samples permuted (one fixed
-    permutation, at most ``control_max_samples`` rows)."""
+    permutation, at most ``control_max_samples`` rows): ``({metric: DataArray},
+    {metric: samples used})``; coordinates are the plain names."""
     named_b = named if named_b is None else named_b
     rng = np.random.default_rng(sspec["random_state"])
     n = next(iter(named.values())).shape[0]
     cap = sspec["control_max_samples"]
     idx = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
-
-    def subset(d):
-        return {k: np.asarray(v[idx] if len(idx) < n else v, dtype=np.float64) for k, v in d.items()}
-
     perm = rng.permutation(len(idx))
-    other = {f"control:{k}": a[perm] for k, a in subset(named_b).items()}
-    mat = similarity_matrix(subset(named), other, metric=metric, dims=dims)
-    return mat.assign_coords({dims[1]: list(named_b)}), len(idx)
+    ref = {k: _rows(v, idx) for k, v in named.items()}
+    # distinct keys and arrays: the control side is a different array even under the same name
+    other = {f"control:{k}": _rows(v, idx)[perm] for k, v in named_b.items()}
+    mats, used = similarity_with_subsets(ref, other, metrics, sspec, dims)
+    return {m: a.assign_coords({dims[1]: list(named_b)}) for m, a in mats.items()}, used
 
 
 def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[str, xr.Dataset]:
-    """``{metric: Dataset(value, control (layer_a, layer_b))}`` for the model's layers."""
+    """``{metric: Dataset(value, control (layer_a, layer_b))}`` for the model's layers.
+
+    Every streamed metric comes from one pass over the stored activations; see the
+    module docstring for the samples each metric uses.
+    """
+    metrics = list(sspec["metrics"])
+    values, used = similarity_with_subsets(layers, None, metrics, sspec)
+    controls, ctrl_used = {}, {}
+    if sspec["control"] != "none":
+        ref, other, _ = control_arrays(plan, layers, sspec)
+        controls, ctrl_used = similarity_with_subsets(ref, {f"control:{k}": v for k, v in other.items()}, metrics,
+                                                      sspec)
     out = {}
-    ctrl = control_arrays(plan, layers, sspec) if sspec["control"] != "none" else None
-    for metric in sspec["metrics"]:
-        value = similarity_matrix(layers, metric=metric)
-        data = {"value": value}
-        attrs = {"metric": metric, "control": sspec["control"]}
-        if ctrl is not None:
-            ref, other, n_ctrl = ctrl
-            # distinct keys: the control side is a different array under the same layer name
-            c = similarity_matrix(ref, {f"control:{k}": v for k, v in other.items()}, metric=metric)
-            data["control"] = c.assign_coords(layer_b=list(layers))
-            attrs["control_n"] = n_ctrl
+    for metric in metrics:
+        data = {"value": values[metric]}
+        attrs = {"metric": metric, "control": sspec["control"], "n": used[metric],
+                 "kind": values[metric].attrs.get("kind", "similarity")}
+        if metric in controls:
+            data["control"] = controls[metric].assign_coords(layer_b=list(layers))
+            attrs["control_n"] = ctrl_used[metric]
         out[metric] = xr.Dataset(data, attrs=attrs)
     return out
 
@@ -105,7 +172,7 @@ def run_similarity(plan: ExtractionPlan, acts_snapshot: str, sspec: dict, run_id
             write_dataset(s, ds, layout.similarity_group(plan.ds_key, metric))
 
     summary = {"layers": plan.sample_layers, "control": sspec["control"],
-               **{m: {"value": ds["value"].values.round(6).tolist(),
+               **{m: {"value": ds["value"].values.round(6).tolist(), "kind": ds.attrs["kind"], "n": ds.attrs["n"],
                       **({"control": ds["control"].values.round(6).tolist()} if "control" in ds else {})}
                   for m, ds in results.items()}}
     return _commit_result(plan, "similarity", key, sspec, write, summary, run_id)

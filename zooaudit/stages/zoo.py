@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from itertools import pairwise
 
 import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.similarity import similarity_matrix
+from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..store import Store, commit, commit_metadata, find_commit, write_dataset
 from .common import ExtractionPlan, StageResult, _committed_summary, _read_session
-from .similarity import shuffled_control
+from .similarity import (
+    PAIRWISE_MAX_SAMPLES,
+    _rows,
+    _subset,
+    shuffled_controls,
+    similarity_with_subsets,
+)
 
 log = logging.getLogger("zooaudit.stages")
 
@@ -102,26 +109,52 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
         return xr.DataArray(value, dims=("model_a", "layer_a", "model_b", "layer_b"),
                             coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
 
+    # streamed metrics: one joint pass over every model × layer for all of them
+    values, used = similarity_with_subsets(names, None, metrics, sspec)
+    controls, ctrl_used = shuffled_controls(names, metrics, sspec) if sspec["control"] != "none" else ({}, {})
     for metric in metrics:
-        # linear CKA: one joint pass over every model × layer
-        data = {"value": to_4d(similarity_matrix(names, metric=metric))}
-        attrs = {"metric": metric, "dataset": ds_key, "control": "none"}
-        if sspec["control"] != "none":
-            ctrl, n_ctrl = shuffled_control(names, metric, sspec, ("layer_a", "layer_b"))
-            data["control"] = to_4d(ctrl)
-            attrs.update(control="shuffle", control_n=n_ctrl)
+        data = {"value": to_4d(values[metric])}
+        attrs = {"metric": metric, "dataset": ds_key, "control": "none", "n": used[metric],
+                 "kind": values[metric].attrs.get("kind", "similarity")}
+        if metric in controls:
+            data["control"] = to_4d(controls[metric])
+            attrs.update(control="shuffle", control_n=ctrl_used[metric])
         group = zoo_similarity_group(ds_key, metric)
         results[metric] = (group, xr.Dataset(data, attrs=attrs))
         summary["groups"][metric] = group
         summary[metric] = {l: data["value"].sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
+        if "control" in data:
+            summary.setdefault("control", {})[metric] = {
+                l: data["control"].sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
     return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, **sspec}, plans, results, summary, run_id)
 
 
-def _pair_similarity(x, y, metric: str, sspec: dict, control: bool) -> float:
-    """``metric(x, y)``, or its shuffled-sample control."""
+def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, control: bool) -> dict[str, np.ndarray]:
+    """``{metric: (layers,) values}`` of each layer of ``xs`` against the same layer of ``ys``
+    (or the shuffled-sample control). Streamed metrics: all layers of both checkpoints in
+    one joint pass, read off the diagonal; sample-pair metrics: layer by layer."""
+    layers = list(xs)
+    n = next(iter(xs.values())).shape[0]
     if control:
-        return float(shuffled_control({"a": x}, metric, sspec, named_b={"b": y})[0].values[0, 0])
-    return float(similarity_matrix({"a": x}, {"b": y}, metric=metric).values[0, 0])
+        rng = np.random.default_rng(sspec["random_state"])
+        cap = sspec["control_max_samples"]
+        idx = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+        perm = rng.permutation(len(idx))
+        xs = {k: _rows(v, idx) for k, v in xs.items()}
+        ys = {k: _rows(v, idx)[perm] for k, v in ys.items()}
+        n = len(idx)
+    out = {}
+    streamed = [m for m in metrics if m not in SAMPLE_PAIR_METRICS]
+    if streamed:
+        mats = similarity_matrices(xs, {f"b:{k}": v for k, v in ys.items()}, metrics=streamed)
+        out.update({m: np.diag(mats[m].values).copy() for m in streamed})
+    sample_pair = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
+    if sample_pair:
+        idx = _subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
+        per_layer = [similarity_matrices({l: _rows(xs[l], idx)}, {l: _rows(ys[l], idx)}, metrics=sample_pair)
+                     for l in layers]
+        out.update({m: np.array([float(r[m].values[0, 0]) for r in per_layer]) for m in sample_pair})
+    return out
 
 
 def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
@@ -147,23 +180,23 @@ def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapsho
     for family, revs in families.items():
         layers = [l for l in revs[0].layers if all(l in r.layers for r in revs)]
         arrays = _load_layers(revs, snapshots, layers)
-        steps = [f"{a.revision}→{b.revision}" for a, b in zip(revs, revs[1:])]
+        steps = [f"{a.revision}→{b.revision}" for a, b in pairwise(revs)]
         coords = {"step": steps, "layer": layers, "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
                   "revision_b": ("step", [b.model_uri for b in revs[1:]])}
+        kinds = ("value", "control") if sspec["control"] != "none" else ("value",)
+        per_step = {kind: [_layerwise({l: arrays[(a.model_uri, l)] for l in layers},
+                                      {l: arrays[(b.model_uri, l)] for l in layers}, metrics, sspec,
+                                      control=kind == "control") for a, b in pairwise(revs)] for kind in kinds}
         for metric in metrics:
-            data, attrs = {}, {"family": family, "metric": metric, "control": "none"}
-            for name, control in (("value", False), ("control", True)):
-                if control and sspec["control"] == "none":
-                    continue
-                data[name] = xr.DataArray(
-                    [[_pair_similarity(arrays[(a.model_uri, layer)], arrays[(b.model_uri, layer)], metric, sspec,
-                                       control) for layer in layers] for a, b in zip(revs, revs[1:])],
-                    dims=("step", "layer"), coords=coords)
-            if "control" in data:
-                attrs["control"] = "shuffle"
+            data = {kind: xr.DataArray([step[metric] for step in per_step[kind]], dims=("step", "layer"),
+                                       coords=coords) for kind in kinds}
+            attrs = {"family": family, "metric": metric, "control": "shuffle" if "control" in data else "none",
+                     "kind": "distance" if metric == "procrustes" else "similarity"}
             value = data["value"].values
             group = revisions_group(ds_key, family, metric)
             results[f"{family}/{metric}"] = (group, xr.Dataset(data, attrs=attrs))
-            summary["families"].setdefault(family, {})[metric] = {"group": group, "steps": steps,
-                                                                  "layers": layers, "value": value.round(6).tolist()}
+            info = {"group": group, "steps": steps, "layers": layers, "value": value.round(6).tolist()}
+            if "control" in data:
+                info["control"] = data["control"].values.round(6).tolist()
+            summary["families"].setdefault(family, {})[metric] = info
     return _commit_zoo(store, "revision-similarity", key, sspec, all_plans, results, summary, run_id)

@@ -1,0 +1,156 @@
+"""The similarity stages without Prefect, every metric of SimilaritySpec.metrics:
+layer × layer, model × model per compare layer, consecutive revisions — each beside
+its control, all streamed metrics from one pass over the stored Zarr chunks."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from pydantic import ValidationError
+
+from zooaudit import layout, stages
+from zooaudit.analysis import sim_stream
+from zooaudit.analysis.similarity import METRICS, SAMPLE_PAIR_METRICS, STREAMED_METRICS
+from zooaudit.errors import ZooauditError
+from zooaudit.report.figures import heatmap_png
+from zooaudit.report.summary import similarity_table, zoo_markdown
+from zooaudit.specs import AuditModelSpec, DatasetSpec, SimilaritySpec
+from zooaudit.store import Store
+
+pytestmark = pytest.mark.slow
+
+N = 150
+SSPEC = SimilaritySpec(metrics=list(METRICS), control="shuffle", control_max_samples=120,
+                       pairwise_max_samples=100).model_dump()
+
+
+def _plan(store_url, model, n=N):
+    spec = AuditModelSpec(model=model, store=store_url, shard_size=32, batch_size=32, task_runner="threads",
+                          datasets=[DatasetSpec(name="digits", max_samples=n)])
+    return stages.plan_extraction(spec, spec.datasets[0])
+
+
+def _open(repo, snapshot, group):
+    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False).load()
+
+
+@pytest.fixture(scope="module")
+def audited(shared_store):
+    """Activations of three builtin models (two checkpoints of one) on the same 150 digits."""
+    plans = [_plan(shared_store, m) for m in ("builtin:mlp-w32-s0", "builtin:mlp-w32-s0@5", "builtin:cnn-w8-s0")]
+    snapshots = {p.model_uri: stages.run_activations(p).snapshot for p in plans}
+    return shared_store, plans, snapshots
+
+
+def _self_value(metric):
+    return 0.0 if metric == "procrustes" else 1.0
+
+
+def test_spec_rejects_unknown_and_repeated_metrics():
+    with pytest.raises(ValidationError, match=r"unknown similarity metric\(s\) \['cka'\]; allowed: linear_cka, "
+                                              r"linear_cka_debiased, rbf_cka"):
+        SimilaritySpec(metrics=["linear_cka", "cka"])
+    with pytest.raises(ValidationError, match="at least one"):
+        SimilaritySpec(metrics=[])
+    with pytest.raises(ValidationError, match=r"listed twice: \['rsa'\]"):
+        SimilaritySpec(metrics=["rsa", "linear_cka", "rsa"])
+    with pytest.raises(ValidationError, match="pairwise_max_samples"):
+        SimilaritySpec(pairwise_max_samples=50_000)
+
+
+def test_layer_stage_every_metric_beside_its_control(audited, monkeypatch):
+    store_url, plans, snapshots = audited
+    plan = plans[2]   # the CNN: four layers of different widths
+    passes = []
+    real = sim_stream.iter_row_blocks
+    monkeypatch.setattr(sim_stream, "iter_row_blocks", lambda arrays, rows: passes.append(len(arrays)) or
+                        real(arrays, rows))
+    res = stages.run_similarity(plan, snapshots[plan.model_uri], SSPEC)
+    # all streamed metrics of every layer pair: one pass over the stored activations, and
+    # one over the in-memory control arrays (reference + shuffled copy of every layer)
+    assert passes == [len(plan.sample_layers), 2 * len(plan.sample_layers)]
+    assert not res.skipped
+    repo = Store(store_url).model_repo(plan.model_key)
+    layers = plan.sample_layers
+    for metric in METRICS:
+        ds = _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, metric))
+        v, c = ds["value"], ds["control"]
+        assert v.dims == c.dims == ("layer_a", "layer_b") and list(v.layer_a.values) == layers
+        assert list(c.layer_b.values) == layers
+        pair = metric in SAMPLE_PAIR_METRICS   # n×n metrics: within pairwise_max_samples
+        assert ds.attrs["n"] == (100 if pair else N) and ds.attrs["control_n"] == (100 if pair else 120)
+        assert np.isfinite(v.values).all() and np.isfinite(c.values).all(), metric
+        np.testing.assert_allclose(np.diag(v.values), _self_value(metric), atol=1e-6, err_msg=metric)
+        if metric != "pwcca":
+            np.testing.assert_allclose(v.values, v.values.T, atol=1e-9, err_msg=metric)
+        # the shuffled control is unrelated data: far from the self-value on the diagonal
+        assert np.all(np.abs(np.diag(c.values) - _self_value(metric)) > 0.05), metric
+        assert res.summary[metric]["kind"] == ("distance" if metric == "procrustes" else "similarity")
+    # the committed value is the library's value on the stored activations
+    session = Store(store_url).model_repo(plan.model_key).readonly_session(snapshot_id=snapshots[plan.model_uri])
+    acts = {l: layout.open_activations(session.store, plan.ds_key, l).values for l in layers}
+    from zooaudit.analysis.similarity import linear_cka, svcca
+    ds = _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, "svcca"))
+    assert float(ds["value"].values[0, -1]) == pytest.approx(svcca(acts[layers[0]], acts[layers[-1]]), abs=1e-10)
+    ds = _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, "linear_cka_debiased"))
+    assert float(ds["value"].values[1, 2]) == pytest.approx(
+        linear_cka(acts[layers[1]], acts[layers[2]], debiased=True), abs=1e-9)
+    rows = similarity_table([res])
+    assert len(rows) == len(METRICS) * len(layers) * (len(layers) - 1) // 2
+    assert {r["metric"] for r in rows} == set(METRICS) and all(r["control"] is not None for r in rows)
+    assert stages.run_similarity(plan, snapshots[plan.model_uri], SSPEC).skipped
+
+
+def test_zoo_and_revision_stages_every_metric(audited):
+    store_url, plans, snapshots = audited
+    zoo = stages.run_zoo_similarity(store_url, plans, snapshots, ["embed"], SSPEC)
+    repo = Store(store_url).zoo_repo()
+    models = [p.model_uri for p in plans]
+    for metric in METRICS:
+        ds = _open(repo, zoo.snapshot, zoo.summary["groups"][metric])
+        assert ds["value"].dims == ds["control"].dims == ("model_a", "layer_a", "model_b", "layer_b")
+        m = ds["value"].sel(layer_a="embed", layer_b="embed")
+        assert list(m.model_a.values) == models and np.isfinite(m.values).all()
+        np.testing.assert_allclose(np.diag(m.values), _self_value(metric), atol=1e-6, err_msg=metric)
+        ctrl = ds["control"].sel(layer_a="embed", layer_b="embed").values
+        assert np.all(np.abs(np.diag(ctrl) - _self_value(metric)) > 0.05), metric
+    assert zoo.summary["control"]["linear_cka"]["embed"]
+    md = zoo_markdown([], [zoo], "report.html")
+    assert "Control (shuffled samples), rsa, layer `embed`" in md
+
+    revs = stages.run_revision_similarity(store_url, plans, snapshots, SSPEC)
+    family = revs.summary["families"]["builtin:mlp-w32-s0"]
+    assert set(family) == set(METRICS)
+    zoo_cka = _open(repo, zoo.snapshot, zoo.summary["groups"]["linear_cka"])["value"]
+    for metric in METRICS:
+        ds = _open(repo, revs.snapshot, family[metric]["group"])
+        assert ds["value"].dims == ds["control"].dims == ("step", "layer")
+        assert list(ds["step"].values) == ["5→15"] and np.isfinite(ds["value"].values).all()
+    # revision similarity of a layer = the model × model entry of the two checkpoints
+    rv = _open(repo, revs.snapshot, family["linear_cka"]["group"])["value"].sel(layer="embed").values[0]
+    assert rv == pytest.approx(float(zoo_cka.sel(model_a=models[1], layer_a="embed", model_b=models[0],
+                                                 layer_b="embed")), abs=1e-12)
+    rows = similarity_table([zoo, revs])
+    assert {r["stage"] for r in rows} == {"zoo-similarity", "revision-similarity"}
+
+
+def test_mismatched_samples_across_models_is_an_error_and_commits_nothing(audited):
+    store_url, plans, snapshots = audited
+    other = _plan(store_url, "builtin:mlp-w64-s0", n=N - 10)
+    snaps = {**snapshots, other.model_uri: stages.run_activations(other).snapshot}
+    repo = Store(store_url).zoo_repo()
+    before = len(list(repo.ancestry(branch="main")))
+    with pytest.raises(ZooauditError, match="different samples"):
+        stages.run_zoo_similarity(store_url, [plans[0], other], snaps, ["embed"], SSPEC)
+    assert len(list(repo.ancestry(branch="main"))) == before
+
+
+def test_heat_maps_for_distances_negative_values_and_nan():
+    m = xr.DataArray([[0.0, 0.7], [0.7, np.nan]], dims=("layer_a", "layer_b"),
+                     coords={"layer_a": ["a", "b"], "layer_b": ["a", "b"]}, attrs={"kind": "distance"})
+    assert heatmap_png(m, "procrustes")[:4] == b"\x89PNG"
+    assert heatmap_png(-m.fillna(0), "debiased", kind="similarity")[:4] == b"\x89PNG"
+
+
+def test_streamed_metric_sets_are_a_partition():
+    assert set(STREAMED_METRICS) | set(SAMPLE_PAIR_METRICS) == set(METRICS)
+    assert not set(STREAMED_METRICS) & set(SAMPLE_PAIR_METRICS)
