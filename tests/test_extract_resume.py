@@ -187,3 +187,16 @@ def test_float16_storage(reference):
         a = got[f"acts/{layer}/activations"]
         assert a.dtype == np.float16
         np.testing.assert_array_equal(a, ref_arrays[f"acts/{layer}/activations"][:100].astype(np.float16))
+
+
+def test_retried_task_skips_committed_shards(reference, monkeypatch):
+    spec = _spec(reference[0].store, datasets=[DatasetSpec(name="digits", max_samples=60)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    staging = stages.begin_activations(plan)
+    stages.extract_shards(plan, plan.shards[:2], staging.branch)
+    computed = []
+    real = extraction.compute_shard
+    monkeypatch.setattr(extraction, "compute_shard", lambda p, s: computed.append(s.index) or real(p, s))
+    results = stages.extract_shards(plan, plan.shards, staging.branch)      # the retry of the whole group
+    assert computed == [2] and [r.index for r in results] == [2]
+    assert stages.publish_activations(plan, staging).summary["shards"] == 3

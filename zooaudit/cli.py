@@ -126,6 +126,8 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
         fields["compare_layers"] = args.compare_layers
     if getattr(args, "tag", None):
         fields["tag"] = args.tag
+    if getattr(args, "manifest", None):
+        fields["manifest"] = args.manifest
     if getattr(args, "metrics", None):
         fields["similarity"] = {"metrics": args.metrics}
     spec = AuditZooSpec(**fields)
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-layer", action="append", dest="compare_layers", metavar="LAYER",
                    help="layer compared across models and revisions (repeatable; default: embed)")
     p.add_argument("--tag", help="tag the version of every audited repository, e.g. 'nightly-{date}'")
+    p.add_argument("--manifest", help="zoo manifest (YAML: listed models, checkpoint globs, per-family layers)")
     p = sub.add_parser("audit-model", help="audit one model")
     p.add_argument("model")
     _options(p)

@@ -207,6 +207,11 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
     after the writer has stopped; shards committed before it stay committed.
     """
     branch = branch or _staging_branch(plan)
+    # A retried task (or a duplicate one) skips the shards already committed.
+    _, _, repo = _repo(plan)
+    done = {int(i.metadata["shard"]) for i in repo.ancestry(branch=branch)
+            if (i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key}
+    shards = [s for s in shards if s.index not in done]
     todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_SIZE)
     results: list[ShardResult] = []
     failure: list[BaseException] = []
