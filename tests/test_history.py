@@ -142,3 +142,16 @@ def test_nightly_tags_and_time_travel_on_s3(local_stack, capsys):
     assert main(["history", MODEL_S3, "--store", store_url]) == 0
     out = capsys.readouterr().out
     assert "nightly-2026-11-20" in out and "nightly-2026-11-21" in out
+
+
+def test_recommitting_an_older_result_is_not_skipped(store_url):
+    """A result that a different one superseded is written again when it comes back (k=4, k=3, k=4):
+    the commit-time duplicate check looks at the result in force, not at any old commit."""
+    store = Store.open(store_url)
+    repo = store.model_repo(slug_key(MODEL))
+    a1 = _commit_stage(store, "bias", "bias-A", 0.8)
+    assert _commit_stage(store, "bias", "bias-A", 0.8) == a1          # same result in force: no new commit
+    _commit_stage(store, "bias", "bias-B", 0.6)
+    a2 = _commit_stage(store, "bias", "bias-A", 0.8)
+    assert a2 != a1 and repo.lookup_branch("main") == a2
+    assert open_group(repo, "digits/bias")["value"].values.tolist() == [0.8, 1.6]

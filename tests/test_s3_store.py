@@ -155,6 +155,9 @@ def test_two_flows_auditing_one_model_at_once(local_stack):
     hist = history(repo)
     stages = {v.stage for v in hist}
     assert {"activations", "factorize", "similarity"} <= stages
+    # Each stage's result is committed exactly once, whichever run got there first.
+    keys = [v.cache_key for v in hist]
+    assert len(keys) == len(set(keys)), keys
     assert sum(v.stage == "activations" for v in hist) == 1
     # The second run found the first one's activations (it waited on the extraction lock).
     assert sum("activations" in o and "skipped (cache hit)" in o for o in outs) >= 1

@@ -311,6 +311,21 @@ def find_commit(repo: icechunk.Repository, cache_key: str, branch: str = MAIN) -
     return None
 
 
+def _current_result(repo: icechunk.Repository, metadata: dict[str, Any]) -> str | None:
+    """Snapshot of the latest commit on ``main`` for the same stage, model and dataset as
+    ``metadata`` if it carries the same cache key (the result in force is this one), else None.
+    An older commit with this key that a different result superseded does not count."""
+    slot = ("stage", "model", "dataset_hash")
+    try:
+        for info in repo.ancestry(branch=MAIN):
+            meta = info.metadata or {}
+            if meta.get("cache_key") and all(meta.get(k) == metadata.get(k) for k in slot):
+                return info.id if meta.get("cache_key") == metadata.get("cache_key") else None
+    except icechunk.IcechunkError:
+        return None
+    return None
+
+
 def commit(
     store: Store,
     repo_name: str,
@@ -326,14 +341,17 @@ def commit(
     If ``write`` raises, nothing is committed. Commits to one repository are
     serialized by :meth:`Store.lock`; a writer that bypassed the lock is still
     caught by Icechunk's conflict detection: a commit touching other arrays is
-    rebased onto it, one touching the same arrays is retried on the new tip —
-    unless the tip already carries this commit's cache key (another run committed
-    the same result), whose snapshot is then returned. No commit is lost.
+    rebased onto it, one touching the same arrays is retried on the new tip. If
+    ``main`` already carries this commit's cache key (another run committed the
+    same result meanwhile), that snapshot is returned and nothing is written twice.
+    No commit is lost.
     """
     key = metadata.get("cache_key")
     for attempt in range(attempts):
         with store.lock(repo_name):
-            if attempt and key and (snap := find_commit(repo, key)):
+            # Checked under the lock: a concurrent run of the same stage may have committed
+            # this very result since our caller's cache lookup; committing it twice adds nothing.
+            if key and (snap := _current_result(repo, metadata)):
                 log.info("%s: cache key %s was committed by another run meanwhile (snapshot %s)",
                          repo_name, key, snap)
                 return snap
