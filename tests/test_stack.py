@@ -81,3 +81,21 @@ def test_bad_stack_config_is_refused():
 def test_down_without_stack_is_a_no_op(tmp_path, capsys):
     assert main(["down", "--data-dir", str(tmp_path)]) == 0
     assert "no running stack" in capsys.readouterr().out
+
+
+def test_beyond_loopback_requires_api_auth_and_keeps_keys(tmp_path):
+    """Bound beyond loopback, the stack generates a Prefect API auth string (clients get it as
+    PREFECT_API_AUTH_STRING); S3 keys are generated in every case and kept across restarts."""
+    from zooaudit.stack import _load_or_create_secrets, stack_env
+
+    local = StackConfig(data_dir=str(tmp_path / "a"))
+    assert local.loopback and "PREFECT_API_AUTH_STRING" not in _load_or_create_secrets(local)
+    wide = StackConfig(data_dir=str(tmp_path / "b"), host="0.0.0.0")
+    assert not wide.loopback
+    secrets = _load_or_create_secrets(wide)
+    env = stack_env(wide, secrets)
+    assert env["PREFECT_API_AUTH_STRING"].startswith("zooaudit:") and len(env["AWS_SECRET_ACCESS_KEY"]) >= 30
+    # Written once to the 0600 env file, the same keys come back on the next start.
+    Path(wide.data_dir).mkdir(parents=True)
+    Path(wide.data_dir, ENV_FILE).write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    assert _load_or_create_secrets(wide) == secrets
