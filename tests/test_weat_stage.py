@@ -148,3 +148,22 @@ def test_audit_model_flow_on_minilm_end_to_end(store_url):
     report = build_report(store_url, spec.model_dump(mode="json"), [audit], [])
     page = Store.open(store_url).fs.cat_file(report).decode()
     assert "Embedding association tests (WEAT / SEAT)" in page and "instruments-weapons" in page
+
+
+def test_weat_rows_beside_attributes_in_consumers_of_the_bias_summary():
+    """The bias summary of a text encoder holds a list under "weat" beside the per-attribute dicts:
+    the regression check, the headline table and the markdown must all read past it."""
+    from types import SimpleNamespace
+
+    from flows.events import find_regressions
+    from zooaudit.report.summary import model_markdown, zoo_markdown
+    from zooaudit.stages import StageResult
+
+    rows = [{"method": "weat", "layer": "sentence_embedding", "test": "t", "effect_size": 1.2, "p_value": 0.01,
+             "p_adjusted": 0.02, "significant": True, "n_targets": 8}]
+    res = StageResult("bias", MINILM, "text-x", "k", "snap", False, {"weat": rows})
+    audit = SimpleNamespace(model=MINILM, plans=[], results=[res])
+    assert find_regressions.fn([audit], 0.1) == []
+    assert bias_table([res]) == [] and weat_table([res]) == [{"dataset": "text-x", **rows[0]}]
+    assert "1 of 1 tests significant" in model_markdown(MINILM, [res])
+    assert MINILM in zoo_markdown([audit], [], "report.html")
