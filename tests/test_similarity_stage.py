@@ -154,3 +154,14 @@ def test_heat_maps_for_distances_negative_values_and_nan():
 def test_streamed_metric_sets_are_a_partition():
     assert set(STREAMED_METRICS) | set(SAMPLE_PAIR_METRICS) == set(METRICS)
     assert not set(STREAMED_METRICS) & set(SAMPLE_PAIR_METRICS)
+
+
+def test_degenerate_cca_is_recorded_with_the_result(shared_store):
+    """More features than samples: every canonical correlation is 1; the stage says so."""
+    plan = _plan(shared_store, "builtin:cnn-w8-s0", n=40)
+    snap = stages.run_activations(plan).snapshot
+    sspec = SimilaritySpec(metrics=["cca", "linear_cka"], control="none").model_dump()
+    res = stages.run_similarity(plan, snap, sspec)
+    assert any(w.startswith("DegenerateCCAWarning: cca:") and "every canonical correlation is 1" in w
+               for w in res.summary["warnings"])
+    assert similarity_table([res])   # the list of warnings is not mistaken for a metric

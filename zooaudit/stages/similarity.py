@@ -27,11 +27,19 @@ fixed random subset, recorded as ``control_n``; sample-pair metrics also within
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
+from ..analysis.similarity import (
+    SAMPLE_PAIR_METRICS,
+    DegenerateCCAWarning,
+    UndefinedSimilarityWarning,
+    similarity_matrices,
+)
 from ..data import load_dataset
 from ..errors import ZooauditError
 from ..extract import forward_batches
@@ -46,6 +54,8 @@ from .common import (
     load_model,
     skipped,
 )
+
+log = logging.getLogger("zooaudit.stages")
 
 PAIRWISE_MAX_SAMPLES = 5000   # default of SimilaritySpec.pairwise_max_samples
 
@@ -165,13 +175,21 @@ def run_similarity(plan: ExtractionPlan, acts_snapshot: str, sspec: dict, run_id
         return skipped("similarity", plan, key, snap)
     session = _read_session(plan, acts_snapshot)
     layers = {l: layout.as_matrix(layout.open_activations(session.store, plan.ds_key, l)) for l in plan.sample_layers}
-    results = layer_similarity(plan, layers, sspec)
+    with warnings.catch_warnings(record=True) as caught:
+        # degenerate CCA (features ≥ samples − 1), undefined values (zero-variance layers):
+        # recorded with the result and logged, not lost on a worker's stderr
+        warnings.simplefilter("always")
+        results = layer_similarity(plan, layers, sspec)
+    notes = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught
+                               if issubclass(w.category, (UndefinedSimilarityWarning, DegenerateCCAWarning))))
+    for note in notes:
+        log.warning("similarity of %s on %s: %s", plan.model_uri, plan.ds_key, note)
 
     def write(s):
         for metric, ds in results.items():
             write_dataset(s, ds, layout.similarity_group(plan.ds_key, metric))
 
-    summary = {"layers": plan.sample_layers, "control": sspec["control"],
+    summary = {"layers": plan.sample_layers, "control": sspec["control"], "warnings": notes[:20],
                **{m: {"value": ds["value"].values.round(6).tolist(), "kind": ds.attrs["kind"], "n": ds.attrs["n"],
                       **({"control": ds["control"].values.round(6).tolist()} if "control" in ds else {})}
                   for m, ds in results.items()}}
