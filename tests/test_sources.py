@@ -374,3 +374,31 @@ def test_zoo_manifest_lists_and_globs_checkpoints(r18, tmp_path, store):
     bad.write_text("modles: []\n")
     with pytest.raises(ZooauditError, match=r"unknown key\(s\) \['modles'\]"):
         load_manifest(str(bad))
+
+
+@pytest.mark.slow
+def test_weights_and_checkpoint_glob_on_s3(local_stack, r18, tmp_path):
+    """Weights files and manifest globs on real S3 (the local stack's SeaweedFS)."""
+    import uuid
+
+    from zooaudit.zoo.manifest import load_manifest
+
+    prefix = f"s3://{local_stack.config.bucket}/w-{uuid.uuid4().hex[:8]}"
+    fs = Store.open(prefix).fs
+    save_file({k: v.contiguous() for k, v in r18.module.state_dict().items()}, tmp_path / "w.safetensors")
+    for name in ("e1.safetensors", "e3.safetensors"):
+        fs.put(str(tmp_path / "w.safetensors"), f"{prefix}/ckpts/{name}")
+    store = Store.open(prefix)
+    m = resolve_model(f"torchvision:resnet18?num_classes=10&input_shape=3x32x32&weights={prefix}/ckpts/e1.safetensors",
+                      store)
+    assert m.content_hash == r18.content_hash
+    with pytest.raises(ZooauditError, match="does not exist"):
+        resolve_model(f"torchvision:resnet18?weights={prefix}/ckpts/missing.safetensors", store)
+    (tmp_path / "zoo.yaml").write_text(
+        f"families:\n  - name: r18\n    glob: {prefix}/ckpts/*.safetensors\n"
+        "    arch: torchvision:resnet18?num_classes=10&input_shape=3x32x32\n")
+    fs.put(str(tmp_path / "zoo.yaml"), f"{prefix}/zoo.yaml")
+    entries = load_manifest(f"{prefix}/zoo.yaml")
+    assert [e.uri.split("?")[0] for e in entries] == [f"file:{prefix}/ckpts/e1.safetensors",
+                                                      f"file:{prefix}/ckpts/e3.safetensors"]
+    assert resolve_model(entries[1].uri, store).content_hash == r18.content_hash
