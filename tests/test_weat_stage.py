@@ -77,10 +77,20 @@ def test_weat_seat_in_bias_stage_on_minilm(store_url):
     assert float(ds["effect_size"].sel(kind="weat", layer="sentence_embedding", test=first)) > 1.0
     assert float(ds["p_value"].sel(kind="weat", layer="sentence_embedding", test=first)) < 0.01
 
+    # The example texts differ only in "she"/"he": the attribute leaks from every layer, and from the
+    # input token embeddings alone (the control that says the model adds nothing here).
+    probes = xr.open_zarr(repo.readonly_session(snapshot_id=res.snapshot).store,
+                          group=f"{layout.bias_group(plan.ds_key, 'probes')}/subject", consolidated=False).load()
+    assert set(probes["probe"].values) == {"activations", "shuffled_labels", "input_embeddings", "random_init"}
+    acc = probes["accuracy"].sel(layer="sentence_embedding")
+    assert float(acc.sel(probe="activations")) >= 0.9 and float(acc.sel(probe="input_embeddings")) >= 0.9
+    assert float(acc.sel(probe="shuffled_labels")) < float(acc.sel(probe="activations"))
+    assert set(res.summary) == {"weat", "subject"}
+
     rows = weat_table([res])
     assert len(rows) == 2 * 2 * len(sets.tests) and bias_table([res]) == []
     html = "".join(bias_section(None, plan, res, "m", {}))
-    assert "WEAT / SEAT" in html and first in html
+    assert "WEAT / SEAT" in html and first in html and "probe accuracy of subject" in html
     again = stages.run_bias(plan, acts.snapshot, spec.bias.model_dump())
     assert again.skipped and again.cache_key == res.cache_key
 

@@ -44,6 +44,13 @@ def bias_section(open_group, plan, result, base: str, files: dict) -> list[str]:
         if attr == "weat":  # the association tests of text encoders, not a group attribute
             out.extend(weat_section(s))
             continue
+        if "overall_accuracy" not in s:  # an encoder: no predictions, representation probes only
+            probes = s.get("probe_accuracy") or {}
+            layers = list(next(iter(probes.values()), {}))
+            out.append(f"<h4>Bias: probe accuracy of {html.escape(attr)} (chance {_fmt(s.get('probe_chance'))}); "
+                       "leakage means something only beside its controls</h4>" + _table(
+                           ["probe"] + layers, [[p] + [v[l] for l in layers] for p, v in probes.items()]))
+            continue
         ds = open_group(layout.bias_group(plan.ds_key, attr))
         name = f"{base}-bias-{attr}.png"
         files[name] = bars_png(ds, f"accuracy by {attr} (bootstrap {ds.attrs.get('ci', 0.95):.0%} CI)")

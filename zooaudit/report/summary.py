@@ -16,7 +16,7 @@ def _headline(r) -> str:
         return ", ".join(f"{k}: {v:.3f}" for k, v in ev.items() if isinstance(v, float))
     if r.stage == "bias":
         parts = [f"{a}: acc {v['overall_accuracy']:.3f}, worst-group {v['worst_group_accuracy']:.3f} "
-                 f"({v['worst_group']})" for a, v in s.items() if a != "weat"]
+                 f"({v['worst_group']})" for a, v in s.items() if a != "weat" and "overall_accuracy" in v]
         if s.get("weat"):
             sig = sum(r["significant"] for r in s["weat"])
             parts.append(f"WEAT/SEAT: {sig} of {len(s['weat'])} tests significant (Holm)")
@@ -146,7 +146,7 @@ def zoo_markdown(audits, zoo_results, report: str) -> str:
         done = sum(not r.skipped for r in a.results)
         skip = sum(r.skipped for r in a.results)
         wga = [v["worst_group_accuracy"] for r in a.results if r.stage == "bias" and r.summary
-               for k, v in r.summary.items() if k != "weat"]
+               for k, v in r.summary.items() if k != "weat" and "worst_group_accuracy" in v]
         lines.append(f"| `{a.model}` | {done} | {skip} | {', '.join(f'{w:.3f}' for w in wga) or '–'} |")
     for z in zoo_results:
         lines += ["", f"**{z.stage}** on `{z.dataset}`: {_status(z)}, snapshot `{z.snapshot[:12]}`"]

@@ -6,7 +6,8 @@ Written under ``<ds>/bias/``::
     <attr>                 per group: rates with bootstrap + Wilson intervals; cells; disparities
     adjusted               every disparity p-value of the run, BH (or Holm) adjusted together
     probes/<attr>          probe accuracy per (layer, probe): activations, shuffled labels,
-                           inputs, random-init model
+                           inputs, random-init model (encoders without predictions: input
+                           token embeddings instead of inputs; no other prediction-level tables)
     output_leakage/<attr>  leakage of the attribute from the logits within each true label
     weat                   text encoders: WEAT/SEAT per (method, layer, test), Holm within (method, layer)
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
@@ -78,6 +79,34 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
     return out
 
 
+def _encoder_probes(plan: ExtractionPlan, session, samples: xr.Dataset, attr: str, bspec: dict) -> xr.Dataset:
+    """Encoders (no predictions): probe leakage of ``attr`` per layer beside shuffled labels, a
+    random-init copy and the input token embeddings (mask-aware mean: what the words alone carry)."""
+    idx = _subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
+    groups = samples[attr].values[idx]
+    inputs = load_dataset(plan.dataset).inputs[idx]
+    model = load_model(plan.model_uri, plan.store)
+    kw = {"pooling": "token_mean", "batch_size": plan.batch_size, "device": plan.device, "with_outputs": False}
+    controls: dict[str, dict] = {}
+    backbone = getattr(model.module, "_backbone", None)
+    embed = backbone.get_input_embeddings() if backbone is not None else None
+    name = next((n for n, m in model.module.named_modules() if m is embed), None)
+    if name is not None:
+        words = forward_batches(model.module, inputs, [name], **kw)[0][name]
+        controls["input_embeddings"] = dict.fromkeys(plan.sample_layers, words)
+    if model.random_init is not None:
+        controls["random_init"] = forward_batches(model.random_init(), inputs, plan.sample_layers,
+                                                  **{**kw, "pooling": plan.pooling})[0]
+    probes = []
+    for layer in plan.sample_layers:
+        acts = np.asarray(layout.as_matrix(layout.open_activations(session.store, plan.ds_key, layer))[idx],
+                          dtype=np.float64)
+        probes.append(bias_mod.probe_leakage(
+            acts, groups, cv=bspec["probe_cv"], random_state=bspec["random_state"],
+            controls={c: v[layer].reshape(len(idx), -1) for c, v in controls.items()}).expand_dims(layer=[layer]))
+    return xr.concat(probes, dim="layer", combine_attrs="drop_conflicts")
+
+
 def previous_disparities(repo, plan: ExtractionPlan, attr: str, current_key: str) -> tuple[str, xr.Dataset] | None:
     """The disparities of the most recent earlier bias audit of this model on this dataset."""
     for info in repo.ancestry(branch="main"):
@@ -116,7 +145,8 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
     encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
     association = weat_stage.applies(plan, bspec)
     predictions = plan.has_groups and plan.n_outputs is not None
-    if not predictions and not association:
+    encoder_probes = plan.has_groups and plan.n_outputs is None and bspec["probes"] and bool(plan.sample_layers)
+    if not predictions and not association and not encoder_probes:
         return None
     key = cache_key("bias", activations=plan.cache_key, **bspec, **weat_stage.key_params(plan, bspec))
     _, _, repo = _repo(plan)
@@ -178,6 +208,12 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
     if reports:
         groups_out[layout.bias_group(plan.ds_key, "adjusted")] = bias_mod.adjust_run(
             reports, method=bspec["correction"], alpha=bspec["alpha"])
+    for attr in (samples.attrs.get("group_attributes", []) if encoder_probes else []):
+        probes = _encoder_probes(plan, session, samples, attr, bspec)
+        groups_out[f"{layout.bias_group(plan.ds_key, 'probes')}/{attr}"] = probes
+        summary[attr] = {"probe_accuracy": {str(p): dict(zip(plan.sample_layers, probes["accuracy"].sel(probe=p).values
+                                                              .round(4).tolist())) for p in probes["probe"].values},
+                         "probe_chance": round(float(probes.attrs.get("chance", np.nan)), 4)}
     if association:
         weat_ds, summary[weat_stage.SUMMARY_KEY] = weat_stage.run_weat(plan, bspec)
         groups_out[layout.bias_group(plan.ds_key, "weat")] = weat_ds
