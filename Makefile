@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.zooaudit-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export AWS_REQUEST_CHECKSUM_CALCULATION := WHEN_REQUIRED
 
-.PHONY: demo test test-fast bench up down clean
+.PHONY: demo test test-fast bench bootstrap-ui up down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/zooaudit demo
 
+# The UI test drives Debian's headless Chromium (tests/test_ui.py); installed when missing.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+bootstrap-ui: $(CHROMIUM)
+
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 

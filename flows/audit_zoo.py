@@ -25,6 +25,7 @@ from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
 
 from .audit_model import audit_model
+from .events import emit_regressions, find_regressions
 from .runners import dask_cluster, task_runner
 
 
@@ -72,6 +73,10 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
                for f, args in ((zoo_similarity.submit, (spec.compare_layers, spec.similarity.model_dump())),
                                (revision_similarity.submit, (spec.similarity.model_dump(),)))]
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
+    regressions = find_regressions(audits, spec.cka_drop_threshold)
+    emit_regressions(regressions, {a.model: a.plans[0].model_key for a in audits if a.plans}, store.url)
+    for reg in regressions:
+        logger.warning("regression: %s %s on %s", reg["model"], reg["metric"], reg["dataset"])
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
     create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
     if rows := similarity_table(zoo_results):

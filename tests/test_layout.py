@@ -15,8 +15,8 @@ def test_core_library_imports_no_prefect():
 def test_deployments_build_with_schedule_and_spec_parameters():
     from deployments.serve import build_deployments
 
-    nightly, on_demand = build_deployments()
-    assert nightly.name == "nightly" and on_demand.name == "on-demand"
+    nightly, on_demand, backfill = build_deployments()
+    assert nightly.name == "nightly" and on_demand.name == "on-demand" and backfill.flow_name == "backfill"
     assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
     assert "models" in nightly.parameters["spec"]
     from prefect.utilities.callables import parameter_schema

@@ -7,6 +7,7 @@ cache keys.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -198,6 +199,10 @@ class AuditZooSpec(RunOptions):
                 raise ValueError(str(err)) from None
         return v
 
+    cka_drop_threshold: float = Field(
+        0.1, ge=0.0, le=1.0, description="Nightly regression alert: a layer whose linear CKA to the previous "
+        "night's activations of the same model falls below 1 − this value raises a regression event.")
+
     manifest: str | None = Field(
         None, description="A zoo manifest (YAML; local path, file:// or s3://): listed models and/or globs over "
         "checkpoint folders, with per-family layer selections. Replaces `models` (zooaudit.zoo.manifest).")
@@ -219,6 +224,48 @@ class AuditZooSpec(RunOptions):
         return self
 
     def model_spec(self, model: str) -> AuditModelSpec:
-        fields = self.model_dump(exclude={"models", "compare_layers", "manifest", "model_layers", "tag"})
+        fields = self.model_dump(exclude={"models", "compare_layers", "manifest", "model_layers", "cka_drop_threshold", "tag"})
         fields["layers"] = self.model_layers.get(model, fields["layers"])
         return AuditModelSpec(model=model, **fields)
+
+
+class BackfillSpec(BaseModel):
+    """Backfill audits over a zoo's history: every checkpoint of some models, or a range of past nights.
+
+    Each item becomes a run of a deployment (``audit-model/on-demand`` per checkpoint,
+    ``audit-zoo/nightly`` per night) with an idempotency key, so rerunning the same
+    backfill creates no duplicate runs; items already audited are skipped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["checkpoints", "nights"] = Field(
+        "checkpoints", description="'checkpoints': audit every checkpoint matched by `models`; "
+        "'nights': rerun the nightly zoo audit for each date from `start` to `end`.")
+    models: list[str] = Field(
+        ["builtin:mlp-w32-s0@*"], description="checkpoints mode: model URIs or checkpoint globs "
+        "('builtin:mlp-w32-s0@*' = every checkpoint of that model, 'builtin:cnn-*@*' = of several).")
+    start: date | None = Field(None, description="nights mode: first night (YYYY-MM-DD).")
+    end: date | None = Field(None, description="nights mode: last night, inclusive (YYYY-MM-DD).")
+    manifest: str | None = Field(
+        None, description="checkpoints mode: a zoo manifest (YAML) whose models, globs included, are the "
+        "checkpoints to audit (with its per-family layers); replaces `models`.")
+    audit: RunOptions = Field(default_factory=RunOptions, description="Audit options used for every checkpoint.")
+    zoo: AuditZooSpec | None = Field(None, description="nights mode: the zoo spec of each night "
+                                     "(default: the nightly deployment's own parameters).")
+    concurrency: int = Field(2, ge=1, le=64, description="At most this many item runs at once.")
+    timeout_s: float = Field(3600.0, gt=0, description="Give up waiting for one item run after this many seconds.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "BackfillSpec":
+        if self.mode == "nights":
+            if self.start is None or self.end is None:
+                raise ValueError("nights mode needs both `start` and `end` dates (YYYY-MM-DD)")
+            if self.end < self.start:
+                raise ValueError(f"`end` ({self.end}) is before `start` ({self.start})")
+            if (self.end - self.start).days > 366:
+                raise ValueError("a nights backfill covers at most 367 nights; split the range")
+        elif not self.models and not self.manifest:
+            raise ValueError("checkpoints mode needs a `manifest` or at least one model URI or checkpoint glob "
+                             "in `models`")
+        return self

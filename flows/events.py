@@ -1,0 +1,77 @@
+"""Regression alerts of the nightly audit as Prefect events.
+
+Event ``zooaudit.audit.regression``, one per (model, metric), emitted by ``audit_zoo`` when
+
+- the bias stage flags a disparity significantly worse than the previous audit of the model
+  (``zooaudit.stages.bias.regressions``), metric ``bias:<attribute>:<disparity>``; or
+- a layer's linear CKA between the model's new activations and the ones committed before
+  them (the previous night's) falls below ``1 − spec.cka_drop_threshold``, metric
+  ``cka_to_previous:<layer>``.
+
+Resource: ``zooaudit.model.<model key>`` with labels ``zooaudit.model`` (the URI),
+``zooaudit.metric``, ``zooaudit.dataset`` and ``zooaudit.store``; the payload holds the numbers. Stages that
+were skipped (cache hits) raise nothing: their regressions were reported when committed.
+Automations react to the event (``deployments/automations.py``).
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from zooaudit.report.trend import drift_to_previous
+
+EVENT = "zooaudit.audit.regression"
+
+
+@task(name="regression-check", cache_policy=NO_CACHE)
+def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
+    """Regressions of this run's newly committed results (plain dicts: model, metric, dataset, payload)."""
+    found = []
+    for audit in audits:
+        plans = {p.ds_key: p for p in audit.plans}
+        for r in audit.results:
+            if r.skipped:
+                continue
+            if r.stage == "bias":
+                for attr, info in (r.summary or {}).items():
+                    if not isinstance(info, dict):  # e.g. "weat": the WEAT/SEAT rows of a text encoder
+                        continue
+                    for metric in info.get("regressions") or []:
+                        found.append({"model": audit.model, "dataset": r.dataset, "metric": f"bias:{attr}:{metric}",
+                                      "payload": {"kind": "bias", "attribute": attr, "disparity": metric,
+                                                  "difference": info["disparities"][metric]["difference"],
+                                                  "p_adjusted": info["disparities"][metric]["p_adjusted"],
+                                                  "previous_snapshot": info.get("previous_snapshot"),
+                                                  "snapshot": r.snapshot}})
+            elif r.stage == "activations" and r.dataset in plans:
+                drift = drift_to_previous(plans[r.dataset], r.snapshot)
+                if drift is None:
+                    continue
+                previous, per_layer = drift
+                for layer, cka in per_layer.items():
+                    if cka < 1.0 - cka_drop_threshold:
+                        found.append({"model": audit.model, "dataset": r.dataset, "metric": f"cka_to_previous:{layer}",
+                                      "payload": {"kind": "cka_drop", "layer": layer, "cka": round(cka, 6),
+                                                  "threshold": cka_drop_threshold, "previous_snapshot": previous,
+                                                  "snapshot": r.snapshot}})
+    return found
+
+
+def emit_regressions(regressions: list[dict], model_keys: dict[str, str], store_url: str) -> list:
+    """Emit one ``zooaudit.audit.regression`` event per regression; return the events sent.
+
+    ``store_url`` is the store root (no credentials: they never live in the URL)."""
+    sent = []
+    for reg in regressions:
+        key = model_keys.get(reg["model"], reg["model"])
+        event = emit_event(
+            event=EVENT,
+            resource={"prefect.resource.id": f"zooaudit.model.{key}", "prefect.resource.name": reg["model"],
+                      "zooaudit.model": reg["model"], "zooaudit.metric": reg["metric"],
+                      "zooaudit.dataset": reg["dataset"], "zooaudit.store": store_url},
+            payload={"model": reg["model"], "metric": reg["metric"], "dataset": reg["dataset"], **reg["payload"]},
+        )
+        sent.append(event)
+    return sent

@@ -1,0 +1,188 @@
+"""Deployments: schedules with their own parameters, spec forms, rejection of bad values,
+runs triggered through the API on a real server and runner, and the regression event with
+the automation that reacts to it."""
+
+import json
+import shutil
+import time
+import urllib.request
+
+import pytest
+
+from zooaudit.errors import ZooauditError
+from zooaudit.specs import AuditZooSpec
+
+MODEL = "builtin:mlp-w32-s0"
+
+
+def _small(store_url, **kw):
+    return {"store": store_url, "task_runner": "threads", "shard_size": 40, "batch_size": 40,
+            "datasets": [{"name": "digits", "max_samples": 80}], "factorize": {"k": 3, "methods": ["pca"]},
+            "similarity": {"control": "none"}, **kw}
+
+
+def test_nightly_schedules_carry_their_own_validated_parameters(tmp_path, monkeypatch):
+    from deployments.serve import build_deployments
+
+    schedules = tmp_path / "nightly.yaml"
+    schedules.write_text(
+        "timezone: Europe/Paris\nschedules:\n"
+        "  - slug: builtin-zoo\n    cron: '0 2 * * *'\n    spec: {}\n"
+        "  - slug: cnn-only\n    cron: '30 3 * * 1-5'\n    timezone: America/New_York\n"
+        "    spec: {models: ['builtin:cnn-w8-s0'], compare_layers: [act1]}\n")
+    nightly, on_demand, backfill = build_deployments(schedules)
+    assert (nightly.flow_name, nightly.name) == ("audit-zoo", "nightly")
+    assert (on_demand.flow_name, backfill.flow_name) == ("audit-model", "backfill")
+    assert all(d.enforce_parameter_schema for d in (nightly, on_demand, backfill))
+    first, second = nightly.schedules
+    assert (first.schedule.cron, first.schedule.timezone) == ("0 2 * * *", "Europe/Paris")
+    assert (second.schedule.cron, second.schedule.timezone) == ("30 3 * * 1-5", "America/New_York")
+    assert AuditZooSpec(**second.parameters["spec"]).models == ["builtin:cnn-w8-s0"]
+    assert AuditZooSpec(**first.parameters["spec"]).models == AuditZooSpec().models
+
+    monkeypatch.setenv("ZOOAUDIT_TIMEZONE", "Asia/Tokyo")
+    monkeypatch.setenv("ZOOAUDIT_NIGHTLY_CRON", "15 1 * * *")
+    first, second = build_deployments(schedules)[0].schedules
+    assert (first.schedule.cron, first.schedule.timezone) == ("15 1 * * *", "Asia/Tokyo")
+    assert second.schedule.timezone == "Asia/Tokyo"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("schedules:\n  - slug: bad\n    cron: '0 25 * * *'\n", "schedule #1 \\(bad\\).*bad cron expression"),
+    ("schedules:\n  - slug: tz\n    timezone: Mars/Olympus\n", "unknown timezone 'Mars/Olympus'"),
+    ("schedules:\n  - slug: zoo\n    spec: {batch_size: 0}\n", "schedule #1 \\(zoo\\).*batch_size"),
+    ("schedules: []\n", "defines no schedules"),
+])
+def test_bad_schedules_file_is_refused_with_its_reason(tmp_path, body, message):
+    from deployments.serve import nightly_schedules
+
+    path = tmp_path / "s.yaml"
+    path.write_text(body)
+    with pytest.raises(ZooauditError, match=message):
+        nightly_schedules(path)
+
+
+def test_flow_parameters_are_the_specs_with_descriptions():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows import audit_model
+    from flows.backfill import backfill
+
+    schema = parameter_schema(audit_model).model_dump()
+    spec = schema["definitions"]["AuditModelSpec"]["properties"]
+    assert spec["model"]["default"] == "builtin:mlp-w64-s0" and "Model URI" in spec["model"]["description"]
+    bschema = parameter_schema(backfill).model_dump()["definitions"]["BackfillSpec"]["properties"]
+    assert bschema["mode"]["enum"] == ["checkpoints", "nights"] and bschema["concurrency"]["minimum"] == 1
+
+
+@pytest.mark.slow
+def test_served_deployments_schedule_validation_and_api_run(local_stack, store_url):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from zooaudit.store import Store, find_commit
+
+    with get_client(sync_client=True) as client:
+        deps = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        assert {"audit-zoo/nightly", "audit-model/on-demand", "backfill/on-demand"} <= set(deps)
+        nightly = deps["audit-zoo/nightly"]
+        (sched,) = nightly.schedules
+        assert sched.schedule.cron == "0 2 * * *" and sched.schedule.timezone == "UTC"
+        assert sched.parameters["spec"]["models"] == AuditZooSpec().models
+        assert "AuditZooSpec" in json.dumps(nightly.parameter_openapi_schema)
+        # the scheduler service plans the coming nights from the cron, at 02:00 UTC
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        deadline = time.monotonic() + 30
+        while not (upcoming := client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))):
+            assert time.monotonic() < deadline, "the scheduler created no run of audit-zoo/nightly"
+            time.sleep(1)
+        assert all(r.state.is_scheduled() and r.expected_start_time.hour == 2 and
+                   r.expected_start_time.minute == 0 for r in upcoming)
+        assert upcoming[0].parameters["spec"]["models"] == AuditZooSpec().models
+
+        # A bad value is rejected by the server with the field and the reason, and no run is created.
+        on_demand = deps["audit-model/on-demand"]
+        before = len(client.read_flow_runs())
+        with pytest.raises(Exception, match="batch_size") as err:
+            client.create_flow_run_from_deployment(
+                on_demand.id, parameters={"spec": {**_small(store_url), "model": MODEL, "batch_size": 0}})
+        assert "minimum of 1" in str(err.value)
+        assert len(client.read_flow_runs()) == before
+
+    run = run_deployment("audit-model/on-demand", parameters={"spec": {**_small(store_url), "model": MODEL}},
+                         timeout=240, poll_interval=1, as_subflow=False)
+    assert run.state.is_completed(), run.state
+    from zooaudit.keys import slug_key
+
+    repo = Store.open(store_url).model_repo(slug_key(MODEL))
+    stages = [(i.metadata or {}).get("stage") for i in repo.ancestry(branch="main")]
+    assert {"activations", "factorize", "similarity"} <= set(stages)
+    acts = next(i for i in repo.ancestry(branch="main") if (i.metadata or {}).get("stage") == "activations")
+    assert acts.metadata["flow_run_id"] == str(run.id) and find_commit(repo, acts.metadata["cache_key"])
+
+
+def _events(api: str, name: str) -> list[dict]:
+    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+    req = urllib.request.Request(api + "/events/filter", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())["events"]
+
+
+@pytest.mark.slow
+def test_nightly_cka_drop_emits_regression_event_and_the_automation_reacts(local_stack, store_url):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.events.worker import EventsWorker
+
+    from deployments.automations import CONFIRM_BIAS, create_regression_automation
+    from flows.audit_zoo import audit_zoo
+    from flows.events import EVENT
+    from zooaudit.stages.common import _cached_model
+    from zooaudit.store import Store
+    from zooaudit.zoo.builtin import weights_file
+
+    spec = AuditZooSpec(models=[MODEL], compare_layers=["embed"], cka_drop_threshold=0.01,
+                        **_small(store_url))
+    audit_zoo(spec)                               # night 1: first audit, nothing to compare with
+    audit_zoo(spec)                               # unchanged zoo: every stage skipped, no alert
+    EventsWorker.drain_all(timeout=10)
+    assert not [e for e in _events(local_stack.env["PREFECT_API_URL"], EVENT) if e["resource"]["zooaudit.store"] == spec.store]
+
+    create_regression_automation()
+    # Overnight the model was replaced by an earlier, less trained checkpoint of itself.
+    store = Store.open(store_url)
+    shutil.copyfile(weights_file(store, "mlp-w32-s0", 2), weights_file(store, "mlp-w32-s0", 15))
+    _cached_model.cache_clear()
+    night2 = audit_zoo(spec)
+    (acts,) = [r for r in night2.models[0].results if r.stage == "activations"]
+    assert not acts.skipped
+    EventsWorker.drain_all(timeout=10)
+
+    deadline = time.monotonic() + 60
+    while not (events := [e for e in _events(local_stack.env["PREFECT_API_URL"], EVENT)
+                          if e["resource"]["zooaudit.store"] == night2.models[0].plans[0].store]):
+        assert time.monotonic() < deadline, "no zooaudit.audit.regression event reached the server"
+        time.sleep(1)
+    metrics = {e["resource"]["zooaudit.metric"]: e for e in events}
+    assert all(e["resource"]["zooaudit.model"] == MODEL for e in events)
+    assert "cka_to_previous:head" in metrics
+    payload = metrics["cka_to_previous:head"]["payload"]
+    assert payload["kind"] == "cka_drop" and payload["cka"] < 0.99 and payload["threshold"] == 0.01
+    assert payload["snapshot"] == acts.snapshot and payload["previous_snapshot"] != acts.snapshot
+
+    # The automation re-audits the regressed model with the thorough bias spec.
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 120
+        while True:
+            runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["audit-model"])))
+                    if r.deployment_id and r.parameters["spec"].get("bias", {}).get("n_boot") == CONFIRM_BIAS["n_boot"]
+                    and r.parameters["spec"].get("store") == store.url]
+            if runs and runs[0].state.is_final():
+                break
+            assert time.monotonic() < deadline, "the automation did not run audit-model/on-demand"
+            time.sleep(1)
+    (rerun,) = runs
+    assert rerun.parameters["spec"]["model"] == MODEL and rerun.parameters["spec"]["store"] == store.url
+    assert rerun.state.is_completed(), rerun.state
