@@ -186,10 +186,12 @@ def test_credentials_from_a_prefect_secret_block(local_stack, monkeypatch):
     with pytest.raises((icechunk.IcechunkError, PermissionError)):
         store.model_repo("cred")
     with Client(addr, timeout=10) as client:
-        client.run(os.environ.pop, "AWS_SECRET_ACCESS_KEY", None)
+        # Lambdas run in the workers (a bound ``os.environ.pop`` would act on a pickled copy).
+        client.run(lambda: os.environ.pop("AWS_SECRET_ACCESS_KEY", None))
+        assert set(client.run(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).values()) == {None}
         monkeypatch.setenv("ZOOAUDIT_S3_SECRET_BLOCK", "zooaudit-s3-test")
         assert apply_s3_credentials(addr)
-        on_workers = set(client.run(os.environ.get, "AWS_SECRET_ACCESS_KEY").values())
+        on_workers = set(client.run(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).values())
     assert on_workers == {env["AWS_SECRET_ACCESS_KEY"]}
     _stage_commit_on(store, "cred")
     assert find_commit(store.model_repo("cred"), "fast-1") is not None

@@ -39,7 +39,8 @@ def test_stack_components_are_healthy(local_stack):
     with Client(cfg.dask_address, timeout=10) as client:
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == cfg.dask_workers
         # Workers inherit the stack's environment (they must reach S3 and the Prefect API).
-        assert set(client.run(os.environ.get, "ZOOAUDIT_STORE").values()) == {cfg.store_url}
+        # (a lambda runs there; a bound ``os.environ.get`` would ship this process's environment)
+        assert set(client.run(lambda: os.environ.get("ZOOAUDIT_STORE")).values()) == {cfg.store_url}
 
 
 @pytest.mark.slow

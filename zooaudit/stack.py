@@ -315,17 +315,27 @@ def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
           state["processes"]["prefect-server"]["log"])
 
 
-def _start_dask(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
-    from distributed import Client
+# Imported by every Dask worker at start: the first task then finds torch, Prefect and the
+# stages loaded (a cold import costs tens of seconds per worker on a small machine).
+WORKER_PRELOAD = ("tasks.extract", "tasks.analysis")
 
+
+def _spawn_dask(cfg: StackConfig, env: dict[str, str], state: dict) -> subprocess.Popen:
+    """Start the scheduler (healthy = listening) and the workers, without waiting for the
+    workers: their preload imports overlap with the Prefect server's start."""
     sched = _spawn(cfg, "dask-scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
                                            cfg.host, "--port", str(cfg.dask_port), "--no-dashboard"], {}, state)
     _wait("Dask scheduler", lambda: not _port_free(cfg.host, cfg.dask_port), sched, cfg,
           state["processes"]["dask-scheduler"]["log"])
-    workers = _spawn(cfg, "dask-workers", [
+    preload = [arg for mod in WORKER_PRELOAD for arg in ("--preload", mod)]
+    return _spawn(cfg, "dask-workers", [
         sys.executable, "-m", "distributed.cli.dask_worker", cfg.dask_address, "--nworkers",
         str(cfg.dask_workers), "--nthreads", "1", "--no-dashboard", "--name", "zooaudit",
-        "--local-directory", str(Path(cfg.data_dir, "dask")), "--host", cfg.host], env, state)
+        "--local-directory", str(Path(cfg.data_dir, "dask")), "--host", cfg.host, *preload], env, state)
+
+
+def _wait_dask_workers(cfg: StackConfig, workers: subprocess.Popen, state: dict) -> None:
+    from distributed import Client
 
     def ready() -> bool:
         with Client(cfg.dask_address, timeout=5) as client:
@@ -382,8 +392,9 @@ def up(cfg: StackConfig) -> Stack:
     state = {"config": asdict(cfg), "started": time.time(), "processes": {}}
     try:
         _start_s3(cfg, env, state)
+        workers = _spawn_dask(cfg, env, state)
         _start_prefect(cfg, env, state)
-        _start_dask(cfg, env, state)
+        _wait_dask_workers(cfg, workers, state)
         if cfg.runner:
             _start_runner(cfg, env, state)
     except BaseException:
