@@ -153,3 +153,23 @@ def test_nan_in_dask_activations_is_found_while_streaming():
     x[33, 0] = np.inf
     with pytest.raises(ZooauditError, match=r"'L' contains NaN or Inf activations \(1 values\)"):
         pca(da.from_array(x, chunks=(10, -1)), 1, name="L", solver="randomized")
+
+
+def test_pca_without_codes_reads_the_data_once_and_keeps_the_spectrum_metrics():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(600, 12)) @ rng.normal(size=(12, 12)) + 20
+    reads = []
+
+    def counted(block):
+        if block.size:  # dask also calls it once on an empty meta array
+            reads.append(1)
+        return block
+
+    A = da.from_array(x, chunks=(100, -1)).map_blocks(counted, dtype=x.dtype)
+    one = pca(A, 3, solver="covariance", codes="none")
+    assert len(reads) == 6 and one.codes is None  # 6 chunks, each read once
+    full = pca(x, 3)
+    np.testing.assert_allclose(one.components, full.components, atol=1e-10)
+    for key in ("explained_variance", "reconstruction_mse"):
+        assert one.metrics[key] == pytest.approx(full.metrics[key], rel=1e-9)
+    assert np.isnan(one.metrics["mean_cosine"]) and np.isnan(one.metrics["l0"])

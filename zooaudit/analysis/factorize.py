@@ -87,7 +87,11 @@ def pca(A, k: int, *, solver: str = "auto", random_state: int = 0, n_passes: int
             on the streamed covariance (``n_passes`` passes, ``k + oversamples`` probe
             vectors from ``random_state``), O(D·k) memory, for wide layers; ``"auto"`` —
             randomized when ``D > 2048`` and ``k + oversamples ≤ D / 4``, else covariance.
-        codes: ``"numpy"`` (computed blockwise, kept in memory) or ``"dask"`` (lazy).
+        codes: ``"numpy"`` (computed blockwise, kept in memory), ``"dask"`` (lazy), or
+            ``"none"``: no codes and no second pass — the covariance solver then reads the data
+            exactly once; explained variance and MSE come exactly from the spectrum
+            (``Σ_{i≤k} λ_i`` over the trace), the measures that need per-sample codes
+            (``mean_cosine``, ``l0``, ``sparsity``, ``dead_components``) are NaN.
     Returns:
         Factorization with orthonormal components sorted by variance, each signed so that
         its largest-|loading| entry is positive; metrics add ``explained_variance_ratio``
@@ -100,7 +104,7 @@ def pca(A, k: int, *, solver: str = "auto", random_state: int = 0, n_passes: int
     n, d = A.shape
     k = check_k(k, n, d, name, "PCA")
     _choice("solver", solver, ("auto", "covariance", "randomized"), name)
-    _choice("codes", codes, ("numpy", "dask"), name)
+    _choice("codes", codes, ("numpy", "dask", "none"), name)
     if solver == "auto":
         solver = "randomized" if d > WIDE_LAYER and k + oversamples <= d // 4 else "covariance"
     n_curve = max(k, min(64, d)) if solver == "covariance" else k
@@ -112,13 +116,21 @@ def pca(A, k: int, *, solver: str = "auto", random_state: int = 0, n_passes: int
     comps *= np.where(signs == 0, 1.0, signs)[:, None]
     ratio = spec.values / spec.trace if spec.trace > 0 else np.full_like(spec.values, np.nan)
     mean = spec.mean
+    extra = {"explained_variance_ratio": ratio[:k], "explained_variance_curve": np.cumsum(ratio)}
+    params = {"solver": solver, "k": k, "random_state": random_state}
+    if codes == "none":  # the residual of a PCA fit is the trace minus the kept eigenvalues
+        resid = max(spec.trace - float(spec.values[:k].sum()), 0.0)
+        nan = float("nan")
+        metrics = {"explained_variance": 1.0 - resid / spec.trace if spec.trace > 0 else nan,
+                   "reconstruction_mse": resid / (n * d), "mean_cosine": nan, "l0": nan, "sparsity": nan,
+                   "dead_components": nan, **extra}
+        return Factorization("pca", comps, None, metrics, mean, params=params)
 
     def transform(start, stop, x):
         return (np.asarray(x, np.float64) - mean) @ comps.T
 
     return _finish("pca", A, comps, mean, transform, codes=codes, rms=np.sqrt(spec.ss_centred / spec.n),
-                   extra={"explained_variance_ratio": ratio[:k], "explained_variance_curve": np.cumsum(ratio)},
-                   params={"solver": solver, "k": k, "random_state": random_state})
+                   extra=extra, params=params)
 
 
 def _nonneg_hook(name: str):
