@@ -143,6 +143,12 @@ def test_nightly_tags_and_time_travel_on_s3(local_stack, capsys):
     out = capsys.readouterr().out
     assert "nightly-2026-11-20" in out and "nightly-2026-11-21" in out
 
+    # The nights' reports (HTML, figures, manifest on S3) never contain the S3 secret key.
+    secret = local_stack.env["AWS_SECRET_ACCESS_KEY"].encode()
+    report_files = [p for run in runs.values() for p in store.fs.find(run.report.rsplit("/", 1)[0])]
+    assert any(p.endswith("index.html") for p in report_files)
+    assert not [p for p in report_files if secret in store.fs.cat_file(p)]
+
 
 def test_recommitting_an_older_result_is_not_skipped(store_url):
     """A result that a different one superseded is written again when it comes back (k=4, k=3, k=4):
