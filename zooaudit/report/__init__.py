@@ -27,6 +27,12 @@ def _open(repo, snapshot, group):
                         zarr_format=3).load()
 
 
+def _open_lazy(repo, snapshot, group):
+    """Like ``_open`` without loading: factorizations hold (sample, ...) codes and heat maps."""
+    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False,
+                        zarr_format=3)
+
+
 def _layer_similarity_section(repo, plan, result, base: str, model: str, files: dict) -> list[str]:
     """Heat maps of each metric's layer × layer matrix beside its control."""
     out = []
@@ -108,7 +114,7 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
             if "similarity" in res:
                 body.extend(_layer_similarity_section(repo, plan, res["similarity"], base, audit.model, files))
             if "factorize" in res:
-                body.extend(factorize_section(lambda g, _s=res["factorize"].snapshot, _r=repo: _open(_r, _s, g), plan,
+                body.extend(factorize_section(lambda g, _s=res["factorize"].snapshot, _r=repo: _open_lazy(_r, _s, g), plan,
                                               res["factorize"], base, audit.model, files))
             if "bias" in res:
                 body.extend(bias_section(lambda g, _s=res["bias"].snapshot: _open(repo, _s, g), plan, res["bias"],

@@ -158,7 +158,8 @@ def _gallery(ds, images: _Images, name: str, files: dict, caption: str) -> list[
 
 
 def factorize_section(open_group, plan, result, base: str, model: str, files: dict) -> list[str]:
-    """HTML for one model × dataset's factorize commit. ``open_group(group) -> xr.Dataset``."""
+    """HTML for one model × dataset's factorize commit. ``open_group(group) -> xr.Dataset`` (lazy:
+    only the small variables — top samples, sweep, curve — and attributes are read)."""
     summary = result.summary or {}
     groups = summary.get("groups") or {f"{t}": layout.factors_group(plan.ds_key, *t.split("/", 1))
                                        for t, v in summary.get("explained_variance", {}).items()
@@ -211,7 +212,7 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
             ids = ds["sample"].values[:n][None]
             imgs = images.images(ids)
             if imgs is not None:
-                heat = ds["heatmap"].values[:n][None]
+                heat = ds["heatmap"][:n].values[None]
                 files[name] = gallery_png(imgs, heat, np.ones(ids.shape))
                 out.append(f"<figure><img src='{name}' style='max-width:96%'><figcaption>{html.escape(tag)}: "
                            f"Eigen-CAM maps of the first {n} samples (first principal component of each "
