@@ -11,8 +11,6 @@ from zooaudit.errors import ZooauditError
 from zooaudit.specs import BackfillSpec
 from zooaudit.store import Store
 
-pytestmark = pytest.mark.slow
-
 FAMILY = "builtin:cnn-colored-w16-s0"
 
 
@@ -40,6 +38,7 @@ def _commits(store):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_backfill_is_idempotent_and_writes_a_trend(local_stack, store_url):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -111,6 +110,7 @@ def backfill_results(store, uri):
     return [dict(info.metadata or {}) for info in repo.ancestry(branch="main") if (info.metadata or {}).get("stage")]
 
 
+@pytest.mark.slow
 def test_bad_backfill_input_fails_before_any_run(local_stack, store_url):
     from flows.backfill import backfill
 
@@ -121,3 +121,30 @@ def test_bad_backfill_input_fails_before_any_run(local_stack, store_url):
     with pytest.raises(ValueError, match="before `start`"):
         BackfillSpec(mode="nights", start="2026-01-05", end="2026-01-01")
     assert not os.path.exists(Store.open(store_url).path("models"))
+
+
+def test_nights_are_scheduled_at_the_nightly_hour_and_tagged_nights_skipped(store_url, monkeypatch):
+    import datetime as dt
+    import logging
+
+    from flows.backfill import Backfill, _night_items
+    from zooaudit.versions import nightly_tag, tag_version
+
+    monkeypatch.setenv("ZOOAUDIT_TIMEZONE", "Europe/Paris")
+    store = Store.open(store_url)
+    repo = store.zoo_repo()
+    tag_version(repo, nightly_tag(dt.date(2026, 3, 2)))          # that night was audited
+    zoo = {"models": ["builtin:mlp-w32-s0"], "store": store_url, "task_runner": "threads"}
+    spec = BackfillSpec(mode="nights", start="2026-03-01", end="2026-03-03", zoo=zoo)
+    result = Backfill()
+    items = _night_items(spec, result, logging.getLogger("test"))
+    assert result.items == ["2026-03-01", "2026-03-02", "2026-03-03"] and result.skipped == ["2026-03-02"]
+    assert [i.label for i in items] == ["2026-03-01", "2026-03-03"]
+    assert {i.deployment for i in items} == {"audit-zoo/nightly"}
+    first = items[0].scheduled_time
+    assert (first.date(), first.hour, first.minute, str(first.tzinfo)) == (dt.date(2026, 3, 1), 2, 0, "Europe/Paris")
+    assert items[0].parameters["spec"]["models"] == ["builtin:mlp-w32-s0"]
+    # one key per (deployment, parameters, night): the same backfill gives the same keys, nights differ
+    again = _night_items(spec, Backfill(), logging.getLogger("test"))
+    assert [i.idempotency_key for i in again] == [i.idempotency_key for i in items]
+    assert items[0].idempotency_key != items[1].idempotency_key
