@@ -97,7 +97,7 @@ def test_weat_seat_in_bias_stage_on_minilm(store_url):
 
 def test_all_tokens_through_the_extraction_stage(store_url):
     spec = _spec(store_url, layers=["encoder.layer.0", "sentence_embedding"], pooling="tokens",
-                 datasets=[DatasetSpec(name="text", max_samples=20)], bias={"weat_sets": None})
+                 datasets=[DatasetSpec(name="text", max_samples=20)], bias={"weat_sets": None, "probes": False})
     plan = stages.plan_extraction(spec, spec.datasets[0])
     assert plan.shapes["encoder.layer.0"] == (-1, 384) and plan.sample_layers == ["sentence_embedding"]
     acts = stages.run_activations(plan)
@@ -112,7 +112,7 @@ def test_all_tokens_through_the_extraction_stage(store_url):
     assert tok.sizes["token"] == counts.sum() and np.isfinite(tok["activations"].values).all()
     g = zarr.open_group(session.store, path=layout.acts_group(plan.ds_key, "encoder.layer.0"), mode="r")
     assert g["activations"].chunks[0] == plan.token_rows and g["activations"].shape[0] == 2 * plan.token_rows
-    # No word sets, no logits: the bias stage has nothing to do.
+    # No word sets, no probes, no logits: the bias stage has nothing to do.
     assert stages.run_bias(plan, acts.snapshot, spec.bias.model_dump()) is None
 
 
