@@ -18,6 +18,8 @@ Zarr encoding and the Icechunk write/commit of shard ``i`` run while shard
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import queue
 import threading
@@ -30,7 +32,7 @@ from .. import layout
 from ..data import Shard, load_dataset, plan_shards
 from ..errors import ZooauditError
 from ..extract import forward_batches, layer_shapes, select_layers
-from ..keys import cache_key
+from ..keys import cache_key, canonical_json
 from ..specs import AuditModelSpec, DatasetSpec
 from ..store import MAIN, Store, commit_metadata, find_commit
 from ..tokens import is_token_shape, token_rows_per_shard
@@ -123,7 +125,7 @@ def begin_activations(plan: ExtractionPlan) -> Staging:
     recomputation (empty for a fresh start).
     """
     store, repo_name, repo = _repo(plan)
-    dataset = load_dataset(plan.dataset)
+    dataset = shard_dataset(plan)
     with store.lock(repo_name):
         base = repo.lookup_branch(MAIN)
         branch = _staging_branch(plan)
@@ -167,10 +169,30 @@ class ShardResult:
     nonfinite: dict[str, int]
 
 
+def _mtime(path) -> float | None:
+    import os
+
+    try:
+        return os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(spec_json: str, _mtime_ns):
+    return load_dataset(json.loads(spec_json))
+
+
+def shard_dataset(plan: ExtractionPlan):
+    """The plan's dataset, loaded once per process (not once per shard: file-backed
+    sets are read and decoded whole). Keyed by the spec and its file's mtime."""
+    return _cached_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
+
+
 def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Forward one shard (all layers in one pass per batch); activations cast to the stored dtype."""
     model = load_model(plan.model_uri, plan.store)
-    dataset = load_dataset(plan.dataset)
+    dataset = shard_dataset(plan)
     acts, logits = forward_batches(model.module, dataset.inputs[shard.start:shard.stop], plan.layers,
                                    pooling=plan.pooling, batch_size=plan.batch_size, device=plan.device,
                                    with_outputs=plan.n_outputs is not None)
