@@ -104,12 +104,12 @@ def test_served_deployments_schedule_validation_and_api_run(local_stack, store_u
 
         # A bad value is rejected by the server with the field and the reason, and no run is created.
         on_demand = deps["audit-model/on-demand"]
-        before = len(client.read_flow_runs())
         with pytest.raises(Exception, match="batch_size") as err:
             client.create_flow_run_from_deployment(
                 on_demand.id, parameters={"spec": {**_small(store_url), "model": MODEL, "batch_size": 0}})
         assert "minimum of 1" in str(err.value)
-        assert len(client.read_flow_runs()) == before
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[on_demand.id])))
+        assert not [r for r in runs if r.parameters["spec"].get("store") == store_url]
 
     run = run_deployment("audit-model/on-demand", parameters={"spec": {**_small(store_url), "model": MODEL}},
                          timeout=240, poll_interval=1, as_subflow=False)
@@ -132,25 +132,40 @@ def _events(api: str, name: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_nightly_cka_drop_emits_regression_event_and_the_automation_reacts(local_stack, store_url):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.events.worker import EventsWorker
 
-    from deployments.automations import CONFIRM_BIAS, create_regression_automation
+    from deployments.automations import create_regression_automation
     from flows.audit_zoo import audit_zoo
     from flows.events import EVENT
-    from zooaudit.stages.common import _cached_model
-    from zooaudit.store import Store
-    from zooaudit.zoo.builtin import weights_file
 
     spec = AuditZooSpec(models=[MODEL], compare_layers=["embed"], cka_drop_threshold=0.01,
                         **_small(store_url))
     audit_zoo(spec)                               # night 1: first audit, nothing to compare with
     audit_zoo(spec)                               # unchanged zoo: every stage skipped, no alert
     EventsWorker.drain_all(timeout=10)
-    assert not [e for e in _events(local_stack.env["PREFECT_API_URL"], EVENT) if e["resource"]["zooaudit.store"] == spec.store]
+    api = local_stack.env["PREFECT_API_URL"]
+    assert not [e for e in _events(api, EVENT) if e["resource"]["zooaudit.store"] == spec.store]
 
-    create_regression_automation()
+    automation = create_regression_automation()
+    try:
+        _regression_and_reaction(spec, store_url, api)
+    finally:
+        # the stack is shared by the session: leave no automation reacting to other tests' events
+        automation.delete()
+
+
+def _regression_and_reaction(spec, store_url, api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.events.worker import EventsWorker
+
+    from deployments.automations import CONFIRM_BIAS
+    from flows.audit_zoo import audit_zoo
+    from flows.events import EVENT
+    from zooaudit.stages.common import _cached_model
+    from zooaudit.store import Store
+    from zooaudit.zoo.builtin import weights_file
+
     # Overnight the model was replaced by an earlier, less trained checkpoint of itself.
     store = Store.open(store_url)
     shutil.copyfile(weights_file(store, "mlp-w32-s0", 2), weights_file(store, "mlp-w32-s0", 15))
@@ -161,7 +176,7 @@ def test_nightly_cka_drop_emits_regression_event_and_the_automation_reacts(local
     EventsWorker.drain_all(timeout=10)
 
     deadline = time.monotonic() + 60
-    while not (events := [e for e in _events(local_stack.env["PREFECT_API_URL"], EVENT)
+    while not (events := [e for e in _events(api, EVENT)
                           if e["resource"]["zooaudit.store"] == night2.models[0].plans[0].store]):
         assert time.monotonic() < deadline, "no zooaudit.audit.regression event reached the server"
         time.sleep(1)
