@@ -63,6 +63,26 @@ def test_batch_size_invariance(shared_store):
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_autocast_forward_is_close_to_float32_and_keyed_apart(shared_store):
+    """bf16 autocast (CPU here; the same path runs on CUDA): float32 results within bf16
+    precision (8 mantissa bits), a cache key of its own, and a clear error for bad names."""
+    model = stages.load_model("builtin:cnn-w8-s0", Store.open(shared_store).url).module
+    x = load_dataset(DatasetSpec(name="digits", max_samples=40)).inputs
+    ref, ref_out = forward_batches(model, x, ["act2", "embed"], batch_size=16)
+    got, got_out = forward_batches(model, x, ["act2", "embed"], batch_size=16, autocast="bf16")
+    for k in ref:
+        assert got[k].dtype == np.float32
+        assert not np.array_equal(got[k], ref[k])          # autocast really ran in bf16
+        scale = np.abs(ref[k]).max()
+        np.testing.assert_allclose(got[k], ref[k], atol=0.05 * scale)
+    np.testing.assert_array_equal(got_out.argmax(1), ref_out.argmax(1))
+    with pytest.raises(ZooauditError, match="Allowed: none, bf16, fp16"):
+        forward_batches(model, x, ["embed"], autocast="fp8")
+    plain = stages.plan_extraction(_spec(shared_store), DatasetSpec(name="digits", max_samples=150))
+    mixed = stages.plan_extraction(_spec(shared_store, autocast="bf16"), DatasetSpec(name="digits", max_samples=150))
+    assert mixed.autocast == "bf16" and mixed.cache_key != plain.cache_key
+
+
 def test_forward_stops_after_last_layer_when_outputs_not_needed(shared_store):
     model = stages.load_model("builtin:mlp-w32-s0", Store.open(shared_store).url).module
     called = []

@@ -70,6 +70,9 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=["mean", "flatten", "none", "cls", "token_mean", "tokens"],
                    help="how spatial maps are stored; 'none' keeps (channel, y, x) maps for concept heat maps; "
                    "token outputs: cls, token_mean, or tokens (all tokens + per-sample offsets)")
+    p.add_argument("--device", help="'auto', 'cpu' or 'cuda[:n]' (default cpu)")
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], help="mixed-precision forward (GPU; bf16 also CPU)")
+    p.add_argument("--dtype", choices=["float32", "float16"], help="dtype of the stored activations")
     p.add_argument("--factorize", action="append", dest="factorize_methods", metavar="METHOD",
                    help="factorization method (repeatable): pca, nmf, semi_nmf, sae, eigencam (default: pca, nmf)")
     p.add_argument("--k", type=int, help="components per layer (default 8)")
@@ -92,8 +95,9 @@ def _spec_fields(args) -> dict:
         out["task_runner"] = "threads"
     if args.dask_address:
         out["dask_address"] = args.dask_address
-    if getattr(args, "pooling", None):
-        out["pooling"] = args.pooling
+    for name in ("pooling", "device", "autocast", "dtype"):
+        if getattr(args, name, None):
+            out[name] = getattr(args, name)
     fact = {key: value for key, value in (("methods", getattr(args, "factorize_methods", None)),
                                           ("k", getattr(args, "k", None)), ("k_sweep", getattr(args, "k_sweep", None)))
             if value}

@@ -17,6 +17,9 @@ import torch
 from .errors import ZooauditError
 from .tokens import TOKEN_POOLINGS, TokenRows, pool_tokens
 
+# torch.autocast dtypes by the names specs use (None: autocast off, plain float32).
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 POOLINGS = ("mean", "flatten", "none", "cls", "token_mean", "tokens")  # the last three: see zooaudit.tokens
 
 
@@ -99,6 +102,7 @@ def forward_batches(
     device: str = "cpu",
     with_outputs: bool = True,
     strict: bool = True,
+    autocast: str = "none",
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Run ``inputs`` ``(n, *input_shape)`` through ``model`` in batches.
 
@@ -109,8 +113,19 @@ def forward_batches(
     method: a batch of raw inputs → a dict of tensors, passed as keyword arguments; its
     ``attention_mask`` drives the mask-aware token poolings. A requested layer that never
     runs is an error (``strict``) or left out of the result.
+
+    ``autocast`` (``none|bf16|fp16``) runs the forward under ``torch.autocast``; captured
+    activations are cast back to float32. On CUDA, batches are copied from pinned host
+    memory with ``non_blocking=True`` so the copy overlaps the previous batch's kernels.
     """
     dev = resolve_device(device)
+    if autocast not in AUTOCAST_DTYPES:
+        raise ZooauditError(f"Unknown autocast {autocast!r}. Allowed: {', '.join(AUTOCAST_DTYPES)}.")
+    cuda = dev.type == "cuda"
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
+
     model = model.to(dev).eval()
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
@@ -140,13 +155,15 @@ def forward_batches(
         with torch.inference_mode():
             for start in range(0, len(inputs), batch_size):
                 if collate is not None:
-                    batch = {k: v.to(dev) for k, v in collate(inputs[start:start + batch_size]).items()}
+                    batch = {k: to_device(v) for k, v in collate(inputs[start:start + batch_size]).items()}
                     batch_mask[0] = batch.get("attention_mask")
                 else:
-                    batch = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])).to(dev)
+                    batch = to_device(torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])))
                 captured.clear()
                 try:
-                    out = model(**batch) if isinstance(batch, dict) else model(batch)
+                    with torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[autocast] or torch.float32,
+                                        enabled=autocast != "none"):
+                        out = model(**batch) if isinstance(batch, dict) else model(batch)
                     if with_outputs:
                         outs.append(_first_tensor(out).to("cpu", torch.float32).numpy())
                 except _StopForward:

@@ -149,6 +149,9 @@ class RunOptions(BaseModel):
     batch_size: int = Field(256, ge=1)
     shard_size: int = Field(256, ge=1, description="Samples per extraction shard = Zarr chunk of the sample dim.")
     device: str = Field("cpu", description="'auto', 'cpu' or 'cuda[:n]'.")
+    autocast: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Mixed-precision forward (torch.autocast): bf16 or fp16 on a GPU (bf16 also on the "
+        "CPU); 'none' runs float32. Activations are stored as float32 or float16 either way (see dtype).")
     factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
     bias: BiasSpec = Field(default_factory=BiasSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
@@ -198,7 +201,6 @@ class AuditZooSpec(RunOptions):
             except Exception as err:  # noqa: BLE001 — re-raised as the form's validation message
                 raise ValueError(str(err)) from None
         return v
-
     cka_drop_threshold: float = Field(
         0.1, ge=0.0, le=1.0, description="Nightly regression alert: a layer whose linear CKA to the previous "
         "night's activations of the same model falls below 1 − this value raises a regression event.")

@@ -54,6 +54,7 @@ class ExtractionPlan:
     has_groups: bool
     model_info: dict = field(default_factory=dict)
     dtype: str = "float32"      # stored activations: float32 | float16
+    autocast: str = "none"      # forward precision: none | bf16 | fp16 (torch.autocast)
     token_rows: int = 0         # all-tokens layers: token rows reserved per shard (zooaudit.tokens)
 
     @property

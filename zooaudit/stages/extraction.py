@@ -67,13 +67,16 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
     if dtype not in STORED_DTYPES:
         raise ZooauditError(f"Unknown stored dtype {dtype!r}. Allowed: {', '.join(STORED_DTYPES)}.")
     params = {"layers": layers, "pooling": spec.pooling, "shard_size": spec.shard_size, "dtype": dtype}
+    autocast = getattr(spec, "autocast", "none")
+    if autocast != "none":   # changes the numbers; keys of float32 runs stay as they were
+        params["autocast"] = autocast
     key = cache_key("activations", model=model.content_hash, dataset=dataset.content_hash, **params)
     return ExtractionPlan(
         store=store.url, model_uri=spec.model, model_key=model.key, model_hash=model.content_hash,
         dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=dataset.content_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
-        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype,
+        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype, autocast=autocast,
         token_rows=token_rows,
     )
 
@@ -195,7 +198,7 @@ def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndar
     dataset = shard_dataset(plan)
     acts, logits = forward_batches(model.module, dataset.inputs[shard.start:shard.stop], plan.layers,
                                    pooling=plan.pooling, batch_size=plan.batch_size, device=plan.device,
-                                   with_outputs=plan.n_outputs is not None)
+                                   with_outputs=plan.n_outputs is not None, autocast=plan.autocast)
     if plan.dtype != "float32":
         acts = {name: a.astype(plan.dtype) for name, a in acts.items()}
     return acts, logits
