@@ -72,9 +72,11 @@ def _load(arrays: Sequence, start: int, stop: int) -> list[np.ndarray]:
     parts = [a[start:stop] for a in arrays]
     lazy = [i for i, p in enumerate(parts) if is_dask(p)]
     if lazy:   # one compute: inputs sharing a graph (one model's layers) are read once
-        # Local threads, not the ambient distributed client: inside a Dask
-        # worker task a nested cluster compute from this helper thread deadlocks.
-        for i, value in zip(lazy, dask.compute(*[parts[i] for i in lazy], scheduler="threads")):
+        # Synchronous, on this helper thread: not the ambient distributed client (inside a
+        # Dask worker task a nested cluster compute from this thread deadlocks), and no
+        # further thread pool — reading overlaps the GEMMs already, and chunks read by
+        # other threads would be allocated in other malloc arenas (RSS creeping with n).
+        for i, value in zip(lazy, dask.compute(*[parts[i] for i in lazy], scheduler="synchronous"), strict=True):
             parts[i] = value
     return [np.asarray(p).reshape(stop - start, -1) for p in parts]
 
