@@ -136,7 +136,10 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert all(r.skipped for a in again.models for r in a.results)
     assert all(z.skipped for z in again.zoo_results)
     assert _commit_counts(store) == before
-    assert again.report != result.report and os.path.exists(again.report)
+    # nothing changed: the earlier report is reused, not rendered again
+    assert again.report == result.report
+    reports = Store.open(store_url).path("reports")
+    assert len([d for d in os.listdir(reports) if d != "by-key"]) == 1
 
 
 def test_empty_zoo_fails_before_any_commit(prefect, store_url):

@@ -2,7 +2,10 @@
 
 Written under ``<store>/reports/<run-id>/`` (``index.html``, PNG figures and a
 ``manifest.json`` with the spec and every stage's cache key and snapshot).
-Reports are never overwritten: an existing run folder is an error.
+Reports are never overwritten: an existing run folder is an error. A run whose inputs
+are exactly those of an earlier report (same spec, every stage at the same cache key and
+snapshot — a warm nightly rerun with no zoo change) reuses that report and writes
+nothing: ``<store>/reports/by-key/<key>`` names the folder rendered for each input key.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import xarray as xr  # noqa: E402
 
 from .. import layout  # noqa: E402
 from ..errors import ZooauditError  # noqa: E402
-from ..keys import slug_key  # noqa: E402
+from ..keys import cache_key, slug_key  # noqa: E402
 from ..store import Store  # noqa: E402
 from .bias import bias_section, shortcut_sweep_section  # noqa: E402
 from .factorize import factorize_section  # noqa: E402
@@ -85,11 +88,20 @@ def _zoo_section(store, z, files: dict) -> list[str]:
 
 
 def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | None = None) -> str:
-    """Render the run's report; return the path/URL of its ``index.html``."""
+    """Render the run's report; return the path/URL of its ``index.html``.
+
+    Reuses (and returns) an earlier report rendered from the same inputs instead of
+    rendering it again (see the module docstring)."""
     store = Store(store_url)
+    fs = store.fs
+    inputs = report_key(spec, audits, zoo_results)
+    marker = store.path("reports", "by-key", inputs)
+    if fs.exists(marker):
+        earlier = fs.cat_file(marker).decode().strip()
+        if fs.exists(earlier):
+            return earlier
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run = f"{stamp}-{(run_id or 'local')[:8]}"
-    fs = store.fs
     folder = store.path("reports", run)
     if fs.exists(folder):
         raise ZooauditError(f"Report folder {folder} already exists; reports are never overwritten.")
@@ -135,4 +147,15 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
     for name, data in files.items():
         with fs.open(f"{folder}/{name}", "wb") as fh:
             fh.write(data)
+    # Written last: a crash mid-render leaves no marker, so the next run renders afresh.
+    with fs.open(marker, "wb") as fh:
+        fh.write(f"{folder}/index.html".encode())
     return f"{folder}/index.html"
+
+
+def report_key(spec: dict, audits, zoo_results) -> str:
+    """Content key of a report's inputs: the spec and every (stage, dataset, cache key,
+    snapshot) it shows. Equal keys render equal reports (up to the run stamp)."""
+    stages = [[a.model, r.stage, r.dataset, r.cache_key, r.snapshot] for a in audits for r in a.results]
+    zoo = [[z.stage, z.dataset, z.cache_key, z.snapshot] for z in zoo_results]
+    return cache_key("report", spec=spec, stages=stages, zoo=zoo)
