@@ -161,8 +161,12 @@ def run_memory(args) -> None:
 
 def _gram(x: np.ndarray, unbiased: bool) -> np.ndarray:
     x = x.astype(np.float64)
-    K = x @ x.T
-    n = K.shape[0]
+    n = x.shape[0]
+    # Row blocks: NumPy's BLAS segfaults on a single x @ x.T with a 20k × 20k result
+    # here (a symmetric-rank-k call); block GEMMs give the same Gram.
+    K = np.empty((n, n))
+    for s in range(0, n, 4096):
+        np.matmul(x[s:s + 4096], x.T, out=K[s:s + 4096])
     if unbiased:                      # U-centring: ⟨K*, L*⟩ / (n(n−3)) is Song et al.'s HSIC₁
         np.fill_diagonal(K, 0.0)
         r = K.sum(0)
