@@ -36,22 +36,17 @@ from .common import (
     _read_session,
     _repo,
     load_model,
+    random_subset,
     skipped,
 )
 
 log = logging.getLogger("zooaudit.stages")
 
 
-def _subset(n: int, cap: int, random_state: int) -> np.ndarray:
-    if n <= cap:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(random_state).choice(n, cap, replace=False))
-
-
 def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, outputs: xr.Dataset, attr: str,
                           bspec: dict) -> dict[str, xr.Dataset]:
     """Probe leakage per layer beside its controls, output leakage, and erasure per layer."""
-    idx = _subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
+    idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
     dataset = load_dataset(plan.dataset)
     inputs = dataset.inputs[idx].reshape(len(idx), -1)
@@ -82,7 +77,7 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
 def _encoder_probes(plan: ExtractionPlan, session, samples: xr.Dataset, attr: str, bspec: dict) -> xr.Dataset:
     """Encoders (no predictions): probe leakage of ``attr`` per layer beside shuffled labels, a
     random-init copy and the input token embeddings (mask-aware mean: what the words alone carry)."""
-    idx = _subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
+    idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
     groups = samples[attr].values[idx]
     inputs = load_dataset(plan.dataset).inputs[idx]
     model = load_model(plan.model_uri, plan.store)

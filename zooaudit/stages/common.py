@@ -6,6 +6,8 @@ import functools
 import logging
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from ..data import Shard
 from ..store import Store, commit, commit_metadata
 from ..zoo import LoadedModel, resolve_model
@@ -76,6 +78,16 @@ class ExtractionPlan:
 
 
 @functools.lru_cache(maxsize=16)
+def random_subset(n: int, cap: int, rng) -> np.ndarray:
+    """Sorted fixed random subset of ``range(n)``: at most ``cap`` indices, all when n ≤ cap.
+
+    ``rng``: a seed, or a ``numpy.random.Generator`` whose stream the caller goes on
+    drawing from (it is drawn from only when n > cap)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(rng).choice(n, cap, replace=False))
+
+
 def _cached_model(uri: str, store_url: str) -> LoadedModel:
     return resolve_model(uri, Store(store_url))
 

@@ -52,6 +52,7 @@ from .common import (
     _read_session,
     _repo,
     load_model,
+    random_subset,
     skipped,
 )
 
@@ -62,13 +63,6 @@ PAIRWISE_MAX_SAMPLES = 5000   # default of SimilaritySpec.pairwise_max_samples
 
 def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
-
-
-def _subset(n: int, cap: int, seed) -> np.ndarray:
-    """Sorted fixed random subset of ``range(n)`` of at most ``cap`` indices (all when n ≤ cap)."""
-    if n <= cap:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
 
 
 def _rows(a, idx: np.ndarray) -> np.ndarray:
@@ -95,7 +89,7 @@ def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[s
         out.update(similarity_matrices(named_a, named_b, metrics=streamed, dims=dims))
         used.update({m: n for m in streamed})
     if pairwise:
-        idx = _subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
+        idx = random_subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
         sub_a = {k: _rows(v, idx) for k, v in named_a.items()}
         sub_b = None if named_b is None else {k: _rows(v, idx) for k, v in named_b.items()}
         out.update(similarity_matrices(sub_a, sub_b, metrics=pairwise, dims=dims))
@@ -107,8 +101,7 @@ def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dic
     """``(reference, control, n)``: the layers on the control subset and their control counterparts."""
     rng = np.random.default_rng(sspec["random_state"])
     n = plan.n_samples
-    idx = np.sort(rng.choice(n, sspec["control_max_samples"], replace=False)) if n > sspec[
-        "control_max_samples"] else np.arange(n)
+    idx = random_subset(n, sspec["control_max_samples"], rng)
     ref = {k: _rows(v, idx) for k, v in layers.items()}
     if sspec["control"] == "shuffle":
         perm = rng.permutation(len(idx))
@@ -132,8 +125,7 @@ def shuffled_controls(named: dict, metrics: list[str], sspec: dict, dims: tuple[
     named_b = named if named_b is None else named_b
     rng = np.random.default_rng(sspec["random_state"])
     n = next(iter(named.values())).shape[0]
-    cap = sspec["control_max_samples"]
-    idx = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+    idx = random_subset(n, sspec["control_max_samples"], rng)
     perm = rng.permutation(len(idx))
     ref = {k: _rows(v, idx) for k, v in named.items()}
     # distinct keys and arrays: the control side is a different array even under the same name

@@ -24,11 +24,16 @@ from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..store import Store, commit, commit_metadata, find_commit, write_dataset
-from .common import ExtractionPlan, StageResult, _committed_summary, _read_session
+from .common import (
+    ExtractionPlan,
+    StageResult,
+    _committed_summary,
+    _read_session,
+    random_subset,
+)
 from .similarity import (
     PAIRWISE_MAX_SAMPLES,
     _rows,
-    _subset,
     shuffled_controls,
     similarity_with_subsets,
 )
@@ -137,8 +142,7 @@ def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, control: boo
     n = next(iter(xs.values())).shape[0]
     if control:
         rng = np.random.default_rng(sspec["random_state"])
-        cap = sspec["control_max_samples"]
-        idx = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+        idx = random_subset(n, sspec["control_max_samples"], rng)
         perm = rng.permutation(len(idx))
         xs = {k: _rows(v, idx) for k, v in xs.items()}
         ys = {k: _rows(v, idx)[perm] for k, v in ys.items()}
@@ -150,7 +154,7 @@ def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, control: boo
         out.update({m: np.diag(mats[m].values).copy() for m in streamed})
     sample_pair = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
     if sample_pair:
-        idx = _subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
+        idx = random_subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
         per_layer = [similarity_matrices({l: _rows(xs[l], idx)}, {l: _rows(ys[l], idx)}, metrics=sample_pair)
                      for l in layers]
         out.update({m: np.array([float(r[m].values[0, 0]) for r in per_layer]) for m in sample_pair})
