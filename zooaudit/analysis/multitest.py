@@ -55,17 +55,12 @@ def bh(pvals, *, alpha: float = 0.05) -> Adjusted:
         pvals: array of p-values, any shape; NaN marks a comparison not made.
         alpha: FDR level for the reject flags.
     """
-    p, finite = _check_pvals(pvals, alpha)
-    flat, out = p.ravel(), np.full(p.size, np.nan)
-    idx = np.flatnonzero(finite.ravel())
-    m = idx.size
-    if m:
-        order = idx[np.argsort(flat[idx], kind="stable")]
-        scaled = flat[order] * m / np.arange(1, m + 1)
-        # step-up: each adjusted value is the smallest scaled value at or above its rank
-        out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    out = out.reshape(p.shape)
-    return Adjusted(out, np.where(np.isfinite(out), out <= alpha, False))
+    def step_up(p_sorted: np.ndarray) -> np.ndarray:
+        m = p_sorted.size
+        # each adjusted value is the smallest scaled value at or above its rank
+        return np.minimum.accumulate((p_sorted * m / np.arange(1, m + 1))[::-1])[::-1]
+
+    return _adjust_sorted(pvals, alpha, step_up)
 
 
 def holm(pvals, *, alpha: float = 0.05) -> Adjusted:
@@ -74,14 +69,22 @@ def holm(pvals, *, alpha: float = 0.05) -> Adjusted:
     ``p_adj_(i) = max_{j ≤ i} min(1, (m − j + 1) · p_(j))``; reject where
     ``p_adj ≤ alpha``. Shapes and NaN handling as in :func:`bh`.
     """
+    def step_down(p_sorted: np.ndarray) -> np.ndarray:
+        m = p_sorted.size
+        return np.maximum.accumulate(p_sorted * (m - np.arange(m)))
+
+    return _adjust_sorted(pvals, alpha, step_down)
+
+
+def _adjust_sorted(pvals, alpha: float, adjust) -> Adjusted:
+    """Apply ``adjust`` (ascending finite p-values → adjusted values, same order) to the
+    finite entries of ``pvals``; cap at 1, keep NaN and the shape, flag ``≤ alpha``."""
     p, finite = _check_pvals(pvals, alpha)
     flat, out = p.ravel(), np.full(p.size, np.nan)
     idx = np.flatnonzero(finite.ravel())
-    m = idx.size
-    if m:
+    if idx.size:
         order = idx[np.argsort(flat[idx], kind="stable")]
-        scaled = flat[order] * (m - np.arange(m))
-        out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+        out[order] = np.minimum(adjust(flat[order]), 1.0)
     out = out.reshape(p.shape)
     return Adjusted(out, np.where(np.isfinite(out), out <= alpha, False))
 
