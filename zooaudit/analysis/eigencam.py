@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ZooauditError
-from .stats import ROW_BLOCK, Moments
+from .stats import ROW_BLOCK, Moments, compute_here
 
 RANK_RTOL = 1e-12  # eigenvalues below this fraction of the largest count as zero
 
@@ -96,10 +96,7 @@ def iter_blocks(A, dtype=None) -> Iterator[tuple[int, int, np.ndarray]]:
 
 def load_rows(A, start: int, stop: int, dtype=None) -> np.ndarray:
     """Rows ``[start, stop)`` of a NumPy or Dask array as a ``(stop − start, D)`` NumPy block."""
-    block = A[start:stop]
-    if hasattr(block, "compute"):
-        block = block.compute()
-    block = np.asarray(block)
+    block = np.asarray(compute_here(A[start:stop]))
     want = dtype or (block.dtype if block.dtype in (np.float32, np.float64) else np.float64)
     return block.reshape(stop - start, -1).astype(want, copy=False)
 

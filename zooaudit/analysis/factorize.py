@@ -53,6 +53,7 @@ from .quality import (
 )
 from .quality import finish as _finish
 from .sae import sae
+from .stats import compute_here
 
 __all__ = ["Factorization", "Stability", "dff", "eigencam", "explained_variance", "is_nonnegative", "k_sweep",
            "matched_cosine", "nmf", "pca", "sae", "semi_nmf", "stability"]
@@ -73,7 +74,7 @@ def _fits_in_memory(A) -> bool:
 
 
 def _materialise(A) -> np.ndarray:
-    X = np.asarray(A.compute() if hasattr(A, "compute") else A)
+    X = np.asarray(compute_here(A))
     return X if X.dtype in (np.float32, np.float64) else X.astype(np.float64)
 
 

@@ -31,6 +31,7 @@ import xarray as xr
 
 from ..errors import ZooauditError
 from .eigencam import iter_blocks, row_bounds
+from .stats import compute_here
 
 ACTIVE_RTOL = 1e-6  # a code is active above this fraction of the RMS distance to the mean
 
@@ -166,8 +167,7 @@ def explained_variance(X, X_hat) -> float:
         raise ZooauditError(f"explained_variance needs equal shapes; got {tuple(X.shape)} and {tuple(X_hat.shape)}.")
     acc = QualityAccumulator(1, 0.0)
     for (start, stop, x) in iter_blocks(X, np.float64):
-        x_hat = X_hat[start:stop]
-        x_hat = x_hat.compute() if hasattr(x_hat, "compute") else x_hat
+        x_hat = compute_here(X_hat[start:stop])
         acc.update(x, np.asarray(x_hat).reshape(x.shape), np.zeros((x.shape[0], 1)))
     return float(acc.metrics()["explained_variance"])
 

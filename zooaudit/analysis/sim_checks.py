@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 
 from ..errors import ZooauditError, unknown
+from .stats import compute_here
 
 # Largest n for which a metric builds n×n matrices in memory (RBF CKA, Gram-based
 # HSIC): 10k samples is 800 MB per float64 matrix, and a metric holds a few.
@@ -140,7 +141,7 @@ def nonfinite_error(name: str, block: np.ndarray, start: int = 0) -> ZooauditErr
 def dense(x, name: str = "X") -> np.ndarray:
     """Materialise ``x`` as a C-contiguous float64 ``(n, p)`` array, checked finite."""
     if is_dask(x):
-        x = x.compute()
+        x = compute_here(x)
     a = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1))
     if not np.isfinite(a).all():
         raise nonfinite_error(name, a)

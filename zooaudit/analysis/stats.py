@@ -14,6 +14,15 @@ import numpy as np
 ROW_BLOCK = 8192  # rows per block when streaming in-memory (NumPy) arrays
 
 
+def compute_here(x):
+    """``x`` with any lazy (Dask / xarray-over-Dask) values computed on the calling thread.
+
+    Never through an ambient distributed client: these reads run inside Dask worker tasks,
+    where a nested cluster compute can wait forever for a busy worker thread. NumPy and
+    other eager inputs are returned as they are."""
+    return x.compute(scheduler="synchronous") if hasattr(x, "compute") else x
+
+
 class Moments:
     """Count, mean ``(p,)`` and centred co-moment ``(p, p)`` of rows seen so far."""
 

@@ -29,6 +29,7 @@ from ..analysis import factorize as fact_mod
 from ..analysis.eigencam import iter_blocks
 from ..analysis.nmf import scan
 from ..analysis.quality import k_sweep, stability
+from ..analysis.stats import compute_here
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..specs import FactorizeSpec
@@ -210,7 +211,7 @@ def factor_dataset(method: str, layer: LayerData, f, spec: FactorizeSpec, sample
         # only the chunks holding the chosen samples are (re)computed
         uniq, inverse = np.unique(idx.ravel(), return_inverse=True)
         picked = heat[uniq]
-        picked = np.asarray(picked.compute() if hasattr(picked, "compute") else picked)
+        picked = np.asarray(compute_here(picked))
         out = picked[inverse.ravel(), np.repeat(np.arange(idx.shape[0]), idx.shape[1])]
         ds["top_heatmap"] = (("component", "rank", *layer.map_dims), out.reshape(*idx.shape, *layer.map_shape))
     ds.attrs.update({"layer": layer.name, "k": int(f.components.shape[0]), "k_requested": spec.k,

@@ -40,6 +40,7 @@ from ..analysis.similarity import (
     UndefinedSimilarityWarning,
     similarity_matrices,
 )
+from ..analysis.stats import compute_here
 from ..data import load_dataset
 from ..errors import ZooauditError
 from ..extract import forward_batches
@@ -68,8 +69,7 @@ def _flat(a: np.ndarray) -> np.ndarray:
 def _rows(a, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` (sorted) of a NumPy or Dask ``(n, p)`` array as float64 in memory."""
     part = a if len(idx) == a.shape[0] else a[idx]
-    part = part.compute() if hasattr(part, "compute") else part
-    return np.asarray(part, dtype=np.float64)
+    return np.asarray(compute_here(part), dtype=np.float64)
 
 
 def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[str], sspec: dict,
