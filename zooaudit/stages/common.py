@@ -77,7 +77,6 @@ class ExtractionPlan:
 
 
 
-@functools.lru_cache(maxsize=16)
 def random_subset(n: int, cap: int, rng) -> np.ndarray:
     """Sorted fixed random subset of ``range(n)``: at most ``cap`` indices, all when n ≤ cap.
 
@@ -88,6 +87,7 @@ def random_subset(n: int, cap: int, rng) -> np.ndarray:
     return np.sort(np.random.default_rng(rng).choice(n, cap, replace=False))
 
 
+@functools.lru_cache(maxsize=16)
 def _cached_model(uri: str, store_url: str) -> LoadedModel:
     return resolve_model(uri, Store(store_url))
 
