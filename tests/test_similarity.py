@@ -211,7 +211,7 @@ def test_model_by_model_matrix_with_clashing_names(xy):
 
 def test_metrics_list():
     assert METRICS == ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes",
-                       "rsa", "mutual_knn")
+                       "rsa", "mutual_knn", "minibatch_cka")
 
 
 def test_panelled_accumulation_equals_in_memory(xy, small_blocks, monkeypatch):

@@ -120,6 +120,7 @@ REFERENCE = {
     "procrustes": lambda a, b: procrustes(a, b),
     "rsa": lambda a, b: rsa(a, b),
     "mutual_knn": lambda a, b: mutual_knn(a, b),
+    "minibatch_cka": lambda a, b: minibatch_cka(a, b),
 }
 
 
@@ -201,3 +202,32 @@ def test_similarity_matrices_share_one_pass(xy, monkeypatch):
         similarity_matrices(layers, metrics=["cca"], params={"rsa": {}})
     with pytest.raises(ZooauditError, match="non-empty list"):
         similarity_matrices(layers, metrics="cca")
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_minibatch_matrix_shares_minibatches_and_equals_the_pairwise_function(kernel, monkeypatch):
+    """All pairs from one sweep of minibatches (the same batches for every pair), lazy inputs
+    gathered a group of minibatches at a time; each entry is minibatch_cka of that pair."""
+    from zooaudit.analysis import sim_stream
+    from zooaudit.analysis.similarity import (
+        MINIBATCH_METRICS,
+        UndefinedSimilarityWarning,
+        similarity_matrices,
+    )
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 6))
+    layers = {"x": x, "y": np.tanh(x @ rng.normal(size=(6, 4))) + 0.3 * rng.normal(size=(300, 4)),
+              "z": da.from_array(np.sin(x[:, :3]) + 0.1 * rng.normal(size=(300, 3)), chunks=(41, -1))}
+    monkeypatch.setattr(sim_stream, "TARGET_BLOCK_BYTES", 8 * 13 * 50 * 2)   # two minibatches per gather
+    opts = {"kernel": kernel, "batch_size": 50, "random_state": 3}
+    m = similarity_matrices(layers, metrics=["minibatch_cka"], params={"minibatch_cka": opts})["minibatch_cka"]
+    assert m.attrs["kernel"] == kernel and m.attrs["batch_size"] == 50 and "Nguyen" in m.attrs["estimator"]
+    for a, xa in layers.items():
+        for b, xb in layers.items():
+            assert m.sel(layer_a=a, layer_b=b).item() == pytest.approx(minibatch_cka(xa, xb, **opts), abs=1e-12)
+    np.testing.assert_allclose(np.diag(m.values), 1.0, atol=1e-12)
+    assert MINIBATCH_METRICS == ("minibatch_cka",)
+    with pytest.warns(UndefinedSimilarityWarning, match="minibatch linear CKA is undefined for 'c'"):
+        dead = similarity_matrix({"x": x, "c": np.ones((300, 2))}, metric="minibatch_cka", batch_size=50)
+    assert np.isnan(dead.values[1]).all() and np.isnan(dead.values[:, 1]).all() and dead.values[0, 0] == 1.0

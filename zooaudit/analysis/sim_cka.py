@@ -39,6 +39,7 @@ from .sim_checks import (
     dense,
     is_dask,
     warn_undefined,
+    width,
 )
 from .sim_stream import JointGram, joint_gram
 
@@ -117,14 +118,15 @@ def linear_cka(X, Y, *, debiased: bool = False) -> float:
     return float(cka_from_stats(acc, debiased=debiased)[0, 1])
 
 
-def cka_matrix(named: Mapping[str, object], *, debiased: bool = False) -> np.ndarray:
+def cka_matrix(named: Mapping[str, object], *, debiased: bool = False, device=None) -> np.ndarray:
     """All-pairs linear CKA ``(m, m)`` of ``{name: (n, p_i)}`` from one joint pass over the rows.
 
     Row/column order follows the mapping. See :func:`linear_cka` for the estimators.
+    ``device``: ``None`` = NumPy on the CPU; a torch device accumulates with torch there.
     """
     debiased = check_bool("debiased", debiased)
     names, arrays = _prepare(named, debiased)
-    acc = joint_gram(arrays, names=names, rownorms=debiased)
+    acc = joint_gram(arrays, names=names, rownorms=debiased, device=device)
     return cka_from_stats(acc, debiased=debiased)
 
 
@@ -262,48 +264,85 @@ def minibatch_cka(X, Y, *, kernel: str = "linear", batch_size: int = 1024, rando
     ``Σ HSIC₁(K, L) / sqrt(Σ HSIC₁(K, K) · Σ HSIC₁(L, L))`` — never an average of
     per-batch CKAs, which is biased. Memory ``O(batch_size² + batch_size·(p + q))``.
 
-    ``kernel="linear"`` or ``"rbf"``; the RBF bandwidth is fixed per representation
+    ``kernel="linear"`` (the default: an estimate of ``linear_cka(X, Y,
+    debiased=True)``) or ``"rbf"`` (of ``rbf_cka(X, Y, debiased=True)``); the RBF
+    bandwidth is fixed per representation
     for all minibatches: ``σ = threshold · sqrt(median squared pairwise distance)``
     over a random subsample of :data:`BANDWIDTH_SAMPLES` rows (all rows when n is
     smaller, matching :func:`rbf_cka`). With one minibatch and ``kernel="linear"``
     this equals ``linear_cka(X, Y, debiased=True)``.
     """
+    check_sample_ids([X, Y], ["X", "Y"])
+    X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
+    check_samples([X, Y], ["X", "Y"], min_samples=4)
+    return float(minibatch_cka_pairs([X, Y], ["X", "Y"], kernel=kernel, batch_size=batch_size,
+                                     random_state=random_state, threshold=threshold, shuffle=shuffle)[0, 1])
+
+
+def minibatch_cka_pairs(arrays, names, *, kernel: str = "linear", batch_size: int = 1024, random_state=None,
+                        threshold: float = 1.0, shuffle: bool = True) -> np.ndarray:
+    """``(m, m)`` minibatch CKA of every pair of ``arrays`` (``(n, p_i)``, validated, same rows).
+
+    The same minibatches (one permutation from ``random_state``) and the same
+    bandwidth subsample serve every pair, so entry ``[i, j]`` equals
+    ``minibatch_cka(arrays[i], arrays[j], ...)`` with the same options. Per
+    minibatch every array's U-centred Gram is built once and all pairwise inner
+    products come from one GEMM: memory ``O(m·b²)``. Lazy (Dask/Zarr) inputs are
+    read a group of minibatches at a time (about ``TARGET_BLOCK_BYTES`` of rows;
+    each group is one gather over the chunks). Representations whose summed self-HSIC
+    is not positive get NaN rows/columns and an :class:`UndefinedSimilarityWarning`.
+    """
+    from sklearn.utils import check_random_state
+
+    from .sim_stream import TARGET_BLOCK_BYTES
+
     kernel = check_choice("kernel", kernel, KERNELS)
     threshold = check_real("threshold", threshold, low=0.0, low_open=True)
     shuffle = check_bool("shuffle", shuffle)
-    check_sample_ids([X, Y], ["X", "Y"])
-    X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
-    n = check_samples([X, Y], ["X", "Y"], min_samples=4)
+    n = int(arrays[0].shape[0])
     batch_size = min(n, check_int("batch_size", batch_size, low=4, high=MAX_BATCH,
                                   hint=f"Minibatches need at least 4 samples; each is an in-memory Gram matrix "
                                        f"(at most {MAX_BATCH} rows)."))
-    from sklearn.utils import check_random_state
-
     rng = check_random_state(random_state)
     order = rng.permutation(n) if shuffle else np.arange(n)
-    batches = np.array_split(order, n // batch_size)
-    s2 = [None, None]
+    batches = [np.sort(b) for b in np.array_split(order, n // batch_size)]
+    s2: list[float | None] = [None] * len(arrays)
     if kernel == "rbf":
         sub = np.sort(rng.choice(n, BANDWIDTH_SAMPLES, replace=False)) if n > BANDWIDTH_SAMPLES else np.arange(n)
-        for i, (A, name) in enumerate(((X, "X"), (Y, "Y"))):
-            s2[i] = _bandwidth2(_rows(A, sub, name), threshold, name)
-        if s2[0] is None or s2[1] is None:
-            return warn_undefined("minibatch RBF CKA is undefined: a representation has a zero median pairwise "
-                                  "distance; returning NaN.")
-    kl = kk = ll = 0.0
-    for idx in batches:
-        idx = np.sort(idx)
-        K = u_centre_gram(_batch_gram(_rows(X, idx, "X"), kernel, s2[0]))
-        L = u_centre_gram(_batch_gram(_rows(Y, idx, "Y"), kernel, s2[1]))
-        scale = 1.0 / (len(idx) * (len(idx) - 3))     # ⟨K*, L*⟩ / (b(b−3)) is this batch's HSIC₁
-        kl += scale * float(np.vdot(K, L))
-        kk += scale * float(np.vdot(K, K))
-        ll += scale * float(np.vdot(L, L))
-    if not (kk > 0 and ll > 0):
-        return warn_undefined("minibatch CKA is undefined: a representation has zero unbiased self-HSIC in every "
-                              "minibatch; returning NaN.")
-    return kl / math.sqrt(kk * ll)
-
+        s2 = [_bandwidth2(_rows(a, sub, name), threshold, name) for a, name in zip(arrays, names)]
+    m = len(arrays)
+    H = np.zeros((m, m))
+    # RBF: an array without a bandwidth (median distance 0) keeps self-HSIC 0 → NaN below
+    live = [i for i in range(m) if kernel == "linear" or s2[i] is not None]
+    lazy = not all(isinstance(a, np.ndarray) for a in arrays)
+    row_bytes = 8 * sum(width(a) for a in arrays)
+    per_group = max(1, TARGET_BLOCK_BYTES // max(1, row_bytes * batch_size)) if lazy else 1
+    for g in range(0, len(batches), per_group):
+        group = batches[g:g + per_group]
+        rows = np.concatenate(group) if len(group) > 1 else group[0]
+        order_g = np.argsort(rows, kind="stable")
+        rows = rows[order_g]
+        # one gather per group of minibatches: a shuffled minibatch touches every chunk
+        data = [_rows(arrays[i], rows, names[i]) for i in live]
+        for idx in group:
+            pos = np.searchsorted(rows, idx)
+            G = np.empty((len(live), len(idx) * len(idx)))
+            for r, (i, d) in enumerate(zip(live, data)):
+                K = u_centre_gram(_batch_gram(d[pos], kernel, s2[i]))
+                G[r] = K.ravel()
+            scale = 1.0 / (len(idx) * (len(idx) - 3))   # ⟨K*, L*⟩ / (b(b−3)) is this batch's HSIC₁
+            H[np.ix_(live, live)] += scale * (G @ G.T)
+    bad = ~(np.diag(H) > 0)
+    d = np.sqrt(np.where(bad, 1.0, np.diag(H)))
+    out = H / np.outer(d, d)
+    if bad.any():
+        out[bad, :] = np.nan
+        out[:, bad] = np.nan
+        which = ", ".join(repr(names[i]) for i in np.flatnonzero(bad))
+        warn_undefined(f"minibatch {kernel} CKA is undefined for {which}: "
+                       + ("a zero median pairwise distance or " if kernel == "rbf" else "")
+                       + "zero unbiased self-HSIC in every minibatch; returning NaN for every pair involving it.")
+    return out
 
 
 def _rows(A, idx: np.ndarray, name: str) -> np.ndarray:

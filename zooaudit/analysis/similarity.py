@@ -11,7 +11,7 @@ for the data (zero variance), the function warns with
 =====================  ==========================================================
 ``linear_cka``         streamed, exact; biased or debiased (unbiased HSIC)
 ``rbf_cka``            exact n×n Gram (moderate n); bandwidth = threshold·√median d²
-``minibatch_cka``      Nguyen et al. 2021, linear or RBF kernel, any n
+``minibatch_cka``      Nguyen et al. 2021, linear (default) or RBF kernel, any n
 ``cca``/``svcca``/``pwcca``   streamed covariances; PWCCA weights from X (paper's definition)
 ``procrustes``         angular shape distance (alpha=1); ``shape_distance`` for any alpha
 ``rsa``                blockwise condensed RDMs, Spearman or Kendall τ-a
@@ -24,8 +24,9 @@ for the data (zero variance), the function warns with
 linear-CKA variants and the co-moment metrics (CCA family, Procrustes) of every pair
 come from ONE streamed pass over the rows that accumulates the joint second moments
 of all representations (memory ``O(P²)`` for ``P`` features in all, independent of
-n); the sample-pair metrics (RBF CKA, RSA, mutual k-NN) need every pair of samples
-and are computed pair by pair in memory.
+n); minibatch CKA reads every sample once per metric call in shared random
+minibatches (``b×b`` Grams); the sample-pair metrics (RBF CKA, RSA, mutual k-NN)
+need every pair of samples and are computed pair by pair in memory.
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ from .sim_checks import (
     check_sample_ids,
     check_samples,
 )
-from .sim_cka import cka_from_stats, cka_matrix, linear_cka, minibatch_cka, rbf_cka
+from .sim_cka import (
+    cka_from_stats,
+    cka_matrix,
+    linear_cka,
+    minibatch_cka,
+    minibatch_cka_pairs,
+    rbf_cka,
+)
 from .sim_rsa import rdm, rsa
 from .sim_stream import JointGram, joint_gram
 from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
@@ -64,6 +72,7 @@ from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
 __all__ = [
     "MAX_GRAM_SAMPLES",
     "METRICS",
+    "MINIBATCH_METRICS",
     "SAMPLE_PAIR_METRICS",
     "STREAMED_METRICS",
     "DegenerateCCAWarning",
@@ -95,12 +104,17 @@ _PAIRWISE: dict[str, tuple[Callable, bool, str]] = {
     "rsa": (rsa, True, "similarity"),
     "mutual_knn": (mutual_knn, True, "similarity"),
 }
-_PUBLIC = {"cca": cca, "svcca": svcca, "pwcca": pwcca, "procrustes": procrustes, **{k: v[0] for k, v in _PAIRWISE.items()}}
-METRICS = ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes", "rsa", "mutual_knn")
+_PUBLIC = {"cca": cca, "svcca": svcca, "pwcca": pwcca, "procrustes": procrustes, "minibatch_cka": minibatch_cka,
+           **{k: v[0] for k, v in _PAIRWISE.items()}}
+METRICS = ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes", "rsa", "mutual_knn",
+           "minibatch_cka")
 # exact from one streamed pass over the rows (memory independent of n)
 STREAMED_METRICS = ("linear_cka", "linear_cka_debiased", *MOMENT_METRICS)
 # need every pair of samples: n×n Gram / RDM / neighbour search, time O(n²)
 SAMPLE_PAIR_METRICS = tuple(_PAIRWISE)
+# every sample, in random minibatches of b rows (b×b Grams, memory O(b²) per representation):
+# neither one pass over the joint moments nor an n×n matrix
+MINIBATCH_METRICS = ("minibatch_cka",)
 _KIND = {m: "distance" if m == "procrustes" else "similarity" for m in METRICS}
 
 
@@ -124,7 +138,7 @@ def _check_params(metric: str, params: dict) -> dict:
 
 def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, object] | None = None, *,
                       metric: str = "linear_cka", dims: tuple[str, str] = ("layer_a", "layer_b"),
-                      **params) -> xr.DataArray:
+                      device=None, **params) -> xr.DataArray:
     """``metric`` between every ``layers_a`` entry and every ``layers_b`` entry (default: ``layers_a``).
 
     ``layers_a``, ``layers_b``: ``{name: (n, p_name) array}`` sharing their samples
@@ -133,26 +147,34 @@ def similarity_matrix(layers_a: Mapping[str, object], layers_b: Mapping[str, obj
     ``"procrustes"`` a distance (0 = same shape), the rest similarities.
     ``params``: keyword options of the metric's function (e.g. ``k=`` for
     ``mutual_knn``, ``threshold=`` for ``rbf_cka``). The streamed metrics
-    (:data:`STREAMED_METRICS`) come from one joint pass over every distinct array;
-    the others are computed pair by pair (once per unordered pair when symmetric).
+    (:data:`STREAMED_METRICS`) come from one joint pass over every distinct array
+    (accumulated with NumPy, or with torch on ``device`` when one is given: see
+    :func:`similarity_matrices`);
+    :data:`MINIBATCH_METRICS` share one set of minibatches for all pairs; the
+    others are computed pair by pair (once per unordered pair when symmetric).
 
     Returns a ``(len(layers_a), len(layers_b))`` float64 DataArray with dims
     ``dims``, coordinates the mapping keys, and attrs naming the metric.
     """
     if not isinstance(metric, str) or metric not in METRICS:
         raise unknown("similarity metric", metric, METRICS)
-    return similarity_matrices(layers_a, layers_b, metrics=[metric], dims=dims, params={metric: params})[metric]
+    return similarity_matrices(layers_a, layers_b, metrics=[metric], dims=dims, params={metric: params},
+                               device=device)[metric]
 
 
 def similarity_matrices(layers_a: Mapping[str, object], layers_b: Mapping[str, object] | None = None, *,
                         metrics: Sequence[str], dims: tuple[str, str] = ("layer_a", "layer_b"),
-                        params: Mapping[str, Mapping] | None = None) -> dict[str, xr.DataArray]:
+                        params: Mapping[str, Mapping] | None = None, device=None) -> dict[str, xr.DataArray]:
     """Several metrics over all pairs: ``{metric: similarity_matrix(..., metric=metric)}``.
 
     Every requested metric of :data:`STREAMED_METRICS` is computed from the same
     single pass over the rows (float64 joint moments of all distinct arrays of both
     sides, plus row-norm sums when ``linear_cka_debiased`` is asked for); the
-    :data:`SAMPLE_PAIR_METRICS` pair by pair. ``params``: ``{metric: {option: value}}``.
+    :data:`MINIBATCH_METRICS` from one sweep of minibatches over every distinct array;
+    the :data:`SAMPLE_PAIR_METRICS` pair by pair. ``params``: ``{metric: {option: value}}``.
+    ``device``: ``None`` accumulates the joint moments with NumPy on the CPU (the
+    default); a torch device (``"cuda"``, ``"cpu"``, ...) accumulates them with torch
+    there (:mod:`~zooaudit.analysis.sim_torch`; the same values to rounding).
     """
     if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
         raise ZooauditError(f"metrics must be a non-empty list of metric names; got {metrics!r}. "
@@ -180,14 +202,18 @@ def similarity_matrices(layers_a: Mapping[str, object], layers_b: Mapping[str, o
     check_sample_ids([*layers_a.values(), *([] if same else layers_b.values())], keys_a if same else [*keys_a, *keys_b])
     arrays_a = [as_matrix(v, k) for k, v in zip(keys_a, layers_a.values())]
     arrays_b = arrays_a if same else [as_matrix(v, k) for k, v in zip(keys_b, layers_b.values())]
-    min_samples = max(4 if m == "linear_cka_debiased" else 3 if m == "rsa" else 2 for m in metrics)
+    min_samples = max(4 if m in ("linear_cka_debiased", "minibatch_cka") else 3 if m == "rsa" else 2
+                      for m in metrics)
     check_samples(arrays_a if same else [*arrays_a, *arrays_b], keys_a if same else [*keys_a, *keys_b],
                   min_samples=min_samples)
 
     values = {}
     streamed = [m for m in metrics if m in STREAMED_METRICS]
     if streamed:
-        values.update(_streamed_block(streamed, params, keys_a, arrays_a, keys_b, arrays_b, same))
+        values.update(_streamed_block(streamed, params, keys_a, arrays_a, keys_b, arrays_b, same, device))
+    if "minibatch_cka" in metrics:
+        names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
+        values["minibatch_cka"] = minibatch_cka_pairs(arrays, names, **params["minibatch_cka"])[np.ix_(ia, ib)]
     for metric in (m for m in metrics if m in _PAIRWISE):
         fn, symmetric, _ = _PAIRWISE[metric]
         v = np.empty((len(arrays_a), len(arrays_b)))
@@ -205,13 +231,16 @@ def similarity_matrices(layers_a: Mapping[str, object], layers_b: Mapping[str, o
                          else "biased", centred="columns")
         if metric == "procrustes":
             attrs["units"] = "radians"
+        if metric == "minibatch_cka":
+            attrs.setdefault("kernel", "linear")
+            attrs["estimator"] = "minibatch unbiased HSIC (Nguyen et al. 2021), sums over minibatches then divided"
         out[metric] = xr.DataArray(values[metric], dims=tuple(dims), coords={dims[0]: keys_a, dims[1]: keys_b},
                                    name=metric, attrs=attrs)
     return out
 
 
-def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: bool) -> dict[str, np.ndarray]:
-    """One joint pass over the distinct arrays (by identity) of both sides → every streamed metric."""
+def _distinct(keys_a, arrays_a, keys_b, arrays_b):
+    """``(names, arrays, ia, ib)``: the distinct arrays (by identity) of both sides, and where each side's are."""
     index: dict[int, int] = {}
     names, arrays = [], []
     for keys, arrs in ((keys_a, arrays_a), (keys_b, arrays_b)):
@@ -220,12 +249,17 @@ def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: b
                 index[id(a)] = len(arrays)
                 names.append(k)
                 arrays.append(a)
-    ia = [index[id(a)] for a in arrays_a]
-    ib = [index[id(b)] for b in arrays_b]
+    return names, arrays, [index[id(a)] for a in arrays_a], [index[id(b)] for b in arrays_b]
+
+
+def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: bool,
+                    device=None) -> dict[str, np.ndarray]:
+    """One joint pass over the distinct arrays (by identity) of both sides → every streamed metric."""
+    names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
     moments = [m for m in metrics if m in MOMENT_METRICS]
     # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32
     acc = joint_gram(arrays, names=names, rownorms="linear_cka_debiased" in metrics,
-                     dtype=np.float64 if moments else None)
+                     dtype=np.float64 if moments else None, device=device)
     out = {}
     for metric in ("linear_cka", "linear_cka_debiased"):
         if metric in metrics:
