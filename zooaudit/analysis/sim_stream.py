@@ -128,10 +128,14 @@ class JointGram:
         self.P = P
         self.n = 0
         self.shift: np.ndarray | None = None
+        self.rownorms = rownorms
+        self._final = False
+        self._allocate(P, m)
+
+    def _allocate(self, P: int, m: int) -> None:
         self.s = np.zeros(P)
         self.T = np.zeros((P, P))
-        self.rownorms = rownorms
-        if rownorms:
+        if self.rownorms:
             self.A = np.zeros(m)
             self.RR = np.zeros((m, m))
             self.RZ = np.zeros((m, P))
@@ -139,7 +143,6 @@ class JointGram:
         self._minus: list[np.ndarray] = []
         self._buf: np.ndarray | None = None
         self._panels = _panels(P)
-        self._final = False
 
     # -- accumulation ---------------------------------------------------------------
 
@@ -262,13 +265,24 @@ class JointGram:
 
 
 def joint_gram(arrays: Sequence, *, names: Sequence[str] | None = None, dtype=None,
-               rownorms: bool = False) -> JointGram:
-    """One pass over the rows of ``arrays`` (sharing rows) → finalized :class:`JointGram`."""
+               rownorms: bool = False, device=None) -> JointGram:
+    """One pass over the rows of ``arrays`` (sharing rows) → finalized :class:`JointGram`.
+
+    ``device``: ``None`` (default) accumulates with NumPy on the CPU; a torch device
+    (``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``torch.device``) accumulates with torch on
+    that device (:class:`~zooaudit.analysis.sim_torch.TorchJointGram`; same statistics,
+    copied back to NumPy float64 when finalized).
+    """
     from .sim_checks import compute_dtype
 
     dtype = compute_dtype(arrays) if dtype is None else np.dtype(dtype)
     widths = [width(a) for a in arrays]
-    acc = JointGram(widths, dtype=dtype, rownorms=rownorms, names=names)
+    if device is None:
+        acc = JointGram(widths, dtype=dtype, rownorms=rownorms, names=names)
+    else:
+        from .sim_torch import TorchJointGram
+
+        acc = TorchJointGram(widths, device=device, dtype=dtype, rownorms=rownorms, names=names)
     for start, _, parts in iter_row_blocks(arrays, block_rows(acc.P, dtype.itemsize)):
         acc.update(parts, start)
     return acc.finalize()
