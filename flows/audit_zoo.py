@@ -1,12 +1,13 @@
 """Flow ``audit-zoo``: audit every model, compare them on shared datasets, report.
 
-    audit-model × models ─► per shared dataset: zoo-similarity (model × model)
+    cache-check ─► audit-model × changed models ─► per shared dataset: zoo-similarity (model × model)
                                                  revision-similarity (consecutive checkpoints)
                          ─► report
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,13 +19,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
 from tasks.analysis import revision_similarity, zoo_similarity
+from tasks.extract import committed_audits
 from tasks.report import build_report
 from zooaudit import stages, versions
 from zooaudit.report.summary import similarity_table, zoo_markdown
 from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
 
-from .audit_model import audit_model
+from .audit_model import ModelAudit, audit_model
+from .credentials import apply_s3_credentials
 from .events import emit_regressions, find_regressions
 from .runners import dask_cluster, task_runner
 
@@ -54,13 +57,26 @@ def _run_tag(spec: AuditZooSpec) -> str | None:
 def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
+    apply_s3_credentials()      # a Secret block's S3 keys, before the first read of the store
     stages.validate_zoo(spec)   # bad input fails here, before any commit
     store = Store.open(spec.store)
+    model_specs = [spec.model_spec(model) for model in spec.models]
+    # A model whose every stage is committed gets its results from the cache check: no
+    # audit-model subflow (flow-run creation, planning, artifacts) and, when no model changed,
+    # no Dask cluster either. Its results are the ones the subflow returns on a full cache hit.
+    committed = committed_audits(model_specs)
+    cached = [s.model for s, hit in zip(model_specs, committed) if hit is not None]
+    if cached:
+        logger.info("every stage committed, no audit needed: %s", ", ".join(cached))
     audits = []
-    with dask_cluster(spec) as address:
-        for model in spec.models:
+    changed = len(cached) < len(model_specs)
+    with dask_cluster(spec) if changed else contextlib.nullcontext() as address:
+        for model_spec, hit in zip(model_specs, committed):
+            if hit is not None:
+                audits.append(ModelAudit(model_spec.model, *hit))
+                continue
             sub = audit_model.with_options(task_runner=task_runner(address))
-            audits.append(sub(spec.model_spec(model)))
+            audits.append(sub(model_spec))
     by_dataset = defaultdict(list)
     snapshots = defaultdict(dict)
     for audit in audits:
@@ -78,7 +94,10 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     for reg in regressions:
         logger.warning("regression: %s %s on %s", reg["model"], reg["metric"], reg["dataset"])
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
-    create_markdown_artifact(zoo_markdown(audits, zoo_results, report), description="zooaudit: zoo audit")
+    markdown = zoo_markdown(audits, zoo_results, report)
+    if cached:   # their per-model artifacts are those of the run that committed their stages
+        markdown += "\n\nServed from committed results (no audit-model run): " + ", ".join(f"`{m}`" for m in cached)
+    create_markdown_artifact(markdown, description="zooaudit: zoo audit")
     if rows := similarity_table(zoo_results):
         create_table_artifact(rows, description="zooaudit zoo similarity (value beside control)")
     if (tag := _run_tag(spec)) is not None:

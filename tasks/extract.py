@@ -13,6 +13,13 @@ def plan_extraction(spec, ds_spec):
     return stages.plan_extraction(spec, ds_spec)
 
 
+@task(name="cache-check", cache_policy=NO_CACHE)
+def committed_audits(specs):
+    """One task for the whole zoo: per model spec, ``(plans, results)`` when every stage of
+    every plan is already committed (no audit needed), else None."""
+    return [stages.committed_audit(spec) for spec in specs]
+
+
 @task(name="extract-shards", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       task_run_name="extract-shards-{shards[0].index}")
 def extract_shards(plan, shards, branch):

@@ -41,6 +41,14 @@ def _commit_counts(store):
     return counts
 
 
+def _flow_run_count(name):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+
+
 def _open(repo, snapshot, group):
     return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False)
 
@@ -132,10 +140,19 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert any(a.type == "table" and a.description == "zooaudit zoo similarity (value beside control)" for a in arts)
 
     before = _commit_counts(store)
+    subflows_before = _flow_run_count("audit-model")
     again = audit_zoo(spec)
     assert all(r.skipped for a in again.models for r in a.results)
     assert all(z.skipped for z in again.zoo_results)
     assert _commit_counts(store) == before
+    # every stage was committed: the cache check served each model, no audit-model subflow ran …
+    assert _flow_run_count("audit-model") == subflows_before
+    # … with the results the subflow itself returns on a full cache hit (plans, keys, summaries)
+    from flows.audit_model import audit_model
+
+    for i in (0, 2):   # a digits model, and the colored one (bias stage)
+        assert audit_model(spec.model_spec(MODELS[i])) == again.models[i]
+    assert [a.plans for a in again.models] == [a.plans for a in result.models]
     # nothing changed: the earlier report is reused, not rendered again
     assert again.report == result.report
     reports = Store.open(store_url).path("reports")

@@ -9,6 +9,7 @@ Stage inputs and outputs are small, JSON-able dataclasses (never arrays).
 
 from .analysis import run_factorize
 from .bias import run_bias
+from .cached import committed_audit
 from .common import ExtractionPlan, StageResult, load_model, skipped
 from .extraction import (begin_activations, cached_activations, extract_shard, extract_shards, pending_shards,
                          plan_extraction, publish_activations, run_activations, shard_groups)
@@ -16,7 +17,7 @@ from .similarity import run_similarity
 from .validate import validate_model, validate_zoo
 from .zoo import revisions_group, run_revision_similarity, run_zoo_similarity, zoo_similarity_group
 
-__all__ = ["ExtractionPlan", "StageResult", "load_model", "skipped", "plan_extraction", "cached_activations",
+__all__ = ["ExtractionPlan", "StageResult", "load_model", "skipped", "committed_audit", "plan_extraction", "cached_activations",
            "begin_activations", "extract_shard", "extract_shards", "pending_shards", "shard_groups", "run_activations",
            "publish_activations", "run_factorize", "run_similarity",
            "run_bias", "run_zoo_similarity", "zoo_similarity_group", "run_revision_similarity", "revisions_group", "validate_model", "validate_zoo"]

@@ -268,10 +268,15 @@ def _eigencam_dataset(layer: LayerData, sample_ids: np.ndarray) -> xr.Dataset:
     return ds
 
 
+def factorize_key(plan: ExtractionPlan, fspec: dict) -> str:
+    """Cache key of the factorize stage of ``plan`` with ``fspec``."""
+    return cache_key("factorize", activations=plan.cache_key, **FactorizeSpec(**fspec).model_dump())
+
+
 def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id: str | None = None) -> StageResult:
     """Every requested method on every layer, with quality, stability, sweep and top samples; one commit."""
     spec = FactorizeSpec(**fspec)
-    key = cache_key("factorize", activations=plan.cache_key, **spec.model_dump())
+    key = factorize_key(plan, fspec)
     _, _, repo = _repo(plan)
     if (snap := find_commit(repo, key)) is not None:
         return skipped("factorize", plan, key, snap)

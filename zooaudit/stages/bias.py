@@ -135,15 +135,27 @@ def regressions(current: xr.Dataset, previous: xr.Dataset) -> list[str]:
     return flagged
 
 
-def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str | None = None) -> StageResult | None:
-    """The bias audit of one model on a dataset with group attributes (and, for text
-    encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
+def _bias_parts(plan: ExtractionPlan, bspec: dict) -> tuple[bool, bool, bool]:
+    """Which parts of the bias stage apply: (association tests, prediction-level audit, encoder probes)."""
     association = weat_stage.applies(plan, bspec)
     predictions = plan.has_groups and plan.n_outputs is not None
     encoder_probes = plan.has_groups and plan.n_outputs is None and bspec["probes"] and bool(plan.sample_layers)
-    if not predictions and not association and not encoder_probes:
+    return association, predictions, encoder_probes
+
+
+def bias_key(plan: ExtractionPlan, bspec: dict) -> str | None:
+    """Cache key of the bias stage of ``plan`` with ``bspec``; None when the stage does not apply."""
+    if not any(_bias_parts(plan, bspec)):
         return None
-    key = cache_key("bias", activations=plan.cache_key, **bspec, **weat_stage.key_params(plan, bspec))
+    return cache_key("bias", activations=plan.cache_key, **bspec, **weat_stage.key_params(plan, bspec))
+
+
+def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str | None = None) -> StageResult | None:
+    """The bias audit of one model on a dataset with group attributes (and, for text
+    encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
+    association, predictions, encoder_probes = _bias_parts(plan, bspec)
+    if (key := bias_key(plan, bspec)) is None:
+        return None
     _, _, repo = _repo(plan)
     if (snap := find_commit(repo, key)) is not None:
         return skipped("bias", plan, key, snap)

@@ -51,7 +51,7 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
     input shape does not fit the dataset (the model is not audited on it)."""
     store = Store.open(spec.store)
     model = load_model(spec.model, store.url)
-    dataset = load_dataset(ds_spec)
+    dataset, ds_hash = plan_dataset(ds_spec)
     if tuple(model.input_shape) != dataset.input_shape:
         log.info("skipping %s on %s: input shape %s ≠ %s", spec.model, ds_spec.name, model.input_shape,
                  dataset.input_shape)
@@ -70,15 +70,44 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
     autocast = getattr(spec, "autocast", "none")
     if autocast != "none":   # changes the numbers; keys of float32 runs stay as they were
         params["autocast"] = autocast
-    key = cache_key("activations", model=model.content_hash, dataset=dataset.content_hash, **params)
+    key = cache_key("activations", model=model.content_hash, dataset=ds_hash, **params)
     return ExtractionPlan(
         store=store.url, model_uri=spec.model, model_key=model.key, model_hash=model.content_hash,
-        dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=dataset.content_hash, n_samples=len(dataset),
+        dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=ds_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
         cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype, autocast=autocast,
         token_rows=token_rows,
     )
+
+
+def _fingerprint(path: str | None) -> tuple | None:
+    """What stands for the content behind a dataset ``path`` without reading it: size and
+    mtime of the file, or of every file under the folder (None without a path)."""
+    import os
+
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    return tuple(sorted((os.path.join(root, name), st.st_size, st.st_mtime_ns)
+                        for root, _, names in os.walk(path)
+                        for name in names for st in (os.stat(os.path.join(root, name)),)))
+
+
+@functools.lru_cache(maxsize=8)
+def _identified_dataset(spec_json: str, _fingerprint) -> tuple:
+    dataset = load_dataset(json.loads(spec_json))
+    return dataset, dataset.content_hash
+
+
+def plan_dataset(ds_spec) -> tuple:
+    """``(AuditDataset, content hash)`` of a dataset spec (or dict), loaded and hashed once per
+    process while the spec and the files behind its ``path`` are unchanged: a zoo audit plans
+    and validates every model on the same datasets. The dataset is shared: read it, never modify it."""
+    spec = ds_spec.model_dump() if hasattr(ds_spec, "model_dump") else dict(ds_spec)
+    return _identified_dataset(canonical_json(spec), _fingerprint(spec.get("path")))
 
 
 def cached_activations(plan: ExtractionPlan) -> str | None:

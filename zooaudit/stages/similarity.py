@@ -159,9 +159,14 @@ def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[st
     return out
 
 
+def similarity_key(plan: ExtractionPlan, sspec: dict) -> str:
+    """Cache key of the (within-model) similarity stage of ``plan`` with ``sspec``."""
+    return cache_key("similarity", activations=plan.cache_key, **sspec)
+
+
 def run_similarity(plan: ExtractionPlan, acts_snapshot: str, sspec: dict, run_id: str | None = None) -> StageResult:
     """Layer × layer matrices of every chosen metric, each beside its control; one commit."""
-    key = cache_key("similarity", activations=plan.cache_key, **sspec)
+    key = similarity_key(plan, sspec)
     _, _, repo = _repo(plan)
     if (snap := find_commit(repo, key)) is not None:
         return skipped("similarity", plan, key, snap)

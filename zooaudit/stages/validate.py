@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..data import load_dataset
 from ..errors import ZooauditError
 from ..extract import select_layers
 from ..specs import AuditModelSpec
@@ -10,6 +9,7 @@ from ..store import Store
 from ..zoo import LoadedModel
 from . import weat as weat_stage
 from .common import load_model
+from .extraction import plan_dataset
 
 
 def validate_model(spec: AuditModelSpec) -> LoadedModel:
@@ -17,7 +17,7 @@ def validate_model(spec: AuditModelSpec) -> LoadedModel:
     store = Store.open(spec.store)
     model = load_model(spec.model, store.url)
     select_layers(model.module, spec.layers or model.default_layers)
-    fits = [d.name for d in spec.datasets if load_dataset(d).input_shape == tuple(model.input_shape)]
+    fits = [d.name for d in spec.datasets if plan_dataset(d)[0].input_shape == tuple(model.input_shape)]
     if not fits:
         names = ", ".join(d.name for d in spec.datasets) or "(none)"
         raise ZooauditError(
