@@ -9,7 +9,12 @@ from pydantic import ValidationError
 
 from zooaudit import layout, stages
 from zooaudit.analysis import sim_stream
-from zooaudit.analysis.similarity import METRICS, SAMPLE_PAIR_METRICS, STREAMED_METRICS
+from zooaudit.analysis.similarity import (
+    METRICS,
+    MINIBATCH_METRICS,
+    SAMPLE_PAIR_METRICS,
+    STREAMED_METRICS,
+)
 from zooaudit.errors import ZooauditError
 from zooaudit.report.figures import heatmap_png
 from zooaudit.report.summary import similarity_table, zoo_markdown
@@ -152,8 +157,104 @@ def test_heat_maps_for_distances_negative_values_and_nan():
 
 
 def test_streamed_metric_sets_are_a_partition():
-    assert set(STREAMED_METRICS) | set(SAMPLE_PAIR_METRICS) == set(METRICS)
-    assert not set(STREAMED_METRICS) & set(SAMPLE_PAIR_METRICS)
+    """Streamed (one joint pass), minibatch (every sample, b×b Grams) and sample-pair (a
+    subset, n×n) metrics: each metric in exactly one group."""
+    groups = [set(STREAMED_METRICS), set(MINIBATCH_METRICS), set(SAMPLE_PAIR_METRICS)]
+    assert set.union(*groups) == set(METRICS)
+    assert sum(len(g) for g in groups) == len(METRICS)
+    assert MINIBATCH_METRICS == ("minibatch_cka",)
+
+
+def _stored(store_url, plan, snapshot):
+    session = Store(store_url).model_repo(plan.model_key).readonly_session(snapshot_id=snapshot)
+    return {l: layout.open_activations(session.store, plan.ds_key, l).values for l in plan.sample_layers}
+
+
+def test_minibatch_cka_stage_estimates_debiased_cka(audited):
+    """minibatch_cka in the pipeline: the kernel's debiased CKA over every sample (exactly,
+    with one minibatch), estimated from several minibatches; deterministic (seeded)."""
+    from zooaudit.analysis.similarity import rbf_cka
+
+    store_url, plans, snapshots = audited
+    plan = plans[2]
+    repo = Store(store_url).model_repo(plan.model_key)
+
+    def committed(metric, **opts):
+        sspec = SimilaritySpec(metrics=["linear_cka_debiased", metric], control="none", **opts).model_dump()
+        res = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+        return (_open(repo, res.snapshot, layout.similarity_group(plan.ds_key, metric)),
+                _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, "linear_cka_debiased")))
+
+    several, debiased = committed("minibatch_cka", minibatch_size=40)       # 3 minibatches of 50
+    assert several.attrs["n"] == N and several.attrs["batch_size"] == 40 and several.attrs["kernel"] == "linear"
+    np.testing.assert_allclose(several["value"].values, debiased["value"].values, atol=0.03)
+    assert np.abs(several["value"].values - debiased["value"].values).max() > 1e-6   # an estimate, not a copy
+    one, _ = committed("minibatch_cka", minibatch_size=1024)                # one minibatch of all 150
+    np.testing.assert_allclose(one["value"].values, debiased["value"].values, atol=1e-9)
+    rbf, _ = committed("minibatch_cka", minibatch_size=1024, minibatch_kernel="rbf")
+    acts = _stored(store_url, plan, snapshots[plan.model_uri])
+    a, b = plan.sample_layers[0], plan.sample_layers[2]
+    assert rbf.attrs["kernel"] == "rbf"
+    assert float(rbf["value"].sel(layer_a=a, layer_b=b)) == pytest.approx(
+        rbf_cka(acts[a].reshape(N, -1), acts[b].reshape(N, -1), debiased=True), abs=1e-9)
+    again, _ = committed("minibatch_cka", minibatch_size=40, random_state=0)
+    np.testing.assert_array_equal(again["value"].values, several["value"].values)
+    with pytest.raises(ValidationError, match="minibatch_size"):
+        SimilaritySpec(metrics=["minibatch_cka"], minibatch_size=2)
+
+
+def test_random_init_controls_within_model_zoo_and_revisions(audited):
+    """control='random_init': each layer against a seeded random-initialised copy of the
+    (second) model on the same samples — far below the trained models' similarity."""
+    import torch
+
+    from zooaudit.analysis.similarity import linear_cka
+    from zooaudit.data import load_dataset
+    from zooaudit.extract import forward_batches
+    from zooaudit.zoo import resolve_model
+    from zooaudit.zoo.builtin import RANDOM_INIT_SEED_OFFSET
+
+    store_url, plans, snapshots = audited
+    sspec = SimilaritySpec(metrics=["linear_cka", "minibatch_cka"], control="random_init",
+                           control_max_samples=120, minibatch_size=50).model_dump()
+    seed = 0 + RANDOM_INIT_SEED_OFFSET                                     # builtin training seed 0
+    plan = plans[0]
+    res = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+    ds = _open(Store(store_url).model_repo(plan.model_key), res.snapshot,
+               layout.similarity_group(plan.ds_key, "linear_cka"))
+    assert ds.attrs["control"] == "random_init" and ds.attrs["random_init_seed"] == seed
+    assert ds.attrs["control_n"] == 120
+    # the committed control is the library's CKA of the stored layer against a fresh
+    # random-init copy's activations on the same recorded subset (same seed → same copy)
+    idx = np.sort(np.random.default_rng(0).choice(N, 120, replace=False))
+    model = resolve_model(plan.model_uri, Store(store_url))
+    torch.manual_seed(123)                                                 # the copy's seed is its own
+    rand, _ = forward_batches(model.random_init(), load_dataset(plan.dataset).inputs[idx], plan.sample_layers,
+                              pooling=plan.pooling, with_outputs=False)
+    acts = _stored(store_url, plan, snapshots[plan.model_uri])
+    layer = plan.sample_layers[1]
+    assert float(ds["control"].sel(layer_a=layer, layer_b=layer)) == pytest.approx(
+        linear_cka(acts[layer][idx], rand[layer]), abs=1e-9)
+    assert np.all(np.diag(ds["control"].values) < 0.9)                    # the value's diagonal is 1
+
+    zoo = stages.run_zoo_similarity(store_url, plans, snapshots, ["embed"], sspec)
+    repo = Store(store_url).zoo_repo()
+    for metric in sspec["metrics"]:
+        z = _open(repo, zoo.snapshot, zoo.summary["groups"][metric])
+        assert z.attrs["control"] == "random_init" and list(z.attrs["random_init_seed"]) == [seed] * 3
+        value = z["value"].sel(layer_a="embed", layer_b="embed").values
+        control = z["control"].sel(layer_a="embed", layer_b="embed").values
+        assert np.isfinite(control).all() and value.min() > 0.75, metric
+        assert np.all(control < value - 0.2), (metric, value, control)       # every (model_a, model_b) pair
+    assert "Control (random-init copy of the second model), linear_cka" in zoo_markdown([], [zoo], "r.html")
+
+    revs = stages.run_revision_similarity(store_url, plans, snapshots, sspec)
+    family = revs.summary["families"]["builtin:mlp-w32-s0"]
+    for metric in sspec["metrics"]:
+        r = _open(repo, revs.snapshot, family[metric]["group"])
+        assert r.attrs["control"] == "random_init" and list(r.attrs["random_init_seed"]) == [seed]
+        assert np.all(r["control"].values < r["value"].values - 0.2), metric
+        assert family[metric]["control_kind"] == "random_init"
 
 
 def test_degenerate_cca_is_recorded_with_the_result(shared_store):

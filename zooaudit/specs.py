@@ -105,7 +105,8 @@ class SimilaritySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: list[str] = Field(["linear_cka"], description="Similarity metrics (e.g. linear_cka, "
-                               "linear_cka_debiased, rbf_cka, svcca, pwcca, procrustes, rsa, mutual_knn).")
+                               "linear_cka_debiased, rbf_cka, svcca, pwcca, procrustes, rsa, mutual_knn, "
+                               "minibatch_cka).")
     control: Literal["shuffle", "random_init", "none"] = Field(
         "shuffle", description="Control beside every similarity: the same metric with the second representation's "
         "samples shuffled, or against a random-initialised copy of the model.")
@@ -113,6 +114,11 @@ class SimilaritySpec(BaseModel):
     pairwise_max_samples: int = Field(
         5000, ge=10, le=10_000, description="RBF CKA, RSA and mutual k-NN (n×n Grams, RDMs, neighbour search) use a "
         "fixed random subset of at most this many samples; the streamed metrics use all samples.")
+    minibatch_kernel: Literal["linear", "rbf"] = Field(
+        "linear", description="Kernel of minibatch_cka: linear estimates debiased linear CKA, rbf debiased RBF CKA "
+        "(median-distance bandwidth) over every sample.")
+    minibatch_size: int = Field(1024, ge=4, le=10_000, description="Samples per minibatch of minibatch_cka (each a "
+                                "b×b Gram in memory).")
     random_state: int = 0
 
     @field_validator("metrics")

@@ -23,6 +23,7 @@ from ..store import Store  # noqa: E402
 from .bias import bias_section, shortcut_sweep_section  # noqa: E402
 from .factorize import factorize_section  # noqa: E402
 from .figures import heatmap_png, trend_png  # noqa: E402
+from .summary import CONTROL_LABELS
 
 
 def _open(repo, snapshot, group):
@@ -71,7 +72,8 @@ def _zoo_section(store, z, files: dict) -> list[str]:
                     mat = mat.dropna("model_a", how="all").dropna("model_b", how="all")
                     name = f"zoo-{z.dataset}-{metric}-{layer}{'-control' if var == 'control' else ''}.png"
                     label = (f"model × model {metric} — layer {layer} on {z.dataset}" if var == "value" else
-                             f"control (shuffled samples, n={ds.attrs.get('control_n')}) — {metric}, layer {layer}")
+                             f"control ({CONTROL_LABELS.get(ds.attrs.get('control'), 'control')}, "
+                             f"n={ds.attrs.get('control_n')}) — {metric}, layer {layer}")
                     files[name] = heatmap_png(mat, label, kind=kind)
                     imgs.append(f"<img src='{name}'>")
                 out.append(f"<h2>Zoo: model × model {html.escape(metric)}, layer {html.escape(str(layer))}, "

@@ -48,6 +48,9 @@ def _mean_offdiag(m, diag: bool = False) -> float:
     return float(np.nanmean(a[~np.eye(a.shape[0], dtype=bool)]))
 
 
+CONTROL_LABELS = {"shuffle": "shuffled samples", "random_init": "random-init copy of the second model"}
+
+
 def _with_control(v, c) -> str:
     """``value (control)`` for a table cell."""
     text = "–" if v is None or math.isnan(v) else f"{v:.3f}"
@@ -156,14 +159,17 @@ def zoo_markdown(audits, zoo_results, report: str) -> str:
                 for layer, mat in s[metric].items():
                     lines += ["", f"Model × model {metric}, layer `{layer}`:", ""] + _matrix_table(s["models"], mat)
                     if (ctrl := s.get("control", {}).get(metric, {}).get(layer)) is not None:
-                        lines += ["", f"Control (shuffled samples), {metric}, layer `{layer}`:", ""]
+                        label = CONTROL_LABELS.get(s.get("control_kind", "shuffle"), "control")
+                        lines += ["", f"Control ({label}), {metric}, layer `{layer}`:", ""]
                         lines += _matrix_table(s["models"], ctrl)
         elif z.stage == "revision-similarity":
             for family, per_metric in s.get("families", {}).items():
                 for metric, info in per_metric.items():
                     lines += ["", (f"`{family}` {metric} between consecutive checkpoints "
                                    f"(rows: {', '.join(info['steps'])}; columns: {', '.join(info['layers'])}"
-                                   f"{'; in brackets: shuffled-sample control' if info.get('control') else ''}):"), ""]
+                                   + (f"; in brackets: control, "
+                                      f"{CONTROL_LABELS.get(info.get('control_kind', 'shuffle'), 'control')}"
+                                      if info.get('control') else '') + "):"), ""]
                     lines += ["| step | " + " | ".join(info["layers"]) + " |", "|---" * (len(info["layers"]) + 1) + "|"]
                     ctrl = info.get("control") or [[None] * len(info["layers"])] * len(info["steps"])
                     lines += [f"| {st} | " + " | ".join(_with_control(v, c) for v, c in zip(row, crow)) + " |"

@@ -5,7 +5,11 @@ Which samples each metric sees:
 - streamed metrics (linear CKA biased/debiased, CCA, SVCCA, PWCCA, Procrustes;
   ``STREAMED_METRICS``) use every sample, all of them and all layer pairs from ONE
   pass over the Zarr chunks (joint second moments of all layers, memory
-  independent of the number of samples);
+  independent of the number of samples; accumulated with torch on the GPU when the
+  run's device resolves to CUDA, with NumPy otherwise);
+- minibatch CKA (``MINIBATCH_METRICS``) uses every sample in random minibatches of
+  ``minibatch_size`` rows (kernel ``minibatch_kernel``: linear estimates debiased
+  linear CKA, rbf debiased RBF CKA), the same minibatches for every pair;
 - sample-pair metrics (RBF CKA, RSA, mutual k-NN; ``SAMPLE_PAIR_METRICS``) build
   n×n Grams / RDMs / neighbour searches: they use a fixed random subset of at most
   ``pairwise_max_samples`` samples (all when fewer), recorded as ``n`` in the
@@ -18,7 +22,9 @@ number alone says little):
   permuted (fixed ``random_state``) — the value for unrelated representations
   at this sample size;
 - ``random_init``: the same metric against a random-initialised copy of the
-  model on the same inputs.
+  model on the same inputs (the copy is built by the model's source from a fixed
+  torch seed, recorded as ``random_init_seed``; sources that cannot build one —
+  TorchScript and exported programs — are refused with a message).
 
 Controls are computed in memory on at most ``control_max_samples`` samples (a
 fixed random subset, recorded as ``control_n``; sample-pair metrics also within
@@ -35,6 +41,7 @@ import xarray as xr
 
 from .. import layout
 from ..analysis.similarity import (
+    MINIBATCH_METRICS,
     SAMPLE_PAIR_METRICS,
     DegenerateCCAWarning,
     UndefinedSimilarityWarning,
@@ -43,7 +50,7 @@ from ..analysis.similarity import (
 from ..analysis.stats import compute_here
 from ..data import load_dataset
 from ..errors import ZooauditError
-from ..extract import forward_batches
+from ..extract import forward_batches, resolve_device
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
 from .common import (
@@ -72,22 +79,43 @@ def _rows(a, idx: np.ndarray) -> np.ndarray:
     return np.asarray(compute_here(part), dtype=np.float64)
 
 
+def metric_params(metrics: list[str], sspec: dict) -> dict[str, dict]:
+    """Options of the chosen metrics taken from the spec (minibatch CKA: kernel, size, seed)."""
+    if "minibatch_cka" not in metrics:
+        return {}
+    return {"minibatch_cka": {"kernel": sspec.get("minibatch_kernel", "linear"),
+                              "batch_size": int(sspec.get("minibatch_size", 1024)),
+                              "random_state": sspec["random_state"]}}
+
+
+def moments_device(device: str | None):
+    """The torch device for the streamed moments: the run's device when it resolves to CUDA,
+    else None (NumPy on the CPU, which is faster there than torch)."""
+    if not device:
+        return None
+    dev = resolve_device(device)
+    return dev if dev.type == "cuda" else None
+
+
 def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[str], sspec: dict,
-                            dims: tuple[str, str] = ("layer_a", "layer_b")) -> tuple[dict, dict]:
+                            dims: tuple[str, str] = ("layer_a", "layer_b"),
+                            device: str | None = None) -> tuple[dict, dict]:
     """``({metric: (len(a), len(b)) DataArray}, {metric: samples used})``.
 
-    Streamed metrics over all rows in one joint pass; sample-pair metrics on a fixed
+    Streamed metrics over all rows in one joint pass (with torch on ``device`` when it
+    resolves to CUDA); minibatch CKA over all rows; sample-pair metrics on a fixed
     random subset of at most ``pairwise_max_samples`` rows (the same rows for every
     representation).
     """
     first = next(iter(named_a.values()))
     n = int(first.shape[0])
     pairwise = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
-    streamed = [m for m in metrics if m not in SAMPLE_PAIR_METRICS]
+    every_row = [m for m in metrics if m not in SAMPLE_PAIR_METRICS]   # streamed and minibatch
     out, used = {}, {}
-    if streamed:
-        out.update(similarity_matrices(named_a, named_b, metrics=streamed, dims=dims))
-        used.update({m: n for m in streamed})
+    if every_row:
+        out.update(similarity_matrices(named_a, named_b, metrics=every_row, dims=dims,
+                                       params=metric_params(every_row, sspec), device=moments_device(device)))
+        used.update({m: n for m in every_row})
     if pairwise:
         idx = random_subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
         sub_a = {k: _rows(v, idx) for k, v in named_a.items()}
@@ -97,23 +125,38 @@ def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[s
     return out, used
 
 
-def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dict, dict, int]:
-    """``(reference, control, n)``: the layers on the control subset and their control counterparts."""
+def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[str]) -> tuple[dict, dict]:
+    """``({layer: (len(idx), p) float64}, provenance)``: a random-initialised copy of the
+    plan's model run on dataset samples ``idx`` (sorted), pooled as the stored activations.
+
+    The copy comes from the model source's ``random_init`` factory (a fixed torch seed:
+    the same copy in every run); ``provenance`` records ``random_init_seed``. A model
+    whose source cannot build one is an error naming the other controls.
+    """
+    model = load_model(plan.model_uri, plan.store)
+    if model.random_init is None:
+        raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy (its source has no "
+                            "architecture to re-initialise); use control='shuffle' or control='none'.")
+    inputs = load_dataset(plan.dataset).inputs[idx]
+    acts, _ = forward_batches(model.random_init(), inputs, layers, pooling=plan.pooling,
+                              batch_size=plan.batch_size, device=plan.device, with_outputs=False)
+    seed = model.random_init_seed
+    return ({k: _flat(acts[k]).astype(np.float64) for k in layers},
+            {} if seed is None else {"random_init_seed": int(seed)})
+
+
+def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dict, dict, int, dict]:
+    """``(reference, control, n, provenance)``: the layers on the control subset, their control
+    counterparts, and what identifies the control (the random-init seed)."""
     rng = np.random.default_rng(sspec["random_state"])
     n = plan.n_samples
     idx = random_subset(n, sspec["control_max_samples"], rng)
     ref = {k: _rows(v, idx) for k, v in layers.items()}
     if sspec["control"] == "shuffle":
         perm = rng.permutation(len(idx))
-        return ref, {k: a[perm] for k, a in ref.items()}, len(idx)
-    model = load_model(plan.model_uri, plan.store)
-    if model.random_init is None:
-        raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy; "
-                            "use control='shuffle' or control='none'.")
-    inputs = load_dataset(plan.dataset).inputs[idx]
-    acts, _ = forward_batches(model.random_init(), inputs, plan.sample_layers, pooling=plan.pooling,
-                              batch_size=plan.batch_size, device=plan.device, with_outputs=False)
-    return ref, {k: _flat(acts[k]).astype(np.float64) for k in layers}, len(idx)
+        return ref, {k: a[perm] for k, a in ref.items()}, len(idx), {}
+    other, provenance = random_init_activations(plan, idx, list(layers))
+    return ref, other, len(idx), provenance
 
 
 def shuffled_controls(named: dict, metrics: list[str], sspec: dict, dims: tuple[str, str] = ("layer_a", "layer_b"),

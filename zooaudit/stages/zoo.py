@@ -6,6 +6,13 @@
 - revisions: for each model family with several checkpoints, the similarity of
   each layer between consecutive checkpoints, ``(step, layer)``.
 
+Controls (``SimilaritySpec.control``), on at most ``control_max_samples`` samples:
+``shuffle`` — model_a's layer against model_b's layer with the samples permuted;
+``random_init`` — model_a's layer against the same layer of a random-initialised
+copy of model_b (built by model_b's source from a fixed seed, recorded per
+``model_b`` / per step as ``random_init_seed``) on the same samples; for revisions,
+checkpoint a against a random-initialised copy of checkpoint b.
+
 Sample ids must agree exactly across models: a mismatch is an error, never a
 silent misalignment.
 """
@@ -34,6 +41,9 @@ from .common import (
 from .similarity import (
     PAIRWISE_MAX_SAMPLES,
     _rows,
+    metric_params,
+    moments_device,
+    random_init_activations,
     shuffled_controls,
     similarity_with_subsets,
 )
@@ -87,10 +97,28 @@ def _cached(store: Store, stage: str, ds_key: str, key: str) -> StageResult | No
     return StageResult(stage, "zoo", ds_key, key, snap, True, _committed_summary(repo, snap))
 
 
+def _random_init_controls(plans: list[ExtractionPlan], arrays: dict, metrics: list[str],
+                          sspec: dict) -> tuple[dict, dict, list]:
+    """Every ``(model, layer)`` array against the same layer of a random-initialised copy of
+    every model, on one control subset: ``({metric: DataArray}, {metric: samples used},
+    random_init_seed per model)``; coordinates ``"model|layer"`` on both sides."""
+    n = next(iter(arrays.values())).shape[0]
+    idx = random_subset(n, sspec["control_max_samples"], np.random.default_rng(sspec["random_state"]))
+    ref = {f"{m}|{l}": _rows(a, idx) for (m, l), a in arrays.items()}
+    other, seeds = {}, []
+    for p in plans:
+        mine = [l for (m, l) in arrays if m == p.model_uri]
+        acts, provenance = random_init_activations(p, idx, mine)
+        other.update({f"control:{p.model_uri}|{l}": acts[l] for l in mine})
+        seeds.append(provenance.get("random_init_seed", -1))
+    mats, used = similarity_with_subsets(ref, other, metrics, sspec, device=plans[0].device)
+    return {m: a.assign_coords(layer_b=list(ref)) for m, a in mats.items()}, used, seeds
+
+
 def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str],
                        sspec: dict, run_id: str | None = None) -> StageResult | None:
-    """Model × model similarity of the compare ``layers`` for every metric, beside a
-    shuffled-sample control (``control='none'`` skips it); one commit."""
+    """Model × model similarity of the compare ``layers`` for every metric, beside its
+    control (see the module docstring; ``control='none'`` skips it); one commit."""
     plans = [p for p in plans if any(l in p.layers for l in layers)]
     if len(plans) < 2:
         return None
@@ -104,7 +132,7 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
     arrays = _load_layers(plans, snapshots, layers)
     models = [p.model_uri for p in plans]
     names = {f"{m}|{l}": a for (m, l), a in arrays.items()}
-    results, summary = {}, {"models": models, "layers": layers, "groups": {}}
+    results, summary = {}, {"models": models, "layers": layers, "groups": {}, "control_kind": sspec["control"]}
     def to_4d(full: xr.DataArray) -> xr.DataArray:
         value = np.full((len(models), len(layers), len(models), len(layers)), np.nan)
         for (ma, la) in arrays:
@@ -115,15 +143,20 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
                             coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
 
     # streamed metrics: one joint pass over every model × layer for all of them
-    values, used = similarity_with_subsets(names, None, metrics, sspec)
-    controls, ctrl_used = shuffled_controls(names, metrics, sspec) if sspec["control"] != "none" else ({}, {})
+    values, used = similarity_with_subsets(names, None, metrics, sspec, device=plans[0].device)
+    controls, ctrl_used, provenance = {}, {}, {}
+    if sspec["control"] == "shuffle":
+        controls, ctrl_used = shuffled_controls(names, metrics, sspec)
+    elif sspec["control"] == "random_init":
+        controls, ctrl_used, seeds = _random_init_controls(plans, arrays, metrics, sspec)
+        provenance = {"random_init_seed": seeds}     # one per model_b
     for metric in metrics:
         data = {"value": to_4d(values[metric])}
         attrs = {"metric": metric, "dataset": ds_key, "control": "none", "n": used[metric],
                  "kind": values[metric].attrs.get("kind", "similarity")}
         if metric in controls:
             data["control"] = to_4d(controls[metric])
-            attrs.update(control="shuffle", control_n=ctrl_used[metric])
+            attrs.update(control=sspec["control"], control_n=ctrl_used[metric], **provenance)
         group = zoo_similarity_group(ds_key, metric)
         results[metric] = (group, xr.Dataset(data, attrs=attrs))
         summary["groups"][metric] = group
@@ -134,23 +167,31 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
     return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, **sspec}, plans, results, summary, run_id)
 
 
-def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, control: bool) -> dict[str, np.ndarray]:
-    """``{metric: (layers,) values}`` of each layer of ``xs`` against the same layer of ``ys``
-    (or the shuffled-sample control). Streamed metrics: all layers of both checkpoints in
-    one joint pass, read off the diagonal; sample-pair metrics: layer by layer."""
+def _control_pair(xs: dict, ys: dict, sspec: dict, plan_b: ExtractionPlan) -> tuple[dict, dict, dict]:
+    """``(xs, ys, provenance)`` on the control subset: ys with its samples shuffled, or
+    replaced by the same layers of a random-initialised copy of checkpoint b."""
+    n = next(iter(xs.values())).shape[0]
+    rng = np.random.default_rng(sspec["random_state"])
+    idx = random_subset(n, sspec["control_max_samples"], rng)
+    xs = {k: _rows(v, idx) for k, v in xs.items()}
+    if sspec["control"] == "random_init":
+        ys, provenance = random_init_activations(plan_b, idx, list(ys))
+        return xs, ys, provenance
+    perm = rng.permutation(len(idx))
+    return xs, {k: _rows(v, idx)[perm] for k, v in ys.items()}, {}
+
+
+def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, device: str | None = None) -> dict[str, np.ndarray]:
+    """``{metric: (layers,) values}`` of each layer of ``xs`` against the same layer of ``ys``.
+    Streamed metrics: all layers of both checkpoints in one joint pass, read off the
+    diagonal (minibatch CKA: one sweep of minibatches); sample-pair metrics: layer by layer."""
     layers = list(xs)
     n = next(iter(xs.values())).shape[0]
-    if control:
-        rng = np.random.default_rng(sspec["random_state"])
-        idx = random_subset(n, sspec["control_max_samples"], rng)
-        perm = rng.permutation(len(idx))
-        xs = {k: _rows(v, idx) for k, v in xs.items()}
-        ys = {k: _rows(v, idx)[perm] for k, v in ys.items()}
-        n = len(idx)
     out = {}
     streamed = [m for m in metrics if m not in SAMPLE_PAIR_METRICS]
     if streamed:
-        mats = similarity_matrices(xs, {f"b:{k}": v for k, v in ys.items()}, metrics=streamed)
+        mats = similarity_matrices(xs, {f"b:{k}": v for k, v in ys.items()}, metrics=streamed,
+                                   params=metric_params(streamed, sspec), device=moments_device(device))
         out.update({m: np.diag(mats[m].values).copy() for m in streamed})
     sample_pair = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
     if sample_pair:
@@ -163,8 +204,8 @@ def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, control: boo
 
 def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
                             sspec: dict, run_id: str | None = None) -> StageResult | None:
-    """Per layer, the similarity between consecutive checkpoints of each model family, beside a
-    shuffled-sample control; one commit."""
+    """Per layer, the similarity between consecutive checkpoints of each model family, beside its
+    control (see the module docstring); one commit."""
     families = defaultdict(list)
     for p in plans:
         families[p.family].append(p)
@@ -188,19 +229,27 @@ def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapsho
         coords = {"step": steps, "layer": layers, "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
                   "revision_b": ("step", [b.model_uri for b in revs[1:]])}
         kinds = ("value", "control") if sspec["control"] != "none" else ("value",)
-        per_step = {kind: [_layerwise({l: arrays[(a.model_uri, l)] for l in layers},
-                                      {l: arrays[(b.model_uri, l)] for l in layers}, metrics, sspec,
-                                      control=kind == "control") for a, b in pairwise(revs)] for kind in kinds}
+        per_step = {kind: [] for kind in kinds}
+        seeds = []
+        for a, b in pairwise(revs):
+            xs, ys = {l: arrays[(a.model_uri, l)] for l in layers}, {l: arrays[(b.model_uri, l)] for l in layers}
+            per_step["value"].append(_layerwise(xs, ys, metrics, sspec, a.device))
+            if "control" in per_step:
+                cx, cy, provenance = _control_pair(xs, ys, sspec, b)
+                per_step["control"].append(_layerwise(cx, cy, metrics, sspec, a.device))
+                seeds.append(provenance.get("random_init_seed", -1))
         for metric in metrics:
             data = {kind: xr.DataArray([step[metric] for step in per_step[kind]], dims=("step", "layer"),
                                        coords=coords) for kind in kinds}
-            attrs = {"family": family, "metric": metric, "control": "shuffle" if "control" in data else "none",
+            attrs = {"family": family, "metric": metric, "control": sspec["control"] if "control" in data else "none",
                      "kind": "distance" if metric == "procrustes" else "similarity"}
+            if sspec["control"] == "random_init":
+                attrs["random_init_seed"] = seeds          # one per step (of its checkpoint b)
             value = data["value"].values
             group = revisions_group(ds_key, family, metric)
             results[f"{family}/{metric}"] = (group, xr.Dataset(data, attrs=attrs))
             info = {"group": group, "steps": steps, "layers": layers, "value": value.round(6).tolist()}
             if "control" in data:
-                info["control"] = data["control"].values.round(6).tolist()
+                info.update(control=data["control"].values.round(6).tolist(), control_kind=sspec["control"])
             summary["families"].setdefault(family, {})[metric] = info
     return _commit_zoo(store, "revision-similarity", key, sspec, all_plans, results, summary, run_id)

@@ -40,6 +40,8 @@ class LoadedModel:
     # Builds an untrained copy of the architecture (fixed seed): the control
     # that similarity and probe results are reported beside.
     random_init: Callable[[], torch.nn.Module] | None = None
+    # The torch seed random_init builds its copy from (recorded beside random-init controls).
+    random_init_seed: int | None = None
     # False for encoders (text): forward returns an embedding, not class logits, so no
     # predictions are stored and prediction-level bias metrics do not apply.
     has_logits: bool = True

@@ -204,6 +204,7 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
         info={"arch": spec.arch, "width": spec.width, "seed": spec.seed, "epoch": epoch,
               "train_data": spec.train_data, "n_classes": spec.n_classes},
         random_init=lambda: build(dataclasses.replace(spec, seed=spec.seed + RANDOM_INIT_SEED_OFFSET)).eval(),
+        random_init_seed=spec.seed + RANDOM_INIT_SEED_OFFSET,
     )
 
 

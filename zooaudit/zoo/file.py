@@ -354,7 +354,7 @@ def _load_checkpoint_model(data: bytes, location: str, query: dict, uri: str, st
                        info={**skeleton.info, "source": "file", "format": "checkpoint", "arch": arch,
                              "location": location,
                              **({"epoch": obj["epoch"]} if isinstance(obj, dict) and "epoch" in obj else {})},
-                       random_init=skeleton.random_init)
+                       random_init=skeleton.random_init, random_init_seed=skeleton.random_init_seed)
 
 
 def load(name: str, *, store=None, uri: str) -> LoadedModel:

@@ -256,7 +256,7 @@ def _load(name: str, *, uri: str, scheme: str) -> LoadedModel:
         info={"arch": getattr(config, "model_type", type(backbone).__name__), "source": scheme,
               "path": str(path), "modality": "text", "hidden_size": getattr(config, "hidden_size", None),
               "n_blocks": len(blocks), **settings},
-        random_init=random_init, has_logits=False,
+        random_init=random_init, random_init_seed=RANDOM_INIT_SEED, has_logits=False,
     )
 
 

@@ -125,7 +125,7 @@ def _load(library: str, name: str, *, store=None, uri: str) -> LoadedModel:
     return LoadedModel(
         uri=uri, module=module, content_hash=weights_hash(module.state_dict()), input_shape=shape,
         default_layers=_default_layers(module), info=info,
-        random_init=lambda: make(seed + RANDOM_INIT_SEED_OFFSET),
+        random_init=lambda: make(seed + RANDOM_INIT_SEED_OFFSET), random_init_seed=seed + RANDOM_INIT_SEED_OFFSET,
     )
 
 
