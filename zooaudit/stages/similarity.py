@@ -184,20 +184,22 @@ def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[st
     module docstring for the samples each metric uses.
     """
     metrics = list(sspec["metrics"])
-    values, used = similarity_with_subsets(layers, None, metrics, sspec)
-    controls, ctrl_used = {}, {}
+    values, used = similarity_with_subsets(layers, None, metrics, sspec, device=plan.device)
+    controls, ctrl_used, provenance = {}, {}, {}
     if sspec["control"] != "none":
-        ref, other, _ = control_arrays(plan, layers, sspec)
+        ref, other, _, provenance = control_arrays(plan, layers, sspec)
         controls, ctrl_used = similarity_with_subsets(ref, {f"control:{k}": v for k, v in other.items()}, metrics,
-                                                      sspec)
+                                                      sspec, device=plan.device)
     out = {}
     for metric in metrics:
         data = {"value": values[metric]}
         attrs = {"metric": metric, "control": sspec["control"], "n": used[metric],
                  "kind": values[metric].attrs.get("kind", "similarity")}
+        if metric in MINIBATCH_METRICS:
+            attrs.update(kernel=values[metric].attrs["kernel"], batch_size=values[metric].attrs["batch_size"])
         if metric in controls:
             data["control"] = controls[metric].assign_coords(layer_b=list(layers))
-            attrs["control_n"] = ctrl_used[metric]
+            attrs.update(control_n=ctrl_used[metric], **provenance)
         out[metric] = xr.Dataset(data, attrs=attrs)
     return out
 
