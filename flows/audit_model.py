@@ -15,7 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks.analysis import bias, factorize, similarity
-from tasks.extract import begin_activations, extract_shards, plan_extraction, publish_activations
+from tasks.extract import (
+    begin_activations,
+    extract_shards,
+    plan_extraction,
+    publish_activations,
+)
 from zooaudit import stages
 from zooaudit.report.summary import (
     bias_table,
@@ -26,7 +31,7 @@ from zooaudit.report.summary import (
 from zooaudit.specs import AuditModelSpec
 from zooaudit.store import Store
 
-from .runners import dask_cluster, task_runner
+from .runners import dask_cluster, extraction_placement, task_runner
 
 
 @dataclass
@@ -42,7 +47,8 @@ def _activations(plan, run_id, params):
         return stages.skipped("activations", plan, plan.cache_key, snap)
     staging = begin_activations(plan)
     groups = stages.shard_groups(stages.pending_shards(plan, staging))
-    shards = extract_shards.map(unmapped(plan), groups, unmapped(staging.branch))
+    with extraction_placement(plan.device):   # on GPU workers when the device may be CUDA and there are some
+        shards = extract_shards.map(unmapped(plan), groups, unmapped(staging.branch))
     return publish_activations(plan, staging, run_id, params, shards.result())
 
 

@@ -1,13 +1,16 @@
-"""Task runners: one local Dask cluster per top-level run, or an existing one."""
+"""Task runners: one local Dask cluster per top-level run, or an existing one; and where on
+that cluster the extraction tasks go (GPU workers, by Dask resource)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterable, Iterator
 
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from zooaudit.stack import GPU_RESOURCE
 
 
 @contextlib.contextmanager
@@ -49,3 +52,41 @@ def task_runner(address: str | None):
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=address)
+
+
+def extraction_resources(device: str, worker_resources: Iterable[dict]) -> dict[str, int] | None:
+    """Dask resources each extract-shards task requests, given the extraction ``device`` and the
+    resources every worker of the cluster advertises.
+
+    ``{"GPU": 1}`` when the extraction may run on CUDA (``cuda[:n]``, or ``auto``, which resolves
+    to CUDA on a worker that has one) and at least one worker advertises the GPU resource
+    (``zooaudit up --gpu-workers``, the GPU worker group of infra/k8s): the tasks then run on GPU
+    workers only, one at a time per GPU. None otherwise — ``cpu``, or no GPU worker: any worker
+    takes them (a request no worker can satisfy would wait forever)."""
+    if device == "cpu":
+        return None
+    if any(float((r or {}).get(GPU_RESOURCE, 0)) >= 1 for r in worker_resources):
+        return {GPU_RESOURCE: 1}
+    return None
+
+
+@contextlib.contextmanager
+def extraction_placement(device: str) -> Iterator[dict | None]:
+    """Inside, tasks submitted to the current flow's Dask task runner carry the resources of
+    :func:`extraction_resources` (``dask.annotate``, which ``Client.submit`` merges into each
+    task); yields them (None: no annotation, e.g. on threads)."""
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    resources = None
+    if type(runner).__name__ == "DaskTaskRunner":   # no prefect_dask import when running on threads
+        workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+        resources = extraction_resources(device, [w.get("resources") or {} for w in workers])
+    if resources is None:
+        yield None
+        return
+    import dask
+
+    logging.getLogger("zooaudit.flows").info("extraction tasks request Dask resources %s (GPU workers)", resources)
+    with dask.annotate(resources=resources):
+        yield resources

@@ -141,7 +141,16 @@ def test_dask_cluster_matches_the_scheduler_address(settings, stack_env):
     assert sched["args"][sched["args"].index("--port") + 1] == str(cfg.dask_port)
     assert gpu["spec"]["cluster"] == name
     (worker,) = gpu["spec"]["worker"]["spec"]["containers"]
-    assert worker["args"][worker["args"].index("--resources") + 1] == "GPU=1"
+    # the GPU group advertises the resource `zooaudit up --gpu-workers` gives its workers, the one
+    # CUDA extraction tasks request (flows.runners.extraction_resources)
+    from flows.runners import extraction_resources
+    from zooaudit.stack import dask_worker_argv
+
+    local_gpu = dask_worker_argv(cfg, gpu=True)
+    advertised = worker["args"][worker["args"].index("--resources") + 1]
+    assert advertised == local_gpu[local_gpu.index("--resources") + 1]
+    name, _, amount = advertised.partition("=")
+    assert extraction_resources("cuda", [{name: float(amount)}]) == {name: 1}
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     (cpu_worker,) = cluster["spec"]["worker"]["spec"]["containers"]
     assert "--resources" not in cpu_worker["args"] and "nvidia.com/gpu" not in cpu_worker["resources"]["limits"]

@@ -1,6 +1,6 @@
 """The local stack: Prefect server + UI, SeaweedFS S3, a Dask cluster, the deployment runner.
 
-    zooaudit up [--data-dir DIR] [--prefect-port P] [--s3-port P] ...   (= make up)
+    zooaudit up [--data-dir DIR] [--prefect-port P] [--s3-port P] [--gpu-workers N] ...   (= make up)
     zooaudit down [--data-dir DIR]                                      (= make down)
 
 Every component is a child process started in its own session (process group)
@@ -47,6 +47,10 @@ ENV_FILE = "stack.env"
 # Offsets from ``weed_port`` of SeaweedFS's internal ports: master http/grpc,
 # volume http/grpc, filer http/grpc, s3 grpc. Explicit so that no default port
 # (e.g. port+10000 for grpc) lands outside the configured range.
+# The Dask resource a GPU worker advertises (``dask worker --resources GPU=1``: here with
+# ``--gpu-workers``, in infra/k8s the GPU worker group); extraction tasks that run on CUDA ask
+# for one unit of it (flows/runners.py), so they land on GPU workers only.
+GPU_RESOURCE = "GPU"
 _WEED_OFFSETS = {"master": 0, "master.grpc": 1, "volume": 2, "volume.grpc": 3, "filer": 4,
                  "filer.grpc": 5, "s3.grpc": 6}
 
@@ -62,6 +66,7 @@ class StackConfig:
     weed_port: int = 19333
     dask_port: int = 8786
     dask_workers: int = 2
+    gpu_workers: int = 0
     bucket: str = "zooaudit"
     prefix: str = "store"
     runner: bool = True
@@ -79,6 +84,8 @@ class StackConfig:
             raise ZooauditError(f"Bad bucket name {self.bucket!r}: bucket names must be 3–63 characters.")
         if self.dask_workers < 1:
             raise ZooauditError(f"Bad dask_workers {self.dask_workers}: need at least 1.")
+        if self.gpu_workers < 0:
+            raise ZooauditError(f"Bad gpu_workers {self.gpu_workers}: need 0 or more (one per GPU).")
 
     @property
     def loopback(self) -> bool:
@@ -320,28 +327,45 @@ def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
 WORKER_PRELOAD = ("tasks.extract", "tasks.analysis")
 
 
-def _spawn_dask(cfg: StackConfig, env: dict[str, str], state: dict) -> subprocess.Popen:
+def dask_worker_argv(cfg: StackConfig, *, gpu: bool = False) -> list[str]:
+    """Command line of the CPU workers (``--nworkers dask_workers``) or of one GPU worker
+    (one process per GPU, advertising ``GPU=1``; ``CUDA_VISIBLE_DEVICES`` picks its device)."""
+    preload = [arg for mod in WORKER_PRELOAD for arg in ("--preload", mod)]
+    argv = [sys.executable, "-m", "distributed.cli.dask_worker", cfg.dask_address, "--nworkers",
+            "1" if gpu else str(cfg.dask_workers), "--nthreads", "1", "--no-dashboard",
+            "--local-directory", str(Path(cfg.data_dir, "dask")), "--host", cfg.host, *preload]
+    return argv + (["--resources", f"{GPU_RESOURCE}=1"] if gpu else ["--name", "zooaudit"])
+
+
+def _spawn_dask(cfg: StackConfig, env: dict[str, str], state: dict) -> list[subprocess.Popen]:
     """Start the scheduler (healthy = listening) and the workers, without waiting for the
     workers: their preload imports overlap with the Prefect server's start."""
     sched = _spawn(cfg, "dask-scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
                                            cfg.host, "--port", str(cfg.dask_port), "--no-dashboard"], {}, state)
     _wait("Dask scheduler", lambda: not _port_free(cfg.host, cfg.dask_port), sched, cfg,
           state["processes"]["dask-scheduler"]["log"])
-    preload = [arg for mod in WORKER_PRELOAD for arg in ("--preload", mod)]
-    return _spawn(cfg, "dask-workers", [
-        sys.executable, "-m", "distributed.cli.dask_worker", cfg.dask_address, "--nworkers",
-        str(cfg.dask_workers), "--nthreads", "1", "--no-dashboard", "--name", "zooaudit",
-        "--local-directory", str(Path(cfg.data_dir, "dask")), "--host", cfg.host, *preload], env, state)
+    workers = [_spawn(cfg, "dask-workers", dask_worker_argv(cfg), env, state)]
+    for i in range(cfg.gpu_workers):
+        workers.append(_spawn(cfg, f"dask-gpu-worker-{i}", dask_worker_argv(cfg, gpu=True),
+                              {**env, "CUDA_VISIBLE_DEVICES": str(i)}, state))
+    return workers
 
 
-def _wait_dask_workers(cfg: StackConfig, workers: subprocess.Popen, state: dict) -> None:
+def _wait_dask_workers(cfg: StackConfig, workers: list[subprocess.Popen], state: dict) -> None:
+    """Wait until every worker (CPU and GPU) is connected to the scheduler."""
     from distributed import Client
 
-    def ready() -> bool:
-        with Client(cfg.dask_address, timeout=5) as client:
-            return len(client.scheduler_info(n_workers=-1)["workers"]) >= cfg.dask_workers
+    expected = cfg.dask_workers + cfg.gpu_workers
 
-    _wait("Dask workers", ready, workers, cfg, state["processes"]["dask-workers"]["log"])
+    def ready() -> bool:
+        for proc in workers[1:]:   # _wait watches the CPU workers; a GPU worker that dies fails too
+            if proc.poll() is not None:
+                raise ZooauditError(f"a Dask GPU worker exited with status {proc.returncode} during start-up; "
+                                    f"see {cfg.data_dir}/logs/dask-gpu-worker-*.log.")
+        with Client(cfg.dask_address, timeout=5) as client:
+            return len(client.scheduler_info(n_workers=-1)["workers"]) >= expected
+
+    _wait("Dask workers", ready, workers[0], cfg, state["processes"]["dask-workers"]["log"])
 
 
 def deployment_names(cfg: StackConfig, auth: str | None = None) -> list[str]:
@@ -456,7 +480,8 @@ def describe(stack: Stack) -> str:
     shown = {k: ("<in " + str(env_file) + ">" if k in ("AWS_SECRET_ACCESS_KEY", "PREFECT_API_AUTH_STRING")
                  else v) for k, v in stack.env.items()}
     lines = [f"Prefect UI:      {cfg.ui_url}", f"S3 endpoint:     {cfg.s3_endpoint} (bucket {cfg.bucket})",
-             f"Dask scheduler:  {cfg.dask_address} ({cfg.dask_workers} workers)",
+             f"Dask scheduler:  {cfg.dask_address} ({cfg.dask_workers} workers"
+             + (f", {cfg.gpu_workers} GPU workers advertising {GPU_RESOURCE}=1)" if cfg.gpu_workers else ")"),
              f"Store:           {cfg.store_url}"]
     if stack.deployments:
         lines.append("Deployments:     " + ", ".join(stack.deployments))
@@ -480,6 +505,9 @@ def add_arguments(p: argparse.ArgumentParser, *, for_up: bool) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default,
                        help=f"default {d[name].default}" + (" (SeaweedFS internals use 7 ports from here)"
                                                              if name == "weed_port" else ""))
+    p.add_argument("--gpu-workers", type=int, default=d["gpu_workers"].default, metavar="N",
+                   help=f"Dask workers for GPUs, one process per GPU (CUDA_VISIBLE_DEVICES=0..N-1), each "
+                        f"advertising the resource {GPU_RESOURCE}=1 that CUDA extraction tasks request (default 0)")
     p.add_argument("--bucket", default=d["bucket"].default)
     p.add_argument("--no-runner", dest="runner", action="store_false", help="do not serve the deployments")
 
@@ -487,7 +515,8 @@ def add_arguments(p: argparse.ArgumentParser, *, for_up: bool) -> None:
 def cmd_up(args) -> int:
     cfg = StackConfig(data_dir=args.data_dir, host=args.host, prefect_port=args.prefect_port,
                       s3_port=args.s3_port, weed_port=args.weed_port, dask_port=args.dask_port,
-                      dask_workers=args.dask_workers, bucket=args.bucket, runner=args.runner)
+                      dask_workers=args.dask_workers, gpu_workers=args.gpu_workers, bucket=args.bucket,
+                      runner=args.runner)
     print(f"starting the zooaudit stack in {cfg.data_dir} …", flush=True)
     stack = up(cfg)
     print(describe(stack))
