@@ -123,8 +123,12 @@ def test_served_deployments_schedule_validation_and_api_run(local_stack, store_u
     assert acts.metadata["flow_run_id"] == str(run.id) and find_commit(repo, acts.metadata["cache_key"])
 
 
-def _events(api: str, name: str) -> list[dict]:
-    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+def _events(api: str, name: str, **resource_labels) -> list[dict]:
+    """Events named ``name`` from the server's events API (``resource_labels``: label → value filter)."""
+    flt = {"event": {"name": [name]}}
+    if resource_labels:
+        flt["resource"] = {"labels": {k: [v] for k, v in resource_labels.items()}}
+    body = json.dumps({"filter": flt, "limit": 50}).encode()
     req = urllib.request.Request(api + "/events/filter", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())["events"]
@@ -201,3 +205,56 @@ def _regression_and_reaction(spec, store_url, api):
     (rerun,) = runs
     assert rerun.parameters["spec"]["model"] == MODEL and rerun.parameters["spec"]["store"] == store.url
     assert rerun.state.is_completed(), rerun.state
+
+
+@pytest.mark.slow
+def test_nightly_bias_regression_emits_an_event_with_model_and_metric(local_stack, store_url):
+    """Night 1 audits the balanced colored-digits CNN (colour flip 0.5 in training); overnight its
+    weights are replaced by the colour-shortcut CNN's (flip 0.1). Night 2's bias stage finds the
+    colour disparities significantly worse and the flow emits ``zooaudit.audit.regression`` for
+    each, read back from the server's events API with the model and the metric."""
+    from prefect.events.worker import EventsWorker
+
+    from flows.audit_zoo import audit_zoo
+    from flows.events import EVENT
+    from zooaudit.stages.common import _cached_model
+    from zooaudit.store import Store
+    from zooaudit.zoo.builtin import SHORTCUT_SWEEP, ensure_weights, weights_file
+
+    balanced, shortcut = SHORTCUT_SWEEP[0.5], SHORTCUT_SWEEP[0.1]
+    model = f"builtin:{balanced}"
+    spec = AuditZooSpec(models=[model], compare_layers=["embed"], **{
+        **_small(store_url, datasets=[{"name": "colored-digits", "max_samples": 200}]),
+        "bias": {"n_boot": 50, "n_permutations": 200, "probes": False, "erasure": False}})
+    night1 = audit_zoo(spec)
+    (bias1,) = [r for r in night1.models[0].results if r.stage == "bias"]
+    assert not bias1.skipped and bias1.summary["colour"]["regressions"] == []
+
+    store = Store.open(store_url)
+    ensure_weights(store, shortcut)
+    shutil.copyfile(weights_file(store, shortcut, 15), weights_file(store, balanced, 15))
+    _cached_model.cache_clear()
+    night2 = audit_zoo(spec)
+    (bias2,) = [r for r in night2.models[0].results if r.stage == "bias"]
+    assert not bias2.skipped and bias2.summary["colour"]["previous_snapshot"] == bias1.snapshot
+    worse = bias2.summary["colour"]["regressions"]
+    assert worse, bias2.summary["colour"]["disparities"]
+    EventsWorker.drain_all(timeout=10)
+
+    api = local_stack.env["PREFECT_API_URL"]
+    expected = {f"bias:colour:{m}" for m in worse}
+    deadline = time.monotonic() + 60
+    while True:
+        events = [e for e in _events(api, EVENT, **{"zooaudit.store": store.url})
+                  if e["resource"]["zooaudit.metric"].startswith("bias:")]
+        if {e["resource"]["zooaudit.metric"] for e in events} >= expected:
+            break
+        assert time.monotonic() < deadline, f"bias regression events {expected} did not reach the server: {events}"
+        time.sleep(1)
+    for e in events:
+        assert e["resource"]["zooaudit.model"] == model and e["payload"]["model"] == model
+        assert e["payload"]["kind"] == "bias" and e["payload"]["attribute"] == "colour"
+        assert e["payload"]["snapshot"] == bias2.snapshot and e["payload"]["previous_snapshot"] == bias1.snapshot
+        assert e["payload"]["difference"] == bias2.summary["colour"]["disparities"][e["payload"]["disparity"]]["difference"]
+    # one event per (model, metric) of this night: nothing was emitted on night 1
+    assert sorted(e["resource"]["zooaudit.metric"] for e in events) == sorted(expected)
