@@ -13,11 +13,15 @@ small data so one-time imports and thread-pool start-up count for neither):
             as the pipeline reads stored activations) and computes the biased and debiased
             matrices; reports each subprocess's peak RSS and the ratio between the largest
             and smallest N (memory independent of n ⇒ ratio ≈ 1).
+``--device`` (speed only) also times the same all-pairs computation with the torch
+            backend of the joint moments on that device (``cuda`` on a GPU session,
+            ``cpu`` for CPU torch) and reports it as a ratio to the NumPy CPU path.
 ``gram``    zooaudit vs an n×n Gram-matrix implementation (HKH-centred Grams for the
             biased estimator, U-centred Grams for the debiased one, one pair at a time
             with the row layer's Gram kept), biased + debiased, all 28 pairs.
 
     .venv/bin/python benchmarks/bench_cka.py speed --n 100000     (default: speed)
+    .venv/bin/python benchmarks/bench_cka.py speed --n 100000 --device cuda
     .venv/bin/python benchmarks/bench_cka.py memory --n 20000 200000
     .venv/bin/python benchmarks/bench_cka.py gram --n 20000
 """
@@ -76,22 +80,27 @@ def _textbook_all_pairs(layers: dict[str, np.ndarray]) -> np.ndarray:
     return ref
 
 
-def _warm_up(chunk: int) -> None:
+def _warm_up(chunk: int, device=None) -> None:
     small = make_layers(2048, seed=1)
     _textbook_all_pairs(small)
     chunked = {k: da.from_array(v, chunks=(chunk, -1)) for k, v in small.items()}
-    similarity_matrix(chunked)
-    similarity_matrix(chunked, metric="linear_cka_debiased")
+    for dev in (None, device) if device else (None,):
+        similarity_matrix(chunked, device=dev)
+        similarity_matrix(chunked, metric="linear_cka_debiased", device=dev)
 
 
 def run_speed(args) -> None:
     layers = make_layers(args.n)
     m = len(layers)
-    _warm_up(args.chunk)
+    _warm_up(args.chunk, args.device)
     t_ref, ref = _best(lambda: _textbook_all_pairs(layers), args.repeat)
     chunked = {k: da.from_array(v, chunks=(args.chunk, -1)) for k, v in layers.items()}
     t_ours, got = _best(lambda: similarity_matrix(chunked).values, args.repeat)
     t_deb, deb = _best(lambda: similarity_matrix(chunked, metric="linear_cka_debiased").values, args.repeat)
+    if args.device:
+        t_dev, got_dev = _best(lambda: similarity_matrix(chunked, device=args.device).values, args.repeat)
+        t_ddev, deb_dev = _best(lambda: similarity_matrix(chunked, metric="linear_cka_debiased",
+                                                          device=args.device).values, args.repeat)
 
     err = float(np.abs(got - ref).max())
     print(f"N={args.n} layers={m} widths={WIDTHS} chunks of {args.chunk} rows, best of {args.repeat}")
@@ -101,6 +110,11 @@ def run_speed(args) -> None:
     print(f"speed-up biased: {t_ref / t_ours:.2f}x   debiased vs textbook biased: {t_ref / t_deb:.2f}x")
     print(f"max |difference| biased vs textbook: {err:.2e}   max |biased - debiased|: "
           f"{float(np.abs(got - deb).max()):.3f}")
+    if args.device:
+        print(f"zooaudit torch backend on {args.device}: linear_cka {t_dev:.2f}s, debiased {t_ddev:.2f}s")
+        print(f"NumPy CPU path / torch {args.device}: biased {t_ours / t_dev:.2f}x, debiased {t_deb / t_ddev:.2f}x   "
+              f"max |torch - NumPy|: biased {np.abs(got_dev - got).max():.1e}, "
+              f"debiased {np.abs(deb_dev - deb).max():.1e}")
 
 
 def write_zarr(path: str, n: int, chunk: int, seed: int = 0) -> None:
@@ -223,6 +237,8 @@ def main() -> None:
                     "(default: speed 100000, gram 20000, memory 20000 200000)")
     ap.add_argument("--chunk", type=int, default=4096, help="rows per Dask / Zarr chunk")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per implementation (best is reported)")
+    ap.add_argument("--device", default=None, help="speed: also time the torch backend of the joint moments on "
+                    "this torch device (cuda, cuda:1, cpu) as a ratio to the NumPy CPU path")
     ap.add_argument("--tmp", default=None, help="folder for the memory benchmark's Zarr stores (default: $TMPDIR)")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
