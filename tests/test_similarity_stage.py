@@ -266,3 +266,29 @@ def test_degenerate_cca_is_recorded_with_the_result(shared_store):
     assert any(w.startswith("DegenerateCCAWarning: cca:") and "every canonical correlation is 1" in w
                for w in res.summary["warnings"])
     assert similarity_table([res])   # the list of warnings is not mistaken for a metric
+
+
+def test_stage_streams_moments_on_torch_when_the_device_is_cuda(audited, monkeypatch):
+    """The run's device reaches the joint moments: stand CPU torch in for CUDA (no GPU in
+    tests) and the stage accumulates on torch, committing the NumPy path's values."""
+    import torch
+
+    from zooaudit.analysis import sim_torch
+    from zooaudit.stages import similarity as sim_stage
+
+    store_url, plans, snapshots = audited
+    plan = plans[2]
+    assert sim_stage.moments_device("cpu") is None and sim_stage.moments_device("auto") in (None, torch.device("cuda"))
+    sspec = SimilaritySpec(metrics=["linear_cka", "linear_cka_debiased", "cca"], control="none").model_dump()
+    repo = Store(store_url).model_repo(plan.model_key)
+    numpy_run = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+    updates = []
+    real = sim_torch.TorchJointGram.update
+    monkeypatch.setattr(sim_torch.TorchJointGram, "update", lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(sim_stage, "moments_device", lambda device: torch.device("cpu"))
+    torch_run = stages.run_similarity(plan, snapshots[plan.model_uri], {**sspec, "random_state": 1})
+    assert updates and not torch_run.skipped
+    for metric in sspec["metrics"]:
+        group = layout.similarity_group(plan.ds_key, metric)
+        np.testing.assert_allclose(_open(repo, torch_run.snapshot, group)["value"].values,
+                                   _open(repo, numpy_run.snapshot, group)["value"].values, atol=1e-6, err_msg=metric)
