@@ -153,6 +153,12 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     for i in (0, 2):   # a digits model, and the colored one (bias stage)
         assert audit_model(spec.model_spec(MODELS[i])) == again.models[i]
     assert [a.plans for a in again.models] == [a.plans for a in result.models]
+    # one stage key not committed (another k) ⇒ no whole-model cache hit: the model gets its audit
+    from zooaudit.stages import committed_audit
+
+    other_k = spec.model_copy(update={"factorize": spec.factorize.model_copy(update={"k": 3})})
+    assert committed_audit(other_k.model_spec(MODELS[0])) is None
+    assert committed_audit(spec.model_spec(MODELS[0])) == (again.models[0].plans, again.models[0].results)
     # nothing changed: the earlier report is reused, not rendered again
     assert again.report == result.report
     reports = Store.open(store_url).path("reports")
