@@ -278,7 +278,9 @@ def test_stage_streams_moments_on_torch_when_the_device_is_cuda(audited, monkeyp
 
     store_url, plans, snapshots = audited
     plan = plans[2]
-    assert sim_stage.moments_device("cpu") is None and sim_stage.moments_device("auto") in (None, torch.device("cuda"))
+    assert sim_stage.moments_device("cpu") is None
+    if not torch.cuda.is_available():   # a CPU worker of a GPU run: NumPy, not an error
+        assert sim_stage.moments_device("cuda") is None and sim_stage.moments_device("auto") is None
     sspec = SimilaritySpec(metrics=["linear_cka", "linear_cka_debiased", "cca"], control="none").model_dump()
     repo = Store(store_url).model_repo(plan.model_key)
     numpy_run = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)

@@ -90,8 +90,11 @@ def metric_params(metrics: list[str], sspec: dict) -> dict[str, dict]:
 
 def moments_device(device: str | None):
     """The torch device for the streamed moments: the run's device when it resolves to CUDA,
-    else None (NumPy on the CPU, which is faster there than torch)."""
-    if not device:
+    else None (NumPy on the CPU, which is faster there than torch). A process without CUDA
+    (a CPU worker of a GPU run) uses NumPy: the moments do not need the GPU."""
+    import torch
+
+    if not device or not torch.cuda.is_available():
         return None
     dev = resolve_device(device)
     return dev if dev.type == "cuda" else None
