@@ -131,3 +131,22 @@ def test_dff_heat_maps_are_codes_per_image():
     assert ds["heatmaps"].dims == ("sample", "component", "y", "x")
     with pytest.raises(ZooauditError, match=r"\(N, C, H, W\)"):
         dff(acts[0], 2, name="conv1")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_metrics_from_factors_equal_the_streamed_reconstruction_pass(dtype):
+    """In-memory NMF / semi-NMF take their metrics from the factors (trace identity); they must
+    equal the generic pass that forms every reconstruction, for the same codes."""
+    from zooaudit.analysis.quality import finish
+
+    X = planted(n=2500, d=30, k=5, seed=3, noise=0.05)[0].astype(dtype) + 0.3  # offset: tests the centring
+    rms = np.sqrt(((X - X.mean(0)) ** 2).sum() / len(X))
+    for fit in (nmf(X, 5, max_iter=40), semi_nmf(X - 0.5, 5, max_iter=40)):
+        Y = X if fit.method == "nmf" else X - 0.5
+        ref = finish(fit.method, Y, fit.components, np.zeros(30), lambda s, e, x, c=fit.codes: c[s:e], codes="numpy",
+                     rms=rms, extra={}, params={})
+        rtol = 1e-5 if dtype == np.float32 else 1e-10
+        for m in ("explained_variance", "reconstruction_mse", "mean_cosine"):
+            assert fit.metrics[m] == pytest.approx(ref.metrics[m], rel=rtol), m
+        assert 0.5 < fit.metrics["explained_variance"] < 1
+        assert fit.metrics["l0"] == ref.metrics["l0"] and fit.metrics["dead_components"] == ref.metrics["dead_components"]

@@ -47,6 +47,7 @@ from .quality import (
     Factorization,
     Stability,
     explained_variance,
+    finish_factors,
     k_sweep,
     matched_cosine,
     stability,
@@ -231,6 +232,8 @@ def _nmf_torch(A, k, n, d, init, custom, solver, hook, rng, dev, dtype, max_iter
     H = to_tensor(H0, dev, dtype)
     if X is not None:
         n_iter = fit_full(X, Wt, H, max_iter=max_iter, tol=tol)
+        if codes == "numpy":  # metrics from the factors: no float64 reconstruction pass
+            return finish_factors("nmf", X, Wt, H, rms=rms, extra={"n_iter": int(n_iter)}, params=params)
         W_fit = Wt.T.double().cpu().numpy()
         del X, Wt
     else:
@@ -241,6 +244,8 @@ def _nmf_torch(A, k, n, d, init, custom, solver, hook, rng, dev, dtype, max_iter
 
 
 def _nmf_result(method, A, H, W_fit, codes, rms, dev, dtype, n_iter, params, tol) -> Factorization:
+    """Unit components and the streamed quality pass (codes from ``W_fit (N, k)`` when the fit
+    kept them, else solved per block for the fixed components)."""
     comps, _, scale = _unit_rows(H.double().cpu().numpy())
     H_unit = to_tensor(comps, dev, dtype)
 
@@ -328,6 +333,9 @@ def _semi_nmf_torch(A, k, n, solver, update, random_state, max_iter, tol, max_ep
         Wt = solve_codes(X, H, max_iter=10)
         Wt += 1e-3 * Wt.mean()
         n_iter = fit_full(X, Wt, H, max_iter=max_iter, tol=tol, signed=True, update=update)
+        if codes == "numpy":
+            return finish_factors("semi_nmf", X, Wt, H, rms=np.sqrt(sc.ss_centred / sc.n),
+                                  extra={"n_iter": int(n_iter)}, params=params)
         W_fit = Wt.T.double().cpu().numpy()
     else:
         n_iter = fit_minibatch(A, H, signed=True, max_epochs=max_epochs, tol=max(tol, 1e-4), batch_size=batch_size,

@@ -78,14 +78,16 @@ def hals_rows(F: torch.Tensor, G: torch.Tensor, S: torch.Tensor, nonneg: bool = 
             return hals_rows(F, G, S, nonneg)
     hess = S.diagonal().tolist()  # one host sync per sweep, not per row
     viol = torch.zeros((), dtype=torch.float64, device=F.device)
+    FT = F.T  # a view: Fᵀ S_t is one GEMV, no copy
     for t in range(F.shape[0]):
         row = F[t]
-        grad = S[t] @ F - G[t]
+        grad = torch.addmv(G[t], FT, S[t], beta=-1)  # S_t F − G_t in one fused call
         pg = torch.where(row > 0, grad, grad.clamp(max=0)) if nonneg else grad
         viol += pg.abs().sum(dtype=torch.float64)
-        if hess[t] > 0:
-            new = row - grad / hess[t]
-            F[t] = new.clamp_(min=0) if nonneg else new
+        if hess[t] > 0:  # in place on the row view: no temporaries of length n
+            row.sub_(grad, alpha=1.0 / hess[t])
+            if nonneg:
+                row.clamp_(min=0)
     return viol
 
 

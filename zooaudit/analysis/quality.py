@@ -31,7 +31,7 @@ import xarray as xr
 
 from ..errors import ZooauditError
 from .eigencam import iter_blocks, row_bounds
-from .stats import compute_here
+from .stats import ROW_BLOCK, compute_here
 
 ACTIVE_RTOL = 1e-6  # a code is active above this fraction of the RMS distance to the mean
 
@@ -197,6 +197,69 @@ def finish(method: str, A, comps: np.ndarray, mean: np.ndarray, transform, *, co
                          metrics={**acc.metrics(), **extra}, params=params)
 
 
+def finish_factors(method: str, X, Wt, H, *, rms: float, extra: dict, params: dict) -> Factorization:
+    """:func:`finish` for an in-memory fit ``X (N, D) ≈ Wtᵀ H`` (torch tensors, ``Wt (k, N)``,
+    ``H (k, D)``, mean zero), without forming the reconstruction.
+
+    Same metrics, same definitions, from the factors: per sample ``‖x − x̂‖² = ‖x‖² − 2 x·x̂ +
+    ‖x̂‖²`` with ``x·x̂ = c · (x Cᵀ)`` and ``‖x̂‖² = c (C Cᵀ) cᵀ`` (``C`` the unit components,
+    ``c`` the rescaled codes). The only product with the data is ``x Cᵀ`` (one ``N·D·k`` GEMM
+    in the data's dtype; every sum is then taken in float64 and each sample's residual is
+    clipped at 0), instead of ``N·D·k`` float64 reconstructions plus four float64 passes
+    over ``(N, D)``. ``Σ‖x − x̄‖² = Σ‖x‖² − N‖x̄‖²`` from float64 sums.
+
+    Returns a Factorization with unit-norm components and NumPy codes ``(N, k)``.
+    """
+    import torch
+
+    k = H.shape[0]
+    H64 = H.double()
+    scale = torch.linalg.vector_norm(H64, dim=1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    C64 = H64 / safe[:, None]
+    C = C64.to(X.dtype)
+    gram = C64 @ C64.T
+    tol = ACTIVE_RTOL * float(rms)
+    n, d = X.shape
+    total_sq = torch.zeros((), dtype=torch.float64, device=X.device)
+    col_sum = torch.zeros(d, dtype=torch.float64, device=X.device)
+    resid = torch.zeros((), dtype=torch.float64, device=X.device)
+    cos_sum = torch.zeros((), dtype=torch.float64, device=X.device)
+    cos_n = active = 0
+    ever = torch.zeros(k, dtype=torch.bool, device=X.device)
+    codes = torch.empty((n, k), dtype=torch.float64, device=X.device)
+    for start in range(0, n, ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, n)
+        x = X[start:stop]
+        c = Wt[:, start:stop].T.double() * safe  # (b, k) codes of the unit components
+        codes[start:stop] = c
+        xx = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) ** 2
+        cross = ((x @ C.T).double() * c).sum(1)
+        hh = ((c @ gram) * c).sum(1).clamp_(min=0)
+        resid += (xx - 2 * cross + hh).clamp_(min=0).sum()
+        total_sq += xx.sum()
+        col_sum += x.sum(0, dtype=torch.float64)
+        ok = (xx > 0) & (hh > 0)
+        cos_sum += (cross[ok] / torch.sqrt(xx[ok] * hh[ok])).sum()
+        cos_n += int(ok.sum())
+        act = c.abs() > tol
+        active += int(act.sum())
+        ever |= act.any(0)
+    ss_total = float(total_sq) - float(col_sum @ col_sum) / n
+    ss_resid = float(resid)
+    l0 = active / n
+    metrics = {
+        "explained_variance": 1.0 - ss_resid / ss_total if ss_total > 0 else float("nan"),
+        "reconstruction_mse": ss_resid / (n * d),
+        "mean_cosine": float(cos_sum) / cos_n if cos_n else float("nan"),
+        "l0": l0,
+        "sparsity": 1.0 - l0 / k,
+        "dead_components": int((~ever).sum()),
+    }
+    return Factorization(method=method, components=C64.cpu().numpy(), codes=codes.cpu().numpy(),
+                         mean=np.zeros(d), metrics={**metrics, **extra}, params=params)
+
+
 def matched_cosine(C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of two component sets by cosine.
 
@@ -230,6 +293,7 @@ class Stability:
             ``reference`` passed to :func:`stability`), its matched cosine averaged over the
             other seeds (all seeds for a reference).
         mean / min: mean and minimum of the off-diagonal ``pairwise`` entries.
+        rows: how many rows of ``A`` the seed fits used (all, or the ``rows`` subset).
     """
 
     seeds: tuple
@@ -237,6 +301,7 @@ class Stability:
     per_component: np.ndarray
     mean: float
     min: float
+    rows: int = 0
 
 
 def _fit(method: str, A, k: int, seed: int, name: str, options: dict) -> Factorization:
@@ -249,8 +314,19 @@ def _fit(method: str, A, k: int, seed: int, name: str, options: dict) -> Factori
     return methods[method](A, k, random_state=seed, name=name, **options)
 
 
+def take_rows(A, rows: np.ndarray | None):
+    """Rows ``rows`` (sorted indices) of ``A`` as an in-memory NumPy array; ``A`` itself when ``None``."""
+    if rows is None:
+        return A
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= A.shape[0]:
+        raise ZooauditError(f"rows must be a non-empty 1-D array of indices in [0, {A.shape[0]}); got "
+                            f"{len(rows)} indices" + (f" from {rows.min()} to {rows.max()}" if len(rows) else "") + ".")
+    return np.asarray(compute_here(A[rows]))
+
+
 def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name: str = "A",
-              reference: np.ndarray | None = None, **options) -> Stability:
+              reference: np.ndarray | None = None, rows: np.ndarray | None = None, **options) -> Stability:
     """Fit ``method`` once per seed and compare the component sets pairwise.
 
     Components are matched one-to-one by the Hungarian algorithm on their cosines
@@ -263,6 +339,11 @@ def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name:
         reference: optional ``(k, D)`` components of a fit kept elsewhere (e.g. the stored
             one); ``per_component`` is then each reference row's matched cosine averaged
             over all the seeds' fits, so it lines up with the stored components.
+        rows: optional sorted row indices: every seed is fitted on these rows only (one fixed
+            subset shared by all seeds, so the seeds differ only in their start). A bounded
+            subset makes the ``len(seeds)`` refits cost O(len(rows)) instead of O(N) each; the
+            measure is then the agreement of fits on that subset (with ``reference``: how
+            well the full-data components are recovered from it).
         options: passed to the method (``max_iter``, ``solver``, ``epochs`` ...).
     """
     seeds = tuple(int(s) for s in seeds)
@@ -270,6 +351,7 @@ def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name:
         raise ZooauditError(f"stability of layer {name!r} needs at least two distinct seeds; got {seeds}.")
     if method == "nmf":
         options.setdefault("init", "random")
+    A = take_rows(A, rows)
     comps = [_fit(method, A, k, s, name, options).components for s in seeds]
     n = len(seeds)
     pairwise = np.eye(n)
@@ -282,18 +364,20 @@ def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name:
     if reference is not None:
         per = np.stack([matched_cosine(reference, c)[0] for c in comps])
     off = pairwise[~np.eye(n, dtype=bool)]
-    return Stability(seeds, pairwise, per.mean(axis=0), float(off.mean()), float(off.min()))
+    return Stability(seeds, pairwise, per.mean(axis=0), float(off.mean()), float(off.min()), int(A.shape[0]))
 
 
 CURVE_METRICS = ("explained_variance", "reconstruction_mse", "mean_cosine", "l0", "sparsity", "dead_components")
 
 
 def k_sweep(A, ks: Sequence[int], method: str = "pca", *, seeds: Sequence[int] | None = None,
-            random_state: int = 0, name: str = "A", **options) -> xr.Dataset:
+            random_state: int = 0, name: str = "A", stability_rows: np.ndarray | None = None,
+            **options) -> xr.Dataset:
     """Quality curve over the number of components.
 
-    Fits ``method`` once per ``k`` (plus once per extra seed when ``seeds`` is given,
-    adding ``stability_mean`` and ``stability_min``).
+    Fits ``method`` once per ``k`` (plus once per seed when ``seeds`` is given, adding
+    ``stability_mean`` and ``stability_min``; those seed fits use only the rows
+    ``stability_rows`` when given, see :func:`stability`).
 
     Returns:
         ``xr.Dataset`` with dim ``k`` and variables ``explained_variance``,
@@ -305,12 +389,13 @@ def k_sweep(A, ks: Sequence[int], method: str = "pca", *, seeds: Sequence[int] |
         raise ZooauditError(f"k_sweep of layer {name!r} needs a non-empty list of distinct k; got {ks}.")
     rows = {m: [] for m in CURVE_METRICS}
     stab = {"stability_mean": [], "stability_min": []}
+    sub = take_rows(A, stability_rows) if seeds is not None else None  # read once for every k
     for k in ks:
         f = _fit(method, A, k, random_state, name, dict(options))
         for m in CURVE_METRICS:
             rows[m].append(float(f.metrics[m]))
         if seeds is not None:
-            s = stability(method, A, k, seeds, name=name, **dict(options))
+            s = stability(method, sub, k, seeds, name=name, **dict(options))
             stab["stability_mean"].append(s.mean)
             stab["stability_min"].append(s.min)
     data = {m: ("k", np.asarray(v)) for m, v in rows.items()}
