@@ -81,6 +81,22 @@ def test_k_sweep_with_seeds_adds_stability_for_nmf():
         k_sweep(x, [2], "ica")
 
 
+def test_stability_on_a_row_subset_fits_only_those_rows():
+    rng = np.random.default_rng(5)
+    x = (rng.random((3000, 3)) * (rng.random((3000, 3)) < 0.5)) @ rng.random((3, 15)) ** 3
+    rows = np.sort(rng.choice(3000, 400, replace=False))
+    full = nmf(x, 3, max_iter=300)
+    sub = stability("nmf", da.from_array(x, chunks=(700, -1)), 3, (0, 1), rows=rows, reference=full.components,
+                    max_iter=300)
+    same = stability("nmf", x[rows], 3, (0, 1), reference=full.components, max_iter=300)
+    assert sub.rows == 400 and stability("nmf", x, 3, (0, 1), max_iter=50).rows == 3000
+    np.testing.assert_allclose(sub.pairwise, same.pairwise)
+    np.testing.assert_allclose(sub.per_component, same.per_component)
+    assert sub.per_component.min() > 0.99  # the full-data components are recovered from the subset
+    with pytest.raises(ZooauditError, match=r"indices in \[0, 3000\)"):
+        stability("nmf", x, 3, (0, 1), rows=np.array([5, 3000]))
+
+
 def test_quality_metrics_do_not_depend_on_chunking_and_count_dead_components():
     rng = np.random.default_rng(5)
     x = rng.random((500, 8)) + 10

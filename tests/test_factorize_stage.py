@@ -65,7 +65,7 @@ def n_commits(plan):
 
 
 FSPEC = {"k": K, "methods": ["pca", "nmf", "semi_nmf", "eigencam"], "seeds": [0, 1], "k_sweep": [2, 3],
-         "top_n": 5, "max_iter": 600}
+         "top_n": 5, "max_iter": 600, "stability_rows": 3000}  # conv: 7680 positions → seed refits on 3000
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,7 @@ def test_spatial_layer_recovers_planted_concepts_with_heat_maps_and_top_samples(
         assert key in ds.attrs, key
     assert ds.attrs["explained_variance"] > 0.999 and ds.attrs["rows"] == "positions"
     assert ds["stability_per_component"].dims == ("component",) and ds.attrs["stability_min"] > 0.95
+    assert ds.attrs["stability_rows"] == 3000 and "of 7680 rows" in ds.attrs["stability_subset"]
     assert list(ds["k_sweep"].values) == [2, 3]
     ev = ds["sweep_explained_variance"].values
     assert ev[0] < ev[1] and "sweep_stability_mean" in ds
@@ -119,6 +120,7 @@ def test_pooled_and_signed_layers(planted_run):
     plan, _, res, *_ = planted_run
     pooled = opened(plan, res, "pooled", "nmf")
     assert "heatmaps" not in pooled and pooled.attrs["rows"] == "samples"
+    assert pooled.attrs["stability_rows"] == N and pooled.attrs["stability_subset"] == "all rows"
     assert pooled["codes"].dims == ("sample", "component") and pooled["top_sample"].dims == ("component", "rank")
     ev = res.summary["explained_variance"]
     assert ev["signed/nmf"].startswith("skipped: minimum -") and "semi_nmf" in ev["signed/nmf"]

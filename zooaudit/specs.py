@@ -63,6 +63,10 @@ class FactorizeSpec(BaseModel):
     k_sweep: list[int] = Field([], description="Also fit these k and store the quality curve (empty = no sweep).")
     seeds: list[int] = Field([0, 1, 2], description="Refit with these seeds for seed stability (Hungarian-matched "
                              "cosine); fewer than 2 distinct seeds = off.")
+    stability_rows: int = Field(20_000, ge=0, description="The seed-stability refits (and the k sweep's) use a fixed "
+                                "random subset of at most this many rows — samples, or positions/tokens for maps — "
+                                "drawn once from random_state and shared by every seed; the stored fit always uses "
+                                "all rows. 0 = all rows. Stored as attrs stability_rows / stability_subset.")
     top_n: int = Field(8, ge=1, le=64, description="Top-activating samples stored per component.")
     max_iter: int = Field(400, ge=10, description="NMF / semi-NMF iteration budget.")
     sae_latents: int | None = Field(None, ge=1, description="SAE dictionary size (default 4·k).")

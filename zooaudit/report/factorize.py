@@ -6,7 +6,8 @@ input images; when the layer was stored as a spatial map (``pooling="none"``) th
 component's heat map for that image is overlaid (jet colours, scaled per component so
 rows are comparable across their images); a pooled layer has no positions, so its
 gallery shows the images alone. Datasets whose inputs are not images get a table of the
-top sample ids and labels instead.
+top sentences (or sample ids) and labels instead; layers stored with all tokens add a table
+of each component's top-activating tokens, marked in their sentence.
 """
 
 from __future__ import annotations
@@ -131,7 +132,33 @@ class _Images:
         return data.labels[[where[int(s)] for s in ids.ravel()]].reshape(ids.shape)
 
 
+def token_in_context(sentence: str, start: int, stop: int, token: str, width: int = 60) -> str:
+    """HTML of ``sentence`` with the characters ``[start, stop)`` marked, cut to ``width`` characters
+    either side; a token with no span (special tokens such as ``[CLS]``) is shown before the sentence."""
+    if not 0 <= start < stop <= len(sentence):
+        return f"<mark>{html.escape(token)}</mark> {html.escape(sentence[:2 * width])}"
+    left, right = sentence[max(0, start - width):start], sentence[stop:stop + width]
+    return ("…" if start > width else "") + html.escape(left) + f"<mark>{html.escape(sentence[start:stop])}</mark>" \
+        + html.escape(right) + ("…" if stop + width < len(sentence) else "")
+
+
+def _token_table(ds, caption: str) -> str:
+    """Top-activating tokens per component (all-tokens layers): the token marked in its sentence."""
+    text, sent = ds["top_token_text"].values, ds["top_token_sentence"].values
+    lo, hi = ds["top_token_char_start"].values, ds["top_token_char_end"].values
+    ids, scores = ds["top_token_sample"].values, ds["top_token_score"].values
+    rows = "".join(
+        f"<tr><td>{c}</td><td>" + "<br>".join(
+            f"{token_in_context(str(sent[c, j]), int(lo[c, j]), int(hi[c, j]), str(text[c, j]))} "
+            f"<small>({html.escape(str(text[c, j]))}, sample {int(ids[c, j])}, {scores[c, j]:.3g})</small>"
+            for j in range(text.shape[1]) if np.isfinite(scores[c, j])) + "</td></tr>"
+        for c in range(text.shape[0]))
+    return (f"<p>{html.escape(caption)}: top-activating tokens</p><table><tr><th>component</th><th>top tokens in "
+            f"their sentence, best first (token, sample, code)</th></tr>{rows}</table>")
+
+
 def _gallery(ds, images: _Images, name: str, files: dict, caption: str) -> list[str]:
+    tokens = [_token_table(ds, caption)] if "top_token_text" in ds else []
     ids = ds["top_sample"].values
     scores = ds["top_score"].values
     imgs = images.images(ids)
@@ -147,7 +174,8 @@ def _gallery(ds, images: _Images, name: str, files: dict, caption: str) -> list[
                                                              if np.isfinite(scores[c, j])) + "</td></tr>"
                        for c in range(len(ids)))
         return [(f"<p>{html.escape(caption)}</p><table><tr><th>component</th><th>top-activating samples, best "
-                 f"first (label, score)</th></tr>{rows}</table>")]
+                 f"first (label, score: {html.escape(str(ds.attrs.get('top_score', 'code')))})</th></tr>{rows}"
+                 "</table>")] + tokens
     heat = ds["top_heatmap"].values if "top_heatmap" in ds else None
     files[name] = gallery_png(imgs, heat, scores)
     note = "heat map of the concept overlaid" if heat is not None else \

@@ -10,7 +10,15 @@ Factorization style: every position is a sample, components are over channels, a
 codes come back per image as heat maps ``(sample, component, y, x)``; ``codes (sample,
 component)`` are then the spatial mean of the heat maps (the codes of the mean-pooled
 activations, by linearity). Token maps ``(sample, token, unit)`` are treated the same way
-with ``(token,)`` maps.
+with ``(token,)`` maps. All-tokens layers (pooling ``"tokens"``: ragged ``(token, unit)`` rows
+with per-sample offsets, :mod:`zooaudit.tokens`) are factorized with every real token as a
+row; the result keeps the token codes, per-sample codes (mean over the sample's tokens) and,
+per component, the top-activating tokens with their text, sentence and character span (the
+model source's tokenizer).
+
+Seed stability refits every seed on a fixed random subset of at most
+``FactorizeSpec.stability_rows`` rows (the stored fit uses all rows), so the default three
+seeds no longer triple the cost on large layers.
 
 Every layer is checked before anything is fitted (empty, NaN/Inf, negative minimum for
 NMF, k against the features), so a bad layer fails the stage before any work is spent
@@ -40,11 +48,57 @@ from .common import (
     _commit_result,
     _read_session,
     _repo,
+    load_model,
+    random_subset,
     skipped,
 )
 
 CODES_IN_MEMORY = 256 << 20  # codes larger than this (bytes, float64) stay lazy and are written chunk by chunk
 FACTOR_METHODS = ("pca", "nmf", "semi_nmf", "sae")
+
+
+@dataclass
+class TokenIndex:
+    """Which sample and position every row of an all-tokens layer belongs to (rows sample-major).
+
+    ``owner (token,)``: sample index 0…N−1; ``position (token,)``: token position within the
+    sample (0 = the first token the tokenizer emitted, e.g. ``[CLS]``); ``count (sample,)``;
+    ``sample_ids (sample,)``.
+    """
+
+    owner: np.ndarray
+    position: np.ndarray
+    count: np.ndarray
+    sample_ids: np.ndarray
+
+
+def open_token_layer(store, ds_key: str, name: str):
+    """Lazy ``(token, unit)`` Dask matrix of an all-tokens layer without its padding rows, and
+    its :class:`TokenIndex`. Each shard's tokens are a prefix of its own chunk
+    (:mod:`zooaudit.tokens`), so the matrix is one slice per run of adjacent samples."""
+    import dask.array as dsa
+    import zarr
+
+    g = zarr.open_group(store, path=layout.acts_group(ds_key, name), mode="r")
+    start, count = g["token_start"][:].astype(np.int64), g["token_count"][:].astype(np.int64)
+    if np.any(start < 0):
+        raise ZooauditError(f"All-tokens layer {name!r} has {int((start < 0).sum())} samples with no tokens written "
+                            "(incomplete extraction); rerun the activations stage.")
+    acts = g["activations"]
+    full = dsa.from_array(acts, chunks=(int(g.attrs["token_rows"]), acts.shape[1]), name=False)
+    runs: list[list[int]] = []
+    for a, c in zip(start.tolist(), count.tolist()):
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = a + c
+        elif c:
+            runs.append([a, a + c])
+    if not runs:
+        raise ZooauditError(f"All-tokens layer {name!r} holds no tokens; nothing to factorize.")
+    matrix = dsa.concatenate([full[a:b] for a, b in runs]) if len(runs) > 1 else full[runs[0][0]:runs[0][1]]
+    matrix = matrix.rechunk({1: -1})
+    owner = np.repeat(np.arange(len(count)), count)
+    position = np.concatenate([np.arange(c) for c in count]) if len(count) else np.zeros(0, np.int64)
+    return matrix, TokenIndex(owner, position, count, np.asarray(g["sample"][:]))
 
 
 @dataclass
@@ -56,7 +110,7 @@ class LayerData:
     """
 
     name: str
-    acts: xr.DataArray
+    acts: xr.DataArray | None  # None for all-tokens layers (see ``tokens``)
     matrix: object          # (rows, features) NumPy or Dask
     map_dims: tuple
     map_shape: tuple
@@ -64,6 +118,11 @@ class LayerData:
     k: int
     minimum: float
     rms: float
+    tokens: TokenIndex | None = None  # all-tokens layers: rows are tokens
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return self.tokens.sample_ids if self.tokens is not None else np.asarray(self.acts["sample"].values)
 
     @property
     def positions(self) -> int:
@@ -99,6 +158,17 @@ def inspect_layer(name: str, acts: xr.DataArray, spec: FactorizeSpec) -> LayerDa
         raise ZooauditError(f"Layer {name!r} is empty (shape {dict(acts.sizes)}); nothing to factorize. "
                             "Check the layer selection and that the dataset has samples.")
     matrix, map_dims, map_shape, unit = _layer_matrix(acts)
+    return _checked(name, acts, matrix, map_dims, map_shape, unit, spec)
+
+
+def inspect_token_layer(name: str, store, ds_key: str, spec: FactorizeSpec) -> LayerData:
+    """Door checks for an all-tokens layer: every token is a row (like DFF's positions)."""
+    matrix, tokens = open_token_layer(store, ds_key, name)
+    return _checked(name, None, matrix, (), (), np.arange(matrix.shape[1]), spec, tokens)
+
+
+def _checked(name, acts, matrix, map_dims, map_shape, unit, spec: FactorizeSpec,
+             tokens: TokenIndex | None = None) -> LayerData:
     rows, d = matrix.shape
     if spec.k > d and spec.k_above_features == "error":
         raise ZooauditError(f"k={spec.k} components requested for layer {name!r}, which has {d} features; "
@@ -106,7 +176,7 @@ def inspect_layer(name: str, acts: xr.DataArray, spec: FactorizeSpec) -> LayerDa
     k = min(spec.k, d, rows)
     sc = scan(matrix, name, "factorization", None)  # raises on NaN/Inf, naming the layer and the count
     layer = LayerData(name, acts, matrix, map_dims, map_shape, unit, k, float(sc.minimum),
-                      float(np.sqrt(sc.ss_centred / sc.n)))
+                      float(np.sqrt(sc.ss_centred / sc.n)), tokens)
     wants_nmf = "nmf" in spec.methods
     if wants_nmf and layer.minimum < 0 and spec.on_negative == "error":
         raise ZooauditError(
@@ -188,12 +258,35 @@ def _per_sample(codes, layer: LayerData):
     return heat, flat.mean(axis=1), flat.max(axis=1)
 
 
+def token_per_sample(codes, tokens: TokenIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Token codes ``(token, k)`` → per-sample mean and max over each sample's tokens, ``(sample, k)``
+    each, streamed over row blocks (rows are sample-major, so a block's owners are sorted)."""
+    n, k = len(tokens.count), codes.shape[1]
+    sums, best = np.zeros((n, k)), np.full((n, k), -np.inf)
+    for start, stop, block in iter_blocks(codes, np.float64):
+        own = tokens.owner[start:stop]
+        cut = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        seg = own[cut]
+        sums[seg] += np.add.reduceat(block, cut, axis=0)
+        best[seg] = np.maximum(best[seg], np.maximum.reduceat(block, cut, axis=0))
+    return sums / np.maximum(tokens.count, 1)[:, None], best
+
+
 def factor_dataset(method: str, layer: LayerData, f, spec: FactorizeSpec, sample_ids: np.ndarray,
                    shift: float = 0.0) -> xr.Dataset:
     """The stored result: components (component, unit), codes (sample, component), heat maps in
-    positions mode, the top samples per component and the quality metrics as attributes."""
+    positions mode, the top samples per component and the quality metrics as attributes.
+
+    All-tokens layers (rows = tokens) add ``token_codes (token, component)`` with coords
+    ``token_sample``/``token_position``, and the top tokens per component: ``top_token_row``,
+    ``top_token_sample``, ``top_token_position``, ``top_token_score`` ``(component, rank)``
+    (their strings come from :func:`add_token_text`). ``codes`` are then the mean over each
+    sample's tokens, and the top samples are ranked by their best token."""
     heat = None
-    if layer.map_shape:
+    if layer.tokens is not None:
+        codes, score = token_per_sample(f.codes, layer.tokens)
+        score_kind = "max over the sample's tokens"
+    elif layer.map_shape:
         heat, codes, score = _per_sample(f.codes, layer)
         score_kind = "spatial max of the heat map" if layer.spatial else "max over tokens"
     else:
@@ -214,9 +307,19 @@ def factor_dataset(method: str, layer: LayerData, f, spec: FactorizeSpec, sample
         picked = np.asarray(compute_here(picked))
         out = picked[inverse.ravel(), np.repeat(np.arange(idx.shape[0]), idx.shape[1])]
         ds["top_heatmap"] = (("component", "rank", *layer.map_dims), out.reshape(*idx.shape, *layer.map_shape))
+    if layer.tokens is not None:
+        tok = layer.tokens
+        ds["token_codes"] = (("token", "component"), f.codes)
+        ds = ds.assign_coords(token_sample=("token", sample_ids[tok.owner]), token_position=("token", tok.position))
+        t_idx, t_val = top_samples(f.codes, spec.top_n)
+        ds["top_token_row"] = (("component", "rank_token"), t_idx)
+        ds["top_token_sample"] = (("component", "rank_token"), sample_ids[tok.owner[t_idx]])
+        ds["top_token_position"] = (("component", "rank_token"), tok.position[t_idx])
+        ds["top_token_score"] = (("component", "rank_token"), t_val)
+        ds = ds.assign_coords(rank_token=np.arange(t_idx.shape[1]))
+    rows = "tokens" if layer.tokens is not None else "positions" if layer.map_shape else "samples"
     ds.attrs.update({"layer": layer.name, "k": int(f.components.shape[0]), "k_requested": spec.k,
-                     "top_score": score_kind, "rows": "positions" if layer.map_shape else "samples",
-                     "shift": float(shift)})
+                     "top_score": score_kind, "rows": rows, "shift": float(shift)})
     if method == "pca":
         curve = np.asarray(f.metrics["explained_variance_curve"])
         ds["explained_variance_curve"] = ("rank_curve", curve)
@@ -224,18 +327,92 @@ def factor_dataset(method: str, layer: LayerData, f, spec: FactorizeSpec, sample
     return ds
 
 
+def stability_subset(layer: LayerData, spec: FactorizeSpec) -> np.ndarray | None:
+    """Rows of the layer's matrix used by the seed-stability refits: a fixed random subset
+    of at most ``spec.stability_rows`` (drawn from ``spec.random_state``), or ``None`` = all."""
+    n = layer.matrix.shape[0]
+    if not spec.stability_rows or n <= spec.stability_rows:
+        return None
+    return random_subset(n, spec.stability_rows, spec.random_state)
+
+
+def token_spans(module, texts: list[str]) -> list[tuple[list[str], list[tuple[int, int]]]]:
+    """Per text, the model's tokens (strings) and their character spans in the text, tokenised
+    as extraction does (the source's tokenizer, its truncation); special tokens get ``(0, 0)``.
+    Sources without a Hugging Face tokenizer give ``[]``."""
+    tok = getattr(module, "tokenizer", None)
+    if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
+        return [([], []) for _ in texts]
+    # fast tokenizers are not thread-safe: take the lock extraction takes (zooaudit.zoo.hf)
+    from ..zoo.hf import _TOKENIZE
+
+    out = []
+    with _TOKENIZE:
+        for text in texts:
+            kw = {"truncation": True, "max_length": getattr(module, "max_length", None)}
+            try:
+                enc = tok(text, return_offsets_mapping=True, **kw)
+                spans = [tuple(map(int, o)) for o in enc["offset_mapping"]]
+            except NotImplementedError:  # slow (Python) tokenizers have no offsets
+                enc = tok(text, **kw)
+                spans = [(0, 0)] * len(enc["input_ids"])
+            out.append((tok.convert_ids_to_tokens(enc["input_ids"]), spans))
+    return out
+
+
+def add_token_text(ds: xr.Dataset, plan: ExtractionPlan, layer: LayerData) -> None:
+    """The strings of the top tokens: ``top_token_text``, their sentence ``top_token_sentence``
+    and the token's character span in it ``top_token_char_start``/``_end`` (``(component,
+    rank_token)``; span ``(0, 0)`` for special tokens such as ``[CLS]``). The tokenizer is the
+    model source's; a token count that disagrees with the stored one is an error."""
+    from ..data import load_dataset
+
+    samples = ds["top_token_sample"].values
+    positions = ds["top_token_position"].values
+    data = load_dataset(plan.dataset)
+    where = {int(s): i for i, s in enumerate(data.sample_ids)}
+    uniq = np.unique(samples)
+    texts = [str(data.inputs[where[int(s)]]) for s in uniq]
+    module = load_model(plan.model_uri, plan.store).module
+    spans = dict(zip(uniq.tolist(), token_spans(module, texts)))
+    sentence = dict(zip(uniq.tolist(), texts))
+    count = dict(zip(layer.tokens.sample_ids.tolist(), layer.tokens.count.tolist()))
+    text = np.empty(samples.shape, object)
+    sent = np.empty(samples.shape, object)
+    lo, hi = np.zeros(samples.shape, np.int64), np.zeros(samples.shape, np.int64)
+    for idx in np.ndindex(samples.shape):
+        s, p = int(samples[idx]), int(positions[idx])
+        toks, offs = spans[s]
+        if toks and len(toks) != count[s]:
+            raise ZooauditError(f"Sample {s} of layer {layer.name!r}: the tokenizer of {plan.model_uri!r} gives "
+                                f"{len(toks)} tokens but {count[s]} were stored; the model or dataset changed "
+                                "since extraction — rerun the activations stage.")
+        text[idx] = toks[p] if toks else f"#{p}"
+        sent[idx] = sentence[s]
+        lo[idx], hi[idx] = offs[p] if offs else (0, 0)
+    dims = ("component", "rank_token")
+    ds["top_token_text"] = (dims, text.astype(str))
+    ds["top_token_sentence"] = (dims, sent.astype(str))
+    ds["top_token_char_start"] = (dims, lo)
+    ds["top_token_char_end"] = (dims, hi)
+
+
 def _add_stability(ds: xr.Dataset, method: str, layer: LayerData, f, spec, device, codes, shift) -> None:
     seeds = list(dict.fromkeys(spec.seeds))
     if len(seeds) < 2:
         return
     A = layer.matrix - shift if shift else layer.matrix
-    opts = _method_options(method, spec, device, codes, layer.k)
-    s = stability(method, A, f.components.shape[0], seeds, name=layer.name, reference=f.components, **opts)
+    rows = stability_subset(layer, spec)
+    opts = _method_options(method, spec, device, codes if rows is None else "numpy", layer.k)
+    s = stability(method, A, f.components.shape[0], seeds, name=layer.name, reference=f.components, rows=rows,
+                  **opts)
     ds["stability_pairwise"] = (("seed", "seed_b"), s.pairwise)
     ds["stability_per_component"] = ("component", s.per_component)
     ds.coords["seed"] = list(s.seeds)
     ds.coords["seed_b"] = list(s.seeds)
-    ds.attrs.update({"stability_mean": s.mean, "stability_min": s.min})
+    ds.attrs.update({"stability_mean": s.mean, "stability_min": s.min, "stability_rows": s.rows,
+                     "stability_subset": "all rows" if rows is None else
+                     f"random {s.rows} of {A.shape[0]} rows (seed {spec.random_state}); stored fit on all rows"})
 
 
 def _add_sweep(ds: xr.Dataset, method: str, layer: LayerData, spec, device, codes, shift) -> None:
@@ -248,7 +425,7 @@ def _add_sweep(ds: xr.Dataset, method: str, layer: LayerData, spec, device, code
         opts["topk"] = min(opts["topk"], min(ks))
     seeds = list(dict.fromkeys(spec.seeds))
     sw = k_sweep(A, ks, method, seeds=seeds if len(seeds) >= 2 else None, random_state=spec.random_state,
-                 name=layer.name, **opts)
+                 name=layer.name, stability_rows=stability_subset(layer, spec), **opts)
     for var in sw.data_vars:
         ds[f"sweep_{var}"] = ("k_sweep", sw[var].values)
     ds.coords["k_sweep"] = ks
@@ -282,13 +459,14 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
         return skipped("factorize", plan, key, snap)
     session = _read_session(plan, acts_snapshot)
     layers = [inspect_layer(name, layout.open_activations(session.store, plan.ds_key, name), spec)
-              for name in plan.sample_layers]
+              if name in plan.sample_layers else inspect_token_layer(name, session.store, plan.ds_key, spec)
+              for name in plan.layers]
     device = _torch_device(plan.device)
     results: dict[tuple[str, str], xr.Dataset] = {}
     ev: dict = {}
     stab: dict = {}
     for layer in layers:
-        sample_ids = np.asarray(layer.acts["sample"].values)
+        sample_ids = layer.sample_ids
         for method in spec.methods:
             tag = f"{layer.name}/{method}"
             if method == "eigencam":
@@ -312,6 +490,8 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
             codes = "numpy" if rows * width * 8 <= CODES_IN_MEMORY else "dask"
             f = _fit(fit_as, layer, spec, device, codes=codes, shift=shift)
             ds = factor_dataset(fit_as, layer, f, spec, sample_ids, shift)
+            if layer.tokens is not None:
+                add_token_text(ds, plan, layer)
             ds.attrs["requested_method"] = method
             _add_stability(ds, fit_as, layer, f, spec, device, codes, shift)
             _add_sweep(ds, fit_as, layer, spec, device, codes, shift)
