@@ -17,13 +17,14 @@ reader that keeps the stored dtype (float32 stays float32 on the way to torch).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ZooauditError
+from .sim_checks import is_dask
+from .sim_stream import row_bounds as sim_row_bounds
 from .stats import ROW_BLOCK, Moments, compute_here
 
 RANK_RTOL = 1e-12  # eigenvalues below this fraction of the largest count as zero
@@ -74,13 +75,9 @@ def nonfinite_error(name: str, method: str, count: int) -> ZooauditError:
 
 
 def row_bounds(A) -> list[tuple[int, int]]:
-    """Row ranges to stream: the Dask chunks of axis 0, or blocks of ``ROW_BLOCK`` rows for NumPy."""
-    chunks = getattr(A, "chunks", None)
-    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], tuple):
-        edges = np.cumsum([0, *chunks[0]])
-        return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
-    n = A.shape[0]
-    return [(s, min(s + ROW_BLOCK, n)) for s in range(0, n, ROW_BLOCK)]
+    """Row ranges to stream: each Dask chunk of axis 0 on its own, else blocks of about
+    ``ROW_BLOCK`` rows (whole chunks of a chunked Zarr array) — :func:`.sim_stream.row_bounds`."""
+    return sim_row_bounds([A], 1 if is_dask(A) else ROW_BLOCK)
 
 
 def iter_blocks(A, dtype=None) -> Iterator[tuple[int, int, np.ndarray]]:
