@@ -233,17 +233,28 @@ def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndar
     return acts, logits
 
 
-def _commit_shard(plan: ExtractionPlan, branch: str, shard: Shard, acts, logits) -> ShardResult:
+def _nonfinite(a: np.ndarray) -> int:
+    """Count of NaN/Inf values of ``a``. One float64 sum decides the common all-finite case
+    (a NaN or Inf propagates; float32 values cannot overflow a float64 sum); only then
+    are the values counted one by one."""
+    if a.dtype.kind != "f" or np.isfinite(a.sum(dtype=np.float64)):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(a)))
+
+
+def _commit_shard(plan: ExtractionPlan, branch: str, shard: Shard, acts, logits, *, repo=None,
+                  arrays: layout.ArrayCache | None = None) -> ShardResult:
     """Write one shard's whole chunks on the staging branch and commit them.
 
     NaN/Inf activations are stored as computed but counted per layer (in the
-    commit metadata, so a resumed run still reports them at publish)."""
+    commit metadata, so a resumed run still reports them at publish). ``repo`` and
+    ``arrays``: the repository and array metadata a writer keeps across its shards."""
     import icechunk
 
-    store, repo_name, repo = _repo(plan)
-    nonfinite = {name: int((~np.isfinite(a)).sum()) for name, a in acts.items()}
-    session = repo.writable_session(branch)
-    layout.write_shard(session.store, plan.ds_key, shard.start, acts, logits)
+    store, repo_name, opened = _repo(plan) if repo is None else (Store(plan.store), f"models/{plan.model_key}", repo)
+    nonfinite = {name: _nonfinite(np.asarray(a)) for name, a in acts.items()}
+    session = opened.writable_session(branch)
+    layout.write_shard(session.store, plan.ds_key, shard.start, acts, logits, arrays)
     meta = {"stage": "shard", "for": plan.cache_key, "shard": shard.index, "nonfinite": nonfinite}
     # Shards write distinct chunks, so a commit that finds the branch moved
     # (another shard committed) rebases without conflict.
@@ -262,20 +273,21 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
     """
     branch = branch or _staging_branch(plan)
     # A retried task (or a duplicate one) skips the shards already committed.
-    _, _, repo = _repo(plan)
+    _, _, repo = _repo(plan)   # opened once for all of this call's shards
     done = {int(i.metadata["shard"]) for i in repo.ancestry(branch=branch)
             if (i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key}
     shards = [s for s in shards if s.index not in done]
     todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_SIZE)
     results: list[ShardResult] = []
     failure: list[BaseException] = []
+    arrays = layout.ArrayCache()
 
     def writer():
         while (item := todo.get()) is not None:
             if failure:
                 continue  # drain: a failed writer must not block the producer
             try:
-                results.append(_commit_shard(plan, branch, *item))
+                results.append(_commit_shard(plan, branch, *item, repo=repo, arrays=arrays))
             except BaseException as err:  # noqa: BLE001 — re-raised on the caller's thread
                 failure.append(err)
 
