@@ -3,8 +3,11 @@
 Part 1 (in this process, same data, same start, same iteration budget): a planted
 non-negative float32 matrix ``N × 512`` with k = 16. Both solvers start from the same
 NNDSVDa factors (scikit-learn's ``_initialize_nmf``) and run exactly ``--iters``
-iterations (``tol=0``), once per thread budget in ``--threads`` (BLAS pools limited with
-threadpoolctl, torch with ``set_num_threads``). Reports wall times and ``‖X − WH‖_F``
+iterations (``tol=0``), ``--repeats`` alternating pairs per thread budget in ``--threads``
+(BLAS pools limited with threadpoolctl, torch with ``set_num_threads``); per budget the
+minimum walls and the back-to-back pair ratios (median, max). zooaudit's wall includes its
+quality pass (explained variance, cosine, L0, dead components) and the input scan (min,
+finiteness) that scikit-learn does not do; scikit-learn's includes its final ``‖X − WH‖``. Reports wall times and ``‖X − WH‖_F``
 (computed the same way for both), and their ratios; then, at the first thread budget,
 the default calls end to end (each library's own NNDSVDa start and default tolerance)
 and the out-of-core minibatch solver on the same data as a Dask array.
@@ -14,6 +17,11 @@ a Dask array generated chunk by chunk (never all in RAM), codes returned lazily.
 
     .venv/bin/python benchmarks/bench_nmf.py --n 200000 --iters 100 --threads 1 2
     .venv/bin/python benchmarks/bench_nmf.py --rss 100000 1000000 --epochs 2
+    .venv/bin/python benchmarks/bench_nmf.py --stability 20000 --n 100000 --iters 200 --threads 1 [--k 24]
+
+Part 3 (``--stability ROWS``): seed stability (seeds 0, 1, 2) refitted on all rows vs on a
+fixed random subset of ROWS rows (the factorize stage's ``stability_rows``), wall time and
+the stability values of both.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def in_memory(n: int, iters: int, epochs: int, threads: list[int]) -> None:
+def in_memory(n: int, iters: int, epochs: int, threads: list[int], repeats: int = 1) -> None:
     import threadpoolctl
     import torch
     from sklearn.decomposition import NMF
@@ -81,15 +89,18 @@ def in_memory(n: int, iters: int, epochs: int, threads: list[int]) -> None:
         return W, model.components_, model.n_iter_
 
     rows = []  # (threads, label, wall, error, iterations, index of the reference row)
+    pairs = {}  # threads -> [(scikit-learn wall, zooaudit wall)] of back-to-back repeats
     for nt in threads:  # equal thread budgets: BLAS pools via threadpoolctl, torch's own
         torch.set_num_threads(nt)
         with threadpoolctl.threadpool_limits(nt):
-            ref = len(rows)
-            (W, H, it), t = timed(lambda: sk(init="custom", max_iter=iters, tol=0))
-            rows.append((nt, "scikit-learn cd, same start", t, frobenius(X, W, H), it, ref))
-            f, t = timed(lambda: nmf(X, K, init=(W0, H0), solver="hals", max_iter=iters, tol=0))
-            rows.append((nt, "zooaudit hals (torch), same start", t, frobenius(X, f.codes, f.components),
-                         f.metrics["n_iter"], ref))
+            for _ in range(repeats):  # alternating, so both see the same background load
+                ref = len(rows)
+                (W, H, it), t = timed(lambda: sk(init="custom", max_iter=iters, tol=0))
+                rows.append((nt, "scikit-learn cd, same start", t, frobenius(X, W, H), it, ref))
+                f, t = timed(lambda: nmf(X, K, init=(W0, H0), solver="hals", max_iter=iters, tol=0))
+                rows.append((nt, "zooaudit hals (torch), same start", t, frobenius(X, f.codes, f.components),
+                             f.metrics["n_iter"], ref))
+                pairs.setdefault(nt, []).append((rows[ref][2], t))
     nt = threads[0]
     torch.set_num_threads(nt)
     with threadpoolctl.threadpool_limits(nt):
@@ -105,6 +116,11 @@ def in_memory(n: int, iters: int, epochs: int, threads: list[int]) -> None:
     print(f"{'thr':>3s} {'solver':52s} {'wall s':>8s} {'‖X−WH‖':>10s} {'iters':>6s} {'time/ref':>9s} {'err/ref':>8s}")
     for nt, label, t, err, it, ref in rows:
         print(f"{nt:3d} {label:52s} {t:8.2f} {err:10.4f} {it:6d} {t / rows[ref][2]:9.3f} {err / rows[ref][3]:8.5f}")
+    for nt, p in pairs.items():
+        sk_t, za_t = np.array(p).T
+        print(f"{nt} thread(s), {len(p)} repeats: min wall scikit-learn {sk_t.min():.2f} s, zooaudit {za_t.min():.2f} s "
+              f"(ratio of minima {za_t.min() / sk_t.min():.3f}); pair ratios {np.round(za_t / sk_t, 3).tolist()}, "
+              f"median {np.median(za_t / sk_t):.3f}, max {np.max(za_t / sk_t):.3f}")
 
 
 def child(n: int, epochs: int) -> None:
@@ -128,21 +144,53 @@ def rss(ns: list[int], epochs: int) -> None:
     print(f"peak RSS ratio N={ns[-1]} / N={ns[0]}: {results[-1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.3f}")
 
 
+def stability_cost(n: int, iters: int, rows: int, threads: int, k: int = K) -> None:
+    """Seed stability (seeds 0, 1, 2; random starts) refitted on all N rows vs on a fixed random
+    subset of ``rows`` rows (FactorizeSpec.stability_rows), both against the primary fit on all rows.
+    ``k`` above the planted 16 makes some components unstable (a measurement that is not all 1s)."""
+    import torch
+
+    from zooaudit.analysis.factorize import nmf, stability
+    from zooaudit.stages.common import random_subset
+
+    torch.set_num_threads(threads)
+    X = make_data(n).compute()
+    primary, t_fit = timed(lambda: nmf(X, k, max_iter=iters))
+    print(f"data: {n} x {D} float32 (planted rank {K}), k = {k}, max_iter {iters}, {threads} thread(s); primary fit {t_fit:.1f} s, "
+          f"EV {primary.metrics['explained_variance']:.4f}")
+    subset = random_subset(n, rows, 0)
+    out = {}
+    for label, idx in (("all rows", None), (f"subset of {rows}", subset)):
+        s, t = timed(lambda idx=idx: stability("nmf", X, k, (0, 1, 2), reference=primary.components, rows=idx,
+                                               max_iter=iters))
+        out[label] = (s, t)
+        print(f"{label:18s} rows {s.rows:>8d}  wall {t:7.1f} s  pairwise mean {s.mean:.4f} min {s.min:.4f}  "
+              f"vs primary: mean {s.per_component.mean():.4f} min {s.per_component.min():.4f}")
+    (_, t_full), (_, t_sub) = out.values()
+    print(f"stability time subset / all: {t_sub / t_full:.3f}; whole factorization (primary + stability): "
+          f"{(t_fit + t_sub) / (t_fit + t_full):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=1, help="alternating scikit-learn / zooaudit pairs per thread budget")
     ap.add_argument("--rss", type=int, nargs="*")
     ap.add_argument("--child", type=int)
+    ap.add_argument("--stability", type=int, metavar="ROWS", help="seed-stability cost: all rows vs ROWS")
+    ap.add_argument("--k", type=int, default=K, help="components of the --stability fits")
     args = ap.parse_args()
-    if args.child:
+    if args.stability:
+        stability_cost(args.n, args.iters, args.stability, args.threads[0], args.k)
+    elif args.child:
         child(args.child, args.epochs)
     elif args.rss:
         rss(args.rss, args.epochs)
     else:
-        in_memory(args.n, args.iters, args.epochs, args.threads)
+        in_memory(args.n, args.iters, args.epochs, args.threads, args.repeats)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,29 @@ def test_metrics_from_factors_equal_the_streamed_reconstruction_pass(dtype):
             assert fit.metrics[m] == pytest.approx(ref.metrics[m], rel=rtol), m
         assert 0.5 < fit.metrics["explained_variance"] < 1
         assert fit.metrics["l0"] == ref.metrics["l0"] and fit.metrics["dead_components"] == ref.metrics["dead_components"]
+
+
+def test_fastest_times_each_way_twice_then_keeps_the_fastest():
+    import time
+
+    import torch
+
+    from zooaudit.analysis.nmf import Fastest
+
+    calls = []
+
+    def slow(x):
+        calls.append("slow")
+        time.sleep(0.02)
+        return x + 1
+
+    def fast(x):
+        calls.append("fast")
+        return x + 1
+
+    pick = Fastest(slow, fast, device=torch.device("cpu"))
+    assert [pick(1) for _ in range(8)] == [2] * 8
+    assert calls == ["slow", "fast", "slow", "fast", "fast", "fast", "fast", "fast"] and pick.best == 1
+    calls.clear()
+    on_gpu = Fastest(slow, fast, device=torch.device("cuda"))  # a device type only: nothing runs there
+    assert on_gpu(1) == 2 and on_gpu(1) == 2 and calls == ["slow", "slow"]

@@ -23,6 +23,8 @@ Convention: ``X (N, D) ≈ Wᵀ H`` with the codes stored transposed, ``Wt (k, N
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -97,9 +99,39 @@ def _solve_sym(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def _codes_rhs(x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``H xᵀ (k, b)``, contiguous. Computed as ``(x Hᵀ)ᵀ``: with row-major ``x (b, D)`` that
-    product is ~1.5× faster on the CPU than ``H @ x.T`` (which multiplies by a transposed view)."""
+    """``H xᵀ (k, b)``, contiguous, computed as ``(x Hᵀ)ᵀ``; in the full-batch loop
+    :class:`Fastest` times it against ``H @ x.T`` (which is faster depends on the machine)."""
     return (x @ H.T).T.contiguous()
+
+
+class Fastest:
+    """Pick the fastest of equivalent ways to compute one product, on this machine and these shapes.
+
+    The skinny GEMMs of HALS (``N·D·k`` with small ``k``) run at different speeds depending on
+    which operand BLAS sees transposed, and which is faster differs between machines and
+    thread counts (measured here: ±10–20 % either way). The first ``2 × len(ways)`` calls cycle
+    through the ways and time them (their results are used, nothing is computed twice);
+    afterwards the way with the smallest time is used. On a GPU (asynchronous, timing would
+    need a sync) the first way is always used.
+    """
+
+    def __init__(self, *ways, device: torch.device):
+        self.ways = ways
+        self.times = [float("inf")] * len(ways)
+        self.calls = 0
+        self.timed = device.type == "cpu" and len(ways) > 1
+        self.best = 0
+
+    def __call__(self, *args):
+        if not self.timed or self.calls >= 2 * len(self.ways):
+            return self.ways[self.best](*args)
+        i = self.calls % len(self.ways)
+        self.calls += 1
+        t = time.perf_counter()
+        out = self.ways[i](*args)
+        self.times[i] = min(self.times[i], time.perf_counter() - t)
+        self.best = int(np.argmin(self.times))
+        return out
 
 
 def solve_codes(x: torch.Tensor, H: torch.Tensor, *, max_iter: int, tol: float = 0.0) -> torch.Tensor:
@@ -132,10 +164,13 @@ def fit_full(X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, *, max_iter: in
     Returns the number of iterations.
     """
     if not signed:
+        # X Hᵀ as (k, N) and Wᵀ X as (k, D), each the fastest of two BLAS layouts (see Fastest)
+        rhs_w = Fastest(_codes_rhs, lambda X, H: H @ X.T, device=X.device)
+        rhs_h = Fastest(lambda X, Wt: Wt @ X, lambda X, Wt: (X.T @ Wt.T).T.contiguous(), device=X.device)
         v0 = None
         for it in range(1, max_iter + 1):
-            v = hals_rows(Wt, _codes_rhs(X, H), H @ H.T)
-            v += hals_rows(H, Wt @ X, Wt @ Wt.T)
+            v = hals_rows(Wt, rhs_w(X, H), H @ H.T)
+            v += hals_rows(H, rhs_h(X, Wt), Wt @ Wt.T)
             v0 = float(v) if v0 is None else v0
             if v0 == 0 or float(v) <= tol * v0:
                 return it
