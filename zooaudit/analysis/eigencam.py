@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ZooauditError
+from .sim_checks import as_matrix as check_matrix
 from .sim_checks import is_dask
 from .sim_stream import row_bounds as sim_row_bounds
 from .stats import ROW_BLOCK, Moments, compute_here
@@ -31,18 +32,18 @@ RANK_RTOL = 1e-12  # eigenvalues below this fraction of the largest count as zer
 
 
 def as_matrix(A, name: str):
-    """Validate and flatten ``A`` to ``(N, D)`` (NumPy or Dask; an xarray DataArray gives its data)."""
-    A = getattr(A, "data", A) if type(A).__name__ == "DataArray" else A
-    if not hasattr(A, "shape") or not hasattr(A, "ndim"):
-        A = np.asarray(A)
-    if A.ndim < 2:
-        raise ZooauditError(f"Layer {name!r} has shape {tuple(A.shape)}; factorization needs (n_samples, "
-                            "n_features) activations (extra trailing dims are flattened).")
+    """Validate and flatten ``A`` to ``(N, D)`` (NumPy or Dask; an xarray DataArray gives its data).
+
+    The checks of :func:`.sim_checks.as_matrix`, worded for the factorization of layer
+    ``name``; a layer without samples is refused too (similarity counts samples later,
+    against each metric's own minimum).
+    """
+    A = check_matrix(A, f"Layer {name!r}", purpose="factorization")
     if A.ndim > 2:
         A = A.reshape(A.shape[0], -1)
-    if A.shape[0] == 0 or A.shape[1] == 0:
-        raise ZooauditError(f"Layer {name!r} is empty (shape {tuple(A.shape)}); nothing to factorize. "
-                            "Check the layer selection and that the dataset has samples.")
+    if A.shape[0] == 0:
+        raise ZooauditError(f"Layer {name!r} is empty: it has no samples (shape {tuple(A.shape)}); nothing to "
+                            "factorize. Check that the dataset has samples.")
     return A
 
 

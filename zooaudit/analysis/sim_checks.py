@@ -44,10 +44,15 @@ def is_dask(x) -> bool:
     return hasattr(x, "dask") and hasattr(x, "chunks")
 
 
-def as_matrix(x, name: str = "X"):
+def as_matrix(x, name: str = "X", *, purpose: str = "similarity"):
     """Return ``x`` as a lazily sliceable array with ``ndim >= 2`` (not copied).
 
-    NumPy-convertible inputs become ``np.ndarray``; Dask and Zarr arrays stay lazy.
+    NumPy-convertible inputs become ``np.ndarray``; Dask and Zarr arrays stay lazy; an
+    xarray DataArray gives its ``.data``. The one door check of both analysis families:
+    ``name`` says what is checked and ``purpose`` what it is for in the errors
+    (:func:`.eigencam.as_matrix` passes ``"Layer 'conv1'"`` and ``"factorization"``).
+    Arrays with more than two dimensions are returned as they are; callers flatten the
+    trailing dims (block by block, or :func:`.eigencam.as_matrix` at once).
     """
     if hasattr(x, "dims") and hasattr(x, "data") and hasattr(x, "coords"):  # xarray.DataArray
         x = x.data
@@ -56,13 +61,14 @@ def as_matrix(x, name: str = "X"):
         x = np.asarray(x)
     if x.ndim < 2:
         raise ZooauditError(
-            f"{name} must be a 2-D array (n_samples, n_features); got shape {tuple(x.shape)}. "
-            "Reshape a single feature with x.reshape(-1, 1).")
+            f"{name} has shape {tuple(x.shape)}; {purpose} needs (n_samples, n_features) arrays, 2-D or more "
+            "(extra trailing dims are flattened). Reshape a single feature with x.reshape(-1, 1).")
     dt = np.dtype(x.dtype)
     if not (np.issubdtype(dt, np.number) or dt == np.bool_) or np.issubdtype(dt, np.complexfloating):
         raise ZooauditError(f"{name} must hold real numbers; got dtype {dt}.")
     if width(x) == 0:
-        raise ZooauditError(f"{name} has no features (shape {tuple(x.shape)}); every representation needs at least one.")
+        raise ZooauditError(f"{name} is empty: it has no features (shape {tuple(x.shape)}); {purpose} needs at "
+                            "least one. Check the layer selection.")
     return x
 
 
