@@ -36,6 +36,7 @@ from .common import (
     _read_session,
     _repo,
     load_model,
+    random_init_activations,
     random_subset,
     skipped,
 )
@@ -50,11 +51,7 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
     dataset = load_dataset(plan.dataset)
     inputs = dataset.inputs[idx].reshape(len(idx), -1)
-    model = load_model(plan.model_uri, plan.store)
-    random_acts = {}
-    if model.random_init is not None:
-        random_acts, _ = forward_batches(model.random_init(), dataset.inputs[idx], plan.sample_layers, pooling=plan.pooling,
-                                         batch_size=plan.batch_size, with_outputs=False)
+    random_acts, _ = random_init_activations(plan, idx, plan.sample_layers, inputs=dataset.inputs[idx], required=False)
     probes, erasures = [], []
     kw = {"cv": bspec["probe_cv"], "random_state": bspec["random_state"]}
     for layer in plan.sample_layers:
@@ -62,7 +59,7 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
                           dtype=np.float64)
         controls = {"inputs": inputs}
         if layer in random_acts:
-            controls["random_init"] = random_acts[layer].reshape(len(idx), -1)
+            controls["random_init"] = random_acts[layer]
         probes.append(bias_mod.probe_leakage(acts, groups, controls=controls, **kw).expand_dims(layer=[layer]))
         if bspec["erasure"]:
             erasures.append(bias_mod.erasure_diagnostic(acts, groups, labels, min_group_size=bspec["min_group_size"],
@@ -89,9 +86,9 @@ def _encoder_probes(plan: ExtractionPlan, session, samples: xr.Dataset, attr: st
     if name is not None:
         words = forward_batches(model.module, inputs, [name], **kw)[0][name]
         controls["input_embeddings"] = dict.fromkeys(plan.sample_layers, words)
-    if model.random_init is not None:
-        controls["random_init"] = forward_batches(model.random_init(), inputs, plan.sample_layers,
-                                                  **{**kw, "pooling": plan.pooling})[0]
+    if (random_acts := random_init_activations(plan, idx, plan.sample_layers, inputs=inputs,
+                                                       required=False)[0]):
+        controls["random_init"] = random_acts
     probes = []
     for layer in plan.sample_layers:
         acts = np.asarray(layout.as_matrix(layout.open_activations(session.store, plan.ds_key, layer))[idx],

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..data import Shard
+from ..data import Shard, load_dataset
+from ..errors import ZooauditError
+from ..extract import forward_batches
 from ..store import Store, commit, commit_metadata
 from ..zoo import LoadedModel, resolve_model
 
@@ -97,6 +99,32 @@ def load_model(uri: str, store_url: str) -> LoadedModel:
     """Resolve a model once per process (shard tasks on one worker share it)."""
     return _cached_model(uri, store_url)
 
+
+
+def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[str], *, inputs=None,
+                            required: bool = True) -> tuple[dict, dict]:
+    """``({layer: (len(idx), p) float64}, provenance)``: a random-initialised copy of the
+    plan's model run on dataset samples ``idx`` (sorted), pooled as the stored activations.
+
+    The copy comes from the model source's ``random_init`` factory (a fixed torch seed:
+    the same copy in every run, whichever stage asks); ``provenance`` records
+    ``random_init_seed``. A model whose source cannot build one is an error naming the
+    other controls, or ``({}, {})`` when not ``required`` (the bias probes go without it).
+    ``inputs``: the dataset's samples ``idx`` when the caller has loaded them already.
+    """
+    model = load_model(plan.model_uri, plan.store)
+    if model.random_init is None:
+        if not required:
+            return {}, {}
+        raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy (its source has no "
+                            "architecture to re-initialise); use control='shuffle' or control='none'.")
+    if inputs is None:
+        inputs = load_dataset(plan.dataset).inputs[idx]
+    acts, _ = forward_batches(model.random_init(), inputs, layers, pooling=plan.pooling,
+                              batch_size=plan.batch_size, device=plan.device, with_outputs=False)
+    seed = model.random_init_seed
+    return ({k: acts[k].reshape(acts[k].shape[0], -1).astype(np.float64) for k in layers},
+            {} if seed is None else {"random_init_seed": int(seed)})
 
 
 def _repo(plan_or_store, model_key: str | None = None):

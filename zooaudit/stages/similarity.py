@@ -48,9 +48,7 @@ from ..analysis.similarity import (
     similarity_matrices,
 )
 from ..analysis.stats import compute_here
-from ..data import load_dataset
-from ..errors import ZooauditError
-from ..extract import forward_batches, resolve_device
+from ..extract import resolve_device
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
 from .common import (
@@ -59,7 +57,7 @@ from .common import (
     _commit_result,
     _read_session,
     _repo,
-    load_model,
+    random_init_activations,
     random_subset,
     skipped,
 )
@@ -126,26 +124,6 @@ def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[s
         out.update(similarity_matrices(sub_a, sub_b, metrics=pairwise, dims=dims))
         used.update({m: len(idx) for m in pairwise})
     return out, used
-
-
-def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[str]) -> tuple[dict, dict]:
-    """``({layer: (len(idx), p) float64}, provenance)``: a random-initialised copy of the
-    plan's model run on dataset samples ``idx`` (sorted), pooled as the stored activations.
-
-    The copy comes from the model source's ``random_init`` factory (a fixed torch seed:
-    the same copy in every run); ``provenance`` records ``random_init_seed``. A model
-    whose source cannot build one is an error naming the other controls.
-    """
-    model = load_model(plan.model_uri, plan.store)
-    if model.random_init is None:
-        raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy (its source has no "
-                            "architecture to re-initialise); use control='shuffle' or control='none'.")
-    inputs = load_dataset(plan.dataset).inputs[idx]
-    acts, _ = forward_batches(model.random_init(), inputs, layers, pooling=plan.pooling,
-                              batch_size=plan.batch_size, device=plan.device, with_outputs=False)
-    seed = model.random_init_seed
-    return ({k: _flat(acts[k]).astype(np.float64) for k in layers},
-            {} if seed is None else {"random_init_seed": int(seed)})
 
 
 def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dict, dict, int, dict]:

@@ -36,6 +36,7 @@ from .common import (
     StageResult,
     _committed_summary,
     _read_session,
+    random_init_activations,
     random_subset,
 )
 from .similarity import (
@@ -43,7 +44,6 @@ from .similarity import (
     _rows,
     metric_params,
     moments_device,
-    random_init_activations,
     shuffled_controls,
     similarity_with_subsets,
 )
