@@ -28,9 +28,9 @@ import numpy as np
 from ..errors import ZooauditError
 from .base import AuditDataset, register
 from .images import (
-    check_options,
     code_groups,
     local_path,
+    options_and_path,
     parse_size,
     stack_images,
     to_array,
@@ -93,9 +93,7 @@ def _npz_item(z, key: str, where: str):
 
 @register("arrays")
 def load_arrays(spec) -> AuditDataset:
-    options = dict(spec.options)
-    check_options(options, ARRAY_OPTIONS, "arrays")
-    path = local_path(spec.path, "arrays")
+    options, path = options_and_path(spec, ARRAY_OPTIONS, "arrays")
     where = str(path)
     if path.suffix == ".npy":
         inputs = _np_load(path)
@@ -150,9 +148,7 @@ def _hf_column_values(ds, column: str):
 def load_hf_disk(spec) -> AuditDataset:
     import datasets
 
-    options = dict(spec.options)
-    check_options(options, HF_OPTIONS, "hf-disk")
-    path = local_path(spec.path, "hf-disk")
+    options, path = options_and_path(spec, HF_OPTIONS, "hf-disk")
     where = str(path)
     try:
         obj = datasets.load_from_disk(where)

@@ -54,6 +54,14 @@ def check_options(options: dict, allowed: set[str], dataset: str) -> None:
         raise ZooauditError(f"Unknown option(s) {bad} for dataset {dataset!r}. Allowed: {', '.join(sorted(allowed))}.")
 
 
+def options_and_path(spec, allowed: set[str], dataset: str) -> tuple[dict, Path]:
+    """The door of a loader that reads local files: ``(options, local path)`` of ``spec``,
+    after refusing option names outside ``allowed`` (:func:`check_options`, :func:`local_path`)."""
+    options = dict(spec.options)
+    check_options(options, allowed, dataset)
+    return options, local_path(spec.path, dataset)
+
+
 def parse_size(value) -> tuple[int, int] | None:
     """``"32x48"`` → ``(32, 48)`` (height, width); ``32`` → ``(32, 32)``."""
     if value is None:
@@ -125,9 +133,7 @@ def _read_groups(root: Path, spec_value, files: list[str]) -> tuple[dict, dict]:
 def load_image_folder(spec) -> AuditDataset:
     from PIL import Image, UnidentifiedImageError
 
-    options = dict(spec.options)
-    check_options(options, OPTIONS, "image-folder")
-    root = local_path(spec.path, "image-folder")
+    options, root = options_and_path(spec, OPTIONS, "image-folder")
     mode = str(options.get("mode", "RGB"))
     on_error = str(options.get("on_error", "fail"))
     if mode not in ("RGB", "L"):
