@@ -235,6 +235,15 @@ def _wait(what: str, check, proc: subprocess.Popen, cfg: StackConfig, log: str) 
     raise ZooauditError(f"{what} was not healthy after {cfg.timeout:.0f}s (last error: {last_err}); see {log}.")
 
 
+def _start(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str], state: dict, what: str,
+           healthy) -> subprocess.Popen:
+    """Spawn component ``name`` (:func:`_spawn`) and wait until ``healthy()`` (:func:`_wait`,
+    whose errors point at the component's log)."""
+    proc = _spawn(cfg, name, argv, env, state)
+    _wait(what, healthy, proc, cfg, state["processes"][name]["log"])
+    return proc
+
+
 def _http_ok(url: str, auth: str | None = None, data: bytes | None = None) -> bytes:
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     if auth:
@@ -280,8 +289,7 @@ def _start_s3(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
             "-volume.max=100", "-volume.preStopSeconds=0", "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={cfg.s3_port}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={s3_config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false"]
-    proc = _spawn(cfg, "seaweedfs", argv, {}, state)
-    _wait("SeaweedFS S3", lambda: _ensure_bucket(cfg, env), proc, cfg, state["processes"]["seaweedfs"]["log"])
+    _start(cfg, "seaweedfs", argv, {}, state, "SeaweedFS S3", lambda: _ensure_bucket(cfg, env))
 
 
 def _ensure_bucket(cfg: StackConfig, env: dict[str, str]) -> bool:
@@ -316,10 +324,9 @@ def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
         server_env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port",
             str(cfg.prefect_port), "--analytics-off", "--no-background"]
-    proc = _spawn(cfg, "prefect-server", argv, server_env, state)
     auth = env.get("PREFECT_API_AUTH_STRING")
-    _wait("Prefect server", lambda: _http_ok(cfg.api_url + "/health", auth).strip() == b"true", proc, cfg,
-          state["processes"]["prefect-server"]["log"])
+    _start(cfg, "prefect-server", argv, server_env, state, "Prefect server",
+           lambda: _http_ok(cfg.api_url + "/health", auth).strip() == b"true")
 
 
 # Imported by every Dask worker at start: the first task then finds torch, Prefect and the
@@ -340,10 +347,9 @@ def dask_worker_argv(cfg: StackConfig, *, gpu: bool = False) -> list[str]:
 def _spawn_dask(cfg: StackConfig, env: dict[str, str], state: dict) -> list[subprocess.Popen]:
     """Start the scheduler (healthy = listening) and the workers, without waiting for the
     workers: their preload imports overlap with the Prefect server's start."""
-    sched = _spawn(cfg, "dask-scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
-                                           cfg.host, "--port", str(cfg.dask_port), "--no-dashboard"], {}, state)
-    _wait("Dask scheduler", lambda: not _port_free(cfg.host, cfg.dask_port), sched, cfg,
-          state["processes"]["dask-scheduler"]["log"])
+    _start(cfg, "dask-scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", cfg.host,
+                                   "--port", str(cfg.dask_port), "--no-dashboard"], {}, state,
+           "Dask scheduler", lambda: not _port_free(cfg.host, cfg.dask_port))
     workers = [_spawn(cfg, "dask-workers", dask_worker_argv(cfg), env, state)]
     for i in range(cfg.gpu_workers):
         workers.append(_spawn(cfg, f"dask-gpu-worker-{i}", dask_worker_argv(cfg, gpu=True),
@@ -378,7 +384,6 @@ def deployment_names(cfg: StackConfig, auth: str | None = None) -> list[str]:
 
 def _start_runner(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
     """Serve the deployments (``deployments/``): registers them and runs their flow runs."""
-    proc = _spawn(cfg, "runner", [sys.executable, "-m", cfg.runner_module], env, state)
     auth = env.get("PREFECT_API_AUTH_STRING")
     seen: list[list[str]] = []
 
@@ -387,7 +392,7 @@ def _start_runner(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
         seen.append(deployment_names(cfg, auth))
         return len(seen) >= 4 and bool(seen[-1]) and seen[-1] == seen[-4]
 
-    _wait("deployment runner", registered, proc, cfg, state["processes"]["runner"]["log"])
+    _start(cfg, "runner", [sys.executable, "-m", cfg.runner_module], env, state, "deployment runner", registered)
     state["deployments"] = seen[-1]
 
 
