@@ -97,9 +97,15 @@ def _fingerprint(path: str | None) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _identified_dataset(spec_json: str, _fingerprint) -> tuple:
-    dataset = load_dataset(json.loads(spec_json))
-    return dataset, dataset.content_hash
+def _loaded_dataset(spec_json: str, _fingerprint):
+    """The one loaded copy of a dataset in this process: planning (hash, shapes) and the
+    shards read the same arrays instead of loading the files a second time."""
+    return load_dataset(json.loads(spec_json))
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_hash(spec_json: str, _fingerprint) -> str:
+    return _loaded_dataset(spec_json, _fingerprint).content_hash
 
 
 def plan_dataset(ds_spec) -> tuple:
@@ -107,7 +113,8 @@ def plan_dataset(ds_spec) -> tuple:
     process while the spec and the files behind its ``path`` are unchanged: a zoo audit plans
     and validates every model on the same datasets. The dataset is shared: read it, never modify it."""
     spec = ds_spec.model_dump() if hasattr(ds_spec, "model_dump") else dict(ds_spec)
-    return _identified_dataset(canonical_json(spec), _fingerprint(spec.get("path")))
+    key = (canonical_json(spec), _fingerprint(spec.get("path")))
+    return _loaded_dataset(*key), _dataset_hash(*key)
 
 
 def cached_activations(plan: ExtractionPlan) -> str | None:
@@ -210,15 +217,18 @@ def _mtime(path) -> float | None:
         return None
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_dataset(spec_json: str, _mtime_ns):
-    return load_dataset(json.loads(spec_json))
+@functools.lru_cache(maxsize=8)
+def _shard_dataset(spec_json: str, _mtime_ns):
+    # Per shard only a stat of the path (a folder's full fingerprint walks every file);
+    # the first lookup resolves to the copy planning loaded.
+    return _loaded_dataset(spec_json, _fingerprint(json.loads(spec_json).get("path")))
 
 
 def shard_dataset(plan: ExtractionPlan):
     """The plan's dataset, loaded once per process (not once per shard: file-backed
-    sets are read and decoded whole). Keyed by the spec and its file's mtime."""
-    return _cached_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
+    sets are read and decoded whole) — the same copy :func:`plan_dataset` loaded when the
+    plan was made in this process, not a second one. Keyed by the spec and its path's mtime."""
+    return _shard_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
 
 
 def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
