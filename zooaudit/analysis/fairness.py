@@ -107,15 +107,21 @@ def wilson_interval(successes, n, *, ci: float = 0.95) -> np.ndarray:
 # -- input handling ----------------------------------------------------------------------
 
 
-def _column(values, what: str, n: int | None) -> np.ndarray:
+def label_column(values, what: str, n: int | None = None, *, ref: str | None = None) -> np.ndarray:
+    """``values`` as a 1-d ``(n,)`` array of per-sample labels with none missing (None/NaN).
+
+    ``n``: the number of samples, taken from ``ref`` (named in the error, e.g. ``"y_true"``)
+    or, without it, from the dataset. Shared by the group metrics and the probes.
+    """
     import pandas as pd
 
     a = np.asarray(values)
     if a.ndim != 1:
-        raise ZooauditError(f"{what} must be a 1-d array of length n_samples; got shape {a.shape}.")
+        raise ZooauditError(f"{what} must be a 1-d array of per-sample labels (length n_samples); got shape "
+                            f"{a.shape}.")
     if n is not None and len(a) != n:
-        raise ZooauditError(f"{what} has {len(a)} entries but y_true has {n}: every array must have one entry "
-                            f"per sample, in the same order.")
+        raise ZooauditError(f"{what} has {len(a)} entries but {f'{ref} has {n}' if ref else f'there are {n} samples'}: "
+                            "every array must have one entry per sample, in the same order.")
     missing = np.flatnonzero(pd.isna(a))
     if missing.size:
         raise ZooauditError(f"{what} has {missing.size} missing values (None/NaN), first at index {missing[0]}. "
@@ -135,7 +141,7 @@ def _attributes(groups, n: int) -> dict[str, np.ndarray]:
             groups = {"group": a}
     if not groups:
         raise ZooauditError("groups is empty: give one array of group labels, or a dict/DataFrame of several.")
-    return {str(k): _column(v, f"group labels {k!r}", n) for k, v in groups.items()}
+    return {str(k): label_column(v, f"group labels {k!r}", n, ref="y_true") for k, v in groups.items()}
 
 
 def _value_names(attr: str, values: np.ndarray, names) -> list[str]:
@@ -280,8 +286,8 @@ def group_metrics(y_true, y_pred, groups, *, n_boot: int = 200, random_state: in
         BiasAuditWarning: a group with one sample; all predictions one class.
     """
     _check_params(n_boot, ci, min_group_size, n_permutations)
-    y_true = _column(y_true, "y_true", None)
-    y_pred = _column(y_pred, "y_pred", len(y_true))
+    y_true = label_column(y_true, "y_true")
+    y_pred = label_column(y_pred, "y_pred", len(y_true), ref="y_true")
     if len(y_true) == 0:
         raise ZooauditError("group_metrics needs at least one sample; got empty y_true.")
     codes, names = encode_groups(groups, len(y_true), group_names)

@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError
+from .fairness import label_column
 
 BACKENDS = ("auto", "concept-erasure", "numpy")
 
@@ -62,17 +63,8 @@ def _features(X, what: str, n: int | None = None) -> np.ndarray:
 
 
 def _labels(a, what: str, n: int | None = None) -> np.ndarray:
-    import pandas as pd
-
-    a = np.asarray(a)
-    if a.ndim != 1:
-        raise ZooauditError(f"{what} must be a 1-d array of per-sample labels; got shape {a.shape}.")
-    if n is not None and len(a) != n:
-        raise ZooauditError(f"{what} has {len(a)} entries but there are {n} samples.")
-    if pd.isna(a).any():
-        raise ZooauditError(f"{what} has missing values (None/NaN) at index {int(np.flatnonzero(pd.isna(a))[0])}; "
-                            f"every sample needs a label.")
-    return np.unique(a, return_inverse=True)[1].ravel()
+    """Per-sample labels (:func:`.fairness.label_column`) as codes ``0..n_classes-1``."""
+    return np.unique(label_column(a, what, n), return_inverse=True)[1].ravel()
 
 
 def _majority(codes: np.ndarray) -> float:
