@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import layout
 from ..data import load_dataset
-from .figures import _png, curves_png, plt
+from .figures import _line_chart_png, curves_png, plt
 
 TILE = 48  # pixels per gallery tile side
 ALPHA = 0.55  # heat-map opacity over the image
@@ -84,10 +84,7 @@ def sweep_png(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]
     ax.set_xticks(sorted({int(k) for c in curves.values() for k in c[0]}))
     ax.set_xlabel("k (components)")
     ax.set_ylim(min(0.0, *(float(np.nanmin(c[1])) for c in curves.values())), 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return _line_chart_png(fig, ax, title, legend_size=6)
 
 
 def _fmt(v) -> str:

@@ -19,6 +19,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _line_chart_png(fig, ax, title: str, *, legend_size: int = 7) -> bytes:
+    """The common finish of the line charts: light grid, small legend and title; PNG bytes."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
 def heatmap_png(mat: xr.DataArray, title: str, *, kind: str | None = None) -> bytes:
     """A labelled heat map of a 2-D similarity DataArray.
 
@@ -61,10 +69,7 @@ def curves_png(curves: dict[str, np.ndarray], title: str) -> bytes:
     ax.set_xlabel("components")
     ax.set_ylabel("explained variance")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return _line_chart_png(fig, ax, title)
 
 
 def trend_png(value: xr.DataArray, title: str) -> bytes:
@@ -75,10 +80,7 @@ def trend_png(value: xr.DataArray, title: str) -> bytes:
         ax.plot(steps, value.sel(layer=layer).values, marker="o", label=str(layer))
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel(str(value.attrs.get("metric", "similarity")))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return _line_chart_png(fig, ax, title)
 
 
 def bars_png(ds: xr.Dataset, title: str) -> bytes:
@@ -106,7 +108,4 @@ def sweep_png(points: list[tuple[float, float, float | None]]) -> bytes:
         ax.plot(flips, [p[2] for p in points], marker="s", label="colour leakage from outputs")
     ax.set_xlabel("colour flip probability in training (smaller = stronger shortcut)")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("shortcut sweep", fontsize=9)
-    return _png(fig)
+    return _line_chart_png(fig, ax, "shortcut sweep")
