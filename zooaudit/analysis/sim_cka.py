@@ -62,15 +62,20 @@ def cka_from_stats(acc: JointGram, *, debiased: bool) -> np.ndarray:
         H = acc.block_sums(C * C)
         bad = const
     del C
+    why = "zero variance or non-positive unbiased self-HSIC" if debiased else "zero variance"
+    return _normalise_hsic(H, bad, acc.names, f"{'debiased' if debiased else 'biased'} linear CKA", f" ({why})")
+
+
+def _normalise_hsic(H: np.ndarray, bad: np.ndarray, names, what: str, why: str) -> np.ndarray:
+    """``(m, m)`` CKA ``H_ij / sqrt(H_ii H_jj)`` from the HSIC matrix ``H``; the rows and columns
+    of the ``bad`` layers (undefined CKA) are NaN, with one warning naming them."""
     d = np.sqrt(np.where(bad, 1.0, np.abs(np.diag(H))))
     out = H / np.outer(d, d)
     if bad.any():
         out[bad, :] = np.nan
         out[:, bad] = np.nan
-        names = ", ".join(repr(acc.names[i]) for i in np.flatnonzero(bad))
-        why = "zero variance or non-positive unbiased self-HSIC" if debiased else "zero variance"
-        warn_undefined(f"{'debiased' if debiased else 'biased'} linear CKA is undefined for {names} ({why}); "
-                       "returning NaN for every pair involving it.")
+        which = ", ".join(repr(names[i]) for i in np.flatnonzero(bad))
+        warn_undefined(f"{what} is undefined for {which}{why}; returning NaN for every pair involving it.")
     return out
 
 
@@ -332,17 +337,10 @@ def minibatch_cka_pairs(arrays, names, *, kernel: str = "linear", batch_size: in
                 G[r] = K.ravel()
             scale = 1.0 / (len(idx) * (len(idx) - 3))   # ⟨K*, L*⟩ / (b(b−3)) is this batch's HSIC₁
             H[np.ix_(live, live)] += scale * (G @ G.T)
-    bad = ~(np.diag(H) > 0)
-    d = np.sqrt(np.where(bad, 1.0, np.diag(H)))
-    out = H / np.outer(d, d)
-    if bad.any():
-        out[bad, :] = np.nan
-        out[:, bad] = np.nan
-        which = ", ".join(repr(names[i]) for i in np.flatnonzero(bad))
-        warn_undefined(f"minibatch {kernel} CKA is undefined for {which}: "
-                       + ("a zero median pairwise distance or " if kernel == "rbf" else "")
-                       + "zero unbiased self-HSIC in every minibatch; returning NaN for every pair involving it.")
-    return out
+    # off the bad layers the self-HSIC is > 0, so the abs in _normalise_hsic changes nothing
+    return _normalise_hsic(H, ~(np.diag(H) > 0), names, f"minibatch {kernel} CKA",
+                           ": " + ("a zero median pairwise distance or " if kernel == "rbf" else "")
+                           + "zero unbiased self-HSIC in every minibatch")
 
 
 def _rows(A, idx: np.ndarray, name: str) -> np.ndarray:
