@@ -230,4 +230,5 @@ def test_minibatch_matrix_shares_minibatches_and_equals_the_pairwise_function(ke
     assert MINIBATCH_METRICS == ("minibatch_cka",)
     with pytest.warns(UndefinedSimilarityWarning, match="minibatch linear CKA is undefined for 'c'"):
         dead = similarity_matrix({"x": x, "c": np.ones((300, 2))}, metric="minibatch_cka", batch_size=50)
-    assert np.isnan(dead.values[1]).all() and np.isnan(dead.values[:, 1]).all() and dead.values[0, 0] == 1.0
+    assert np.isnan(dead.values[1]).all() and np.isnan(dead.values[:, 1]).all()
+    assert dead.values[0, 0] == pytest.approx(1.0, abs=1e-12)   # H/√H√H: one rounding off 1 on some draws
