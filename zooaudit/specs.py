@@ -223,7 +223,7 @@ class AuditZooSpec(RunOptions):
         "models not listed use `layers`.")
 
     @model_validator(mode="after")
-    def _manifest(self) -> "AuditZooSpec":
+    def _manifest(self) -> AuditZooSpec:
         if self.manifest is not None:
             from .zoo.manifest import load_manifest
 
@@ -269,7 +269,7 @@ class BackfillSpec(BaseModel):
     timeout_s: float = Field(3600.0, gt=0, description="Give up waiting for one item run after this many seconds.")
 
     @model_validator(mode="after")
-    def _range(self) -> "BackfillSpec":
+    def _range(self) -> BackfillSpec:
         if self.mode == "nights":
             if self.start is None or self.end is None:
                 raise ValueError("nights mode needs both `start` and `end` dates (YYYY-MM-DD)")

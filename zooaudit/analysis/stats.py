@@ -31,7 +31,7 @@ class Moments:
         self.mean = np.zeros(p, np.float64)
         self.m2 = np.zeros((p, p), np.float64)
 
-    def update(self, block: np.ndarray) -> "Moments":
+    def update(self, block: np.ndarray) -> Moments:
         """Add a ``(b, p)`` block of rows."""
         block = np.asarray(block, dtype=np.float64)
         b = block.shape[0]

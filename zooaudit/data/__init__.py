@@ -5,7 +5,7 @@ float32, labels ``(sample,)``, sample ids ``(sample,)`` and group attributes
 ``{name: (sample,)}``. Each dataset has a content hash (the cache identity).
 """
 
-from .base import AuditDataset, load_dataset, DATASETS
+from .base import DATASETS, AuditDataset, load_dataset
 from .shards import Shard, plan_shards
 
-__all__ = ["AuditDataset", "load_dataset", "DATASETS", "Shard", "plan_shards"]
+__all__ = ["DATASETS", "AuditDataset", "Shard", "load_dataset", "plan_shards"]

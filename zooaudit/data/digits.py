@@ -28,7 +28,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 def _split_indices(n: int, split: str) -> np.ndarray:
     order = np.random.default_rng(_SPLIT_SEED).permutation(n)
-    n_test = int(round(n * TEST_FRACTION))
+    n_test = round(n * TEST_FRACTION)
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
     return {"test": test, "train": train, "all": np.arange(n)}[split]
 

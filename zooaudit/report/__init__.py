@@ -14,15 +14,15 @@ import datetime as dt
 import html
 import json
 
-import xarray as xr  # noqa: E402
+import xarray as xr
 
-from .. import layout  # noqa: E402
-from ..errors import ZooauditError  # noqa: E402
-from ..keys import cache_key, slug_key  # noqa: E402
-from ..store import Store  # noqa: E402
-from .bias import bias_section, shortcut_sweep_section  # noqa: E402
-from .factorize import factorize_section  # noqa: E402
-from .figures import heatmap_png, trend_png  # noqa: E402
+from .. import layout
+from ..errors import ZooauditError
+from ..keys import cache_key, slug_key
+from ..store import Store
+from .bias import bias_section, shortcut_sweep_section
+from .factorize import factorize_section
+from .figures import heatmap_png, trend_png
 from .summary import CONTROL_LABELS
 
 
@@ -102,7 +102,7 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
         earlier = fs.cat_file(marker).decode().strip()
         if fs.exists(earlier):
             return earlier
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run = f"{stamp}-{(run_id or 'local')[:8]}"
     folder = store.path("reports", run)
     if fs.exists(folder):
@@ -131,8 +131,8 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
                 body.extend(factorize_section(lambda g, _s=res["factorize"].snapshot, _r=repo: _open_lazy(_r, _s, g), plan,
                                               res["factorize"], base, audit.model, files))
             if "bias" in res:
-                body.extend(bias_section(lambda g, _s=res["bias"].snapshot: _open(repo, _s, g), plan, res["bias"],
-                                         base, files))
+                body.extend(bias_section(lambda g, _s=res["bias"].snapshot, _r=repo: _open(_r, _s, g), plan,
+                                         res["bias"], base, files))
 
     body.extend(shortcut_sweep_section(audits, files))
 

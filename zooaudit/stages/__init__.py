@@ -11,13 +11,48 @@ from .analysis import run_factorize
 from .bias import run_bias
 from .cached import committed_audit
 from .common import ExtractionPlan, StageResult, load_model, skipped
-from .extraction import (begin_activations, cached_activations, extract_shard, extract_shards, pending_shards,
-                         plan_extraction, publish_activations, run_activations, shard_groups)
+from .extraction import (
+    begin_activations,
+    cached_activations,
+    extract_shard,
+    extract_shards,
+    pending_shards,
+    plan_extraction,
+    publish_activations,
+    run_activations,
+    shard_groups,
+)
 from .similarity import run_similarity
 from .validate import validate_model, validate_zoo
-from .zoo import revisions_group, run_revision_similarity, run_zoo_similarity, zoo_similarity_group
+from .zoo import (
+    revisions_group,
+    run_revision_similarity,
+    run_zoo_similarity,
+    zoo_similarity_group,
+)
 
-__all__ = ["ExtractionPlan", "StageResult", "load_model", "skipped", "committed_audit", "plan_extraction", "cached_activations",
-           "begin_activations", "extract_shard", "extract_shards", "pending_shards", "shard_groups", "run_activations",
-           "publish_activations", "run_factorize", "run_similarity",
-           "run_bias", "run_zoo_similarity", "zoo_similarity_group", "run_revision_similarity", "revisions_group", "validate_model", "validate_zoo"]
+__all__ = [
+    "ExtractionPlan",
+    "StageResult",
+    "begin_activations",
+    "cached_activations",
+    "committed_audit",
+    "extract_shard",
+    "extract_shards",
+    "load_model",
+    "pending_shards",
+    "plan_extraction",
+    "publish_activations",
+    "revisions_group",
+    "run_activations",
+    "run_bias",
+    "run_factorize",
+    "run_revision_similarity",
+    "run_similarity",
+    "run_zoo_similarity",
+    "shard_groups",
+    "skipped",
+    "validate_model",
+    "validate_zoo",
+    "zoo_similarity_group",
+]

@@ -8,8 +8,8 @@ The content hash of the weights, not the name, is the model's cache identity.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -57,7 +57,7 @@ BUILTIN_ZOO: dict[str, BuiltinSpec] = {
 # (smaller flip = colour agrees with the label more often = stronger shortcut).
 SHORTCUT_SWEEP: dict[float, str] = {0.1: "cnn-colored-w16-s0"}
 for _flip in (0.2, 0.3, 0.5):
-    _name = f"cnn-colored-f{int(round(_flip * 100)):02d}-w16-s0"
+    _name = f"cnn-colored-f{round(_flip * 100):02d}-w16-s0"
     BUILTIN_ZOO[_name] = BuiltinSpec("cnn", 16, 0, {**_COLORED, "color_flip": _flip}, 2, 2)
     SHORTCUT_SWEEP[_flip] = _name
 
@@ -208,4 +208,4 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
     )
 
 
-__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "SHORTCUT_SWEEP", "default_zoo", "shortcut_sweep", "load", "train"]
+__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "SHORTCUT_SWEEP", "default_zoo", "load", "shortcut_sweep", "train"]
