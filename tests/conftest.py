@@ -3,7 +3,7 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

@@ -217,17 +217,17 @@ def test_multiclass_labels_give_accuracy_only_unless_pos_label():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1], groups=[0, 0, 1]), "y_pred has 2 entries but y_true has 3"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1]), "2 entries but y_true has 3"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=["a", None, "b"]), "missing values.*index 1"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0.0, 1.0, np.nan]), "missing values.*index 2"),
-    (dict(y_true=[0, np.nan, 1], y_pred=[0, 1, 1], groups=[0, 1, 1]), "y_true has 1 missing"),
-    (dict(y_true=[], y_pred=[], groups=[]), "at least one sample"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1, 5], group_names=["a", "b"]), "labels contain 5"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1, 1], pos_label=7), "pos_label 7"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1, 1], n_boot=-1), "n_boot must be"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1, 1], ci=95), "ci is a confidence level"),
-    (dict(y_true=[0, 1, 1], y_pred=[0, 1, 1], groups=[0, 1, 1], correction="bonf"), "bonf"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1], "groups": [0, 0, 1]}, "y_pred has 2 entries but y_true has 3"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1]}, "2 entries but y_true has 3"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": ["a", None, "b"]}, "missing values.*index 1"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0.0, 1.0, np.nan]}, "missing values.*index 2"),
+    ({"y_true": [0, np.nan, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 1]}, "y_true has 1 missing"),
+    ({"y_true": [], "y_pred": [], "groups": []}, "at least one sample"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 5], "group_names": ["a", "b"]}, "labels contain 5"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 1], "pos_label": 7}, "pos_label 7"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 1], "n_boot": -1}, "n_boot must be"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 1], "ci": 95}, "ci is a confidence level"),
+    ({"y_true": [0, 1, 1], "y_pred": [0, 1, 1], "groups": [0, 1, 1], "correction": "bonf"}, "bonf"),
 ])
 def test_bad_input_names_the_value(kwargs, match):
     with pytest.raises(ZooauditError, match=match), warnings.catch_warnings():

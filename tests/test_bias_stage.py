@@ -1,6 +1,5 @@
 """The bias stage end to end without Prefect: prediction-level, representation-level, regression."""
 
-import numpy as np
 import pytest
 import xarray as xr
 

@@ -2,6 +2,7 @@
 every result reopened with xarray from its Icechunk snapshot, and the rerun skips."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert rc.dims == rv.dims and float(rc.max()) < 0.2
     assert float(rv.sel(layer="embed").values[0]) == pytest.approx(float(emb.sel(model_a=MODELS[3], model_b=MODELS[0])),
                                                          abs=1e-12)
-    assert os.path.exists(result.report) and "<img" in open(result.report).read()
+    assert os.path.exists(result.report) and "<img" in Path(result.report).read_text()
 
     from prefect.client.orchestration import get_client
 

@@ -3,7 +3,14 @@ import pytest
 import xarray as xr
 
 from zooaudit.errors import ZooauditError
-from zooaudit.store import Store, commit, find_commit, open_group, resolve_store_url, write_dataset
+from zooaudit.store import (
+    Store,
+    commit,
+    find_commit,
+    open_group,
+    resolve_store_url,
+    write_dataset,
+)
 
 
 def test_store_url_resolution(tmp_path, monkeypatch):
