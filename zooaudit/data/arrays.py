@@ -1,7 +1,9 @@
 """Array datasets: NumPy ``.npy`` / ``.npz``, Zarr groups, and HF ``datasets`` folders.
 
 ``arrays`` — ``DatasetSpec.path`` is a ``.npz`` file, a Zarr group (a folder), or a
-``.npy`` file of inputs. Arrays by name (options override the names):
+``.npy`` file of inputs (a float32 C-order ``.npy`` is memory-mapped copy-on-write: its
+pages are read from the file as the shards reach them, never copied whole into RAM).
+Arrays by name (options override the names):
 
 - ``inputs`` (option ``inputs``): ``(sample, *input_shape)``, cast to float32;
 - ``labels`` (option ``labels``): ``(sample,)`` integers; for a ``.npy`` file the
@@ -75,10 +77,10 @@ def _get(arrays, key: str, where: str, required: bool = True):
     return None
 
 
-def _np_load(path):
+def _np_load(path, mmap_mode=None):
     # allow_pickle=False: an object array would need unpickling, which can run code.
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
     except ValueError as err:
         raise ZooauditError(f"Cannot load {str(path)!r} without unpickling ({err}); store numeric arrays only.") from None
 
@@ -96,7 +98,9 @@ def load_arrays(spec) -> AuditDataset:
     options, path = options_and_path(spec, ARRAY_OPTIONS, "arrays")
     where = str(path)
     if path.suffix == ".npy":
-        inputs = _np_load(path)
+        # Copy-on-write map ("c", not "r"): the arrays stay writable, as loaded ones are, for
+        # torch.from_numpy; _finish keeps the map unless the dtype or order needs converting.
+        inputs = _np_load(path, mmap_mode="c")
         labels = _np_load(local_path(str(options["labels"]), "arrays")) if "labels" in options else None
         return _finish("arrays", spec, inputs, labels, None, {}, where)
     if path.suffix == ".npz":
