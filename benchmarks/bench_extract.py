@@ -15,13 +15,26 @@ back), and of process CPU time (all threads of this process, the writer included
 blind to other processes' load). Run (CPU, 2 cores shared):
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_extract.py
+
+Memory mode (``--memory N [N ...]``): for each N a fresh child process runs the whole
+activations stage (plan + ``run_activations`` into a fresh local store) of a small model
+(default ``builtin:cnn-w16-s0``, 4 layers) on N samples and reports its peak RSS
+(``ru_maxrss``). The N inputs are written by this process block by block into a ``.npy``
+file (never whole in RAM here), which the child's ``arrays`` dataset memory-maps. Target:
+peak RSS flat in N (largest / smallest N ≤ 1.2)::
+
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_extract.py --memory 10000 200000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +84,91 @@ def zooaudit_stage(spec, ds_spec) -> tuple[float, float]:
     return t
 
 
+MEMORY_LAYERS = {"builtin": ["act1", "act2", "embed", "head"]}
+
+
+def _rss_mib() -> float:
+    """Peak resident set of this process so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(args) -> None:
+    """One N of the memory mode, in its own process: plan + activations stage; print JSON."""
+    from zooaudit.stages import extraction
+
+    folder = Path(args.folder)
+    ds_spec = DatasetSpec(name="arrays", path=str(folder / "inputs.npy"))
+    spec = AuditModelSpec(model=args.model, store="file://" + str(folder / "store"), datasets=[ds_spec],
+                          layers=MEMORY_LAYERS.get(args.model.split(":")[0]), pooling="mean",
+                          batch_size=args.batch_size, shard_size=args.shard_size, task_runner="threads")
+    t0 = time.perf_counter()
+    plan = stages.plan_extraction(spec, ds_spec)
+    after_plan, t1 = _rss_mib(), time.perf_counter()
+    res = stages.run_activations(plan)
+    t2 = time.perf_counter()
+    assert not res.skipped and res.summary["n_samples"] == args.child_memory
+    dataset = extraction.shard_dataset(plan)
+    print(json.dumps({"n": args.child_memory, "peak_rss_mib": round(_rss_mib(), 1),
+                      "peak_rss_after_plan_mib": round(after_plan, 1), "plan_s": round(t1 - t0, 2),
+                      "extract_s": round(t2 - t1, 2), "shards": len(plan.shards), "layers": plan.layers,
+                      "inputs_mib": round(dataset.inputs.nbytes / 2**20, 1),
+                      "inputs_memory_mapped": _memory_mapped(dataset.inputs), **_rss_split()}))
+
+
+def _rss_split() -> dict[str, float]:
+    """Current anonymous / file-backed resident memory, MiB (file pages: mapped files such as
+    the memory-mapped inputs and shared libraries; the kernel can drop them under pressure)."""
+    with open("/proc/self/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh)
+    return {f"end_{k.lower()}_mib": round(int(fields[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")}
+
+
+def _memory_mapped(a) -> bool:
+    """Whether ``a`` is a view of a memory-mapped file (its pages are not anonymous memory)."""
+    import mmap
+
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def memory_mode(args) -> None:
+    """Peak RSS of the activations stage per N, each N in a fresh child process."""
+    from zooaudit.data import load_dataset
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Train / fetch the model's weights once; each child copies them into its fresh store.
+        stages.load_model(args.model, "file://" + str(tmp / "weights-store"))
+        shape = tuple(stages.load_model(args.model, "file://" + str(tmp / "weights-store")).input_shape)
+        digits = load_dataset({"name": "digits", "split": "all"}).inputs if shape == (1, 8, 8) else None
+        for n in args.memory:
+            folder = tmp / f"n{n}"
+            folder.mkdir()
+            if (tmp / "weights-store" / "weights").exists():
+                shutil.copytree(tmp / "weights-store" / "weights", folder / "store" / "weights")
+            x = np.lib.format.open_memmap(folder / "inputs.npy", mode="w+", dtype=np.float32, shape=(n, *shape))
+            rng = np.random.default_rng(n)
+            for start in range(0, n, 8192):   # block by block: this process never holds all N
+                stop = min(n, start + 8192)
+                x[start:stop] = (digits[rng.integers(0, len(digits), stop - start)] if digits is not None
+                                 else rng.standard_normal((stop - start, *shape), dtype=np.float32))
+            x.flush()
+            del x
+            cmd = [sys.executable, __file__, "--child-memory", str(n), "--folder", str(folder), "--model", args.model,
+                   "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            shutil.rmtree(folder)
+    peaks = {r["n"]: r["peak_rss_mib"] for r in runs}
+    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "shard_size": args.shard_size,
+                      "runs": runs, "peak_rss_ratio_largest_over_smallest":
+                          round(peaks[max(peaks)] / peaks[min(peaks)], 3)}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4096, help="samples")
@@ -79,7 +177,16 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--memory", type=int, nargs="+", metavar="N",
+                   help="memory mode: peak RSS of the activations stage for each N (fresh process each)")
+    p.add_argument("--model", default="builtin:cnn-w16-s0", help="memory mode: the model")
+    p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child_memory is not None:
+        return memory_child(args)
+    if args.memory:
+        return memory_mode(args)
 
     layers = ["layer1", "layer2", "layer3", "layer4"]
     uri = f"torchvision:{args.arch}?num_classes=10&input_shape=3x{args.size}x{args.size}&seed=0"
