@@ -176,3 +176,36 @@ def test_fastest_times_each_way_twice_then_keeps_the_fastest():
     calls.clear()
     on_gpu = Fastest(slow, fast, device=torch.device("cuda"))  # a device type only: nothing runs there
     assert on_gpu(1) == 2 and on_gpu(1) == 2 and calls == ["slow", "slow"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hals_sweep_equals_scikit_learn_cd_kernel_serial_and_column_split(dtype, monkeypatch):
+    """One W sweep (with a dead component) against scikit-learn's own Cython update
+    (``_update_cdnmf_fast``): same updated codes, same violation; on one torch thread and
+    with the columns split over two threads."""
+    import torch
+    from sklearn.decomposition._cdnmf_fast import _update_cdnmf_fast
+
+    from zooaudit.analysis import nmf as nmf_mod
+
+    rng = np.random.default_rng(7)
+    n, d, k = 900, 30, 6
+    X = rng.random((n, d)).astype(dtype)
+    H = rng.random((k, d)).astype(dtype)
+    H[2] = 0  # S_tt = 0: skipped, zero gradient
+    W = (rng.random((n, k)) * (rng.random((n, k)) < 0.5)).astype(dtype)
+    W_ref = W.copy()
+    v_ref = _update_cdnmf_fast(W_ref, H @ H.T, X @ H.T, np.arange(k))
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    monkeypatch.setattr(nmf_mod, "PARALLEL_COLUMNS", 100)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            Wt = torch.from_numpy(np.ascontiguousarray(W.T))
+            v = nmf_mod.hals_rows(Wt, torch.from_numpy(np.ascontiguousarray((X @ H.T).T)), torch.from_numpy(H @ H.T))
+            assert torch.get_num_threads() == threads  # restored after the sweep
+            assert float(v) == pytest.approx(v_ref, rel=rtol)
+            np.testing.assert_allclose(Wt.numpy().T, W_ref, rtol=rtol, atol=rtol * W_ref.max())
+    finally:
+        torch.set_num_threads(before)
