@@ -69,6 +69,26 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def zooaudit_parts(X: np.ndarray, fit) -> tuple[float, float, float]:
+    """zooaudit-only work inside its wall, each timed alone (on the fitted factors of ``fit``): the
+    input scan (non-negativity, finiteness, float64 Σ‖x − x̄‖²), the column-major copy of X the
+    HALS loop makes (``nmf.data_products``) and the quality pass from the factors."""
+    import torch
+
+    from zooaudit.analysis.nmf import cpu_threads, scan
+    from zooaudit.analysis.quality import finish_factors
+
+    Xt = torch.from_numpy(X)
+    sc, t_scan = timed(lambda: scan(X, "A", "NMF", None))
+    _, t_copy = timed(lambda: Xt.T.contiguous())
+    Wt = torch.from_numpy(np.ascontiguousarray(fit.codes.T, np.float32))
+    Ht = torch.from_numpy(fit.components.astype(np.float32))
+    with cpu_threads(Xt.device, 0):  # as nmf() runs it
+        _, t_quality = timed(lambda: finish_factors("nmf", Xt, Wt, Ht, rms=float(np.sqrt(sc.ss_centred / sc.n)),
+                                                    extra={}, params={}, ss_total=sc.ss_centred))
+    return t_scan, t_copy, t_quality
+
+
 def in_memory(n: int, iters: int, epochs: int, threads: list[int], repeats: int = 1) -> None:
     import threadpoolctl
     import torch
@@ -90,6 +110,7 @@ def in_memory(n: int, iters: int, epochs: int, threads: list[int], repeats: int 
 
     rows = []  # (threads, label, wall, error, iterations, index of the reference row)
     pairs = {}  # threads -> [(scikit-learn wall, zooaudit wall)] of back-to-back repeats
+    parts = {}  # threads -> (input scan, layout copy, quality pass) seconds
     for nt in threads:  # equal thread budgets: BLAS pools via threadpoolctl, torch's own
         torch.set_num_threads(nt)
         with threadpoolctl.threadpool_limits(nt):
@@ -101,6 +122,7 @@ def in_memory(n: int, iters: int, epochs: int, threads: list[int], repeats: int 
                 rows.append((nt, "zooaudit hals (torch), same start", t, frobenius(X, f.codes, f.components),
                              f.metrics["n_iter"], ref))
                 pairs.setdefault(nt, []).append((rows[ref][2], t))
+            parts[nt] = zooaudit_parts(X, f)
     nt = threads[0]
     torch.set_num_threads(nt)
     with threadpoolctl.threadpool_limits(nt):
@@ -121,6 +143,10 @@ def in_memory(n: int, iters: int, epochs: int, threads: list[int], repeats: int 
         print(f"{nt} thread(s), {len(p)} repeats: min wall scikit-learn {sk_t.min():.2f} s, zooaudit {za_t.min():.2f} s "
               f"(ratio of minima {za_t.min() / sk_t.min():.3f}); pair ratios {np.round(za_t / sk_t, 3).tolist()}, "
               f"median {np.median(za_t / sk_t):.3f}, max {np.max(za_t / sk_t):.3f}")
+        t_scan, t_copy, t_quality = parts[nt]
+        print(f"  inside zooaudit's wall (timed alone): input scan {t_scan:.2f} s, column-major copy {t_copy:.2f} s, "
+              f"quality pass {t_quality:.2f} s = {100 * t_scan / za_t.min():.1f} / {100 * t_copy / za_t.min():.1f} / "
+              f"{100 * t_quality / za_t.min():.1f} % of its min wall")
 
 
 def child(n: int, epochs: int) -> None:

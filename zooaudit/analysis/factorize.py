@@ -211,6 +211,7 @@ def _nmf_torch(A, k, n, d, init, custom, solver, hook, rng, dev, dtype, max_iter
     X = to_tensor(_materialise(A), dev, dtype) if solver == "hals" else None
     if custom or init == "random":
         sc = scan(A, name, "NMF", hook)
+        ss_total = sc.ss_centred
         rms = np.sqrt(sc.ss_centred / sc.n)
         if custom:
             W0 = None if init[0] is None else np.asarray(init[0], np.float64).T
@@ -228,12 +229,15 @@ def _nmf_torch(A, k, n, d, init, custom, solver, hook, rng, dev, dtype, max_iter
         eig = "randomized" if d > WIDE_LAYER else "covariance"
         Wt, H0, spec = nndsvd_start(A, k, variant=init, X=X, eig_solver=eig, random_state=random_state,
                                     name=name, hook=hook)
+        ss_total = spec.ss_centred
         rms = np.sqrt(spec.ss_centred / spec.n)
     H = to_tensor(H0, dev, dtype)
     if X is not None:
         n_iter = fit_full(X, Wt, H, max_iter=max_iter, tol=tol)
         if codes == "numpy":  # metrics from the factors: no float64 reconstruction pass
-            return finish_factors("nmf", X, Wt, H, rms=rms, extra={"n_iter": int(n_iter)}, params=params)
+            with cpu_threads(dev, 0):  # short per-block ops: one thread (a second only adds barrier waits)
+                return finish_factors("nmf", X, Wt, H, rms=rms, extra={"n_iter": int(n_iter)}, params=params,
+                                      ss_total=ss_total)
         W_fit = Wt.T.double().cpu().numpy()
         del X, Wt
     else:
@@ -334,8 +338,9 @@ def _semi_nmf_torch(A, k, n, solver, update, random_state, max_iter, tol, max_ep
         Wt += 1e-3 * Wt.mean()
         n_iter = fit_full(X, Wt, H, max_iter=max_iter, tol=tol, signed=True, update=update)
         if codes == "numpy":
-            return finish_factors("semi_nmf", X, Wt, H, rms=np.sqrt(sc.ss_centred / sc.n),
-                                  extra={"n_iter": int(n_iter)}, params=params)
+            with cpu_threads(dev, 0):  # as for NMF: the quality pass on one thread
+                return finish_factors("semi_nmf", X, Wt, H, rms=np.sqrt(sc.ss_centred / sc.n),
+                                      extra={"n_iter": int(n_iter)}, params=params, ss_total=sc.ss_centred)
         W_fit = Wt.T.double().cpu().numpy()
     else:
         n_iter = fit_minibatch(A, H, signed=True, max_epochs=max_epochs, tol=max(tol, 1e-4), batch_size=batch_size,
