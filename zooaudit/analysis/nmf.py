@@ -9,7 +9,8 @@ Convention: ``X (N, D) ≈ Wᵀ H`` with the codes stored transposed, ``Wt (k, N
   (``_update_cdnmf_fast``) vectorised over samples, and returns the same
   projected-gradient "violation" so that ``tol`` means what it means in scikit-learn.
   The W step is valid for signed ``H`` too (it is an exact NNLS coordinate step).
-- :func:`fit_full` alternates W and H steps on an in-memory tensor.
+- :func:`fit_full` alternates W and H steps on an in-memory tensor; its two data products
+  per iteration come from :func:`data_products` (the fastest BLAS layout, timed).
 - :func:`fit_minibatch` streams row blocks: per block it solves the codes for the
   current ``H``, folds ``WᵀW`` and ``WᵀX`` into running sufficient statistics with a
   running sufficient statistics (Mairal et al. 2010; the role of scikit-learn's
@@ -139,7 +140,8 @@ def _solve_sym(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 def _codes_rhs(x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``H xᵀ (k, b)``, contiguous, computed as ``(x Hᵀ)ᵀ``; in the full-batch loop
-    :class:`Fastest` times it against ``H @ x.T`` (which is faster depends on the machine)."""
+    (:func:`data_products`) :class:`Fastest` times it, on a column-major copy of the data where
+    one is made, against ``H @ x.T`` (which is faster depends on the machine)."""
     return (x @ H.T).T.contiguous()
 
 
