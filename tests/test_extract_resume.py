@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -37,12 +38,20 @@ def _arrays(plan, snapshot) -> dict[str, np.ndarray]:
     return out
 
 
-def _staged_shards(plan) -> int:
+def _shard_commits(plan) -> list[dict]:
+    """Metadata of the plan's shard commits on its staging branch, oldest first (the branch's
+    ancestry also holds the shard commits of plans published earlier in the same store)."""
     repo = Store(plan.store).model_repo(plan.model_key)
     branch = f"staging-{plan.cache_key}"
     if branch not in repo.list_branches():
-        return 0
-    return sum((i.metadata or {}).get("stage") == "shard" for i in repo.ancestry(branch=branch))
+        return []
+    return [i.metadata for i in reversed(list(repo.ancestry(branch=branch)))
+            if (i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key]
+
+
+def _staged_shards(plan) -> int:
+    """Shards committed on the staging branch (a commit may hold several)."""
+    return sum(len(extraction._committed_shards(meta)) for meta in _shard_commits(plan))
 
 
 def _assert_bitwise_equal(a: dict, b: dict):
@@ -171,10 +180,13 @@ def test_writer_failure_is_raised_and_stops_compute(reference, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(layout, "write_shard", broken_write)
+    monkeypatch.setattr(extraction, "WRITE_QUEUE_SIZE", 2)
     with pytest.raises(OSError, match="disk full"):
         stages.extract_shards(plan, plan.shards, staging.branch)
-    # bounded queue: the producer stops within queue size + in-flight of the failure
-    assert len(computed) <= 1 + extraction.WRITE_QUEUE_SIZE + 1 < len(plan.shards)
+    # bounded queue: the producer stops within the failing batch (≤ queue size) + a full
+    # queue + the shard being computed when the failure is seen
+    assert len(computed) <= 2 * 2 + 1 < len(plan.shards)
+    assert _staged_shards(plan) == 0
 
 
 def test_float16_storage(reference):
@@ -200,3 +212,86 @@ def test_retried_task_skips_committed_shards(reference, monkeypatch):
     results = stages.extract_shards(plan, plan.shards, staging.branch)      # the retry of the whole group
     assert computed == [2] and [r.index for r in results] == [2]
     assert stages.publish_activations(plan, staging).summary["shards"] == 3
+
+
+def test_waiting_shards_share_one_commit_and_resume_skips_them(reference, monkeypatch):
+    """The writer commits the shards that pile up while it is busy in one commit, which
+    records every one of them with its own NaN/Inf counts; a rerun skips them all."""
+    ref_plan, ref_arrays = reference
+    spec = _spec(ref_plan.store, datasets=[DatasetSpec(name="digits", split="all", max_samples=120)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    assert len(plan.shards) == 6
+    staging = stages.begin_activations(plan)
+    layer_a, layer_b = plan.layers[0], plan.layers[-1]
+    bad = {2: {layer_a: [0, 5]}, 3: {layer_a: [1, 2, 3], layer_b: [4]}}   # shard: {layer: rows made NaN}
+    real_compute = extraction.compute_shard
+    computed = []
+
+    def compute(plan_, shard):
+        computed.append(shard.index)
+        acts, logits = real_compute(plan_, shard)
+        acts = {name: a.copy() for name, a in acts.items()}
+        for name, rows in bad.get(shard.index, {}).items():
+            acts[name][rows, 0] = np.nan
+        return acts, logits
+
+    queued = threading.Event()
+
+    class Queue(extraction._WriteQueue):   # a writer busy until the producer has queued shards 1-4
+        def put(self, item, nbytes):
+            super().put(item, nbytes)
+            if item[0].index == 4:
+                queued.set()
+
+        def take(self):
+            batch = super().take()
+            assert batch == [] or queued.wait(60)
+            return batch
+
+    monkeypatch.setattr(extraction, "compute_shard", compute)
+    monkeypatch.setattr(extraction, "_WriteQueue", Queue)
+    results = stages.extract_shards(plan, plan.shards[:5], staging.branch)
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    commits = [m["shards"] for m in _shard_commits(plan)]
+    # the first take may find shard 0 alone or with others; the rest wait for one commit
+    assert len(commits) <= 2 and [i for c in commits for i in c] == [0, 1, 2, 3, 4] and commits[-1][-3:] == [2, 3, 4]
+    assert len({r.snapshot for r in results}) == len(commits)
+    assert results[2].nonfinite == {layer_a: 2, **{n: 0 for n in plan.layers if n != layer_a}}
+    assert results[3].nonfinite[layer_a] == 3 and results[3].nonfinite[layer_b] == 1
+
+    computed.clear()
+    resumed = stages.begin_activations(plan)
+    assert sorted(resumed.done) == [0, 1, 2, 3, 4] and resumed.done[3][layer_b] == 1
+    res = stages.run_activations(plan)
+    assert computed == [5]
+    assert res.summary["nonfinite"] == {n: {layer_a: 5, layer_b: 1}.get(n, 0) for n in plan.layers}
+    expected = _first(ref_arrays, 120)
+    for shard, layers in bad.items():
+        for name, rows in layers.items():
+            a = expected[f"acts/{name}/activations"] = expected[f"acts/{name}/activations"].copy()
+            a[[plan.shards[shard].start + r for r in rows], 0] = np.nan
+    _assert_bitwise_equal(_arrays(plan, res.snapshot), expected)
+
+
+def test_resumes_a_branch_of_single_shard_commits(reference, monkeypatch):
+    """Staging branches written before coalescing (one ``"shard": i`` per commit) still resume."""
+    ref_plan, ref_arrays = reference
+    spec = _spec(ref_plan.store, datasets=[DatasetSpec(name="digits", split="all", max_samples=80)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    staging = stages.begin_activations(plan)
+    repo = Store(plan.store).model_repo(plan.model_key)
+    for shard in plan.shards[:2]:
+        acts, logits = extraction.compute_shard(plan, shard)
+        session = repo.writable_session(staging.branch)
+        layout.write_shard(session.store, plan.ds_key, shard.start, acts, logits)
+        session.commit(f"shard {shard.index}", metadata={"stage": "shard", "for": plan.cache_key,
+                                                         "shard": shard.index,
+                                                         "nonfinite": {n: 0 for n in plan.layers}})
+    assert sorted(stages.begin_activations(plan).done) == [0, 1]
+    computed = []
+    real = extraction.compute_shard
+    monkeypatch.setattr(extraction, "compute_shard", lambda p, s: computed.append(s.index) or real(p, s))
+    assert stages.extract_shards(plan, plan.shards[:3], staging.branch)[0].index == 2   # a retried task too
+    res = stages.run_activations(plan)
+    assert computed == [2, 3] and len(plan.shards) == 4
+    _assert_bitwise_equal(_arrays(plan, res.snapshot), _first(ref_arrays, 80))

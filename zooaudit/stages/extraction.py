@@ -1,11 +1,12 @@
 """Extraction: plan the shards, create the arrays on a staging branch, commit
 every shard there as it is written, publish all or nothing on ``main``.
 
-Resumability: each shard is its own commit on the staging branch
-``staging-<cache key>`` (metadata ``{"stage": "shard", "for": key, "shard": i}``).
-A run killed mid-extraction leaves that branch behind; the next run with the
-same cache key finds it, skips the committed shards and extracts only the
-missing ones. ``main`` moves only in :func:`publish_activations`, by one
+Resumability: shards are committed on the staging branch ``staging-<cache key>``,
+one or a few per commit (metadata ``{"stage": "shard", "for": key, "shards": [i, ...],
+"nonfinite": [{layer: count}, ...]}``; branches written before coalescing hold one
+``"shard": i`` per commit and are read too). A run killed mid-extraction leaves that
+branch behind; the next run with the same cache key finds it, skips the committed
+shards and extracts only the missing ones. ``main`` moves only in :func:`publish_activations`, by one
 conditional ``reset_branch`` to the staging tip, so no half-written version is
 ever visible there. Shards are deterministic functions of (model, samples), so
 a resumed run's arrays are bitwise identical to an uninterrupted run's.
@@ -13,15 +14,20 @@ a resumed run's arrays are bitwise identical to an uninterrupted run's.
 Overlap: :func:`extract_shards` computes on the calling thread and hands each
 finished shard to a background writer thread through a bounded queue, so the
 Zarr encoding and the Icechunk write/commit of shard ``i`` run while shard
-``i + 1`` is being computed.
+``i + 1`` is being computed. Coalescing: the writer takes every shard already
+waiting in the queue with the one it waited for and writes them in one session
+and one commit (contiguous shards as one write per array). A session, a commit
+and each Zarr array write cost the same whatever the rows (≈ 26 ms a shard for a
+small model, more than its forward), so when the store falls behind the shards
+pile up and the cost is shared; when it keeps up each shard is committed alone.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
 
@@ -41,9 +47,11 @@ from .common import ExtractionPlan, StageResult, _repo, load_model
 log = logging.getLogger("zooaudit.stages")
 
 STORED_DTYPES = ("float32", "float16")
-# Finished shards waiting for the writer: bounded so a slow store applies
-# back-pressure instead of piling activations up in memory.
-WRITE_QUEUE_SIZE = 2
+# Finished shards waiting for the writer: bounded (in count and in bytes) so a slow
+# store applies back-pressure instead of piling activations up in memory. The writer
+# takes all that wait, up to these bounds, into one commit.
+WRITE_QUEUE_SIZE = 8
+WRITE_QUEUE_BYTES = 64 << 20
 
 
 def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPlan | None:
@@ -142,6 +150,16 @@ class Staging:
     done: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
+def _committed_shards(meta: dict) -> dict[int, dict[str, int]]:
+    """``{shard index: {layer: non-finite count}}`` recorded by one shard commit: a coalesced
+    commit lists ``"shards"`` with one ``"nonfinite"`` mapping each; older commits hold one
+    ``"shard"`` and its mapping."""
+    if "shards" in meta:
+        counts = meta.get("nonfinite") or [{}] * len(meta["shards"])
+        return {int(i): {k: int(v) for k, v in c.items()} for i, c in zip(meta["shards"], counts, strict=True)}
+    return {int(meta["shard"]): {k: int(v) for k, v in meta.get("nonfinite", {}).items()}}
+
+
 def _read_staging(repo, plan: ExtractionPlan, branch: str, main_tip: str) -> Staging | None:
     """The committed shards of an earlier run on ``branch``, or None if that branch
     does not belong to this plan or ``main`` has moved since it was created."""
@@ -151,7 +169,7 @@ def _read_staging(repo, plan: ExtractionPlan, branch: str, main_tip: str) -> Sta
         if meta.get("for") != plan.cache_key:
             return None
         if meta.get("stage") == "shard":
-            done[int(meta["shard"])] = {k: int(v) for k, v in meta.get("nonfinite", {}).items()}
+            done.update(_committed_shards(meta))
         elif meta.get("stage") == "staging":
             return Staging(branch, main_tip, done) if meta.get("base") == main_tip else None
     return None
@@ -252,52 +270,136 @@ def _nonfinite(a: np.ndarray) -> int:
     return int(np.count_nonzero(~np.isfinite(a)))
 
 
-def _commit_shard(plan: ExtractionPlan, branch: str, shard: Shard, acts, logits, *, repo=None,
-                  arrays: layout.ArrayCache | None = None) -> ShardResult:
-    """Write one shard's whole chunks on the staging branch and commit them.
+def _nbytes(acts: dict, logits) -> int:
+    """Bytes of one computed shard (what it holds in memory while it waits for the writer)."""
+    return sum(np.asarray(a).nbytes for a in acts.values()) + (0 if logits is None else logits.nbytes)
 
-    NaN/Inf activations are stored as computed but counted per layer (in the
+
+def _contiguous_runs(batch: list[tuple]) -> list[list[tuple]]:
+    """Split ``[(shard, acts, logits), ...]`` (in compute order) into runs of adjacent shards."""
+    runs: list[list[tuple]] = []
+    for item in batch:
+        if runs and runs[-1][-1][0].stop == item[0].start:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _write_batch(store, ds_key: str, batch: list[tuple], arrays: layout.ArrayCache | None) -> None:
+    """Write the shards of ``batch`` into one session's ``store``: each run of adjacent
+    shards as one write per array (whole chunks either way: shards start on chunk
+    boundaries); all-tokens layers keep one reserved chunk per shard, written shard by shard."""
+    from ..tokens import TokenRows
+
+    for run in _contiguous_runs(batch):
+        first_acts = run[0][1]
+        dense = [name for name, a in first_acts.items() if not isinstance(a, TokenRows)]
+        tokens = [name for name in first_acts if name not in dense]
+        if len(run) == 1:
+            acts, logits = {name: first_acts[name] for name in dense}, run[0][2]
+        else:   # one concatenation copy (bounded by WRITE_QUEUE_BYTES) for one Zarr call per array
+            acts = {name: np.concatenate([np.asarray(item[1][name]) for item in run]) for name in dense}
+            logits = None if run[0][2] is None else np.concatenate([item[2] for item in run])
+        layout.write_shard(store, ds_key, run[0][0].start, acts, logits, arrays)
+        for shard, shard_acts, _ in run if tokens else ():
+            layout.write_shard(store, ds_key, shard.start, {name: shard_acts[name] for name in tokens}, None, arrays)
+
+
+def _commit_shards(plan: ExtractionPlan, branch: str, batch: list[tuple], *, repo=None,
+                   arrays: layout.ArrayCache | None = None) -> list[ShardResult]:
+    """Write the whole chunks of the shards ``batch = [(shard, acts, logits), ...]`` on the
+    staging branch in one session and commit them together: all of them or none.
+
+    NaN/Inf activations are stored as computed but counted per layer and shard (in the
     commit metadata, so a resumed run still reports them at publish). ``repo`` and
-    ``arrays``: the repository and array metadata a writer keeps across its shards."""
+    ``arrays``: the repository and array metadata a writer keeps across its commits."""
     import icechunk
 
     store, repo_name, opened = _repo(plan) if repo is None else (Store(plan.store), f"models/{plan.model_key}", repo)
-    nonfinite = {name: _nonfinite(np.asarray(a)) for name, a in acts.items()}
+    nonfinite = [{name: _nonfinite(np.asarray(a)) for name, a in acts.items()} for _, acts, _ in batch]
+    indexes = [shard.index for shard, _, _ in batch]
     session = opened.writable_session(branch)
-    layout.write_shard(session.store, plan.ds_key, shard.start, acts, logits, arrays)
-    meta = {"stage": "shard", "for": plan.cache_key, "shard": shard.index, "nonfinite": nonfinite}
+    _write_batch(session.store, plan.ds_key, batch, arrays)
+    meta = {"stage": "shard", "for": plan.cache_key, "shards": indexes, "nonfinite": nonfinite}
+    label = f"shard {indexes[0]}" if len(indexes) == 1 else f"shards {', '.join(map(str, indexes))}"
     # Shards write distinct chunks, so a commit that finds the branch moved
-    # (another shard committed) rebases without conflict.
+    # (another writer committed) rebases without conflict.
     with store.lock(repo_name):
-        snap = session.commit(f"shard {shard.index}", metadata=meta, rebase_with=icechunk.ConflictDetector())
-    return ShardResult(shard.index, snap, nonfinite)
+        snap = session.commit(label, metadata=meta, rebase_with=icechunk.ConflictDetector())
+    return [ShardResult(i, snap, counts) for i, counts in zip(indexes, nonfinite, strict=True)]
+
+
+class _WriteQueue:
+    """Computed shards waiting for the writer, bounded by ``max_items`` and ``max_bytes``
+    (a shard larger than ``max_bytes`` still goes through, alone). The producer blocks in
+    :meth:`put` while it is full; the writer takes everything waiting in :meth:`take`."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes = max(1, max_items), max_bytes
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def _fits(self, nbytes: int) -> bool:
+        return not self._items or (len(self._items) < self.max_items and self._bytes + nbytes <= self.max_bytes)
+
+    def put(self, item, nbytes: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._fits(nbytes))
+            self._items.append((item, nbytes))
+            self._bytes += nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more items: :meth:`take` returns ``[]`` once the queue is empty."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self) -> list:
+        """Wait for one item, then take it and every item already waiting (no further
+        waiting: a commit never holds back a shard that is ready). ``[]``: closed and empty."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._closed)
+            batch = [item for item, _ in self._items]
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+            return batch
 
 
 def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None = None) -> list[ShardResult]:
-    """Compute ``shards`` on this thread and commit each one on the staging branch
-    from a background writer thread (bounded queue: writes overlap compute).
+    """Compute ``shards`` on this thread and commit them on the staging branch from a
+    background writer thread (bounded queue: writes overlap compute). The writer commits
+    the shards waiting in the queue together (:func:`_commit_shards`), one commit each time.
 
-    A shard is committed as soon as it is written, so an interruption loses at
-    most the shards in flight. The first error (compute or write) is raised
-    after the writer has stopped; shards committed before it stay committed.
+    A shard is committed as soon as the writer reaches it, so an interruption loses at
+    most the shards in flight (the queue's and the one being computed). The first error
+    (compute or write) is raised after the writer has stopped; shards committed before it
+    stay committed. Returns one :class:`ShardResult` per committed shard, in the order computed.
     """
     branch = branch or _staging_branch(plan)
     # A retried task (or a duplicate one) skips the shards already committed.
     _, _, repo = _repo(plan)   # opened once for all of this call's shards
-    done = {int(i.metadata["shard"]) for i in repo.ancestry(branch=branch)
-            if (i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key}
+    done: set[int] = set()
+    for info in repo.ancestry(branch=branch):
+        meta = info.metadata or {}
+        if meta.get("stage") == "shard" and meta.get("for") == plan.cache_key:
+            done.update(_committed_shards(meta))
     shards = [s for s in shards if s.index not in done]
-    todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_SIZE)
+    todo = _WriteQueue(WRITE_QUEUE_SIZE, WRITE_QUEUE_BYTES)
     results: list[ShardResult] = []
     failure: list[BaseException] = []
     arrays = layout.ArrayCache()
 
     def writer():
-        while (item := todo.get()) is not None:
+        while batch := todo.take():
             if failure:
                 continue  # drain: a failed writer must not block the producer
             try:
-                results.append(_commit_shard(plan, branch, *item, repo=repo, arrays=arrays))
+                results.extend(_commit_shards(plan, branch, batch, repo=repo, arrays=arrays))
             except BaseException as err:  # noqa: BLE001 — re-raised on the caller's thread
                 failure.append(err)
 
@@ -307,9 +409,10 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
         for shard in shards:
             if failure:
                 break
-            todo.put((shard, *compute_shard(plan, shard)))
+            acts, logits = compute_shard(plan, shard)
+            todo.put((shard, acts, logits), _nbytes(acts, logits))
     finally:
-        todo.put(None)
+        todo.close()
         thread.join()
     if failure:
         raise failure[0]
