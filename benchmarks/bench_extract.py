@@ -16,6 +16,12 @@ blind to other processes' load). Run (CPU, 2 cores shared):
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_extract.py
 
+``--tiny``: the same comparison on a small model (``--model``, default the digits CNN
+``builtin:cnn-w16-s0``, 1×8×8 inputs, layers ``act1 act2 embed head``), where a shard's
+forward takes less time than its store work (session, writes, commit)::
+
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_extract.py --tiny --n 32768 --repeats 5
+
 Memory mode (``--memory N [N ...]``): for each N a fresh child process runs the whole
 activations stage (plan + ``run_activations`` into a fresh local store) of a small model
 (default ``builtin:cnn-w16-s0``, 4 layers) on N samples and reports its peak RSS
@@ -56,7 +62,8 @@ def naive_hooks_npsave(model, x: np.ndarray, layers: list[str], batch_size: int,
     modules = dict(model.named_modules())
     got: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     handles = [modules[n].register_forward_hook(
-        lambda m, i, o, n=n: got[n].append(o.mean(dim=(2, 3)).numpy().copy())) for n in layers]
+        lambda m, i, o, n=n: got[n].append((o.mean(dim=(2, 3)) if o.ndim == 4 else o).numpy().copy()))
+        for n in layers]
     try:
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
@@ -75,12 +82,18 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def zooaudit_stage(spec, ds_spec) -> tuple[float, float]:
-    """Plan (untimed: model load, dry forward), then time the activations stage itself."""
+def zooaudit_stage(spec, ds_spec, commits: list[int] | None = None) -> tuple[float, float]:
+    """Plan (untimed: model load, dry forward), then time the activations stage itself.
+    ``commits``: gets the number of shard commits the stage made (the writer coalesces
+    the shards waiting in its queue into one commit)."""
     plan = stages.plan_extraction(spec, ds_spec)
     out = {}
     t = timed(lambda: out.setdefault("res", stages.run_activations(plan)))
     assert not out["res"].skipped and out["res"].summary["n_samples"] == plan.n_samples
+    if commits is not None:
+        repo = stages.common._repo(plan)[2]
+        commits.append(sum((i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key
+                           for i in repo.ancestry(snapshot_id=out["res"].snapshot)))
     return t
 
 
@@ -179,7 +192,8 @@ def main() -> None:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--memory", type=int, nargs="+", metavar="N",
                    help="memory mode: peak RSS of the activations stage for each N (fresh process each)")
-    p.add_argument("--model", default="builtin:cnn-w16-s0", help="memory mode: the model")
+    p.add_argument("--model", default="builtin:cnn-w16-s0", help="memory and --tiny modes: the model")
+    p.add_argument("--tiny", action="store_true", help="time --model (a small model) instead of --arch")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -188,17 +202,23 @@ def main() -> None:
     if args.memory:
         return memory_mode(args)
 
-    layers = ["layer1", "layer2", "layer3", "layer4"]
-    uri = f"torchvision:{args.arch}?num_classes=10&input_shape=3x{args.size}x{args.size}&seed=0"
+    if args.tiny:
+        uri, layers = args.model, MEMORY_LAYERS.get(args.model.split(":")[0])
+    else:
+        layers = ["layer1", "layer2", "layer3", "layer4"]
+        uri = f"torchvision:{args.arch}?num_classes=10&input_shape=3x{args.size}x{args.size}&seed=0"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        x = np.random.default_rng(0).standard_normal((args.n, 3, args.size, args.size)).astype(np.float32)
+        loaded = stages.load_model(uri, "file://" + str(tmp / "store0"))   # builtin: trains the weights there
+        model, shape = loaded.module, tuple(loaded.input_shape)
+        layers = layers or loaded.default_layers
+        x = np.random.default_rng(0).standard_normal((args.n, *shape)).astype(np.float32)
         np.savez(tmp / "x.npz", inputs=x, labels=np.arange(args.n) % 10)
         ds_spec = DatasetSpec(name="arrays", path=str(tmp / "x.npz"))
-        model = stages.load_model(uri, "file://" + str(tmp / "store0")).module
         bare_forward(model, x[:args.batch_size], args.batch_size)          # warm-up
         wall: dict[str, list[float]] = {"bare": [], "zooaudit": [], "naive": []}
         cpu: dict[str, list[float]] = {"bare": [], "zooaudit": [], "naive": []}
+        commits: list[int] = []
 
         def record(name, t):
             wall[name].append(t[0])
@@ -207,10 +227,13 @@ def main() -> None:
         for r in range(args.repeats):
             record("bare", timed(lambda: bare_forward(model, x, args.batch_size)))
             # a fresh store each repeat: nothing cached, every shard computed and committed
+            # (trained builtin weights copied in, not trained again)
+            if r and (tmp / "store0" / "weights").exists():
+                shutil.copytree(tmp / "store0" / "weights", tmp / f"store{r}" / "weights")
             spec = AuditModelSpec(model=uri, store="file://" + str(tmp / f"store{r}"), datasets=[ds_spec],
                                   layers=layers, pooling="mean", batch_size=args.batch_size,
                                   shard_size=args.shard_size, task_runner="threads")
-            record("zooaudit", zooaudit_stage(spec, ds_spec))
+            record("zooaudit", zooaudit_stage(spec, ds_spec, commits))
             out = tmp / f"naive{r}"
             out.mkdir()
             record("naive", timed(lambda out=out: naive_hooks_npsave(model, x, layers, args.batch_size, out)))
@@ -225,6 +248,7 @@ def main() -> None:
     result = {
         "model": uri, "n": args.n, "batch_size": args.batch_size, "shard_size": args.shard_size,
         "layers": layers, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+        "shards": -(-args.n // args.shard_size), "shard_commits": commits,
         "min_wall_s": {k: round(min(v), 3) for k, v in wall.items()},
         "zooaudit_over_bare": ratios("zooaudit"),
         "naive_over_bare": ratios("naive"),
