@@ -237,25 +237,22 @@ def test_waiting_shards_share_one_commit_and_resume_skips_them(reference, monkey
 
     queued = threading.Event()
 
-    class Queue(extraction._WriteQueue):   # a writer busy until the producer has queued shards 1-4
+    class Queue(extraction._WriteQueue):   # a writer busy until the producer has queued all five shards
         def put(self, item, nbytes):
             super().put(item, nbytes)
             if item[0].index == 4:
                 queued.set()
 
-        def take(self):
-            batch = super().take()
-            assert batch == [] or queued.wait(60)
-            return batch
+        def take(self, linger=0.0):
+            assert queued.wait(60)
+            return super().take(linger)
 
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "_WriteQueue", Queue)
     results = stages.extract_shards(plan, plan.shards[:5], staging.branch)
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
-    commits = [m["shards"] for m in _shard_commits(plan)]
-    # the first take may find shard 0 alone or with others; the rest wait for one commit
-    assert len(commits) <= 2 and [i for c in commits for i in c] == [0, 1, 2, 3, 4] and commits[-1][-3:] == [2, 3, 4]
-    assert len({r.snapshot for r in results}) == len(commits)
+    assert [m["shards"] for m in _shard_commits(plan)] == [[0, 1, 2, 3, 4]]
+    assert len({r.snapshot for r in results}) == 1
     assert results[2].nonfinite == {layer_a: 2, **{n: 0 for n in plan.layers if n != layer_a}}
     assert results[3].nonfinite[layer_a] == 3 and results[3].nonfinite[layer_b] == 1
 
@@ -295,3 +292,16 @@ def test_resumes_a_branch_of_single_shard_commits(reference, monkeypatch):
     res = stages.run_activations(plan)
     assert computed == [2, 3] and len(plan.shards) == 4
     _assert_bitwise_equal(_arrays(plan, res.snapshot), _first(ref_arrays, 80))
+
+
+def test_writer_lingers_for_more_shards_until_compute_ends(reference, monkeypatch):
+    """With a long linger the writer holds the first shard for the rest (one commit), and
+    the end of compute releases it at once instead of after the linger."""
+    spec = _spec(reference[0].store, datasets=[DatasetSpec(name="digits", split="all", max_samples=40)])
+    plan = stages.plan_extraction(spec, spec.datasets[0])
+    staging = stages.begin_activations(plan)
+    monkeypatch.setattr(extraction, "WRITE_LINGER_S", 600.0)
+    t0 = time.monotonic()
+    results = stages.extract_shards(plan, plan.shards, staging.branch)
+    assert time.monotonic() - t0 < 300, "the writer waited out its linger after compute had ended"
+    assert [r.index for r in results] == [0, 1] and [m["shards"] for m in _shard_commits(plan)] == [[0, 1]]
