@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from zooaudit import stages
+from zooaudit.data.arrays import memory_mapped
 from zooaudit.specs import AuditModelSpec, DatasetSpec
 
 
@@ -125,7 +126,7 @@ def memory_child(args) -> None:
                       "peak_rss_after_plan_mib": round(after_plan, 1), "plan_s": round(t1 - t0, 2),
                       "extract_s": round(t2 - t1, 2), "shards": len(plan.shards), "layers": plan.layers,
                       "inputs_mib": round(dataset.inputs.nbytes / 2**20, 1),
-                      "inputs_memory_mapped": _memory_mapped(dataset.inputs), **_rss_split()}))
+                      "inputs_memory_mapped": memory_mapped(dataset.inputs), **_rss_split()}))
 
 
 def _rss_split() -> dict[str, float]:
@@ -134,17 +135,6 @@ def _rss_split() -> dict[str, float]:
     with open("/proc/self/status") as fh:
         fields = dict(line.split(":", 1) for line in fh)
     return {f"end_{k.lower()}_mib": round(int(fields[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")}
-
-
-def _memory_mapped(a) -> bool:
-    """Whether ``a`` is a view of a memory-mapped file (its pages are not anonymous memory)."""
-    import mmap
-
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False
 
 
 def memory_mode(args) -> None:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import mmap
 
 import numpy as np
 
 from zooaudit.data import load_dataset
+from zooaudit.data.arrays import memory_mapped
 from zooaudit.keys import canonical_json
-
-
-def _memory_mapped(a) -> bool:
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False
 
 
 def _hash_by_copies(ds) -> str:
@@ -32,7 +24,7 @@ def test_float32_npy_is_memory_mapped_and_hashes_like_a_loaded_copy(tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.arange(50) % 3)
     ds = load_dataset({"name": "arrays", "path": str(tmp_path / "x.npy"), "options": {"labels": str(tmp_path / "y.npy")}})
-    assert _memory_mapped(ds.inputs)
+    assert memory_mapped(ds.inputs)
     assert ds.inputs.flags.writeable and ds.inputs.dtype == np.float32 and ds.input_shape == (1, 4, 4)
     np.testing.assert_array_equal(ds.inputs, x)
     assert ds.content_hash == _hash_by_copies(ds)
@@ -42,6 +34,6 @@ def test_float64_npy_is_converted_in_memory(tmp_path):
     x = np.random.default_rng(1).standard_normal((20, 3)).astype(np.float64)
     np.save(tmp_path / "x.npy", x)
     ds = load_dataset({"name": "arrays", "path": str(tmp_path / "x.npy")})
-    assert not _memory_mapped(ds.inputs) and ds.inputs.dtype == np.float32
+    assert not memory_mapped(ds.inputs) and ds.inputs.dtype == np.float32
     np.testing.assert_array_equal(ds.inputs, x.astype(np.float32))
     assert ds.content_hash == _hash_by_copies(ds)

@@ -25,6 +25,8 @@ names of ``ClassLabel`` columns are used as the values).
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from ..errors import ZooauditError
@@ -41,6 +43,16 @@ from .images import (
 ARRAY_OPTIONS = {"inputs", "labels", "groups"}
 HF_OPTIONS = {"inputs", "labels", "groups", "image_size", "mode"}
 HF_INPUT_COLUMNS = ("pixel_values", "image", "img", "inputs", "x")
+
+
+def memory_mapped(a) -> bool:
+    """Whether ``a`` is a view of a memory-mapped file (its pages are then page cache the kernel
+    can drop, not anonymous memory): how a float32 ``.npy`` loaded by :func:`load_arrays` arrives."""
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
 
 
 def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list], where: str) -> AuditDataset:
