@@ -50,6 +50,7 @@ from .common import (
     _repo,
     load_model,
     random_subset,
+    shard_dataset,
     skipped,
 )
 
@@ -365,11 +366,9 @@ def add_token_text(ds: xr.Dataset, plan: ExtractionPlan, layer: LayerData) -> No
     and the token's character span in it ``top_token_char_start``/``_end`` (``(component,
     rank_token)``; span ``(0, 0)`` for special tokens such as ``[CLS]``). The tokenizer is the
     model source's; a token count that disagrees with the stored one is an error."""
-    from ..data import load_dataset
-
     samples = ds["top_token_sample"].values
     positions = ds["top_token_position"].values
-    data = load_dataset(plan.dataset)
+    data = shard_dataset(plan)
     where = {int(s): i for i, s in enumerate(data.sample_ids)}
     uniq = np.unique(samples)
     texts = [str(data.inputs[where[int(s)]]) for s in uniq]

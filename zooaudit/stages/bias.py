@@ -24,7 +24,6 @@ import xarray as xr
 
 from .. import layout
 from ..analysis import bias as bias_mod
-from ..data import load_dataset
 from ..extract import forward_batches
 from ..keys import cache_key
 from ..store import find_commit, write_dataset
@@ -38,6 +37,7 @@ from .common import (
     load_model,
     random_init_activations,
     random_subset,
+    shard_dataset,
     skipped,
 )
 
@@ -49,7 +49,7 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
     """Probe leakage per layer beside its controls, output leakage, and erasure per layer."""
     idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
-    dataset = load_dataset(plan.dataset)
+    dataset = shard_dataset(plan)
     inputs = dataset.inputs[idx].reshape(len(idx), -1)
     random_acts, _ = random_init_activations(plan, idx, plan.sample_layers, inputs=dataset.inputs[idx], required=False)
     probes, erasures = [], []
@@ -76,7 +76,7 @@ def _encoder_probes(plan: ExtractionPlan, session, samples: xr.Dataset, attr: st
     random-init copy and the input token embeddings (mask-aware mean: what the words alone carry)."""
     idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
     groups = samples[attr].values[idx]
-    inputs = load_dataset(plan.dataset).inputs[idx]
+    inputs = shard_dataset(plan).inputs[idx]
     model = load_model(plan.model_uri, plan.store)
     kw = {"pooling": "token_mean", "batch_size": plan.batch_size, "device": plan.device, "with_outputs": False}
     controls: dict[str, dict] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -11,6 +12,7 @@ import numpy as np
 from ..data import Shard, load_dataset
 from ..errors import ZooauditError
 from ..extract import forward_batches
+from ..keys import canonical_json
 from ..store import Store, commit, commit_metadata
 from ..zoo import LoadedModel, resolve_model
 
@@ -100,6 +102,64 @@ def load_model(uri: str, store_url: str) -> LoadedModel:
     return _cached_model(uri, store_url)
 
 
+def _fingerprint(path: str | None) -> tuple | None:
+    """What stands for the content behind a dataset ``path`` without reading it: size and
+    mtime of the file, or of every file under the folder (None without a path)."""
+    import os
+
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    return tuple(sorted((os.path.join(root, name), st.st_size, st.st_mtime_ns)
+                        for root, _, names in os.walk(path)
+                        for name in names for st in (os.stat(os.path.join(root, name)),)))
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded_dataset(spec_json: str, _fingerprint):
+    """The one loaded copy of a dataset in this process: planning (hash, shapes) and the
+    shards read the same arrays instead of loading the files a second time."""
+    return load_dataset(json.loads(spec_json))
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_hash(spec_json: str, _fingerprint) -> str:
+    return _loaded_dataset(spec_json, _fingerprint).content_hash
+
+
+def plan_dataset(ds_spec) -> tuple:
+    """``(AuditDataset, content hash)`` of a dataset spec (or dict), loaded and hashed once per
+    process while the spec and the files behind its ``path`` are unchanged: a zoo audit plans
+    and validates every model on the same datasets. The dataset is shared: read it, never modify it."""
+    spec = ds_spec.model_dump() if hasattr(ds_spec, "model_dump") else dict(ds_spec)
+    key = (canonical_json(spec), _fingerprint(spec.get("path")))
+    return _loaded_dataset(*key), _dataset_hash(*key)
+
+
+def _mtime(path) -> float | None:
+    import os
+
+    try:
+        return os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_dataset(spec_json: str, _mtime_ns):
+    # Per shard only a stat of the path (a folder's full fingerprint walks every file);
+    # the first lookup resolves to the copy planning loaded.
+    return _loaded_dataset(spec_json, _fingerprint(json.loads(spec_json).get("path")))
+
+
+def shard_dataset(plan: ExtractionPlan):
+    """The plan's dataset, loaded once per process (not once per shard or stage: file-backed
+    sets are read and decoded whole) — the same copy :func:`plan_dataset` loaded when the
+    plan was made in this process, not a second one. Keyed by the spec and its path's mtime."""
+    return _shard_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
+
 
 def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[str], *, inputs=None,
                             required: bool = True) -> tuple[dict, dict]:
@@ -119,7 +179,7 @@ def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[
         raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy (its source has no "
                             "architecture to re-initialise); use control='shuffle' or control='none'.")
     if inputs is None:
-        inputs = load_dataset(plan.dataset).inputs[idx]
+        inputs = shard_dataset(plan).inputs[idx]
     acts, _ = forward_batches(model.random_init(), inputs, layers, pooling=plan.pooling,
                               batch_size=plan.batch_size, device=plan.device, with_outputs=False)
     seed = model.random_init_seed

@@ -26,8 +26,6 @@ model's shards, slower to compute than the linger, are committed one by one.
 from __future__ import annotations
 
 import collections
-import functools
-import json
 import logging
 import threading
 import time
@@ -37,14 +35,21 @@ import numpy as np
 import zarr
 
 from .. import layout
-from ..data import Shard, load_dataset, plan_shards
+from ..data import Shard, plan_shards
 from ..errors import ZooauditError
 from ..extract import forward_batches, layer_shapes, select_layers
-from ..keys import cache_key, canonical_json
+from ..keys import cache_key
 from ..specs import AuditModelSpec, DatasetSpec
 from ..store import MAIN, Store, commit_metadata, find_commit
 from ..tokens import is_token_shape, token_rows_per_shard
-from .common import ExtractionPlan, StageResult, _repo, load_model
+from .common import (
+    ExtractionPlan,
+    StageResult,
+    _repo,
+    load_model,
+    plan_dataset,
+    shard_dataset,
+)
 
 log = logging.getLogger("zooaudit.stages")
 
@@ -95,42 +100,6 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
         cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype, autocast=autocast,
         token_rows=token_rows,
     )
-
-
-def _fingerprint(path: str | None) -> tuple | None:
-    """What stands for the content behind a dataset ``path`` without reading it: size and
-    mtime of the file, or of every file under the folder (None without a path)."""
-    import os
-
-    if not path or not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
-    return tuple(sorted((os.path.join(root, name), st.st_size, st.st_mtime_ns)
-                        for root, _, names in os.walk(path)
-                        for name in names for st in (os.stat(os.path.join(root, name)),)))
-
-
-@functools.lru_cache(maxsize=8)
-def _loaded_dataset(spec_json: str, _fingerprint):
-    """The one loaded copy of a dataset in this process: planning (hash, shapes) and the
-    shards read the same arrays instead of loading the files a second time."""
-    return load_dataset(json.loads(spec_json))
-
-
-@functools.lru_cache(maxsize=8)
-def _dataset_hash(spec_json: str, _fingerprint) -> str:
-    return _loaded_dataset(spec_json, _fingerprint).content_hash
-
-
-def plan_dataset(ds_spec) -> tuple:
-    """``(AuditDataset, content hash)`` of a dataset spec (or dict), loaded and hashed once per
-    process while the spec and the files behind its ``path`` are unchanged: a zoo audit plans
-    and validates every model on the same datasets. The dataset is shared: read it, never modify it."""
-    spec = ds_spec.model_dump() if hasattr(ds_spec, "model_dump") else dict(ds_spec)
-    key = (canonical_json(spec), _fingerprint(spec.get("path")))
-    return _loaded_dataset(*key), _dataset_hash(*key)
 
 
 def cached_activations(plan: ExtractionPlan) -> str | None:
@@ -232,29 +201,6 @@ class ShardResult:
     index: int
     snapshot: str
     nonfinite: dict[str, int]
-
-
-def _mtime(path) -> float | None:
-    import os
-
-    try:
-        return os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
-    except OSError:
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _shard_dataset(spec_json: str, _mtime_ns):
-    # Per shard only a stat of the path (a folder's full fingerprint walks every file);
-    # the first lookup resolves to the copy planning loaded.
-    return _loaded_dataset(spec_json, _fingerprint(json.loads(spec_json).get("path")))
-
-
-def shard_dataset(plan: ExtractionPlan):
-    """The plan's dataset, loaded once per process (not once per shard: file-backed
-    sets are read and decoded whole) — the same copy :func:`plan_dataset` loaded when the
-    plan was made in this process, not a second one. Keyed by the spec and its path's mtime."""
-    return _shard_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
 
 
 def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:

@@ -8,8 +8,7 @@ from ..specs import AuditModelSpec
 from ..store import Store
 from ..zoo import LoadedModel
 from . import weat as weat_stage
-from .common import load_model
-from .extraction import plan_dataset
+from .common import load_model, plan_dataset
 
 
 def validate_model(spec: AuditModelSpec) -> LoadedModel:
