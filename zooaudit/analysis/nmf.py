@@ -190,15 +190,11 @@ def data_products(X: torch.Tensor):
     The cost is memory: one more ``N × D`` array while the fit runs. Without the copy (GPU, or
     larger data) the two row-major layouts of each product are timed against each other.
     """
-    Xc = None
+    Xc = X  # the second layout of each product: from a column-major copy when one is made
     if X.device.type == "cpu" and X.numel() * X.element_size() <= LAYOUT_COPY_BYTES:
         Xc = X.T.contiguous().T  # (N, D) view of column-major storage
-    if Xc is None:
-        rhs_w = Fastest(lambda H: _codes_rhs(X, H), lambda H: H @ X.T, device=X.device)
-        rhs_h = Fastest(lambda Wt: Wt @ X, lambda Wt: (X.T @ Wt.T).T.contiguous(), device=X.device)
-    else:
-        rhs_w = Fastest(lambda H: _codes_rhs(Xc, H), lambda H: H @ X.T, device=X.device)
-        rhs_h = Fastest(lambda Wt: Wt @ X, lambda Wt: (Xc.T @ Wt.T).T.contiguous(), device=X.device)
+    rhs_w = Fastest(lambda H: _codes_rhs(Xc, H), lambda H: H @ X.T, device=X.device)
+    rhs_h = Fastest(lambda Wt: Wt @ X, lambda Wt: (Xc.T @ Wt.T).T.contiguous(), device=X.device)
     return rhs_w, rhs_h
 
 
