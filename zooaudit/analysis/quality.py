@@ -145,16 +145,25 @@ class QualityAccumulator:
         self.ever_active |= act.any(axis=0)
 
     def metrics(self) -> dict:
-        d = 0 if self.mean is None else len(self.mean)
-        l0 = self.active / self.n if self.n else float("nan")
-        return {
-            "explained_variance": 1.0 - self.ss_resid / self.ss_total if self.ss_total > 0 else float("nan"),
-            "reconstruction_mse": self.ss_resid / (self.n * d) if self.n and d else float("nan"),
-            "mean_cosine": self.cos_sum / self.cos_n if self.cos_n else float("nan"),
-            "l0": l0,
-            "sparsity": 1.0 - l0 / self.k,
-            "dead_components": int((~self.ever_active).sum()),
-        }
+        return quality_metrics(n=self.n, d=0 if self.mean is None else len(self.mean), k=self.k,
+                               ss_resid=self.ss_resid, ss_total=self.ss_total, cos_sum=self.cos_sum,
+                               cos_n=self.cos_n, active=self.active, dead=int((~self.ever_active).sum()))
+
+
+def quality_metrics(*, n: int, d: int, k: int, ss_resid: float, ss_total: float, cos_sum: float, cos_n: int,
+                    active: int, dead: int) -> dict:
+    """The module-level metrics from their sums over ``n`` samples of ``d`` features and ``k``
+    codes: residual and total (about the mean) sums of squares, the sum and count of per-sample
+    cosines, the count of active codes, the number of never-active components."""
+    l0 = active / n if n else float("nan")
+    return {
+        "explained_variance": 1.0 - ss_resid / ss_total if ss_total > 0 else float("nan"),
+        "reconstruction_mse": ss_resid / (n * d) if n and d else float("nan"),
+        "mean_cosine": cos_sum / cos_n if cos_n else float("nan"),
+        "l0": l0,
+        "sparsity": 1.0 - l0 / k,
+        "dead_components": dead,
+    }
 
 
 def explained_variance(X, X_hat) -> float:
@@ -252,16 +261,8 @@ def finish_factors(method: str, X, Wt, H, *, rms: float, extra: dict, params: di
         ever |= act.any(0)
     if ss_total is None:
         ss_total = float(total_sq) - float(col_sum @ col_sum) / n
-    ss_resid = float(resid)
-    l0 = active / n
-    metrics = {
-        "explained_variance": 1.0 - ss_resid / ss_total if ss_total > 0 else float("nan"),
-        "reconstruction_mse": ss_resid / (n * d),
-        "mean_cosine": float(cos_sum) / cos_n if cos_n else float("nan"),
-        "l0": l0,
-        "sparsity": 1.0 - l0 / k,
-        "dead_components": int((~ever).sum()),
-    }
+    metrics = quality_metrics(n=n, d=d, k=k, ss_resid=float(resid), ss_total=ss_total, cos_sum=float(cos_sum),
+                              cos_n=cos_n, active=active, dead=int((~ever).sum()))
     return Factorization(method=method, components=C64.cpu().numpy(), codes=codes.cpu().numpy(),
                          mean=np.zeros(d), metrics={**metrics, **extra}, params=params)
 
