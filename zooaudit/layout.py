@@ -16,21 +16,28 @@ writes whole chunks.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec
 from zarr.core.array import AsyncArray
+from zarr.core.sync import sync
 from zarr.storage import StorePath
 
 from .errors import ZooauditError
 from .extract import dims_for
 from .tokens import TokenRows, create_token_array, is_token_shape, write_token_shard
 
-# Codec of the activation and logit arrays: zstd level 1 keeps ~all of the default level's
-# ratio on activations (1.1-1.45x) at about half its CPU cost; the chunks are encoded by the
-# background writer while torch computes the next shard on the same cores.
-ACTIVATION_COMPRESSORS = (ZstdCodec(level=1),)
+# Codec of the activation and logit arrays. The chunks are encoded and written by the background
+# writer while torch computes the next shard on the same cores, so the writer's CPU time is what
+# extraction overhead is made of. Blosc LZ4 after bit-shuffling: on ResNet-18 activations (4
+# layers, 1024 samples) 1.17x smaller at 3.2 ms to encode, against 1.21x at 7.5 ms for zstd
+# level 1 and 4.2 -> 1.8 ms to decode; per shard written and committed the writer's CPU went
+# from ≈ 40 to ≈ 25 ms (/tmp-style local store; fewer bytes also mean cheaper file writes).
+# Blosc runs single-threaded here (numcodecs uses its threads only on the main thread).
+ACTIVATION_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),)
 
 
 def samples_group(ds_key: str) -> str:
@@ -112,31 +119,40 @@ class ArrayCache:
     def __init__(self) -> None:
         self._metadata: dict[str, object] = {}
 
-    def array(self, store, path: str) -> zarr.Array:
-        """The array at ``path`` of ``store``, writable."""
+    def array(self, store, path: str) -> AsyncArray:
+        """The array at ``path`` of ``store``, writable (zarr's asynchronous handle)."""
         meta = self._metadata.get(path)
         if meta is None:
-            arr = zarr.open_array(store, path=path, mode="r+")
+            arr = zarr.open_array(store, path=path, mode="r+").async_array
             self._metadata[path] = arr.metadata
             return arr
-        return zarr.Array(AsyncArray(meta, StorePath(store, path)))
+        return AsyncArray(meta, StorePath(store, path))
 
 
 def write_shard(store, ds_key: str, start: int, acts: dict[str, np.ndarray],
                 logits: np.ndarray | None, arrays: ArrayCache | None = None) -> None:
     """Write one shard's rows ``[start, start + len)`` of every layer (whole chunks).
 
+    The dense arrays are written in one call into zarr's event loop, so their chunks are
+    encoded and stored concurrently (one loop round trip, not one per array: the writer's
+    CPU per ResNet-18 shard ≈ 25 → 22 ms, its wall time ≈ 25 → 18 ms).
     ``arrays``: array metadata kept across the shards of one writer (default: read here)."""
     arrays = arrays or ArrayCache()
+    writes: list[tuple[AsyncArray, np.ndarray]] = []
     for layer, arr in acts.items():
         if isinstance(arr, TokenRows):
             write_token_shard(zarr.open_group(store, path=acts_group(ds_key, layer), mode="r+"), start, arr)
             continue
-        arrays.array(store, f"{acts_group(ds_key, layer)}/activations")[start:start + len(arr)] = arr
+        writes.append((arrays.array(store, f"{acts_group(ds_key, layer)}/activations"), arr))
     if logits is not None:
         out = outputs_group(ds_key)
-        arrays.array(store, f"{out}/logits")[start:start + len(logits)] = logits
-        arrays.array(store, f"{out}/prediction")[start:start + len(logits)] = logits.argmax(axis=1)
+        writes += [(arrays.array(store, f"{out}/logits"), logits),
+                   (arrays.array(store, f"{out}/prediction"), logits.argmax(axis=1))]
+
+    async def write_all() -> None:
+        await asyncio.gather(*(a.setitem(slice(start, start + len(v)), v) for a, v in writes))
+
+    sync(write_all())
 
 
 def open_activations(store, ds_key: str, layer: str) -> xr.DataArray:
