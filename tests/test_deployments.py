@@ -179,12 +179,15 @@ def _regression_and_reaction(spec, store_url, api):
     assert not acts.skipped
     EventsWorker.drain_all(timeout=10)
 
+    # One event per regressed layer, sent one by one: wait for the head's, not just the first.
     deadline = time.monotonic() + 60
-    while not (events := [e for e in _events(api, EVENT)
-                          if e["resource"]["zooaudit.store"] == night2.models[0].plans[0].store]):
-        assert time.monotonic() < deadline, "no zooaudit.audit.regression event reached the server"
+    while True:
+        events = [e for e in _events(api, EVENT) if e["resource"]["zooaudit.store"] == night2.models[0].plans[0].store]
+        metrics = {e["resource"]["zooaudit.metric"]: e for e in events}
+        if "cka_to_previous:head" in metrics:
+            break
+        assert time.monotonic() < deadline, f"no head regression event reached the server (got {sorted(metrics)})"
         time.sleep(1)
-    metrics = {e["resource"]["zooaudit.metric"]: e for e in events}
     assert all(e["resource"]["zooaudit.model"] == MODEL for e in events)
     assert "cka_to_previous:head" in metrics
     payload = metrics["cka_to_previous:head"]["payload"]
