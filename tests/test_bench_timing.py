@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_timing import bracketed_ratios, summary  # noqa: E402
+from bench_timing import bracketed_ratios, summary
 
 
 def test_linear_drift_cancels():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
