@@ -116,7 +116,9 @@ def forward_batches(
 
     ``autocast`` (``none|bf16|fp16``) runs the forward under ``torch.autocast``; captured
     activations are cast back to float32. On CUDA, batches are copied from pinned host
-    memory with ``non_blocking=True`` so the copy overlaps the previous batch's kernels.
+    memory with ``non_blocking=True`` so the copy overlaps the previous batch's kernels, and the
+    hooked layers' pooled outputs come back to the host together once the batch's forward is
+    queued (one wait for the GPU per batch, not one per hooked layer).
     """
     dev = resolve_device(device)
     if autocast not in AUTOCAST_DTYPES:
@@ -141,9 +143,11 @@ def forward_batches(
             # for every caller, so each call records only its own forward pass.
             if threading.get_ident() != owner:
                 return
-            # detach + copy: a kept view would pin the whole activation buffer.
-            captured[name] = pool(_first_tensor(out).detach(), pooling, batch_mask[0]).to(
-                "cpu", torch.float32).clone()
+            # detach + copy: a kept view would pin the whole activation buffer (and in-place ops
+            # later in the forward, such as ReLU(inplace=True), would change it). The copy stays
+            # on the device: copying to the host here would make a CUDA forward wait at every
+            # hooked layer for the kernels queued before it (one wait per batch instead, below).
+            captured[name] = pool(_first_tensor(out).detach(), pooling, batch_mask[0]).clone()
             if not with_outputs and wanted.issubset(captured):
                 raise _StopForward
         return hook
@@ -175,7 +179,7 @@ def forward_batches(
                                         "bypasses). Pick modules that run, e.g. the items of a ModuleList.")
                 for name in layers:
                     if name in captured:
-                        acts[name].append(captured[name].numpy())
+                        acts[name].append(captured[name].to("cpu", torch.float32).numpy())
     finally:
         for h in handles:
             h.remove()
