@@ -57,7 +57,7 @@ from bench_timing import summary
 
 from zooaudit import stages
 from zooaudit.data.arrays import memory_mapped
-from zooaudit.extract import AUTOCAST_DTYPES
+from zooaudit.extract import AUTOCAST_DTYPES, autocast_context
 from zooaudit.specs import AuditModelSpec, DatasetSpec
 
 
@@ -67,8 +67,7 @@ def bare_forward(model, x: np.ndarray, batch_size: int, device: str = "cpu", aut
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     model.to(dev).eval()
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[autocast] or torch.float32,
-                                                enabled=autocast != "none"):
+    with torch.inference_mode(), autocast_context(dev.type, autocast):
         for start in range(0, len(x), batch_size):
             batch = torch.from_numpy(x[start:start + batch_size])
             model(batch.pin_memory().to(dev, non_blocking=True) if cuda else batch)
@@ -86,8 +85,7 @@ def naive_hooks_npsave(model, x: np.ndarray, layers: list[str], batch_size: int,
         lambda m, i, o, n=n: got[n].append((o.mean(dim=(2, 3)) if o.ndim == 4 else o).float().cpu().numpy().copy()))
         for n in layers]
     try:
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[autocast] or torch.float32,
-                                                    enabled=autocast != "none"):
+        with torch.inference_mode(), autocast_context(dev.type, autocast):
             for start in range(0, len(x), batch_size):
                 model(torch.from_numpy(x[start:start + batch_size]).to(dev))
     finally:

@@ -23,6 +23,12 @@ AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 POOLINGS = ("mean", "flatten", "none", "cls", "token_mean", "tokens")  # the last three: see zooaudit.tokens
 
 
+def autocast_context(device_type: str, autocast: str):
+    """``torch.autocast`` on ``device_type`` for a spec's ``autocast`` name (``none``: disabled,
+    the forward stays float32)."""
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[autocast] or torch.float32, enabled=autocast != "none")
+
+
 class _StopForward(Exception):
     """Raised from the last hook to skip the rest of the forward pass."""
 
@@ -165,8 +171,7 @@ def forward_batches(
                     batch = to_device(torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size])))
                 captured.clear()
                 try:
-                    with torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[autocast] or torch.float32,
-                                        enabled=autocast != "none"):
+                    with autocast_context(dev.type, autocast):
                         out = model(**batch) if isinstance(batch, dict) else model(batch)
                     if with_outputs:
                         outs.append(_first_tensor(out).to("cpu", torch.float32).numpy())

@@ -41,7 +41,7 @@ from ..extract import forward_batches, layer_shapes, select_layers
 from ..keys import cache_key
 from ..specs import AuditModelSpec, DatasetSpec
 from ..store import MAIN, Store, commit_metadata, find_commit
-from ..tokens import is_token_shape, token_rows_per_shard
+from ..tokens import TokenRows, is_token_shape, token_rows_per_shard
 from .common import (
     ExtractionPlan,
     StageResult,
@@ -244,8 +244,6 @@ def _write_batch(store, ds_key: str, batch: list[tuple], arrays: layout.ArrayCac
     """Write the shards of ``batch`` into one session's ``store``: each run of adjacent
     shards as one write per array (whole chunks either way: shards start on chunk
     boundaries); all-tokens layers keep one reserved chunk per shard, written shard by shard."""
-    from ..tokens import TokenRows
-
     for run in _contiguous_runs(batch):
         first_acts = run[0][1]
         dense = [name for name, a in first_acts.items() if not isinstance(a, TokenRows)]
