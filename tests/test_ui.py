@@ -51,6 +51,8 @@ def browser():
 
 
 def test_audit_model_form_run_from_the_ui_lands_in_s3(local_stack, browser):
+    from playwright.sync_api import expect
+
     from zooaudit import layout
     from zooaudit.data import load_dataset
     from zooaudit.keys import slug_key
@@ -79,6 +81,10 @@ def test_audit_model_form_run_from_the_ui_lands_in_s3(local_stack, browser):
     runs_of = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
     assert not [r for r in _post(api, "/flow_runs/filter", runs_of) if r["parameters"]["spec"].get("batch_size") == 0]
 
+    # Let the error toasts go first: they sit over the Submit button at the page's bottom-right,
+    # and hovering one pauses its 5 s timer, so a click aimed at Submit could wait on it forever.
+    page.mouse.move(5, 5)
+    expect(page.locator(".p-toast-container__toast")).to_have_count(0, timeout=30_000)
     _prop(page, "Batch Size (Optional)").locator("input").fill("32")
     with page.expect_response(lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST") as resp:
         page.get_by_role("button", name="Submit").click()
