@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -105,8 +106,6 @@ def load_model(uri: str, store_url: str) -> LoadedModel:
 def _fingerprint(path: str | None) -> tuple | None:
     """What stands for the content behind a dataset ``path`` without reading it: size and
     mtime of the file, or of every file under the folder (None without a path)."""
-    import os
-
     if not path or not os.path.exists(path):
         return None
     if os.path.isfile(path):
@@ -139,8 +138,6 @@ def plan_dataset(ds_spec) -> tuple:
 
 
 def _mtime(path) -> float | None:
-    import os
-
     try:
         return os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
     except OSError:
