@@ -79,7 +79,7 @@ def union_length(intervals: list[tuple[float, float, str]]) -> float:
 def timed_run(spec) -> tuple[float, object, list]:
     import datetime as dt
 
-    from flows.audit_zoo import audit_zoo
+    from zooaudit_flows.audit_zoo import audit_zoo
 
     since = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
 
-    from zooaudit.cli import prefect_api
+    from zooaudit_infra.cli import prefect_api
     from zooaudit.specs import AuditZooSpec
     from zooaudit.stages import validate_zoo
 

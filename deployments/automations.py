@@ -3,7 +3,7 @@ see ``flows/events.py``): re-audit the regressed model on demand with a more tho
 spec (more bootstrap resamples and permutations), so that the regression is confirmed or
 dismissed with tighter intervals by the morning.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/python -m deployments.automations
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/python -m zooaudit_deployments.automations
 
 creates (or replaces) the automation on the server; it needs the ``audit-model/on-demand``
 deployment (``deployments/serve.py``). The model and store come from the event's resource
@@ -18,7 +18,7 @@ from prefect.automations import Automation
 from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
 
-from flows.events import EVENT
+from zooaudit_flows.events import EVENT
 
 NAME = "zooaudit: re-audit a regressed model"
 CONFIRM_BIAS = {"n_boot": 1000, "n_permutations": 5000}

@@ -1,6 +1,6 @@
 """Serve zooaudit's deployments from this process (``prefect serve`` style).
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/python -m deployments.serve
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/python -m zooaudit_deployments.serve
 
 - ``audit-zoo/nightly``: one cron schedule per entry of ``deployments/nightly.yaml`` (default:
   the builtin zoo at 02:00 UTC), each with its own parameters. ``ZOOAUDIT_SCHEDULES`` names
@@ -24,8 +24,8 @@ import yaml
 from prefect.schedules import Cron
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows import audit_model, audit_zoo
-from flows.backfill import backfill
+from zooaudit_flows import audit_model, audit_zoo
+from zooaudit_flows.backfill import backfill
 from zooaudit.errors import ZooauditError
 from zooaudit.specs import AuditModelSpec, AuditZooSpec, BackfillSpec
 

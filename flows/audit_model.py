@@ -14,13 +14,6 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from tasks.analysis import bias, factorize, similarity
-from tasks.extract import (
-    begin_activations,
-    extract_shards,
-    plan_extraction,
-    publish_activations,
-)
 from zooaudit import stages
 from zooaudit.report.summary import (
     bias_table,
@@ -30,6 +23,13 @@ from zooaudit.report.summary import (
 )
 from zooaudit.specs import AuditModelSpec
 from zooaudit.store import Store
+from zooaudit_tasks.analysis import bias, factorize, similarity
+from zooaudit_tasks.extract import (
+    begin_activations,
+    extract_shards,
+    plan_extraction,
+    publish_activations,
+)
 
 from .runners import dask_cluster, extraction_placement, task_runner
 

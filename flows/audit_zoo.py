@@ -18,13 +18,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
-from tasks.analysis import revision_similarity, zoo_similarity
-from tasks.extract import committed_audits
-from tasks.report import build_report
 from zooaudit import stages, versions
 from zooaudit.report.summary import similarity_table, zoo_markdown
 from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
+from zooaudit_tasks.analysis import revision_similarity, zoo_similarity
+from zooaudit_tasks.extract import committed_audits
+from zooaudit_tasks.report import build_report
 
 from .audit_model import ModelAudit, audit_model
 from .credentials import apply_s3_credentials

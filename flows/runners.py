@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from zooaudit.stack import GPU_RESOURCE
+from zooaudit_infra.stack import GPU_RESOURCE
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ def local_stack(tmp_path_factory):
     with 2 workers and the deployment runner, on free loopback ports; one per test session,
     stopped at the end (nothing left running). ``os.environ`` holds its PREFECT_API_URL and AWS_*
     settings meanwhile; ``stack.env`` the full environment (ZOOAUDIT_STORE=s3://…,
-    ZOOAUDIT_DASK_ADDRESS). Yields a ``zooaudit.stack.Stack``."""
+    ZOOAUDIT_DASK_ADDRESS). Yields a ``zooaudit_infra.stack.Stack``."""
     from stack import running_stack
 
     with running_stack(tmp_path_factory.mktemp("stack"), runner=True) as st:

@@ -1,4 +1,4 @@
-"""Test helper: start the real local stack (``zooaudit.stack``) on free ports, stop it afterwards.
+"""Test helper: start the real local stack (``zooaudit_infra.stack``) on free ports, stop it afterwards.
 
     from stack import running_stack
 
@@ -22,7 +22,7 @@ import os
 import socket
 from collections.abc import Iterator
 
-from zooaudit.stack import Stack, StackConfig, _alive, _group_members, down, up
+from zooaudit_infra.stack import Stack, StackConfig, _alive, _group_members, down, up
 
 
 def _free_port_block(n: int) -> int:

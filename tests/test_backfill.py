@@ -43,7 +43,7 @@ def test_checkpoint_backfill_is_idempotent_and_writes_a_trend(local_stack, store
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from flows.backfill import (
+    from zooaudit_flows.backfill import (
         AUDIT_MODEL_DEPLOYMENT,
         BackfillItem,
         backfill,
@@ -112,7 +112,7 @@ def backfill_results(store, uri):
 
 @pytest.mark.slow
 def test_bad_backfill_input_fails_before_any_run(local_stack, store_url):
-    from flows.backfill import backfill
+    from zooaudit_flows.backfill import backfill
 
     with pytest.raises(ZooauditError, match="matches no builtin checkpoint.*Builtin models"):
         backfill(_spec(store_url).model_copy(update={"models": ["builtin:no-such-model@*"]}))
@@ -127,7 +127,7 @@ def test_nights_are_scheduled_at_the_nightly_hour_and_tagged_nights_skipped(stor
     import datetime as dt
     import logging
 
-    from flows.backfill import Backfill, _night_items
+    from zooaudit_flows.backfill import Backfill, _night_items
     from zooaudit.versions import nightly_tag, tag_version
 
     monkeypatch.setenv("ZOOAUDIT_TIMEZONE", "Europe/Paris")

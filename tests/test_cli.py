@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from zooaudit.cli import EXIT_BAD_INPUT, main
+from zooaudit_infra.cli import EXIT_BAD_INPUT, main
 
 
 def _no_commits(store_dir):

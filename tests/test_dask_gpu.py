@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from zooaudit.stack import GPU_RESOURCE, StackConfig, dask_worker_argv
+from zooaudit_infra.stack import GPU_RESOURCE, StackConfig, dask_worker_argv
 
 
 def test_extraction_requests_a_gpu_only_when_it_may_use_cuda_and_a_gpu_worker_exists():
-    from flows.runners import extraction_resources
+    from zooaudit_flows.runners import extraction_resources
 
     gpu, cpu = {GPU_RESOURCE: 1.0}, {}
     assert extraction_resources("auto", [cpu, gpu]) == {GPU_RESOURCE: 1}
@@ -24,7 +24,7 @@ def test_extraction_requests_a_gpu_only_when_it_may_use_cuda_and_a_gpu_worker_ex
 
 
 def test_up_starts_one_gpu_worker_per_gpu_advertising_the_resource(tmp_path):
-    from zooaudit.cli import build_parser
+    from zooaudit_infra.cli import build_parser
 
     args = build_parser().parse_args(["up", "--data-dir", str(tmp_path), "--gpu-workers", "2"])
     assert args.gpu_workers == 2
@@ -57,9 +57,9 @@ def test_shards_run_on_the_gpu_worker_of_the_stack_cluster(tmp_path, store_url):
     from prefect.testing.utilities import prefect_test_harness
     from stack import _free_port_block
 
-    from flows.audit_model import run_audit_model
+    from zooaudit_flows.audit_model import run_audit_model
     from zooaudit.specs import AuditModelSpec, DatasetSpec
-    from zooaudit.stack import _spawn_dask, _wait_dask_workers, down
+    from zooaudit_infra.stack import _spawn_dask, _wait_dask_workers, down
 
     base = _free_port_block(3)
     cfg = StackConfig(data_dir=str(tmp_path / "stack"), dask_port=base, dask_workers=1, gpu_workers=1,

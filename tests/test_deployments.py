@@ -22,7 +22,7 @@ def _small(store_url, **kw):
 
 
 def test_nightly_schedules_carry_their_own_validated_parameters(tmp_path, monkeypatch):
-    from deployments.serve import build_deployments
+    from zooaudit_deployments.serve import build_deployments
 
     schedules = tmp_path / "nightly.yaml"
     schedules.write_text(
@@ -54,7 +54,7 @@ def test_nightly_schedules_carry_their_own_validated_parameters(tmp_path, monkey
     ("schedules: []\n", "defines no schedules"),
 ])
 def test_bad_schedules_file_is_refused_with_its_reason(tmp_path, body, message):
-    from deployments.serve import nightly_schedules
+    from zooaudit_deployments.serve import nightly_schedules
 
     path = tmp_path / "s.yaml"
     path.write_text(body)
@@ -65,8 +65,8 @@ def test_bad_schedules_file_is_refused_with_its_reason(tmp_path, body, message):
 def test_flow_parameters_are_the_specs_with_descriptions():
     from prefect.utilities.callables import parameter_schema
 
-    from flows import audit_model
-    from flows.backfill import backfill
+    from zooaudit_flows import audit_model
+    from zooaudit_flows.backfill import backfill
 
     schema = parameter_schema(audit_model).model_dump()
     spec = schema["definitions"]["AuditModelSpec"]["properties"]
@@ -138,9 +138,9 @@ def _events(api: str, name: str, **resource_labels) -> list[dict]:
 def test_nightly_cka_drop_emits_regression_event_and_the_automation_reacts(local_stack, store_url):
     from prefect.events.worker import EventsWorker
 
-    from deployments.automations import create_regression_automation
-    from flows.audit_zoo import audit_zoo
-    from flows.events import EVENT
+    from zooaudit_deployments.automations import create_regression_automation
+    from zooaudit_flows.audit_zoo import audit_zoo
+    from zooaudit_flows.events import EVENT
 
     spec = AuditZooSpec(models=[MODEL], compare_layers=["embed"], cka_drop_threshold=0.01,
                         **_small(store_url))
@@ -163,9 +163,9 @@ def _regression_and_reaction(spec, store_url, api):
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.events.worker import EventsWorker
 
-    from deployments.automations import CONFIRM_BIAS
-    from flows.audit_zoo import audit_zoo
-    from flows.events import EVENT
+    from zooaudit_deployments.automations import CONFIRM_BIAS
+    from zooaudit_flows.audit_zoo import audit_zoo
+    from zooaudit_flows.events import EVENT
     from zooaudit.stages.common import _cached_model
     from zooaudit.store import Store
     from zooaudit.zoo.builtin import weights_file
@@ -218,8 +218,8 @@ def test_nightly_bias_regression_emits_an_event_with_model_and_metric(local_stac
     each, read back from the server's events API with the model and the metric."""
     from prefect.events.worker import EventsWorker
 
-    from flows.audit_zoo import audit_zoo
-    from flows.events import EVENT
+    from zooaudit_flows.audit_zoo import audit_zoo
+    from zooaudit_flows.events import EVENT
     from zooaudit.stages.common import _cached_model
     from zooaudit.store import Store
     from zooaudit.zoo.builtin import SHORTCUT_SWEEP, ensure_weights, weights_file

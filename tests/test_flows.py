@@ -55,7 +55,7 @@ def _open(repo, snapshot, group):
 
 
 def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
-    from flows.audit_zoo import audit_zoo
+    from zooaudit_flows.audit_zoo import audit_zoo
 
     spec = _spec(store_url)
     result = audit_zoo(spec)
@@ -149,7 +149,7 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     # every stage was committed: the cache check served each model, no audit-model subflow ran …
     assert _flow_run_count("audit-model") == subflows_before
     # … with the results the subflow itself returns on a full cache hit (plans, keys, summaries)
-    from flows.audit_model import audit_model
+    from zooaudit_flows.audit_model import audit_model
 
     for i in (0, 2):   # a digits model, and the colored one (bias stage)
         assert audit_model(spec.model_spec(MODELS[i])) == again.models[i]
@@ -167,7 +167,7 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
 
 
 def test_empty_zoo_fails_before_any_commit(prefect, store_url):
-    from flows.audit_zoo import audit_zoo
+    from zooaudit_flows.audit_zoo import audit_zoo
 
     with pytest.raises(ZooauditError, match="zoo is empty"):
         audit_zoo(_spec(store_url).model_copy(update={"models": []}))
@@ -176,7 +176,7 @@ def test_empty_zoo_fails_before_any_commit(prefect, store_url):
 
 def test_audit_model_on_a_dask_cluster(prefect, store_url):
     """Shard tasks run in Dask worker processes; forks travel there and back."""
-    from flows.audit_model import run_audit_model
+    from zooaudit_flows.audit_model import run_audit_model
 
     spec = AuditModelSpec(model="builtin:mlp-w32-s0", store=store_url, shard_size=40, task_runner="dask",
                           datasets=[DatasetSpec(name="digits", max_samples=120)], factorize={"k": 3})

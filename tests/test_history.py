@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from zooaudit import versions
-from zooaudit.cli import main
+from zooaudit_infra.cli import main
 from zooaudit.errors import ZooauditError
 from zooaudit.keys import slug_key
 from zooaudit.store import Store, commit, commit_metadata, open_group, write_dataset
@@ -112,7 +112,7 @@ def test_cli_history_diff_show(two_nights, capsys):
 def test_nightly_tags_and_time_travel_on_s3(local_stack, capsys):
     """Two 'nights' of the audit-zoo flow on the stack's S3, the second with another k: the
     first night's tag still reads the first night's components, and diff names what moved."""
-    from flows.audit_zoo import audit_zoo
+    from zooaudit_flows.audit_zoo import audit_zoo
     from zooaudit.specs import AuditZooSpec
 
     store_url = f"s3://{local_stack.config.bucket}/history-{dt.datetime.now():%H%M%S%f}"

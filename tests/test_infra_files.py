@@ -53,7 +53,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def stack_env():
-    from zooaudit.stack import StackConfig, stack_env
+    from zooaudit_infra.stack import StackConfig, stack_env
 
     cfg = StackConfig()
     return cfg, stack_env(cfg, {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
@@ -142,9 +142,9 @@ def test_dask_cluster_matches_the_scheduler_address(settings, stack_env):
     assert gpu["spec"]["cluster"] == name
     (worker,) = gpu["spec"]["worker"]["spec"]["containers"]
     # the GPU group advertises the resource `zooaudit up --gpu-workers` gives its workers, the one
-    # CUDA extraction tasks request (flows.runners.extraction_resources)
-    from flows.runners import extraction_resources
-    from zooaudit.stack import dask_worker_argv
+    # CUDA extraction tasks request (zooaudit_flows.runners.extraction_resources)
+    from zooaudit_flows.runners import extraction_resources
+    from zooaudit_infra.stack import dask_worker_argv
 
     local_gpu = dask_worker_argv(cfg, gpu=True)
     advertised = worker["args"][worker["args"].index("--resources") + 1]
@@ -158,7 +158,7 @@ def test_dask_cluster_matches_the_scheduler_address(settings, stack_env):
 
 
 def test_worker_pool_and_prefect_yaml_deployments_match_the_code():
-    from deployments.serve import build_deployments
+    from zooaudit_deployments.serve import build_deployments
 
     (worker,) = [c for d in _all_k8s() if d["kind"] == "Deployment" for c in _containers(d)]
     cmd = worker["command"]
@@ -191,10 +191,15 @@ def test_worker_pool_and_prefect_yaml_deployments_match_the_code():
 
 def test_dockerfile_installs_every_package_and_sets_the_client_defaults():
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pkg in (p.rstrip("*") for p in include):
-        assert re.search(rf"^COPY {pkg} \./{pkg}$", text, re.MULTILINE), pkg
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"zooaudit", *setuptools["package-dir"].values()}
+    for folder in folders:   # infra/: its Python files only (not the Dockerfile and k8s/)
+        assert re.search(rf"^COPY {folder}(/\*\.py)? \./{folder}/?$", text, re.MULTILINE), folder
     assert "pip install -c constraints.txt ." in text
+    # the image imports the installed names (not the copied folders from the working directory)
+    names = [n for n in setuptools["packages"] if "." not in n]
+    check = re.search(r'python -c "import ([^"]+)"', text)
+    assert check and set(names) <= {n.strip() for n in check.group(1).split(",")}
     for setting in ("PREFECT_SERVER_ANALYTICS_ENABLED=false", "AWS_REQUEST_CHECKSUM_CALCULATION=WHEN_REQUIRED"):
         assert setting in text
     assert re.search(r"^USER \d+", text, re.MULTILINE)   # not root

@@ -42,7 +42,7 @@ def test_audit_on_s3_via_stack_dask_cluster_keeps_secrets_out(local_stack):
     from distributed import Client
     from prefect.client.orchestration import get_client
 
-    from flows.audit_model import run_audit_model
+    from zooaudit_flows.audit_model import run_audit_model
     from zooaudit.specs import AuditModelSpec
 
     store_url = _prefix_url(local_stack)
@@ -143,7 +143,7 @@ def test_two_flows_auditing_one_model_at_once(local_stack):
     """Two processes audit the same model concurrently on S3: both succeed, every stage's result
     is committed on main, and the activations are extracted and committed once."""
     store_url = _prefix_url(local_stack)
-    cmd = [sys.executable, "-m", "zooaudit.cli", "audit-model", MODEL, "--threads", "--dataset", "digits",
+    cmd = [sys.executable, "-m", "zooaudit_infra.cli", "audit-model", MODEL, "--threads", "--dataset", "digits",
            "--max-samples", "60", "--store", store_url]
     env = {**os.environ, **local_stack.env}
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -173,7 +173,7 @@ def test_credentials_from_a_prefect_secret_block(local_stack, monkeypatch):
     from distributed import Client
     from prefect.blocks.system import Secret
 
-    from flows.credentials import apply_s3_credentials
+    from zooaudit_flows.credentials import apply_s3_credentials
 
     env = local_stack.env
     Secret(value=json.dumps({"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],

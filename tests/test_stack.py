@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from zooaudit.cli import main
+from zooaudit_infra.cli import main
 from zooaudit.errors import ZooauditError
-from zooaudit.stack import ENV_FILE, STATE_FILE, StackConfig, deployment_names, up
+from zooaudit_infra.stack import ENV_FILE, STATE_FILE, StackConfig, deployment_names, up
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_down_without_stack_is_a_no_op(tmp_path, capsys):
 def test_beyond_loopback_requires_api_auth_and_keeps_keys(tmp_path):
     """Bound beyond loopback, the stack generates a Prefect API auth string (clients get it as
     PREFECT_API_AUTH_STRING); S3 keys are generated in every case and kept across restarts."""
-    from zooaudit.stack import _load_or_create_secrets, stack_env
+    from zooaudit_infra.stack import _load_or_create_secrets, stack_env
 
     local = StackConfig(data_dir=str(tmp_path / "a"))
     assert local.loopback and "PREFECT_API_AUTH_STRING" not in _load_or_create_secrets(local)

@@ -145,7 +145,7 @@ def test_audit_model_flow_on_minilm_end_to_end(store_url):
     the bias stage's WEAT/SEAT, a WEAT table artifact, and the WEAT table in the HTML report."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.audit_model import audit_model
+    from zooaudit_flows.audit_model import audit_model
     from zooaudit.report import build_report
 
     spec = _spec(store_url, layers=["encoder.layer.2", "sentence_embedding"], pooling="cls", task_runner="threads",

@@ -6,8 +6,9 @@
     zooaudit layers MODEL              list a model's layers with output shapes
 
 Bad input exits with status 2 and one paragraph naming the bad value and what
-is allowed; nothing is committed. The core stays Prefect-free: flows are
-imported only by the commands that run them.
+is allowed; nothing is committed. Installed as ``zooaudit_infra.cli`` (the console script
+``zooaudit``); the flows (``zooaudit_flows``) and Prefect are imported only by the commands
+that run them, so ``zooaudit layers``/``history``/``down`` start without them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 
-from .errors import ZooauditError
+from zooaudit.errors import ZooauditError
 
 EXIT_BAD_INPUT = 2
 
@@ -120,8 +121,8 @@ def _snippet(store_url: str, audit) -> str:
 
 
 def cmd_audit_zoo(args, *, demo: bool = False) -> int:
-    from .specs import AuditZooSpec
-    from .stages import validate_zoo
+    from zooaudit.specs import AuditZooSpec
+    from zooaudit.stages import validate_zoo
 
     fields = _spec_fields(args)
     if getattr(args, "models", None) is not None:
@@ -142,10 +143,10 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
     print(f"  ready in {time.perf_counter() - t0:.1f}s; starting the audit flow", flush=True)
     with prefect_api() as api:
         print(f"  Prefect API: {api}", flush=True)
-        from flows.audit_zoo import audit_zoo
+        from zooaudit_flows.audit_zoo import audit_zoo
 
         result = audit_zoo(spec)
-    from .store import Store
+    from zooaudit.store import Store
 
     store = Store.open(spec.store)
     for m in result.models:
@@ -159,13 +160,13 @@ def cmd_audit_zoo(args, *, demo: bool = False) -> int:
 
 
 def cmd_audit_model(args) -> int:
-    from .specs import AuditModelSpec
-    from .stages import validate_model
+    from zooaudit.specs import AuditModelSpec
+    from zooaudit.stages import validate_model
 
     spec = AuditModelSpec(model=args.model, **_spec_fields(args))
     validate_model(spec)
     with prefect_api():
-        from flows.audit_model import run_audit_model
+        from zooaudit_flows.audit_model import run_audit_model
 
         audit = run_audit_model(spec)
     for r in audit.results:
@@ -175,9 +176,9 @@ def cmd_audit_model(args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from .extract import layer_shapes, list_layers
-    from .store import Store
-    from .zoo import resolve_model
+    from zooaudit.extract import layer_shapes, list_layers
+    from zooaudit.store import Store
+    from zooaudit.zoo import resolve_model
 
     model = resolve_model(args.model, Store.open(args.store))
     names = list_layers(model.module)
@@ -194,8 +195,8 @@ def cmd_layers(args) -> int:
 
 def cmd_versions(args) -> int:
     """``history`` / ``diff`` / ``show``: read versions of a model's repository."""
-    from . import versions
-    from .store import Store, open_group
+    from zooaudit import versions
+    from zooaudit.store import Store, open_group
 
     store = Store.open(args.store)
     _, repo = versions.model_repository(store, args.model)

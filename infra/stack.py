@@ -17,7 +17,8 @@ never on a command line (visible in ``ps``), never printed: ``up`` prints the
 file to source instead.
 
 This module launches subprocesses and talks HTTP; it imports no Prefect (the
-runner it starts, ``python -m deployments.serve``, does).
+runner it starts, ``python -m zooaudit_deployments.serve``, does). Installed as
+``zooaudit_infra.stack``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ZooauditError
+from zooaudit.errors import ZooauditError
 
 STATE_FILE = "stack.json"
 ENV_FILE = "stack.env"
@@ -49,7 +50,7 @@ ENV_FILE = "stack.env"
 # (e.g. port+10000 for grpc) lands outside the configured range.
 # The Dask resource a GPU worker advertises (``dask worker --resources GPU=1``: here with
 # ``--gpu-workers``, in infra/k8s the GPU worker group); extraction tasks that run on CUDA ask
-# for one unit of it (flows/runners.py), so they land on GPU workers only.
+# for one unit of it (zooaudit_flows.runners, flows/runners.py), so they land on GPU workers only.
 GPU_RESOURCE = "GPU"
 _WEED_OFFSETS = {"master": 0, "master.grpc": 1, "volume": 2, "volume.grpc": 3, "filer": 4,
                  "filer.grpc": 5, "s3.grpc": 6}
@@ -70,7 +71,7 @@ class StackConfig:
     bucket: str = "zooaudit"
     prefix: str = "store"
     runner: bool = True
-    runner_module: str = "deployments.serve"
+    runner_module: str = "zooaudit_deployments.serve"
     timeout: float = 180.0
 
     def __post_init__(self) -> None:
@@ -331,7 +332,7 @@ def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
 
 # Imported by every Dask worker at start: the first task then finds torch, Prefect and the
 # stages loaded (a cold import costs tens of seconds per worker on a small machine).
-WORKER_PRELOAD = ("tasks.extract", "tasks.analysis")
+WORKER_PRELOAD = ("zooaudit_tasks.extract", "zooaudit_tasks.analysis")
 
 
 def dask_worker_argv(cfg: StackConfig, *, gpu: bool = False) -> list[str]:
@@ -383,7 +384,7 @@ def deployment_names(cfg: StackConfig, auth: str | None = None) -> list[str]:
 
 
 def _start_runner(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
-    """Serve the deployments (``deployments/``): registers them and runs their flow runs."""
+    """Serve the deployments (``zooaudit_deployments``, deployments/): registers them and runs their flow runs."""
     auth = env.get("PREFECT_API_AUTH_STRING")
     seen: list[list[str]] = []
 
