@@ -106,7 +106,3 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
         logger.info("tagged %d repositories: %s", len(tagged), ", ".join(sorted(set(tagged.values()))))
     logger.info("report: %s", report)
     return ZooAudit(run_id=run_id or "", report=report, models=audits, zoo_results=zoo_results)
-
-
-def run_audit_zoo(spec: AuditZooSpec) -> ZooAudit:
-    return audit_zoo(spec)

@@ -120,7 +120,7 @@ def _snippet(store_url: str, audit) -> str:
     )
 
 
-def cmd_audit_zoo(args, *, demo: bool = False) -> int:
+def cmd_audit_zoo(args) -> int:
     from zooaudit.specs import AuditZooSpec
     from zooaudit.stages import validate_zoo
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in ("demo", "audit-zoo"):
-            return cmd_audit_zoo(args, demo=args.command == "demo")
+            return cmd_audit_zoo(args)
         if args.command == "audit-model":
             return cmd_audit_model(args)
         if args.command in ("history", "diff", "show"):
