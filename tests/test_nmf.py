@@ -96,7 +96,7 @@ def test_nan_and_rank_and_device_errors():
     low = np.random.default_rng(0).random((100, 2)) @ np.random.default_rng(1).random((2, 30))
     with pytest.raises(ZooauditError, match=r"'L'.*numerical rank 2.*k must be ≤ 2"):
         nmf(low, 3, name="L")
-    with pytest.raises(ZooauditError, match=r"device 'cuda:7' for layer 'L'. Allowed here: cpu"):
+    with pytest.raises(ZooauditError, match=r"Device 'cuda:7' requested for layer 'L' but .*Allowed here: cpu, auto, None \(the CPU\)"):
         nmf(X, 2, device="cuda:7", name="L")
     with pytest.raises(ZooauditError, match="Allowed: auto, hals, minibatch, sklearn"):
         nmf(X, 2, solver="mu", name="L")

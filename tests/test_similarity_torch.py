@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zooaudit.analysis import sim_stream
+from zooaudit.analysis import sim_stream, sim_torch
 from zooaudit.analysis.sim_cka import cka_from_stats, cka_matrix
 from zooaudit.analysis.sim_torch import TorchJointGram
 from zooaudit.analysis.similarity import STREAMED_METRICS, similarity_matrices
@@ -32,7 +32,7 @@ def small_blocks(monkeypatch):
 def test_torch_moments_equal_numpy_float64(layers, small_blocks):
     arrays = list(layers.values())
     ref = sim_stream.joint_gram(arrays, rownorms=True, dtype=np.float64)
-    got = sim_stream.joint_gram(arrays, rownorms=True, dtype=np.float64, device="cpu")
+    got = sim_torch.torch_joint_gram(arrays, rownorms=True, dtype=np.float64, device="cpu")
     assert isinstance(got, TorchJointGram) and not isinstance(ref, TorchJointGram)
     assert got.n == ref.n == 400
     scale = np.abs(ref.centred()).max()
@@ -78,7 +78,7 @@ def test_torch_path_bad_input_and_devices(layers):
     x[123, 4] = np.nan
     with pytest.raises(ZooauditError, match=r"non-finite"):
         cka_matrix({"x": x, "y": layers["b"]}, device="cpu")
-    with pytest.raises(ZooauditError, match=r"Bad torch device 'gpu7'.*Allowed: None \(NumPy on the CPU\), 'cpu'"):
+    with pytest.raises(ZooauditError, match=r"Bad torch device 'gpu7' for the similarity moments.*Allowed here: cpu, auto, None \(the CPU\)"):
         cka_matrix(layers, device="gpu7")
     if not torch.cuda.is_available():
         with pytest.raises(ZooauditError, match=r"'cuda' requested .* CUDA is not available"):

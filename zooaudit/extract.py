@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import ZooauditError
 from .tokens import TOKEN_POOLINGS, TokenRows, pool_tokens
 
@@ -57,15 +58,6 @@ def select_layers(module: torch.nn.Module, patterns: Sequence[str]) -> list[str]
             )
         chosen.update(hits)
     return [n for n in valid if n in chosen]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ZooauditError(f"Device {device!r} requested but CUDA is not available here. Allowed: 'cpu' or 'auto'.")
-    return torch.device(device)
 
 
 def pool(t: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,42 +193,3 @@ def layer_shapes(model: torch.nn.Module, input_shape: Iterable[int], layers: Seq
     x = dummy(1) if dummy is not None else np.zeros((1, *input_shape), np.float32)
     acts, _ = forward_batches(model, x, layers, pooling=pooling, batch_size=1, with_outputs=False, strict=strict)
     return {name: (-1, a.n_units) if isinstance(a, TokenRows) else tuple(a.shape[1:]) for name, a in acts.items()}
-
-
-def extract(model, dataset, layers, *, pooling="mean", batch_size=256, device="cpu", store_group=None):
-    """Extract ``layers`` of ``model`` over a whole ``dataset`` (public API, DESIGN.md §4).
-
-    Args:
-        model: a ``torch.nn.Module`` or a :class:`zooaudit.zoo.LoadedModel`.
-        dataset: an :class:`zooaudit.data.AuditDataset` (inputs ``(n, *input_shape)``).
-        layers: module paths or globs.
-        store_group: optional writable ``zarr.Group``; each layer is written to
-            ``<group>/<layer>`` with dims ``(sample, unit)`` (or spatial dims).
-
-    Returns:
-        ``{layer: np.ndarray (n, ...)}``; with ``pooling="tokens"``, token-level layers give
-        :class:`zooaudit.tokens.TokenRows` (``rows (n_tokens, unit)``, ``counts (n,)``).
-    """
-    module = getattr(model, "module", model)
-    names = select_layers(module, layers)
-    acts, _ = forward_batches(module, dataset.inputs, names, pooling=pooling, batch_size=batch_size,
-                              device=device, with_outputs=False)
-    if store_group is not None:
-        for name, arr in acts.items():
-            if isinstance(arr, TokenRows):  # all tokens: <layer>/{activations (token, unit), token_start, token_count}
-                g = store_group.create_group(name, overwrite=True)
-                g.attrs.update({"storage": "tokens"})
-                g.create_array("activations", data=arr.rows, dimension_names=("token", "unit"))
-                starts = np.concatenate([[0], np.cumsum(arr.counts)[:-1]]).astype(np.int64)
-                g.create_array("token_start", data=starts, dimension_names=("sample",))
-                g.create_array("token_count", data=arr.counts, dimension_names=("sample",))
-                continue
-            store_group.create_array(name, data=arr, dimension_names=dims_for(arr.ndim), overwrite=True)
-    return acts
-
-
-def dims_for(ndim: int) -> tuple[str, ...]:
-    """Named dims of a stored activation array of ``ndim`` dimensions (sample first)."""
-    return {2: ("sample", "unit"), 3: ("sample", "token", "unit"), 4: ("sample", "channel", "y", "x")}.get(
-        ndim, ("sample",) + tuple(f"dim_{i}" for i in range(1, ndim))
-    )

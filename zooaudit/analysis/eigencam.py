@@ -11,40 +11,23 @@ holding more than one row block in memory:
   The first pass centres on the first block's mean and corrects with the running sum,
   so no separate mean pass is needed and offset data loses no precision.
 
-The module also holds the shared door checks (shapes, k, finiteness) and the row-block
-reader that keeps the stored dtype (float32 stays float32 on the way to torch).
+The module also holds the factorizations' checks of ``k`` and of the numerical rank; the
+door checks and the row-block reader are :mod:`.blocks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ZooauditError
-from .sim_checks import as_matrix as check_matrix
-from .sim_checks import is_dask
-from .sim_stream import row_bounds as sim_row_bounds
-from .stats import ROW_BLOCK, Moments, compute_here
+from .blocks import iter_blocks
+from .blocks import nonfinite_layer_error as nonfinite_error
+from .stats import Moments
 
 RANK_RTOL = 1e-12  # eigenvalues below this fraction of the largest count as zero
-
-
-def as_matrix(A, name: str):
-    """Validate and flatten ``A`` to ``(N, D)`` (NumPy or Dask; an xarray DataArray gives its data).
-
-    The checks of :func:`.sim_checks.as_matrix`, worded for the factorization of layer
-    ``name``; a layer without samples is refused too (similarity counts samples later,
-    against each metric's own minimum).
-    """
-    A = check_matrix(A, f"Layer {name!r}", purpose="factorization")
-    if A.ndim > 2:
-        A = A.reshape(A.shape[0], -1)
-    if A.shape[0] == 0:
-        raise ZooauditError(f"Layer {name!r} is empty: it has no samples (shape {tuple(A.shape)}); nothing to "
-                            "factorize. Check that the dataset has samples.")
-    return A
 
 
 def check_k(k, n: int, d: int, name: str, method: str) -> int:
@@ -68,35 +51,6 @@ def check_rank(values: np.ndarray, k: int, name: str, method: str, what: str) ->
             + ("The layer is constant over the samples. " if rank == 0 else "")
             + "Choose a smaller k or another layer.")
     return rank
-
-
-def nonfinite_error(name: str, method: str, count: int) -> ZooauditError:
-    return ZooauditError(f"Layer {name!r} contains NaN or Inf activations ({count} values); {method} needs finite "
-                         "values. Drop or impute the affected samples (e.g. numpy.nan_to_num) and rerun.")
-
-
-def row_bounds(A) -> list[tuple[int, int]]:
-    """Row ranges to stream: each Dask chunk of axis 0 on its own, else blocks of about
-    ``ROW_BLOCK`` rows (whole chunks of a chunked Zarr array) — :func:`.sim_stream.row_bounds`."""
-    return sim_row_bounds([A], 1 if is_dask(A) else ROW_BLOCK)
-
-
-def iter_blocks(A, dtype=None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, block (stop − start, D))`` over row chunks of a NumPy or Dask array.
-
-    Dask arrays are read one chunk of rows at a time (nothing else is held); NumPy arrays in
-    blocks of :data:`stats.ROW_BLOCK` rows. ``dtype=None`` keeps float32/float64 as stored
-    (other dtypes become float64).
-    """
-    for start, stop in row_bounds(A):
-        yield start, stop, load_rows(A, start, stop, dtype)
-
-
-def load_rows(A, start: int, stop: int, dtype=None) -> np.ndarray:
-    """Rows ``[start, stop)`` of a NumPy or Dask array as a ``(stop − start, D)`` NumPy block."""
-    block = np.asarray(compute_here(A[start:stop]))
-    want = dtype or (block.dtype if block.dtype in (np.float32, np.float64) else np.float64)
-    return block.reshape(stop - start, -1).astype(want, copy=False)
 
 
 @dataclass

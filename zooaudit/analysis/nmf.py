@@ -33,35 +33,11 @@ import time
 import numpy as np
 import torch
 
-from ..errors import ZooauditError
-from .eigencam import (
-    Scan,
-    check_rank,
-    finish_scan,
-    iter_blocks,
-    load_rows,
-    row_bounds,
-    top_eigenpairs,
-)
+from ..devices import cpu_threads
+from .blocks import iter_blocks, load_rows, row_bounds
+from .eigencam import Scan, check_rank, finish_scan, top_eigenpairs
 
 NNDSVD_EPS = 1e-6  # scikit-learn zeroes NNDSVD entries below this before filling
-
-
-def resolve_device(device, name: str) -> torch.device:
-    """``None`` → CPU; refuse a device this machine does not have, listing the ones it has."""
-    allowed = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-                         if torch.cuda.is_available() else [])
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or (dev.type == "cuda" and not torch.cuda.is_available()) or dev.type not in ("cpu", "cuda") \
-            or (dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count()):
-        raise ZooauditError(f"Unknown or unavailable device {device!r} for layer {name!r}. "
-                            f"Allowed here: {', '.join(allowed)}.")
-    return dev
 
 
 def torch_dtype(np_dtype) -> torch.dtype:
@@ -310,32 +286,6 @@ def fit_minibatch(A, H: torch.Tensor, *, signed: bool, max_epochs: int, tol: flo
         if change <= tol:
             return epoch
     return max_epochs
-
-
-class cpu_threads:
-    """Run small CPU problems (and every HALS sweep) on one torch thread.
-
-    On a busy 2-core machine the thread pool turns a 500×40 matmul from ~20 µs into
-    ~5 ms, and a 16-row sweep over 200k samples from 0.03 s into 1.5 s; below ``SMALL``
-    elements per operand the pool costs more than it gives. The previous setting is
-    restored on exit (it is process-wide: concurrent callers may briefly see 1 thread).
-    """
-
-    SMALL = 1 << 22
-
-    def __init__(self, device: torch.device, elements: int):
-        self.active = device.type == "cpu" and elements < self.SMALL
-        self.before = torch.get_num_threads()
-
-    def __enter__(self):
-        if self.active:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.before)
-        return False
 
 
 def scan(A, name: str, method: str, hook) -> Scan:

@@ -1,4 +1,4 @@
-"""The :class:`Factorization` record and the quality measures stored with it.
+"""The quality measures stored with every :class:`~.factorization.Factorization`.
 
 Every factorization of ``A (N, D)`` reconstructs ``Â = codes @ components + mean``.
 Its ``metrics`` dict always holds (computed in one streamed pass, float64):
@@ -16,83 +16,22 @@ Its ``metrics`` dict always holds (computed in one streamed pass, float64):
   an exact solver would put zeros.
 - ``dead_components``: components whose code is active for no sample.
 
-Seed stability (:func:`stability`) and the quality curve over k (:func:`k_sweep`)
-refit the method and are computed on request only.
+Seed stability and the quality curve over k refit the method and are computed on
+request only (:mod:`.stability`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from itertools import combinations
-
 import numpy as np
-import xarray as xr
 
 from ..errors import ZooauditError
-from .eigencam import iter_blocks, row_bounds
-from .stats import ROW_BLOCK, compute_here
+from .blocks import ROW_BLOCK, compute_here, iter_blocks, row_bounds
+from .factorization import Factorization
+
+__all__ = ["ACTIVE_RTOL", "Factorization", "QualityAccumulator", "explained_variance", "finish", "finish_factors",
+           "quality_metrics"]
 
 ACTIVE_RTOL = 1e-6  # a code is active above this fraction of the RMS distance to the mean
-
-
-@dataclass
-class Factorization:
-    """``A ≈ codes @ components + mean``.
-
-    Attributes:
-        method: ``"pca"``, ``"nmf"``, ``"semi_nmf"``, ``"sae"`` or ``"dff"``.
-        components: ``(k, D)``, rows of unit L2 norm (a dead NMF/SAE row may be zero).
-            PCA rows are orthonormal; NMF rows are ≥ 0; semi-NMF/SAE rows are signed.
-        codes: ``(N, k)`` NumPy, or a lazy Dask array when asked for ``codes="dask"``.
-            PCA codes are signed; NMF, semi-NMF and SAE codes are ≥ 0. For ``dff``
-            the rows are spatial positions ``(N·H·W, k)`` and ``maps`` holds them
-            per image.
-        metrics: see the module docstring, plus per-method extras (PCA:
-            ``explained_variance_ratio`` ``(k,)`` and ``explained_variance_curve``;
-            iterative methods: ``n_iter``).
-        mean: ``(D,)``: the data mean for PCA, the (rescaled) decoder bias for SAE,
-            zeros for NMF and semi-NMF.
-        maps: ``(N, k, H, W)`` per-image heat maps (DFF only), else ``None``.
-        params: the solver settings that produced it (JSON-serialisable scalars).
-    """
-
-    method: str
-    components: np.ndarray
-    codes: np.ndarray
-    metrics: dict = field(default_factory=dict)
-    mean: np.ndarray | None = None
-    maps: np.ndarray | None = None
-    params: dict = field(default_factory=dict)
-
-    def reconstruct(self, codes=None) -> np.ndarray:
-        """``(N, D)`` reconstruction ``codes @ components + mean``."""
-        codes = self.codes if codes is None else codes
-        mean = 0.0 if self.mean is None else self.mean
-        return np.asarray(codes) @ self.components + mean
-
-    def to_dataset(self, sample_ids=None) -> xr.Dataset:
-        """Labelled result: ``components (component, unit)``, ``codes (sample, component)``
-        (``heatmaps (sample, component, y, x)`` instead for DFF), ``mean (unit)``,
-        per-component metrics as variables, scalar metrics and params as attributes."""
-        k, d = self.components.shape
-        coords = {"component": np.arange(k), "unit": np.arange(d)}
-        if sample_ids is not None:
-            coords["sample"] = np.asarray(sample_ids)
-        data = {"components": (("component", "unit"), self.components)}
-        if self.maps is not None:
-            data["heatmaps"] = (("sample", "component", "y", "x"), self.maps)
-        else:
-            data["codes"] = (("sample", "component"), self.codes)
-        if self.mean is not None:
-            data["mean"] = ("unit", np.asarray(self.mean, np.float64))
-        for key, value in self.metrics.items():
-            if np.ndim(value) == 1 and len(value) == k and key != "explained_variance_curve":
-                data[key] = ("component", np.asarray(value))
-        scalars = {key: float(v) for key, v in self.metrics.items() if np.ndim(v) == 0}
-        params = {f"param_{key}": (v if isinstance(v, (int, float, str)) else str(v))
-                  for key, v in self.params.items()}
-        return xr.Dataset(data, coords=coords, attrs={"method": self.method, **scalars, **params})
 
 
 class QualityAccumulator:
@@ -265,147 +204,3 @@ def finish_factors(method: str, X, Wt, H, *, rms: float, extra: dict, params: di
                               cos_n=cos_n, active=active, dead=int((~ever).sum()))
     return Factorization(method=method, components=C64.cpu().numpy(), codes=codes.cpu().numpy(),
                          mean=np.zeros(d), metrics={**metrics, **extra}, params=params)
-
-
-def matched_cosine(C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hungarian matching of two component sets by cosine.
-
-    Args:
-        C1: ``(k1, D)``; C2: ``(k2, D)``.
-    Returns:
-        ``(cos, match)``, each ``(min(k1, k2),)``: for row ``i`` of ``C1`` (all rows when
-        ``k1 ≤ k2``), the matched row ``match[i]`` of ``C2`` and their cosine. The
-        assignment maximises the summed (signed) cosine; zero rows have cosine 0.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    def unit(c):
-        c = np.asarray(c, np.float64)
-        norm = np.linalg.norm(c, axis=1, keepdims=True)
-        return np.divide(c, norm, out=np.zeros_like(c), where=norm > 0)
-
-    cos = unit(C1) @ unit(C2).T
-    rows, cols = linear_sum_assignment(-cos)
-    return cos[rows, cols], cols
-
-
-@dataclass
-class Stability:
-    """Agreement of one method's components across seeds.
-
-    Attributes:
-        seeds: the seeds, in order.
-        pairwise: ``(S, S)`` mean Hungarian-matched cosine per pair of seeds (1 on the diagonal).
-        per_component: ``(k,)`` for each component of the first seed's fit (or of the
-            ``reference`` passed to :func:`stability`), its matched cosine averaged over the
-            other seeds (all seeds for a reference).
-        mean / min: mean and minimum of the off-diagonal ``pairwise`` entries.
-        rows: how many rows of ``A`` the seed fits used (all, or the ``rows`` subset).
-    """
-
-    seeds: tuple
-    pairwise: np.ndarray
-    per_component: np.ndarray
-    mean: float
-    min: float
-    rows: int = 0
-
-
-def _fit(method: str, A, k: int, seed: int, name: str, options: dict) -> Factorization:
-    from . import factorize as fz
-
-    methods = {"pca": fz.pca, "nmf": fz.nmf, "semi_nmf": fz.semi_nmf, "sae": fz.sae}
-    if method not in methods:
-        raise ZooauditError(f"Unknown factorization method {method!r} for layer {name!r}. "
-                            f"Allowed: {', '.join(sorted(methods))}.")
-    return methods[method](A, k, random_state=seed, name=name, **options)
-
-
-def take_rows(A, rows: np.ndarray | None):
-    """Rows ``rows`` (sorted indices) of ``A`` as an in-memory NumPy array; ``A`` itself when ``None``."""
-    if rows is None:
-        return A
-    rows = np.asarray(rows, np.int64)
-    if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= A.shape[0]:
-        raise ZooauditError(f"rows must be a non-empty 1-D array of indices in [0, {A.shape[0]}); got "
-                            f"{len(rows)} indices" + (f" from {rows.min()} to {rows.max()}" if len(rows) else "") + ".")
-    return np.asarray(compute_here(A[rows]))
-
-
-def stability(method: str, A, k: int, seeds: Sequence[int] = (0, 1, 2), *, name: str = "A",
-              reference: np.ndarray | None = None, rows: np.ndarray | None = None, **options) -> Stability:
-    """Fit ``method`` once per seed and compare the component sets pairwise.
-
-    Components are matched one-to-one by the Hungarian algorithm on their cosines
-    (``scipy.optimize.linear_sum_assignment``). For ``"nmf"`` the default ``init`` here is
-    ``"random"`` (the deterministic NNDSVD start would make every seed agree by
-    construction); pass ``init=`` to override. PCA is deterministic: stability 1.
-
-    Args:
-        A: ``(N, D)`` NumPy or Dask. ``seeds``: at least two distinct ints.
-        reference: optional ``(k, D)`` components of a fit kept elsewhere (e.g. the stored
-            one); ``per_component`` is then each reference row's matched cosine averaged
-            over all the seeds' fits, so it lines up with the stored components.
-        rows: optional sorted row indices: every seed is fitted on these rows only (one fixed
-            subset shared by all seeds, so the seeds differ only in their start). A bounded
-            subset makes the ``len(seeds)`` refits cost O(len(rows)) instead of O(N) each; the
-            measure is then the agreement of fits on that subset (with ``reference``: how
-            well the full-data components are recovered from it).
-        options: passed to the method (``max_iter``, ``solver``, ``epochs`` ...).
-    """
-    seeds = tuple(int(s) for s in seeds)
-    if len(set(seeds)) < 2:
-        raise ZooauditError(f"stability of layer {name!r} needs at least two distinct seeds; got {seeds}.")
-    if method == "nmf":
-        options.setdefault("init", "random")
-    A = take_rows(A, rows)
-    comps = [_fit(method, A, k, s, name, options).components for s in seeds]
-    n = len(seeds)
-    pairwise = np.eye(n)
-    per = np.zeros((n - 1, comps[0].shape[0]))
-    for i, j in combinations(range(n), 2):
-        cos, _ = matched_cosine(comps[i], comps[j])
-        pairwise[i, j] = pairwise[j, i] = float(cos.mean())
-        if i == 0:
-            per[j - 1] = cos
-    if reference is not None:
-        per = np.stack([matched_cosine(reference, c)[0] for c in comps])
-    off = pairwise[~np.eye(n, dtype=bool)]
-    return Stability(seeds, pairwise, per.mean(axis=0), float(off.mean()), float(off.min()), int(A.shape[0]))
-
-
-CURVE_METRICS = ("explained_variance", "reconstruction_mse", "mean_cosine", "l0", "sparsity", "dead_components")
-
-
-def k_sweep(A, ks: Sequence[int], method: str = "pca", *, seeds: Sequence[int] | None = None,
-            random_state: int = 0, name: str = "A", stability_rows: np.ndarray | None = None,
-            **options) -> xr.Dataset:
-    """Quality curve over the number of components.
-
-    Fits ``method`` once per ``k`` (plus once per seed when ``seeds`` is given, adding
-    ``stability_mean`` and ``stability_min``; those seed fits use only the rows
-    ``stability_rows`` when given, see :func:`stability`).
-
-    Returns:
-        ``xr.Dataset`` with dim ``k`` and variables ``explained_variance``,
-        ``reconstruction_mse``, ``mean_cosine``, ``l0``, ``sparsity``, ``dead_components``;
-        attrs ``method`` and ``layer``.
-    """
-    ks = [int(k) for k in ks]
-    if not ks or len(set(ks)) != len(ks):
-        raise ZooauditError(f"k_sweep of layer {name!r} needs a non-empty list of distinct k; got {ks}.")
-    rows = {m: [] for m in CURVE_METRICS}
-    stab = {"stability_mean": [], "stability_min": []}
-    sub = take_rows(A, stability_rows) if seeds is not None else None  # read once for every k
-    for k in ks:
-        f = _fit(method, A, k, random_state, name, dict(options))
-        for m in CURVE_METRICS:
-            rows[m].append(float(f.metrics[m]))
-        if seeds is not None:
-            s = stability(method, sub, k, seeds, name=name, **dict(options))
-            stab["stability_mean"].append(s.mean)
-            stab["stability_min"].append(s.min)
-    data = {m: ("k", np.asarray(v)) for m, v in rows.items()}
-    if seeds is not None:
-        data.update({m: ("k", np.asarray(v)) for m, v in stab.items()})
-    return xr.Dataset(data, coords={"k": ks}, attrs={"method": method, "layer": name})

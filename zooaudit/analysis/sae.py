@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from ..errors import ZooauditError
-from .eigencam import as_matrix, load_rows, row_bounds
-from .nmf import cpu_threads, resolve_device, scan
-from .quality import Factorization, finish
+from ..devices import cpu_threads, resolve_device
+from .blocks import layer_matrix, load_rows, row_bounds
+from .factorization import Factorization
+from .nmf import scan
+from .quality import finish
 
 
 def _positive(value, kind: str, name: str, integer: bool = True, allow_zero: bool = False):
@@ -71,7 +73,7 @@ def sae(A, k_latents: int, *, topk: int = 8, epochs: int = 20, batch_size: int =
         norm), codes ``(N, k_latents)`` ≥ 0 with at most ``topk`` non-zeros per row;
         metrics add ``final_loss`` (mean normalised loss over the last epoch).
     """
-    A = as_matrix(A, name)
+    A = layer_matrix(A, name)
     n, d = A.shape
     _positive(k_latents, "k_latents", name)
     _positive(topk, "topk", name)
@@ -85,7 +87,7 @@ def sae(A, k_latents: int, *, topk: int = 8, epochs: int = 20, batch_size: int =
                                                                k_latents)
     if codes not in ("numpy", "dask"):
         raise ZooauditError(f"Unknown codes {codes!r} for layer {name!r}. Allowed: numpy, dask.")
-    dev = resolve_device(device, name)
+    dev = resolve_device(device, what=f" for layer {name!r}")
     with cpu_threads(dev, max(batch_size, k_latents) * max(d, k_latents)):
         return _train(A, n, d, k_latents, topk, epochs, batch_size, lr, aux_k, aux_coef, random_state, dev, codes,
                       name)

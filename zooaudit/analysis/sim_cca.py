@@ -16,9 +16,9 @@ import math
 
 import numpy as np
 
+from .blocks import as_matrix
 from .sim_checks import (
     DegenerateCCAWarning,
-    as_matrix,
     check_real,
     check_sample_ids,
     check_samples,

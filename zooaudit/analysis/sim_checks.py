@@ -20,7 +20,8 @@ import numbers
 import numpy as np
 
 from ..errors import ZooauditError, unknown
-from .stats import compute_here
+from .blocks import compute_here, is_dask, width
+from .blocks import nonfinite_rows_error as nonfinite_error
 
 # Largest n for which a metric builds n×n matrices in memory (RBF CKA, Gram-based
 # HSIC): 10k samples is 800 MB per float64 matrix, and a metric holds a few.
@@ -40,42 +41,6 @@ class DegenerateCCAWarning(RuntimeWarning):
     """
 
 
-def is_dask(x) -> bool:
-    return hasattr(x, "dask") and hasattr(x, "chunks")
-
-
-def as_matrix(x, name: str = "X", *, purpose: str = "similarity"):
-    """Return ``x`` as a lazily sliceable array with ``ndim >= 2`` (not copied).
-
-    NumPy-convertible inputs become ``np.ndarray``; Dask and Zarr arrays stay lazy; an
-    xarray DataArray gives its ``.data``. The one door check of both analysis families:
-    ``name`` says what is checked and ``purpose`` what it is for in the errors
-    (:func:`.eigencam.as_matrix` passes ``"Layer 'conv1'"`` and ``"factorization"``).
-    Arrays with more than two dimensions are returned as they are; callers flatten the
-    trailing dims (block by block, or :func:`.eigencam.as_matrix` at once).
-    """
-    if hasattr(x, "dims") and hasattr(x, "data") and hasattr(x, "coords"):  # xarray.DataArray
-        x = x.data
-    if not (is_dask(x) or isinstance(x, np.ndarray) or
-            (hasattr(x, "shape") and hasattr(x, "ndim") and hasattr(x, "dtype") and hasattr(x, "__getitem__"))):
-        x = np.asarray(x)
-    if x.ndim < 2:
-        raise ZooauditError(
-            f"{name} has shape {tuple(x.shape)}; {purpose} needs (n_samples, n_features) arrays, 2-D or more "
-            "(extra trailing dims are flattened). Reshape a single feature with x.reshape(-1, 1).")
-    dt = np.dtype(x.dtype)
-    if not (np.issubdtype(dt, np.number) or dt == np.bool_) or np.issubdtype(dt, np.complexfloating):
-        raise ZooauditError(f"{name} must hold real numbers; got dtype {dt}.")
-    if width(x) == 0:
-        raise ZooauditError(f"{name} is empty: it has no features (shape {tuple(x.shape)}); {purpose} needs at "
-                            "least one. Check the layer selection.")
-    return x
-
-
-def width(x) -> int:
-    return int(np.prod(x.shape[1:]))
-
-
 def _sample_ids(x):
     """The sample-dimension coordinate of an xarray DataArray (its first dim), else None."""
     if hasattr(x, "dims") and hasattr(x, "coords") and getattr(x, "ndim", 0) >= 1 and x.dims[0] in x.coords:
@@ -87,7 +52,7 @@ def check_sample_ids(inputs, names) -> None:
     """Labelled inputs (xarray DataArrays with a coordinate on their first dim) must
     carry the same sample ids in the same order; unlabelled inputs are trusted.
 
-    Called on the raw inputs, before :func:`as_matrix` drops the labels.
+    Called on the raw inputs, before :func:`.blocks.as_matrix` drops the labels.
     """
     first = None
     for x, name in zip(inputs, names):
@@ -132,16 +97,6 @@ def compute_dtype(arrays) -> np.dtype:
     small = all(np.dtype(a.dtype) in (np.dtype(np.float32), np.dtype(np.float16)) for a in arrays)
     wide = sum(width(a) for a in arrays) >= FLOAT32_MIN_WIDTH
     return np.dtype(np.float32) if small and wide else np.dtype(np.float64)
-
-
-def nonfinite_error(name: str, block: np.ndarray, start: int = 0) -> ZooauditError:
-    """The error for non-finite values in ``block`` (rows ``start`` … of the input)."""
-    bad = np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)) + start
-    shown = ", ".join(str(int(r)) for r in bad[:5]) + (" …" if len(bad) > 5 else "")
-    where = f"row {shown}" if len(bad) == 1 else f"rows {shown}" if len(bad) else f"rows from {start}"
-    return ZooauditError(
-        f"{name} contains non-finite values (NaN or ±Inf) in {where}; similarity metrics need finite "
-        "activations. Drop or impute those samples (the same rows from every representation) first.")
 
 
 def dense(x, name: str = "X") -> np.ndarray:

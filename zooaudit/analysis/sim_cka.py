@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import ZooauditError
+from .blocks import as_matrix, is_dask, width
 from .sim_checks import (
-    as_matrix,
     check_bool,
     check_choice,
     check_gram_size,
@@ -37,9 +37,7 @@ from .sim_checks import (
     check_sample_ids,
     check_samples,
     dense,
-    is_dask,
     warn_undefined,
-    width,
 )
 from .sim_stream import JointGram, joint_gram
 
@@ -131,8 +129,19 @@ def cka_matrix(named: Mapping[str, object], *, debiased: bool = False, device=No
     """
     debiased = check_bool("debiased", debiased)
     names, arrays = _prepare(named, debiased)
-    acc = joint_gram(arrays, names=names, rownorms=debiased, device=device)
+    acc = joint_moments(arrays, names=names, rownorms=debiased, device=device)
     return cka_from_stats(acc, debiased=debiased)
+
+
+def joint_moments(arrays, *, names=None, dtype=None, rownorms: bool = False, device=None) -> JointGram:
+    """The streamed joint moments of ``arrays`` with NumPy (``device=None``, :func:`.sim_stream.joint_gram`)
+    or with torch on ``device`` (:func:`.sim_torch.torch_joint_gram`, imported only then: torch is
+    not needed on the NumPy path)."""
+    if device is None:
+        return joint_gram(arrays, names=names, dtype=dtype, rownorms=rownorms)
+    from .sim_torch import torch_joint_gram
+
+    return torch_joint_gram(arrays, device=device, names=names, dtype=dtype, rownorms=rownorms)
 
 
 # -- Gram-matrix estimators (n × n, moderate n) --------------------------------------

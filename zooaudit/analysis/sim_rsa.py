@@ -14,9 +14,9 @@ import warnings
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from .blocks import as_matrix
 from .sim_checks import (
     UndefinedSimilarityWarning,
-    as_matrix,
     check_choice,
     check_sample_ids,
     check_samples,

@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import ZooauditError
-from .sim_checks import is_dask, nonfinite_error, width
+from .blocks import is_dask, row_bounds, width
+from .blocks import nonfinite_rows_error as nonfinite_error
+from .sim_checks import compute_dtype
 
 TARGET_BLOCK_BYTES = 128 * 2**20   # rows per block ≈ this many bytes of all layers together
 MAX_BLOCK_ROWS = 65_536
@@ -41,29 +43,6 @@ LOWRANK_FLUSH = 64                 # blocks between batched rank-one updates
 
 def block_rows(total_width: int, itemsize: int) -> int:
     return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // max(1, total_width * itemsize))))
-
-
-def row_bounds(arrays: Sequence, rows: int) -> list[tuple[int, int]]:
-    """Row ranges of about ``rows`` rows, made of whole chunks of the first chunked input."""
-    n = int(arrays[0].shape[0])
-    for a in arrays:
-        chunks = getattr(a, "chunks", None)
-        if is_dask(a):
-            sizes = list(chunks[0])
-        elif isinstance(chunks, tuple) and chunks and isinstance(chunks[0], (int, np.integer)):
-            sizes = [int(chunks[0])] * (n // int(chunks[0])) + ([n % int(chunks[0])] if n % int(chunks[0]) else [])
-        else:
-            continue
-        bounds, start, stop = [], 0, 0
-        for size in sizes:   # merge consecutive chunks until a block holds ~rows rows
-            if stop > start and stop - start + size > rows:
-                bounds.append((start, stop))
-                start = stop
-            stop += size
-        if stop > start:
-            bounds.append((start, stop))
-        return bounds
-    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
 
 
 def _load(arrays: Sequence, start: int, stop: int) -> list[np.ndarray]:
@@ -87,7 +66,7 @@ def iter_row_blocks(arrays: Sequence, rows: int) -> Iterator[tuple[int, int, lis
     Lazy inputs (Dask, Zarr) are read one block ahead on a helper thread, so
     reading overlaps the arithmetic on the previous block (two blocks in memory).
     """
-    bounds = row_bounds(arrays, rows)
+    bounds = row_bounds(*arrays, rows=rows)
     if all(isinstance(a, np.ndarray) for a in arrays):
         for start, stop in bounds:
             yield start, stop, [a[start:stop].reshape(stop - start, -1) for a in arrays]
@@ -265,24 +244,19 @@ class JointGram:
 
 
 def joint_gram(arrays: Sequence, *, names: Sequence[str] | None = None, dtype=None,
-               rownorms: bool = False, device=None) -> JointGram:
+               rownorms: bool = False) -> JointGram:
     """One pass over the rows of ``arrays`` (sharing rows) → finalized :class:`JointGram`.
 
-    ``device``: ``None`` (default) accumulates with NumPy on the CPU; a torch device
-    (``"cuda"``, ``"cuda:1"``, ``"cpu"``, ``torch.device``) accumulates with torch on
-    that device (:class:`~zooaudit.analysis.sim_torch.TorchJointGram`; same statistics,
-    copied back to NumPy float64 when finalized).
+    Accumulated with NumPy on the CPU; :func:`.sim_torch.torch_joint_gram` is the same pass
+    with torch on a device, :func:`.sim_cka.joint_moments` picks one of the two.
+    ``dtype``: the GEMM dtype (default :func:`.sim_checks.compute_dtype`).
     """
-    from .sim_checks import compute_dtype
-
     dtype = compute_dtype(arrays) if dtype is None else np.dtype(dtype)
-    widths = [width(a) for a in arrays]
-    if device is None:
-        acc = JointGram(widths, dtype=dtype, rownorms=rownorms, names=names)
-    else:
-        from .sim_torch import TorchJointGram
+    return fill(JointGram([width(a) for a in arrays], dtype=dtype, rownorms=rownorms, names=names), arrays)
 
-        acc = TorchJointGram(widths, device=device, dtype=dtype, rownorms=rownorms, names=names)
-    for start, _, parts in iter_row_blocks(arrays, block_rows(acc.P, dtype.itemsize)):
+
+def fill(acc: JointGram, arrays: Sequence) -> JointGram:
+    """Stream every row block of ``arrays`` into the accumulator ``acc`` and finalize it."""
+    for start, _, parts in iter_row_blocks(arrays, block_rows(acc.P, acc.dtype.itemsize)):
         acc.update(parts, start)
     return acc.finalize()

@@ -24,25 +24,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import ZooauditError
-from .sim_checks import nonfinite_error
-from .sim_stream import JointGram
+from .blocks import nonfinite_rows_error as nonfinite_error
+from .blocks import width
+from .sim_checks import compute_dtype
+from .sim_stream import JointGram, fill
 
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 _DIRECT = {np.dtype(t) for t in (np.float16, np.float32, np.float64)}   # dtypes torch.from_numpy keeps
-
-
-def resolve_device(device) -> torch.device:
-    """``device`` as a ``torch.device``; a clear error for a bad name or missing CUDA."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ZooauditError(f"Bad torch device {device!r} for the similarity moments: {err}. "
-                            "Allowed: None (NumPy on the CPU), 'cpu', 'cuda', 'cuda:N'.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ZooauditError(f"Device {device!r} requested for the similarity moments but CUDA is not available "
-                            "here. Allowed: None (NumPy), 'cpu'.")
-    return dev
 
 
 @contextlib.contextmanager
@@ -69,7 +59,7 @@ class TorchJointGram(JointGram):
 
     def __init__(self, widths: Sequence[int], *, device, dtype=np.float64, rownorms: bool = False,
                  names: Sequence[str] | None = None):
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, what=" for the similarity moments")
         super().__init__(widths, dtype=dtype, rownorms=rownorms, names=names)
         if self.dtype not in _TORCH_DTYPE:
             raise ZooauditError(f"compute dtype must be float32 or float64; got {self.dtype}.")
@@ -152,3 +142,12 @@ class TorchJointGram(JointGram):
             del self._T, self._s
             self._final = True
         return self
+
+
+def torch_joint_gram(arrays: Sequence, *, device, names: Sequence[str] | None = None, dtype=None,
+                     rownorms: bool = False) -> TorchJointGram:
+    """:func:`.sim_stream.joint_gram` accumulated with torch on ``device`` (``"cuda"``,
+    ``"cuda:1"``, ``"cpu"``, ``torch.device``): the same statistics, as NumPy float64."""
+    dtype = compute_dtype(arrays) if dtype is None else np.dtype(dtype)
+    acc = TorchJointGram([width(a) for a in arrays], device=device, dtype=dtype, rownorms=rownorms, names=names)
+    return fill(acc, arrays)

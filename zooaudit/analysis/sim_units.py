@@ -9,9 +9,9 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError
+from .blocks import as_matrix
 from .sim_checks import (
     UndefinedSimilarityWarning,
-    as_matrix,
     check_int,
     check_sample_ids,
     check_samples,

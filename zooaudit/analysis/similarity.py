@@ -48,11 +48,11 @@ from .sim_cca import (
     shape_distance,
     svcca,
 )
+from .blocks import as_matrix
 from .sim_checks import (
     MAX_GRAM_SAMPLES,
     DegenerateCCAWarning,
     UndefinedSimilarityWarning,
-    as_matrix,
     check_real,
     check_sample_ids,
     check_samples,
@@ -60,13 +60,14 @@ from .sim_checks import (
 from .sim_cka import (
     cka_from_stats,
     cka_matrix,
+    joint_moments,
     linear_cka,
     minibatch_cka,
     minibatch_cka_pairs,
     rbf_cka,
 )
 from .sim_rsa import rdm, rsa
-from .sim_stream import JointGram, joint_gram
+from .sim_stream import JointGram
 from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
 
 __all__ = [
@@ -258,7 +259,7 @@ def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: b
     names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
     moments = [m for m in metrics if m in MOMENT_METRICS]
     # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32
-    acc = joint_gram(arrays, names=names, rownorms="linear_cka_debiased" in metrics,
+    acc = joint_moments(arrays, names=names, rownorms="linear_cka_debiased" in metrics,
                      dtype=np.float64 if moments else None, device=device)
     out = {}
     for metric in ("linear_cka", "linear_cka_debiased"):

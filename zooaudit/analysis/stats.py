@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ROW_BLOCK = 8192  # rows per block when streaming in-memory (NumPy) arrays
+from .blocks import ROW_BLOCK, compute_here  # re-exported: the stages import compute_here from here
 
-
-def compute_here(x):
-    """``x`` with any lazy (Dask / xarray-over-Dask) values computed on the calling thread.
-
-    Never through an ambient distributed client: these reads run inside Dask worker tasks,
-    where a nested cluster compute can wait forever for a busy worker thread. NumPy and
-    other eager inputs are returned as they are."""
-    return x.compute(scheduler="synchronous") if hasattr(x, "compute") else x
+__all__ = ["ROW_BLOCK", "Moments", "compute_here"]
 
 
 class Moments:
