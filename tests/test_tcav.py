@@ -6,10 +6,10 @@ import torch
 
 from zooaudit.analysis.tcav import (
     concept_activation_vector,
-    layer_gradients,
     tcav,
     tcav_score,
 )
+from zooaudit.gradients import layer_gradients
 from zooaudit.errors import ZooauditError
 
 
@@ -71,7 +71,7 @@ def test_bad_input():
 def test_colour_concept_drives_the_shortcut_model(shared_store):
     """The colored-digits CNN learnt colour as a shortcut for its label (colour = label 90% of the
     time in training): the concept 'green' raises the logit of class 1 (green's label), 'red' does not."""
-    from zooaudit.analysis.tcav import concept_sensitivity
+    from zooaudit.gradients import concept_sensitivity
     from zooaudit.data import load_dataset
     from zooaudit.store import Store
     from zooaudit.zoo import resolve_model

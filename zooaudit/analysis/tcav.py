@@ -13,8 +13,9 @@ For a layer with activations ``h`` (``(n, unit)``, flattened per sample):
   Welch t-test compares the two score lists (the paper uses a t-test over ≥ 20 random
   runs); ``p_value`` is its p-value. Use R ≥ 20 for an audit; small R only in tests.
 
-Gradients come from :func:`layer_gradients`, which hooks a module's output (any model
-that :mod:`zooaudit.extract` can hook) and back-propagates one class logit.
+This module reads arrays only. The gradients and the concept activations come from the
+model side: :func:`zooaudit.gradients.layer_gradients` and
+:func:`zooaudit.gradients.concept_sensitivity`.
 """
 
 from __future__ import annotations
@@ -116,71 +117,4 @@ def tcav(gradients, concept, random_sets, *, alpha: float = 0.05, random_state: 
                       significant=bool(p < alpha), cav_accuracy=np.array([a for _, a in cavs]))
 
 
-def layer_gradients(model, inputs, layer: str, target: int, *, batch_size: int = 64):
-    """``(n, unit)`` gradients of logit ``target`` w.r.t. ``layer``'s output (flattened), one row per input.
-
-    ``inputs``: ``(n, *input_shape)`` array (or texts for a model with ``collate``).
-    """
-    import torch
-
-    from ..extract import _first_tensor
-
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ZooauditError(f"Layer {layer!r} is not in the model. Valid layers: {', '.join(n for n in modules if n)}.")
-    kept: list = []
-    handle = modules[layer].register_forward_hook(lambda _m, _i, out: kept.append(_first_tensor(out)))
-    collate = getattr(model, "collate", None)
-    rows = []
-    model.eval()
-    try:
-        for start in range(0, len(inputs), batch_size):
-            kept.clear()
-            part = inputs[start:start + batch_size]
-            with torch.enable_grad():
-                if collate is not None:
-                    out = model(**collate(part))
-                else:
-                    out = model(torch.as_tensor(np.ascontiguousarray(part), dtype=torch.float32))
-                logits = _first_tensor(out)
-                if not 0 <= target < logits.shape[1]:
-                    raise ZooauditError(f"target class {target} out of range: the model has {logits.shape[1]} outputs.")
-                (grad,) = torch.autograd.grad(logits[:, target].sum(), kept[0])
-            rows.append(grad.detach().reshape(grad.shape[0], -1).numpy().astype(np.float64))
-    finally:
-        handle.remove()
-    return np.concatenate(rows)
-
-
-def concept_sensitivity(module, layer: str, class_inputs, target: int, concept_inputs, random_pool, *,
-                        n_random: int = 20, random_size: int | None = None, alpha: float = 0.05,
-                        random_state: int = 0, batch_size: int = 256) -> TcavResult:
-    """TCAV of a named concept, given as example inputs, for class ``target`` of a model.
-
-    Args:
-        module: the ``torch.nn.Module`` (a classifier: its output is ``(n, n_classes)`` logits).
-        layer: module path whose output the CAVs live in (flattened per sample).
-        class_inputs: ``(n, *input_shape)`` inputs of class ``target`` (the sensitivities).
-        concept_inputs: ``(n_c, *input_shape)`` examples of the concept.
-        random_pool: ``(m, *input_shape)`` inputs the ``n_random`` random concepts are drawn
-            from (each ``random_size`` samples without replacement; default ``n_c``).
-    """
-    from ..extract import forward_batches
-
-    size = int(random_size or len(concept_inputs))
-    if size > len(random_pool):
-        raise ZooauditError(f"random_pool has {len(random_pool)} inputs; each random concept needs {size}.")
-    rng = np.random.default_rng(random_state)
-    draws = [rng.choice(len(random_pool), size, replace=False) for _ in range(n_random)]
-
-    def acts(x):
-        return forward_batches(module, x, [layer], pooling="flatten", batch_size=batch_size,
-                               with_outputs=False)[0][layer]
-
-    pool_acts = acts(random_pool)
-    grads = layer_gradients(module, class_inputs, layer, target, batch_size=batch_size)
-    return tcav(grads, acts(concept_inputs), [pool_acts[i] for i in draws], alpha=alpha, random_state=random_state)
-
-
-__all__ = ["TcavResult", "concept_activation_vector", "concept_sensitivity", "layer_gradients", "tcav",
-           "tcav_score"]
+__all__ = ["TcavResult", "concept_activation_vector", "tcav", "tcav_score"]
