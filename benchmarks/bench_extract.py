@@ -127,7 +127,7 @@ def _rss_mib() -> float:
 
 def memory_child(args) -> None:
     """One N of the memory mode, in its own process: plan + activations stage; print JSON."""
-    from zooaudit.stages import extraction
+    from zooaudit.stages import activations as extraction
 
     folder = Path(args.folder)
     ds_spec = DatasetSpec(name="arrays", path=str(folder / "inputs.npy"))

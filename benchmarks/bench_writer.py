@@ -25,7 +25,7 @@ from numcodecs import Blosc, Zstd
 
 from zooaudit import layout, stages
 from zooaudit.specs import AuditModelSpec, DatasetSpec
-from zooaudit.stages import extraction
+from zooaudit.stages import activations as extraction
 
 CODECS = {
     "zstd-1": Zstd(level=1),

@@ -1,9 +1,11 @@
-"""Flow ``audit-model``: activations of one model on each dataset, then the analyses.
+"""Flow ``audit-model``: the model stages of one model on each dataset, then the array stages.
 
-    plan ─► begin ─► extract-shards × groups ─► publish (commit "activations")
-                                                 ├─ factorize  → commit
-                                                 ├─ similarity → commit
-                                                 └─ bias       → commit
+    validate ─► per dataset: plan ─► activations: begin ─► extract-shards × groups ─► publish
+                                   ─► controls (same tasks, same placement) + unsharded controls
+                                   ─► array stages of the registry, on the ActivationsRef:
+                                        ├─ factorize  → commit
+                                        ├─ similarity → commit
+                                        └─ bias       → commit
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from zooaudit import stages
 from zooaudit.report.summary import (
     bias_table,
     model_markdown,
@@ -22,13 +23,18 @@ from zooaudit.report.summary import (
     weat_table,
 )
 from zooaudit.specs import AuditModelSpec
+from zooaudit.stages import ARRAY_STAGES, activations_ref, control_ref, pending_shards, shard_groups
 from zooaudit.store import Store
-from zooaudit_tasks.analysis import bias, factorize, similarity
+from zooaudit_tasks.analysis import array_stage
 from zooaudit_tasks.extract import (
     begin_activations,
+    cache_hit,
     extract_shards,
+    plan_controls,
     plan_extraction,
     publish_activations,
+    unsharded_controls,
+    validate_model,
 )
 
 from .runners import dask_cluster, extraction_placement, task_runner
@@ -37,45 +43,61 @@ from .runners import dask_cluster, extraction_placement, task_runner
 @dataclass
 class ModelAudit:
     model: str
-    plans: list = field(default_factory=list)           # ExtractionPlan per audited dataset
-    results: list = field(default_factory=list)         # StageResult of every stage
+    refs: list = field(default_factory=list)            # ActivationsRef per audited dataset
+    results: list = field(default_factory=list)         # StageResult of every stage (controls included)
 
 
-def _activations(plan, run_id, params):
-    """Commit every missing shard on a staging branch; publish all or nothing."""
-    if (snap := stages.cached_activations(plan)) is not None:
-        return stages.skipped("activations", plan, plan.cache_key, snap)
+def _extract(plan, run_id, params):
+    """One sharded product (the activations, or a control): every missing shard committed on a
+    staging branch, then published all or nothing; a cache hit when it is committed already."""
+    if (hit := cache_hit(plan)) is not None:
+        return hit
     staging = begin_activations(plan)
-    groups = stages.shard_groups(stages.pending_shards(plan, staging))
+    groups = shard_groups(pending_shards(plan, staging))
     with extraction_placement(plan.device):   # on GPU workers when the device may be CUDA and there are some
         shards = extract_shards.map(unmapped(plan), groups, unmapped(staging.branch))
     return publish_activations(plan, staging, run_id, params, shards.result())
+
+
+def _model_stages(plan, spec, run_id, params):
+    """Activations, then the controls the spec needs; returns ``(ActivationsRef, results)``.
+    One extraction per (model, plan) at a time, across processes and machines: a second
+    run of the same audit waits here, then finds the committed products (cache hits). Runs
+    on other models take other locks and never wait."""
+    with Store(plan.store).lock(f"extract-{plan.model_key}-{plan.cache_key}"):
+        acts = _extract(plan, run_id, params)
+        results, controls = [acts], {}
+        for cplan in plan_controls(plan, spec):
+            done = _extract(cplan, run_id, params)
+            results.append(done)
+            controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, done)
+        with extraction_placement(plan.device):
+            extra = unsharded_controls.submit(plan, spec, run_id).result()
+        for done, ref in extra:
+            results.append(done)
+            controls[ref.kind] = ref
+    return activations_ref(plan, acts.snapshot, controls), results
 
 
 @flow(name="audit-model", flow_run_name="audit-model-{spec.model}")
 def audit_model(spec: AuditModelSpec) -> ModelAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
-    stages.validate_model(spec)
+    validate_model(spec)
     audit = ModelAudit(spec.model)
+    params = spec.model_dump(mode="json")
     for ds_spec in spec.datasets:
         plan = plan_extraction(spec, ds_spec)
         if plan is None:
             logger.info("%s does not take %s inputs; not audited on it", spec.model, ds_spec.name)
             continue
-        # One extraction per (model, plan) at a time, across processes and machines: a second
-        # run of the same audit waits here, then finds the committed activations (cache hit).
-        # Runs on other models take other locks and never wait.
-        with Store(plan.store).lock(f"extract-{plan.model_key}-{plan.cache_key}"):
-            acts = _activations(plan, run_id, spec.model_dump(mode="json"))
-        logger.info("activations %s: %s", "skipped (cached)" if acts.skipped else "committed", acts.snapshot)
-        futures = [
-            factorize.submit(plan, acts.snapshot, spec.factorize.model_dump(), run_id),
-            similarity.submit(plan, acts.snapshot, spec.similarity.model_dump(), run_id),
-            bias.submit(plan, acts.snapshot, spec.bias.model_dump(), run_id),
-        ]
-        audit.plans.append(plan)
-        audit.results.append(acts)
+        ref, model_results = _model_stages(plan, spec, run_id, params)
+        logger.info("activations %s: %s", "skipped (cached)" if model_results[0].skipped else "committed",
+                    ref.snapshot)
+        futures = [array_stage.submit(stage.name, ref, getattr(spec, stage.spec_field), run_id)
+                   for stage in ARRAY_STAGES]
+        audit.refs.append(ref)
+        audit.results.extend(model_results)
         audit.results.extend(r for r in (f.result() for f in futures) if r is not None)
     for r in audit.results:
         logger.info("%-11s %-28s %s", r.stage, r.dataset, "skipped (cache hit)" if r.skipped else "committed")

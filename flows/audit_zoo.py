@@ -1,8 +1,9 @@
 """Flow ``audit-zoo``: audit every model, compare them on shared datasets, report.
 
-    cache-check ─► audit-model × changed models ─► per shared dataset: zoo-similarity (model × model)
-                                                 revision-similarity (consecutive checkpoints)
-                         ─► report
+    validate ─► cache-check ─► audit-model × changed models
+             ─► per shared dataset: the zoo stages of the registry on every model's ActivationsRef
+                  (zoo-similarity: model × model; revision-similarity: consecutive checkpoints)
+             ─► regression check ─► report ─► tag
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
-from zooaudit import stages, versions
+from zooaudit import versions
 from zooaudit.report.summary import similarity_table, zoo_markdown
 from zooaudit.specs import AuditZooSpec
+from zooaudit.stages import ZOO_STAGES
 from zooaudit.store import Store
-from zooaudit_tasks.analysis import revision_similarity, zoo_similarity
-from zooaudit_tasks.extract import committed_audits
-from zooaudit_tasks.report import build_report
+from zooaudit_tasks.analysis import zoo_stage
+from zooaudit_tasks.extract import committed_audits, validate_zoo
+from zooaudit_tasks.report import build_report, tag_repositories
 
 from .audit_model import ModelAudit, audit_model
 from .credentials import apply_s3_credentials
@@ -58,7 +60,7 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
     apply_s3_credentials()      # a Secret block's S3 keys, before the first read of the store
-    stages.validate_zoo(spec)   # bad input fails here, before any commit
+    validate_zoo(spec)          # bad input fails here, before any commit
     store = Store.open(spec.store)
     model_specs = [spec.model_spec(model) for model in spec.models]
     # A model whose every stage is committed gets its results from the cache check: no
@@ -78,19 +80,15 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
             sub = audit_model.with_options(task_runner=task_runner(address))
             audits.append(sub(model_spec))
     by_dataset = defaultdict(list)
-    snapshots = defaultdict(dict)
     for audit in audits:
-        acts = {r.dataset: r.snapshot for r in audit.results if r.stage == "activations"}
-        for plan in audit.plans:
-            by_dataset[plan.ds_key].append(plan)
-            snapshots[plan.ds_key][plan.model_uri] = acts[plan.ds_key]
-    futures = [f(store.url, plans, snapshots[ds_key], *args, run_id=run_id)
-               for ds_key, plans in by_dataset.items()
-               for f, args in ((zoo_similarity.submit, (spec.compare_layers, spec.similarity.model_dump())),
-                               (revision_similarity.submit, (spec.similarity.model_dump(),)))]
+        for ref in audit.refs:
+            by_dataset[ref.ds_key].append(ref)
+    futures = [zoo_stage.submit(stage.name, refs, getattr(spec, stage.spec_field),
+                                {o: getattr(spec, o) for o in stage.options}, run_id=run_id)
+               for refs in by_dataset.values() for stage in ZOO_STAGES]
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
     regressions = find_regressions(audits, spec.cka_drop_threshold)
-    emit_regressions(regressions, {a.model: a.plans[0].model_key for a in audits if a.plans}, store.url)
+    emit_regressions(regressions, {a.model: a.refs[0].model_key for a in audits if a.refs}, store.url)
     for reg in regressions:
         logger.warning("regression: %s %s on %s", reg["model"], reg["metric"], reg["dataset"])
     report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
@@ -102,7 +100,7 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
         create_table_artifact(rows, description="zooaudit zoo similarity (value beside control)")
     if (tag := _run_tag(spec)) is not None:
         # After every commit of the run: the tag names the version this run produced.
-        tagged = versions.tag_repositories(store, sorted({p.model_key for a in audits for p in a.plans}), tag)
+        tagged = tag_repositories(store.url, sorted({r.model_key for a in audits for r in a.refs}), tag)
         logger.info("tagged %d repositories: %s", len(tagged), ", ".join(sorted(set(tagged.values()))))
     logger.info("report: %s", report)
     return ZooAudit(run_id=run_id or "", report=report, models=audits, zoo_results=zoo_results)

@@ -36,12 +36,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from zooaudit import stages
 from zooaudit.errors import ZooauditError
-from zooaudit.keys import cache_key, canonical_json
-from zooaudit.report.trend import run_checkpoint_trend, trend_report
+from zooaudit.keys import canonical_json
 from zooaudit.specs import AuditModelSpec, BackfillSpec
-from zooaudit.store import Store, find_commit
+from zooaudit.store import Store
+from zooaudit_tasks.analysis import checkpoint_trend, committed_refs
+from zooaudit_tasks.extract import committed_audits, plan_extraction
+from zooaudit_tasks.report import trend_report
 
 AUDIT_MODEL_DEPLOYMENT = "audit-model/on-demand"
 NIGHTLY_DEPLOYMENT = "audit-zoo/nightly"
@@ -103,23 +104,7 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
 
 def _plans(spec: AuditModelSpec) -> list:
     """One extraction plan per dataset the model takes (validates the model and its layers)."""
-    return [p for ds in spec.datasets if (p := stages.plan_extraction(spec, ds)) is not None]
-
-
-def audited(spec: AuditModelSpec, plans: list) -> bool:
-    """Whether every stage of ``spec``'s audit is committed (its cache key is on ``main``)."""
-    if not plans:
-        return False
-    store = Store.open(spec.store)
-    for plan in plans:
-        repo = store.model_repo(plan.model_key)
-        keys = [plan.cache_key] + [cache_key(stage, activations=plan.cache_key, **params) for stage, params in (
-            ("factorize", spec.factorize.model_dump()), ("similarity", spec.similarity.model_dump()))]
-        if plan.has_groups and plan.n_outputs is not None:
-            keys.append(cache_key("bias", activations=plan.cache_key, **spec.bias.model_dump()))
-        if any(find_commit(repo, k) is None for k in keys):
-            return False
-    return True
+    return [p for ds in spec.datasets if (p := plan_extraction(spec, ds)) is not None]
 
 
 def night_audited(store_url: str | None, night: dt.date) -> bool:
@@ -192,7 +177,7 @@ def checkpoints(spec: BackfillSpec) -> list[tuple[str, list[str] | None, str | N
 
 
 def _checkpoint_items(spec: BackfillSpec, result: Backfill, logger):
-    """Model specs of the checkpoints still to audit; ``{uri: (family, plans)}`` for every checkpoint."""
+    """Model specs of the checkpoints still to audit; ``{uri: (family, model spec)}`` for every checkpoint."""
     entries = checkpoints(spec)
     result.items = [uri for uri, _, _ in entries]
     all_plans, todo = {}, []
@@ -204,8 +189,8 @@ def _checkpoint_items(spec: BackfillSpec, result: Backfill, logger):
         plans = _plans(mspec)   # a bad model or layer fails here, before any run is created
         if not plans:
             raise ZooauditError(f"{uri} takes none of the datasets {[d.name for d in spec.audit.datasets]}.")
-        all_plans[uri] = (family, plans)
-        if audited(mspec, plans):
+        all_plans[uri] = (family, mspec)
+        if committed_audits([mspec])[0] is not None:   # every stage already committed
             logger.info("%s: every stage already committed — skipped", uri)
             result.skipped.append(uri)
         else:
@@ -233,17 +218,19 @@ def _trends(spec: BackfillSpec, all_plans: dict[str, tuple], run_id) -> list:
     """One committed trend per model family × dataset with at least two checkpoints (in checkpoint
     order: epoch when the source knows it, else the manifest's natural order)."""
     fams = defaultdict(lambda: defaultdict(list))
-    for family, plans in all_plans.values():
-        for p in plans:
-            fams[family or p.family][p.ds_key].append(p)
+    for uri, (family, mspec) in all_plans.items():
+        refs = committed_refs(mspec)
+        if refs is None:
+            raise ZooauditError(f"The audit of {uri} is not committed; audit the checkpoint first.")
+        for ref in refs:
+            fams[family or ref.family][ref.ds_key].append(ref)
     out = []
-    fspec, bspec = spec.audit.factorize.model_dump(), spec.audit.bias.model_dump()
     for family, per_ds in fams.items():
-        for plans in per_ds.values():
-            if len(plans) < 2:
+        for refs in per_ds.values():
+            if len(refs) < 2:
                 continue
-            ordered = sorted(plans, key=lambda p: (isinstance(p.revision, str), p.revision))   # stable
-            out.append(run_checkpoint_trend(ordered, fspec, bspec, run_id, family))
+            ordered = sorted(refs, key=lambda p: (isinstance(p.revision, str), p.revision))   # stable
+            out.append(checkpoint_trend(ordered, spec.audit.factorize, spec.audit.bias, run_id, family))
     return out
 
 

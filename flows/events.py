@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from zooaudit.report.trend import drift_to_previous
+from zooaudit.stages import drift_to_previous
 
 EVENT = "zooaudit.audit.regression"
 
@@ -30,7 +30,7 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
     """Regressions of this run's newly committed results (plain dicts: model, metric, dataset, payload)."""
     found = []
     for audit in audits:
-        plans = {p.ds_key: p for p in audit.plans}
+        refs = {p.ds_key: p for p in audit.refs}
         for r in audit.results:
             if r.skipped:
                 continue
@@ -45,8 +45,8 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
                                                   "p_adjusted": info["disparities"][metric]["p_adjusted"],
                                                   "previous_snapshot": info.get("previous_snapshot"),
                                                   "snapshot": r.snapshot}})
-            elif r.stage == "activations" and r.dataset in plans:
-                drift = drift_to_previous(plans[r.dataset], r.snapshot)
+            elif r.stage == "activations" and r.dataset in refs:
+                drift = drift_to_previous(refs[r.dataset], r.snapshot)
                 if drift is None:
                     continue
                 previous, per_layer = drift

@@ -1,4 +1,5 @@
-"""Analysis tasks: factorization, similarity, bias (each its own commit)."""
+"""Array-stage tasks: each reads committed arrays through an ActivationsRef and commits one
+result. One task per registry entry kind (``zooaudit.stages.registry``)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,25 @@ from prefect.cache_policies import NO_CACHE
 from zooaudit import stages
 
 
-@task(name="factorize", cache_policy=NO_CACHE, task_run_name="factorize-{plan.model_key}")
-def factorize(plan, acts_snapshot, fspec, run_id=None):
-    return stages.run_factorize(plan, acts_snapshot, fspec, run_id)
+@task(name="array-stage", cache_policy=NO_CACHE, task_run_name="{name}-{ref.model_key}")
+def array_stage(name, ref, spec, run_id=None):
+    """The per-model array stage ``name`` (factorize, similarity, bias, …) on ``ref``."""
+    return stages.run_array_stage(name, ref, spec, run_id)
 
 
-@task(name="similarity", cache_policy=NO_CACHE, task_run_name="similarity-{plan.model_key}")
-def similarity(plan, acts_snapshot, sspec, run_id=None):
-    return stages.run_similarity(plan, acts_snapshot, sspec, run_id)
+@task(name="zoo-stage", cache_policy=NO_CACHE, task_run_name="{name}")
+def zoo_stage(name, refs, spec, options=None, run_id=None):
+    """The zoo stage ``name`` (zoo-similarity, revision-similarity) over every model of a dataset."""
+    return stages.run_zoo_stage(name, refs, spec, options, run_id)
 
 
-@task(name="bias", cache_policy=NO_CACHE, task_run_name="bias-{plan.model_key}")
-def bias(plan, acts_snapshot, bspec, run_id=None):
-    return stages.run_bias(plan, acts_snapshot, bspec, run_id)
+@task(name="checkpoint-trend", cache_policy=NO_CACHE)
+def checkpoint_trend(refs, fspec, bspec, run_id=None, family=None):
+    return stages.run_checkpoint_trend(refs, fspec, bspec, run_id, family)
 
 
-@task(name="zoo-similarity", cache_policy=NO_CACHE)
-def zoo_similarity(store_url, plans, snapshots, layers, sspec, run_id=None):
-    return stages.run_zoo_similarity(store_url, plans, snapshots, layers, sspec, run_id)
-
-
-@task(name="revision-similarity", cache_policy=NO_CACHE)
-def revision_similarity(store_url, plans, snapshots, sspec, run_id=None):
-    return stages.run_revision_similarity(store_url, plans, snapshots, sspec, run_id)
+@task(name="model-refs", cache_policy=NO_CACHE)
+def committed_refs(spec):
+    """The activations references of a model audit that is committed (None when it is not)."""
+    found = stages.committed_audit(spec)
+    return None if found is None else found[0]

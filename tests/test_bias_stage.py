@@ -14,14 +14,13 @@ def audited(shared_store):
     spec = AuditModelSpec(model="builtin:cnn-colored-w16-s0", store=shared_store, shard_size=100,
                           datasets=[DatasetSpec(name="colored-digits", max_samples=300)],
                           bias={"n_boot": 50, "n_permutations": 200, "probe_cv": 3})
-    plan = stages.plan_extraction(spec, spec.datasets[0])
-    acts = stages.run_activations(plan)
-    return spec, plan, acts
+    ref, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    return spec, ref, ref
 
 
 def test_bias_stage_writes_every_table_and_flags_the_shortcut(audited):
     spec, plan, acts = audited
-    res = stages.run_bias(plan, acts.snapshot, spec.bias.model_dump())
+    res = stages.run_bias(plan, spec.bias)
     s = res.summary["colour"]
     assert s["worst_group_accuracy"] < 0.3 < s["overall_accuracy"]
     assert s["disparities"]["demographic_parity"]["flagged"]          # the colour shortcut is detected
@@ -38,14 +37,14 @@ def test_bias_stage_writes_every_table_and_flags_the_shortcut(audited):
         ds = xr.open_zarr(snap, group=group, consolidated=False)
         assert dims <= set(ds.dims), (group, ds.dims)
     # rerun: cache hit, same summary
-    again = stages.run_bias(plan, acts.snapshot, spec.bias.model_dump())
+    again = stages.run_bias(plan, spec.bias)
     assert again.skipped and again.summary == res.summary
 
 
 def test_regression_against_previous_audit_is_detected(audited):
     spec, plan, acts = audited
-    first = stages.run_bias(plan, acts.snapshot, {**spec.bias.model_dump(), "n_boot": 40, "probes": False})
-    second = stages.run_bias(plan, acts.snapshot, {**spec.bias.model_dump(), "n_boot": 41, "probes": False})
+    first = stages.run_bias(plan, spec.bias.model_copy(update={"n_boot": 40, "probes": False}))
+    second = stages.run_bias(plan, spec.bias.model_copy(update={"n_boot": 41, "probes": False}))
     assert second.summary["colour"]["previous_snapshot"] is not None
     assert second.summary["colour"]["regressions"] == []     # same model: nothing got worse
     assert first.snapshot != second.snapshot

@@ -182,7 +182,7 @@ def _regression_and_reaction(spec, store_url, api):
     # One event per regressed layer, sent one by one: wait for the head's, not just the first.
     deadline = time.monotonic() + 60
     while True:
-        events = [e for e in _events(api, EVENT) if e["resource"]["zooaudit.store"] == night2.models[0].plans[0].store]
+        events = [e for e in _events(api, EVENT) if e["resource"]["zooaudit.store"] == night2.models[0].refs[0].store]
         metrics = {e["resource"]["zooaudit.metric"]: e for e in events}
         if "cka_to_previous:head" in metrics:
             break

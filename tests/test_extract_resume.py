@@ -14,7 +14,7 @@ import zarr
 
 from zooaudit import layout, stages
 from zooaudit.specs import AuditModelSpec, DatasetSpec
-from zooaudit.stages import extraction
+from zooaudit.stages import activations as extraction
 from zooaudit.store import MAIN, Store, find_commit
 
 MODEL = "builtin:cnn-w8-s0"

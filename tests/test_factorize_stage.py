@@ -10,14 +10,15 @@ import pytest
 import xarray as xr
 
 from zooaudit import layout
+from zooaudit.analysis import decompose
 from zooaudit.analysis import factorize as fact_mod
 from zooaudit.analysis.factorize import eigencam, matched_cosine
 from zooaudit.data import load_dataset
 from zooaudit.errors import ZooauditError
-from zooaudit.specs import DatasetSpec
-from zooaudit.stages import ExtractionPlan, run_factorize
-from zooaudit.stages import analysis as stage_mod
-from zooaudit.store import Store, commit, commit_metadata
+from zooaudit.specs import DatasetSpec, FactorizeSpec
+from zooaudit.stages import ActivationsRef, run_factorize
+from zooaudit.stages import factorize as stage_mod
+from zooaudit.store import Store, commit_metadata
 
 N, C, K = 120, 12, 3
 
@@ -33,7 +34,7 @@ def planted(seed=0):
 
 
 def make_plan(store_url, layers: dict, key: str, chunk: int = 40):
-    """Commit ``layers`` as the activations of a fake model on digits; return its plan."""
+    """Commit ``layers`` as the activations of a fake model on digits; return its reference."""
     spec = DatasetSpec(name="digits", max_samples=N)
     data = load_dataset(spec)
     store = Store.open(store_url)
@@ -45,12 +46,12 @@ def make_plan(store_url, layers: dict, key: str, chunk: int = 40):
         layout.write_shard(session.store, data.key, 0, layers, None)
 
     acts_key = f"acts-{key}"
-    snap = commit(store, f"models/{model_key}", store.model_repo(model_key), write, message="activations",
-                  metadata=commit_metadata("activations", acts_key, {}))
-    plan = ExtractionPlan(store=store.url, model_uri=f"test:{key}", model_key=model_key, model_hash="0",
-                          dataset=spec.model_dump(), ds_key=data.key, ds_hash=data.content_hash, n_samples=N,
-                          layers=list(layers), shapes=shapes, n_outputs=None, pooling="none", batch_size=32,
-                          device="cpu", shard_size=chunk, shards=[], cache_key=acts_key, has_groups=False)
+    snap = store.model_repository(model_key).commit(write, message="activations",
+                                                    metadata=commit_metadata("activations", acts_key, {}))
+    plan = ActivationsRef(store=store.url, model_uri=f"test:{key}", model_key=model_key, model_hash="0",
+                          dataset=spec, ds_key=data.key, ds_hash=data.content_hash, snapshot=snap,
+                          cache_key=acts_key, layers=tuple(layers), shapes=shapes, pooling="none", n_samples=N,
+                          n_outputs=None, has_groups=False)
     return plan, snap
 
 
@@ -64,8 +65,8 @@ def n_commits(plan):
     return len(list(Store(plan.store).model_repo(plan.model_key).ancestry(branch="main")))
 
 
-FSPEC = {"k": K, "methods": ["pca", "nmf", "semi_nmf", "eigencam"], "seeds": [0, 1], "k_sweep": [2, 3],
-         "top_n": 5, "max_iter": 600, "stability_rows": 3000}  # conv: 7680 positions → seed refits on 3000
+FSPEC = FactorizeSpec(k=K, methods=["pca", "nmf", "semi_nmf", "eigencam"], seeds=[0, 1], k_sweep=[2, 3],
+                      top_n=5, max_iter=600, stability_rows=3000)  # conv: 7680 positions → seed refits on 3000
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def planted_run(tmp_path_factory):
     signed = np.random.default_rng(1).normal(size=(N, 6)).astype(np.float32)
     layers = {"conv": acts, "pooled": acts.mean(axis=(2, 3)), "signed": signed}
     plan, snap = make_plan(url, layers, "planted")
-    return plan, snap, run_factorize(plan, snap, FSPEC), concepts, masks, acts
+    return plan, snap, run_factorize(plan, FSPEC), concepts, masks, acts
 
 
 def test_spatial_layer_recovers_planted_concepts_with_heat_maps_and_top_samples(planted_run):
@@ -134,7 +135,7 @@ def test_pooled_and_signed_layers(planted_run):
 def test_rerun_is_a_cache_hit(planted_run):
     plan, snap, res, *_ = planted_run
     before = n_commits(plan)
-    again = run_factorize(plan, snap, FSPEC)
+    again = run_factorize(plan, FSPEC)
     assert again.skipped and again.snapshot == res.snapshot and n_commits(plan) == before
 
 
@@ -144,8 +145,8 @@ def test_out_of_core_path_matches_in_memory(planted_run, monkeypatch):
     store_url = "file://" + plan.store.removeprefix("file://") + "-ooc"
     plan2, snap2 = make_plan(store_url, {"conv": acts}, "ooc", chunk=30)
     monkeypatch.setattr(stage_mod, "CODES_IN_MEMORY", 0)
-    monkeypatch.setattr(fact_mod, "IN_MEMORY_BYTES", 0)
-    out = run_factorize(plan2, snap2, {**FSPEC, "methods": ["nmf"], "seeds": [], "k_sweep": []})
+    monkeypatch.setattr(decompose, "IN_MEMORY_BYTES", 0)  # the fits moved to analysis.decompose
+    out = run_factorize(plan2, FSPEC.model_copy(update={"methods": ["nmf"], "seeds": [], "k_sweep": []}))
     ooc = opened(plan2, out, "conv", "nmf")
     mem = opened(plan, res, "conv", "nmf")
     assert ooc.attrs["param_solver"] == "minibatch" and mem.attrs["param_solver"] == "hals"
@@ -170,14 +171,14 @@ def test_bad_layers_fail_before_any_commit(tmp_path, layer, fspec, match):
     plan, snap = make_plan("file://" + str(tmp_path / "store"), {"good": good, layer: bad}, "bad")
     before = n_commits(plan)
     with pytest.raises(ZooauditError, match=match):
-        run_factorize(plan, snap, {"k": 2, "methods": ["pca", "nmf"], **fspec})
+        run_factorize(plan, FactorizeSpec(**{"k": 2, "methods": ["pca", "nmf"], **fspec}))
     assert n_commits(plan) == before
 
 
 def test_k_above_features_is_clipped_and_recorded(tmp_path):
     layers = {"narrow": np.random.default_rng(3).random((N, 2)).astype(np.float32)}
     plan, snap = make_plan("file://" + str(tmp_path / "store"), layers, "clip")
-    res = run_factorize(plan, snap, {"k": 5, "methods": ["pca"], "seeds": []})
+    res = run_factorize(plan, FactorizeSpec(k=5, methods=["pca"], seeds=[]))
     ds = opened(plan, res, "narrow", "pca")
     assert ds.attrs["k"] == 2 and ds.attrs["k_requested"] == 5 and ds.sizes["component"] == 2
 
@@ -186,7 +187,7 @@ def test_report_shows_galleries_with_heat_maps_and_the_quality_curve(planted_run
     from zooaudit.report import build_report
 
     plan, _, res, *_ = planted_run
-    audit = SimpleNamespace(model=plan.model_uri, plans=[plan], results=[res])
+    audit = SimpleNamespace(model=plan.model_uri, refs=[plan], results=[res])
     index = build_report(plan.store, {"test": True}, [audit], [], run_id="fstage")
     with open(index) as fh:
         page = fh.read()

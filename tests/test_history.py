@@ -16,7 +16,7 @@ from zooaudit import versions
 from zooaudit_infra.cli import main
 from zooaudit.errors import ZooauditError
 from zooaudit.keys import slug_key
-from zooaudit.store import Store, commit, commit_metadata, open_group, write_dataset
+from zooaudit.store import Store, commit_metadata, open_group, write_dataset
 
 MODEL = "builtin:toy-model"
 MODEL_S3 = "builtin:mlp-w32-s0"
@@ -24,12 +24,10 @@ MODEL_S3 = "builtin:mlp-w32-s0"
 
 def _commit_stage(store, stage, key, value, ds="digits"):
     """One stage result: a small array plus its headline metric in the commit summary."""
-    repo_name = f"models/{slug_key(MODEL)}"
-    repo = store.model_repo(slug_key(MODEL))
     result = xr.Dataset({"value": ("layer", np.array([value, 2 * value]))}, coords={"layer": ["a", "b"]})
     meta = commit_metadata(stage, key, {"k": 1}, model=MODEL, dataset={"name": ds}, dataset_hash="abcdef1234",
                            summary={"worst_group_accuracy": value, "layers": {"a": value}})
-    return commit(store, repo_name, repo, lambda s: write_dataset(s, result, f"{ds}/{stage}"),
+    return store.model_repository(slug_key(MODEL)).commit(lambda s: write_dataset(s, result, f"{ds}/{stage}"),
                   message=f"{stage} {MODEL}", metadata=meta)
 
 
@@ -127,7 +125,7 @@ def test_nightly_tags_and_time_travel_on_s3(local_stack, capsys):
     assert {"nightly-2026-11-20", "nightly-2026-11-21"} <= set(repo.list_tags())
     assert {"nightly-2026-11-20", "nightly-2026-11-21"} <= set(store.zoo_repo().list_tags())
 
-    plan = runs["2026-11-20"].models[0].plans[0]
+    plan = runs["2026-11-20"].models[0].refs[0]
     group = f"{plan.ds_key}/factors/{plan.layers[0]}/pca"
     assert open_group(repo, group, tag="nightly-2026-11-20").sizes["component"] == 4
     assert open_group(repo, group).sizes["component"] == 3

@@ -9,7 +9,7 @@ from zooaudit import layout, stages
 from zooaudit.data import load_dataset
 from zooaudit.errors import ZooauditError
 from zooaudit.extract import forward_batches, select_layers
-from zooaudit.specs import AuditModelSpec, DatasetSpec
+from zooaudit.specs import AuditModelSpec, DatasetSpec, SimilaritySpec
 from zooaudit.store import Store, find_commit
 
 
@@ -136,15 +136,15 @@ def test_similarity_controls(shared_store, control):
     """Every similarity is reported beside a control; trained-vs-untrained CKA is lower than self-CKA."""
     from zooaudit.stages.similarity import layer_similarity
 
-    spec = _spec(shared_store, datasets=[DatasetSpec(name="digits", max_samples=200)])
-    plan = stages.plan_extraction(spec, spec.datasets[0])
+    sspec = SimilaritySpec(metrics=["linear_cka"], control=control, control_max_samples=150, random_state=0)
+    spec = _spec(shared_store, datasets=[DatasetSpec(name="digits", max_samples=200)], similarity=sspec)
+    plan, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)  # the control too
     model = stages.load_model(spec.model, plan.store).module
-    acts, _ = forward_batches(model, load_dataset(spec.datasets[0]).inputs, plan.layers, with_outputs=False)
+    acts, _ = forward_batches(model, load_dataset(spec.datasets[0]).inputs, list(plan.layers), with_outputs=False)
     layers = {k: v.reshape(len(v), -1) for k, v in acts.items()}
-    sspec = {"metrics": ["linear_cka"], "control": control, "control_max_samples": 150, "random_state": 0}
     ds = layer_similarity(plan, layers, sspec)["linear_cka"]
     assert ds["control"].dims == ("layer_a", "layer_b") and ds.attrs["control_n"] == 150
-    assert list(ds["control"].layer_b.values) == plan.layers
+    assert list(ds["control"].layer_b.values) == list(plan.layers)
     np.testing.assert_allclose(np.diag(ds["value"].values), 1.0, atol=1e-9)
     ctrl_diag = np.diag(ds["control"].values)
     assert np.all(ctrl_diag < 0.999)

@@ -21,7 +21,6 @@ from zooaudit.errors import ZooauditError
 from zooaudit.keys import slug_key
 from zooaudit.store import (
     Store,
-    commit,
     commit_metadata,
     find_commit,
     open_group,
@@ -59,7 +58,7 @@ def test_audit_on_s3_via_stack_dask_cluster_keeps_secrets_out(local_stack):
 
     # Read the results back from S3 (a fresh Store object: nothing cached in-process).
     store = Store.open(store_url)
-    plan = audit.plans[0]
+    plan = audit.refs[0]
     acts = open_group(store.model_repo(plan.model_key), f"{plan.ds_key}/acts/{plan.layers[0]}")["activations"]
     assert acts.dims == ("sample", "unit") and acts.sizes["sample"] == 120
     assert np.isfinite(acts.values).all()
@@ -87,7 +86,7 @@ def test_audit_on_s3_via_stack_dask_cluster_keeps_secrets_out(local_stack):
 def _stage_commit(store, key, group, value):
     ds = xr.Dataset({"v": ("i", np.full(3, value))})
     meta = commit_metadata("toy", key, {"value": value}, summary={"value": value})
-    return commit(store, "models/toy", store.model_repo("toy"), lambda s: write_dataset(s, ds, group),
+    return store.model_repository("toy").commit(lambda s: write_dataset(s, ds, group),
                   message=f"toy {key}", metadata=meta)
 
 
@@ -135,7 +134,7 @@ def test_different_models_never_wait_for_each_other(local_stack):
 
 def _stage_commit_on(store, model):
     ds = xr.Dataset({"v": ("i", np.zeros(2))})
-    commit(store, f"models/{model}", store.model_repo(model), lambda s: write_dataset(s, ds, "g"),
+    store.model_repository(model).commit(lambda s: write_dataset(s, ds, "g"),
            message="x", metadata=commit_metadata("toy", "fast-1", {}))
 
 

@@ -25,13 +25,15 @@ pytestmark = pytest.mark.slow
 
 N = 150
 SSPEC = SimilaritySpec(metrics=list(METRICS), control="shuffle", control_max_samples=120,
-                       pairwise_max_samples=100).model_dump()
+                       pairwise_max_samples=100)
 
 
-def _plan(store_url, model, n=N):
+def _ref(store_url, model, n=N):
+    """The model stages (activations and the random-init control) of ``model`` on ``n`` digits."""
     spec = AuditModelSpec(model=model, store=store_url, shard_size=32, batch_size=32, task_runner="threads",
-                          datasets=[DatasetSpec(name="digits", max_samples=n)])
-    return stages.plan_extraction(spec, spec.datasets[0])
+                          datasets=[DatasetSpec(name="digits", max_samples=n)],
+                          similarity=SimilaritySpec(control="random_init"))
+    return stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)[0]
 
 
 def _open(repo, snapshot, group):
@@ -41,9 +43,8 @@ def _open(repo, snapshot, group):
 @pytest.fixture(scope="module")
 def audited(shared_store):
     """Activations of three builtin models (two checkpoints of one) on the same 150 digits."""
-    plans = [_plan(shared_store, m) for m in ("builtin:mlp-w32-s0", "builtin:mlp-w32-s0@5", "builtin:cnn-w8-s0")]
-    snapshots = {p.model_uri: stages.run_activations(p).snapshot for p in plans}
-    return shared_store, plans, snapshots
+    refs = [_ref(shared_store, m) for m in ("builtin:mlp-w32-s0", "builtin:mlp-w32-s0@5", "builtin:cnn-w8-s0")]
+    return shared_store, refs
 
 
 def _self_value(metric):
@@ -63,13 +64,13 @@ def test_spec_rejects_unknown_and_repeated_metrics():
 
 
 def test_layer_stage_every_metric_beside_its_control(audited, monkeypatch):
-    store_url, plans, snapshots = audited
+    store_url, plans = audited
     plan = plans[2]   # the CNN: four layers of different widths
     passes = []
     real = sim_stream.iter_row_blocks
     monkeypatch.setattr(sim_stream, "iter_row_blocks", lambda arrays, rows: passes.append(len(arrays)) or
                         real(arrays, rows))
-    res = stages.run_similarity(plan, snapshots[plan.model_uri], SSPEC)
+    res = stages.run_similarity(plan, SSPEC)
     # all streamed metrics of every layer pair: one pass over the stored activations, and
     # one over the in-memory control arrays (reference + shuffled copy of every layer)
     assert passes == [len(plan.sample_layers), 2 * len(plan.sample_layers)]
@@ -91,7 +92,7 @@ def test_layer_stage_every_metric_beside_its_control(audited, monkeypatch):
         assert np.all(np.abs(np.diag(c.values) - _self_value(metric)) > 0.05), metric
         assert res.summary[metric]["kind"] == ("distance" if metric == "procrustes" else "similarity")
     # the committed value is the library's value on the stored activations
-    session = Store(store_url).model_repo(plan.model_key).readonly_session(snapshot_id=snapshots[plan.model_uri])
+    session = Store(store_url).model_repo(plan.model_key).readonly_session(snapshot_id=plan.snapshot)
     acts = {l: layout.open_activations(session.store, plan.ds_key, l).values for l in layers}
     from zooaudit.analysis.similarity import linear_cka, svcca
     ds = _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, "svcca"))
@@ -102,12 +103,12 @@ def test_layer_stage_every_metric_beside_its_control(audited, monkeypatch):
     rows = similarity_table([res])
     assert len(rows) == len(METRICS) * len(layers) * (len(layers) - 1) // 2
     assert {r["metric"] for r in rows} == set(METRICS) and all(r["control"] is not None for r in rows)
-    assert stages.run_similarity(plan, snapshots[plan.model_uri], SSPEC).skipped
+    assert stages.run_similarity(plan, SSPEC).skipped
 
 
 def test_zoo_and_revision_stages_every_metric(audited):
-    store_url, plans, snapshots = audited
-    zoo = stages.run_zoo_similarity(store_url, plans, snapshots, ["embed"], SSPEC)
+    store_url, plans = audited
+    zoo = stages.run_zoo_similarity(plans, ["embed"], SSPEC)
     repo = Store(store_url).zoo_repo()
     models = [p.model_uri for p in plans]
     for metric in METRICS:
@@ -122,7 +123,7 @@ def test_zoo_and_revision_stages_every_metric(audited):
     md = zoo_markdown([], [zoo], "report.html")
     assert "Control (shuffled samples), rsa, layer `embed`" in md
 
-    revs = stages.run_revision_similarity(store_url, plans, snapshots, SSPEC)
+    revs = stages.run_revision_similarity(plans, SSPEC)
     family = revs.summary["families"]["builtin:mlp-w32-s0"]
     assert set(family) == set(METRICS)
     zoo_cka = _open(repo, zoo.snapshot, zoo.summary["groups"]["linear_cka"])["value"]
@@ -139,13 +140,12 @@ def test_zoo_and_revision_stages_every_metric(audited):
 
 
 def test_mismatched_samples_across_models_is_an_error_and_commits_nothing(audited):
-    store_url, plans, snapshots = audited
-    other = _plan(store_url, "builtin:mlp-w64-s0", n=N - 10)
-    snaps = {**snapshots, other.model_uri: stages.run_activations(other).snapshot}
+    store_url, plans = audited
+    other = _ref(store_url, "builtin:mlp-w64-s0", n=N - 10)
     repo = Store(store_url).zoo_repo()
     before = len(list(repo.ancestry(branch="main")))
     with pytest.raises(ZooauditError, match="different samples"):
-        stages.run_zoo_similarity(store_url, [plans[0], other], snaps, ["embed"], SSPEC)
+        stages.run_zoo_similarity([plans[0], other], ["embed"], SSPEC)
     assert len(list(repo.ancestry(branch="main"))) == before
 
 
@@ -175,13 +175,13 @@ def test_minibatch_cka_stage_estimates_debiased_cka(audited):
     with one minibatch), estimated from several minibatches; deterministic (seeded)."""
     from zooaudit.analysis.similarity import rbf_cka
 
-    store_url, plans, snapshots = audited
+    store_url, plans = audited
     plan = plans[2]
     repo = Store(store_url).model_repo(plan.model_key)
 
     def committed(metric, **opts):
-        sspec = SimilaritySpec(metrics=["linear_cka_debiased", metric], control="none", **opts).model_dump()
-        res = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+        sspec = SimilaritySpec(metrics=["linear_cka_debiased", metric], control="none", **opts)
+        res = stages.run_similarity(plan, sspec)
         return (_open(repo, res.snapshot, layout.similarity_group(plan.ds_key, metric)),
                 _open(repo, res.snapshot, layout.similarity_group(plan.ds_key, "linear_cka_debiased")))
 
@@ -192,7 +192,7 @@ def test_minibatch_cka_stage_estimates_debiased_cka(audited):
     one, _ = committed("minibatch_cka", minibatch_size=1024)                # one minibatch of all 150
     np.testing.assert_allclose(one["value"].values, debiased["value"].values, atol=1e-9)
     rbf, _ = committed("minibatch_cka", minibatch_size=1024, minibatch_kernel="rbf")
-    acts = _stored(store_url, plan, snapshots[plan.model_uri])
+    acts = _stored(store_url, plan, plan.snapshot)
     a, b = plan.sample_layers[0], plan.sample_layers[2]
     assert rbf.attrs["kernel"] == "rbf"
     assert float(rbf["value"].sel(layer_a=a, layer_b=b)) == pytest.approx(
@@ -214,12 +214,12 @@ def test_random_init_controls_within_model_zoo_and_revisions(audited):
     from zooaudit.zoo import resolve_model
     from zooaudit.zoo.builtin import RANDOM_INIT_SEED_OFFSET
 
-    store_url, plans, snapshots = audited
+    store_url, plans = audited
     sspec = SimilaritySpec(metrics=["linear_cka", "minibatch_cka"], control="random_init",
-                           control_max_samples=120, minibatch_size=50).model_dump()
+                           control_max_samples=120, minibatch_size=50)
     seed = 0 + RANDOM_INIT_SEED_OFFSET                                     # builtin training seed 0
     plan = plans[0]
-    res = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+    res = stages.run_similarity(plan, sspec)
     ds = _open(Store(store_url).model_repo(plan.model_key), res.snapshot,
                layout.similarity_group(plan.ds_key, "linear_cka"))
     assert ds.attrs["control"] == "random_init" and ds.attrs["random_init_seed"] == seed
@@ -231,15 +231,15 @@ def test_random_init_controls_within_model_zoo_and_revisions(audited):
     torch.manual_seed(123)                                                 # the copy's seed is its own
     rand, _ = forward_batches(model.random_init(), load_dataset(plan.dataset).inputs[idx], plan.sample_layers,
                               pooling=plan.pooling, with_outputs=False)
-    acts = _stored(store_url, plan, snapshots[plan.model_uri])
+    acts = _stored(store_url, plan, plan.snapshot)
     layer = plan.sample_layers[1]
     assert float(ds["control"].sel(layer_a=layer, layer_b=layer)) == pytest.approx(
         linear_cka(acts[layer][idx], rand[layer]), abs=1e-9)
     assert np.all(np.diag(ds["control"].values) < 0.9)                    # the value's diagonal is 1
 
-    zoo = stages.run_zoo_similarity(store_url, plans, snapshots, ["embed"], sspec)
+    zoo = stages.run_zoo_similarity(plans, ["embed"], sspec)
     repo = Store(store_url).zoo_repo()
-    for metric in sspec["metrics"]:
+    for metric in sspec.metrics:
         z = _open(repo, zoo.snapshot, zoo.summary["groups"][metric])
         assert z.attrs["control"] == "random_init" and list(z.attrs["random_init_seed"]) == [seed] * 3
         value = z["value"].sel(layer_a="embed", layer_b="embed").values
@@ -248,9 +248,9 @@ def test_random_init_controls_within_model_zoo_and_revisions(audited):
         assert np.all(control < value - 0.2), (metric, value, control)       # every (model_a, model_b) pair
     assert "Control (random-init copy of the second model), linear_cka" in zoo_markdown([], [zoo], "r.html")
 
-    revs = stages.run_revision_similarity(store_url, plans, snapshots, sspec)
+    revs = stages.run_revision_similarity(plans, sspec)
     family = revs.summary["families"]["builtin:mlp-w32-s0"]
-    for metric in sspec["metrics"]:
+    for metric in sspec.metrics:
         r = _open(repo, revs.snapshot, family[metric]["group"])
         assert r.attrs["control"] == "random_init" and list(r.attrs["random_init_seed"]) == [seed]
         assert np.all(r["control"].values < r["value"].values - 0.2), metric
@@ -259,10 +259,9 @@ def test_random_init_controls_within_model_zoo_and_revisions(audited):
 
 def test_degenerate_cca_is_recorded_with_the_result(shared_store):
     """More features than samples: every canonical correlation is 1; the stage says so."""
-    plan = _plan(shared_store, "builtin:cnn-w8-s0", n=40)
-    snap = stages.run_activations(plan).snapshot
-    sspec = SimilaritySpec(metrics=["cca", "linear_cka"], control="none").model_dump()
-    res = stages.run_similarity(plan, snap, sspec)
+    ref = _ref(shared_store, "builtin:cnn-w8-s0", n=40)
+    sspec = SimilaritySpec(metrics=["cca", "linear_cka"], control="none")
+    res = stages.run_similarity(ref, sspec)
     assert any(w.startswith("DegenerateCCAWarning: cca:") and "every canonical correlation is 1" in w
                for w in res.summary["warnings"])
     assert similarity_table([res])   # the list of warnings is not mistaken for a metric
@@ -276,21 +275,21 @@ def test_stage_streams_moments_on_torch_when_the_device_is_cuda(audited, monkeyp
     from zooaudit.analysis import sim_torch
     from zooaudit.stages import similarity as sim_stage
 
-    store_url, plans, snapshots = audited
+    store_url, plans = audited
     plan = plans[2]
     assert sim_stage.moments_device("cpu") is None
     if not torch.cuda.is_available():   # a CPU worker of a GPU run: NumPy, not an error
         assert sim_stage.moments_device("cuda") is None and sim_stage.moments_device("auto") is None
-    sspec = SimilaritySpec(metrics=["linear_cka", "linear_cka_debiased", "cca"], control="none").model_dump()
+    sspec = SimilaritySpec(metrics=["linear_cka", "linear_cka_debiased", "cca"], control="none")
     repo = Store(store_url).model_repo(plan.model_key)
-    numpy_run = stages.run_similarity(plan, snapshots[plan.model_uri], sspec)
+    numpy_run = stages.run_similarity(plan, sspec)
     updates = []
     real = sim_torch.TorchJointGram.update
     monkeypatch.setattr(sim_torch.TorchJointGram, "update", lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
     monkeypatch.setattr(sim_stage, "moments_device", lambda device: torch.device("cpu"))
-    torch_run = stages.run_similarity(plan, snapshots[plan.model_uri], {**sspec, "random_state": 1})
+    torch_run = stages.run_similarity(plan, sspec.model_copy(update={"random_state": 1}))
     assert updates and not torch_run.skipped
-    for metric in sspec["metrics"]:
+    for metric in sspec.metrics:
         group = layout.similarity_group(plan.ds_key, metric)
         np.testing.assert_allclose(_open(repo, torch_run.snapshot, group)["value"].values,
                                    _open(repo, numpy_run.snapshot, group)["value"].values, atol=1e-6, err_msg=metric)

@@ -5,7 +5,6 @@ import xarray as xr
 from zooaudit.errors import ZooauditError
 from zooaudit.store import (
     Store,
-    commit,
     find_commit,
     open_group,
     resolve_store_url,
@@ -33,7 +32,7 @@ def test_commit_carries_cache_key_and_failed_write_commits_nothing(store_url):
     store = Store.open(store_url)
     repo = store.model_repo("m")
     ds = xr.Dataset({"v": ("sample", np.arange(3.0))}, coords={"sample": [10, 11, 12]})
-    snap = commit(store, "models/m", repo, lambda s: write_dataset(s, ds, "g"), message="x",
+    snap = store.model_repository("m").commit(lambda s: write_dataset(s, ds, "g"), message="x",
                   metadata={"cache_key": "k1", "stage": "test"})
     assert find_commit(repo, "k1") == snap
     assert find_commit(repo, "missing") is None
@@ -43,6 +42,6 @@ def test_commit_carries_cache_key_and_failed_write_commits_nothing(store_url):
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        commit(store, "models/m", repo, boom, message="y", metadata={"cache_key": "k2"})
+        store.model_repository("m").commit(boom, message="y", metadata={"cache_key": "k2"})
     assert repo.lookup_branch("main") == snap
     xr.testing.assert_identical(open_group(repo, "g").load(), ds)

@@ -44,8 +44,8 @@ def test_weat_seat_in_bias_stage_on_minilm(store_url):
     model = stages.validate_model(spec)
     plan = stages.plan_extraction(spec, spec.datasets[0])
     assert plan.n_outputs is None and plan.sample_layers == ["encoder.layer.5", "sentence_embedding"]
-    acts = stages.run_activations(plan)
-    res = stages.run_bias(plan, acts.snapshot, spec.bias.model_dump())
+    plan, _ = stages.run_model_stages(plan, spec)
+    res = stages.run_bias(plan, spec.bias)
     assert res is not None and not res.skipped
     repo = Store.open(store_url).model_repo(plan.model_key)
     ds = xr.open_zarr(repo.readonly_session(snapshot_id=res.snapshot).store,
@@ -91,7 +91,7 @@ def test_weat_seat_in_bias_stage_on_minilm(store_url):
     assert len(rows) == 2 * 2 * len(sets.tests) and bias_table([res]) == []
     html = "".join(bias_section(None, plan, res, "m", {}))
     assert "WEAT / SEAT" in html and first in html and "probe accuracy of subject" in html
-    again = stages.run_bias(plan, acts.snapshot, spec.bias.model_dump())
+    again = stages.run_bias(plan, spec.bias)
     assert again.skipped and again.cache_key == res.cache_key
 
 
@@ -113,7 +113,7 @@ def test_all_tokens_through_the_extraction_stage(store_url):
     g = zarr.open_group(session.store, path=layout.acts_group(plan.ds_key, "encoder.layer.0"), mode="r")
     assert g["activations"].chunks[0] == plan.token_rows and g["activations"].shape[0] == 2 * plan.token_rows
     # No word sets, no probes, no logits: the bias stage has nothing to do.
-    assert stages.run_bias(plan, acts.snapshot, spec.bias.model_dump()) is None
+    assert stages.run_bias(stages.activations_ref(plan, acts.snapshot), spec.bias) is None
 
 
 @pytest.mark.parametrize("sets,match", [
@@ -171,7 +171,7 @@ def test_weat_rows_beside_attributes_in_consumers_of_the_bias_summary():
     rows = [{"method": "weat", "layer": "sentence_embedding", "test": "t", "effect_size": 1.2, "p_value": 0.01,
              "p_adjusted": 0.02, "significant": True, "n_targets": 8}]
     res = StageResult("bias", MINILM, "text-x", "k", "snap", False, {"weat": rows})
-    audit = SimpleNamespace(model=MINILM, plans=[], results=[res])
+    audit = SimpleNamespace(model=MINILM, refs=[], results=[res])
     assert bias_table([res]) == [] and weat_table([res]) == [{"dataset": "text-x", **rows[0]}]
     assert "1 of 1 tests significant" in model_markdown(MINILM, [res])
     assert MINILM in zoo_markdown([audit], [], "report.html")

@@ -9,6 +9,12 @@ Per dataset group ``<ds>``::
     <ds>/factors/<layer>/<m>    components (component, unit), codes (sample, component)
     <ds>/similarity/<metric>    (layer_a, layer_b)
     <ds>/bias/<attribute>       per-group metrics with CIs
+    <ds>/controls/<kind>/...    controls extracted beside the activations, laid out like them
+                                (samples, acts/<layer>): random_init (a seeded random-initialised
+                                copy of the model), input_embeddings (text encoders)
+
+Model-wide: ``wordsets/<digest>/<layer>`` — WEAT/SEAT word and sentence embeddings
+``(text, unit)`` of one word-set file.
 
 The sample dimension is chunked by the shard size, so each extraction shard
 writes whole chunks.
@@ -27,7 +33,6 @@ from zarr.core.sync import sync
 from zarr.storage import StorePath
 
 from .errors import ZooauditError
-from .extract import dims_for
 from .tokens import TokenRows, create_token_array, is_token_shape, write_token_shard
 
 # Codec of the activation and logit arrays. The chunks are encoded and written by the background
@@ -62,6 +67,24 @@ def similarity_group(ds_key: str, metric: str) -> str:
 
 def bias_group(ds_key: str, attribute: str) -> str:
     return f"{ds_key}/bias/{attribute}"
+
+
+def controls_root(ds_key: str, kind: str) -> str:
+    """Layout root of one control extracted beside the activations (``random_init``,
+    ``input_embeddings``): ``samples`` and ``acts/<layer>`` below it, as for the activations."""
+    return f"{ds_key}/controls/{kind}"
+
+
+def wordsets_group(digest: str) -> str:
+    """Word-set embeddings of WEAT/SEAT (one per word-set file content, model-wide)."""
+    return f"wordsets/{digest[:16]}"
+
+
+def dims_for(ndim: int) -> tuple[str, ...]:
+    """Named dims of a stored activation array of ``ndim`` dimensions (sample first)."""
+    return {2: ("sample", "unit"), 3: ("sample", "token", "unit"), 4: ("sample", "channel", "y", "x")}.get(
+        ndim, ("sample",) + tuple(f"dim_{i}" for i in range(1, ndim))
+    )
 
 
 def samples_dataset(dataset) -> xr.Dataset:

@@ -186,6 +186,14 @@ class Store:
     def zoo_repo(self) -> icechunk.Repository:
         return self.repo("zoo")
 
+    def model_repository(self, model_key: str) -> Repository:
+        """The handle of a model's repository (:class:`Repository`)."""
+        return Repository.model(self, model_key)
+
+    def zoo_repository(self) -> Repository:
+        """The handle of the zoo repository (:class:`Repository`)."""
+        return Repository.zoo(self)
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Serialize commits to one repository across processes: ``fcntl`` on a local
@@ -326,26 +334,9 @@ def _current_result(repo: icechunk.Repository, metadata: dict[str, Any]) -> str 
     return None
 
 
-def commit(
-    store: Store,
-    repo_name: str,
-    repo: icechunk.Repository,
-    write: Callable[[icechunk.Session], None],
-    *,
-    message: str,
-    metadata: dict[str, Any],
-    attempts: int = 5,
-) -> str:
-    """Open a session on ``main``, let ``write`` fill it, commit it: all or nothing.
-
-    If ``write`` raises, nothing is committed. Commits to one repository are
-    serialized by :meth:`Store.lock`; a writer that bypassed the lock is still
-    caught by Icechunk's conflict detection: a commit touching other arrays is
-    rebased onto it, one touching the same arrays is retried on the new tip. If
-    ``main`` already carries this commit's cache key (another run committed the
-    same result meanwhile), that snapshot is returned and nothing is written twice.
-    No commit is lost.
-    """
+def _commit(store: Store, repo_name: str, repo: icechunk.Repository, write: Callable[[icechunk.Session], None],
+            *, message: str, metadata: dict[str, Any], attempts: int = 5) -> str:
+    """:meth:`Repository.commit` (see there)."""
     key = metadata.get("cache_key")
     for attempt in range(attempts):
         with store.lock(repo_name):
@@ -365,6 +356,87 @@ def commit(
         time.sleep(0.1 * (attempt + 1))
     raise ZooauditError(f"Could not commit {message!r} to {repo_name!r}: it conflicted with other runs "
                         f"{attempts} times.")
+
+
+class Repository:
+    """One Icechunk repository of a store — ``models/<model-key>`` or ``zoo`` — and everything
+    the stages do with it: find a cache key, read a snapshot, commit a write with its metadata.
+
+    The one public handle to a repository (the stages, the flows' cache checks and the
+    report all go through it); opened lazily, so it is cheap to make and to pickle.
+    """
+
+    def __init__(self, store: Store | str, name: str) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.name = name
+        self._repo: icechunk.Repository | None = None
+
+    @classmethod
+    def model(cls, store: Store | str, model_key: str) -> Repository:
+        return cls(store, f"models/{model_key}")
+
+    @classmethod
+    def zoo(cls, store: Store | str) -> Repository:
+        return cls(store, "zoo")
+
+    def __repr__(self) -> str:
+        return f"Repository({self.store.url!r}, {self.name!r})"
+
+    def __getstate__(self) -> dict:
+        return {"store": self.store, "name": self.name}   # the Icechunk handle is reopened where it lands
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["store"], state["name"])
+
+    @property
+    def icechunk(self) -> icechunk.Repository:
+        """The Icechunk repository itself (opened, or created, on first use)."""
+        if self._repo is None:
+            self._repo = self.store.repo(*self.name.split("/"))
+        return self._repo
+
+    def lock(self):
+        """The commit lock of this repository (:meth:`Store.lock`)."""
+        return self.store.lock(self.name)
+
+    def find(self, cache_key: str, branch: str = MAIN) -> str | None:
+        """Snapshot id of the commit on ``branch`` that carries ``cache_key``, or None."""
+        return find_commit(self.icechunk, cache_key, branch)
+
+    def metadata(self, snapshot: str) -> dict:
+        return dict(self.icechunk.lookup_snapshot(snapshot).metadata or {})
+
+    def summary(self, snapshot: str) -> dict:
+        """The stage summary a commit stored in its metadata (``{}`` when none)."""
+        return dict(self.metadata(snapshot).get("summary") or {})
+
+    def session(self, snapshot: str | None = None, *, tag: str | None = None) -> icechunk.Session:
+        """A read-only session at ``snapshot`` (or ``tag``; default: the tip of ``main``)."""
+        if snapshot or tag:
+            return self.icechunk.readonly_session(snapshot_id=snapshot, tag=tag)
+        return self.icechunk.readonly_session(branch=MAIN)
+
+    def open(self, group: str, snapshot: str | None = None, *, tag: str | None = None) -> xr.Dataset:
+        """One group as a lazy xarray Dataset."""
+        return xr.open_zarr(self.session(snapshot, tag=tag).store, group=group, consolidated=False, zarr_format=3)
+
+    def ancestry(self, branch: str = MAIN):
+        return self.icechunk.ancestry(branch=branch)
+
+    def commit(self, write: Callable[[icechunk.Session], None], *, message: str, metadata: dict[str, Any],
+               attempts: int = 5) -> str:
+        """Open a session on ``main``, let ``write`` fill it, commit it: all or nothing.
+
+        If ``write`` raises, nothing is committed. Commits to one repository are
+        serialized by :meth:`Store.lock`; a writer that bypassed the lock is still
+        caught by Icechunk's conflict detection: a commit touching other arrays is
+        rebased onto it, one touching the same arrays is retried on the new tip. If
+        ``main`` already carries this commit's cache key (another run committed the
+        same result meanwhile), that snapshot is returned and nothing is written twice.
+        No commit is lost.
+        """
+        return _commit(self.store, self.name, self.icechunk, write, message=message, metadata=metadata,
+                       attempts=attempts)
 
 
 # -- reading -----------------------------------------------------------------------

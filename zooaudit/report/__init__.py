@@ -117,12 +117,12 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
                                 "snapshot": z.snapshot})
 
     for audit in audits:
-        repo = store.model_repo(audit.plans[0].model_key) if audit.plans else None
+        repo = store.model_repo(audit.refs[0].model_key) if audit.refs else None
         body.append(f"<h2>Model {html.escape(audit.model)}</h2>")
         manifest["models"].append({"model": audit.model, "stages": [r.to_dict() for r in audit.results]})
-        for plan in audit.plans:
+        for plan in audit.refs:
             res = {r.stage: r for r in audit.results if r.dataset == plan.ds_key}
-            body.append(f"<h3>{html.escape(plan.dataset['name'])} <small>({plan.ds_key}, "
+            body.append(f"<h3>{html.escape(plan.dataset.name)} <small>({plan.ds_key}, "
                         f"{plan.n_samples} samples)</small></h3>")
             base = f"{plan.model_key}-{plan.ds_key}"
             if "similarity" in res:

@@ -102,7 +102,7 @@ def shortcut_sweep_section(audits, files: dict) -> list[str]:
     """Worst-group accuracy and output leakage against the colour flip of each colored model's training set."""
     points = []
     for audit in audits:
-        for plan in audit.plans:
+        for plan in audit.refs:
             flip = (plan.model_info.get("train_data") or {}).get("color_flip")
             res = next((r for r in audit.results if r.stage == "bias" and r.dataset == plan.ds_key), None)
             if flip is None or res is None or "colour" not in (res.summary or {}):

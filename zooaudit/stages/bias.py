@@ -12,7 +12,10 @@ Written under ``<ds>/bias/``::
     weat                   text encoders: WEAT/SEAT per (method, layer, test), Holm within (method, layer)
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
 
-Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset).
+Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset). An array
+stage: the random-init and input-embedding controls and the word-set embeddings are read
+from the controls the model stage extracted (:mod:`.controls`); the input-level probe reads
+the dataset's raw inputs.
 """
 
 from __future__ import annotations
@@ -24,45 +27,33 @@ import xarray as xr
 
 from .. import layout
 from ..analysis import bias as bias_mod
-from ..extract import forward_batches
 from ..keys import cache_key
-from ..store import find_commit, write_dataset
+from ..specs import BiasSpec
+from ..store import write_dataset
 from . import weat as weat_stage
-from .common import (
-    ExtractionPlan,
-    StageResult,
-    _commit_result,
-    _read_session,
-    _repo,
-    load_model,
-    random_init_activations,
-    random_subset,
-    shard_dataset,
-    skipped,
-)
+from .common import commit_stage, control_rows, open_matrices, random_subset, shard_dataset, skipped
+from .refs import ActivationsRef, StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
 
-def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, outputs: xr.Dataset, attr: str,
-                          bspec: dict) -> dict[str, xr.Dataset]:
+def _representation_audit(ref: ActivationsRef, matrices: dict, samples: xr.Dataset, outputs: xr.Dataset, attr: str,
+                          bspec: BiasSpec) -> dict[str, xr.Dataset]:
     """Probe leakage per layer beside its controls, output leakage, and erasure per layer."""
-    idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
+    idx = random_subset(ref.n_samples, bspec.probe_max_samples, bspec.random_state)
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
-    dataset = shard_dataset(plan)
-    inputs = dataset.inputs[idx].reshape(len(idx), -1)
-    random_acts, _ = random_init_activations(plan, idx, plan.sample_layers, inputs=dataset.inputs[idx], required=False)
+    inputs = shard_dataset(ref).inputs[idx].reshape(len(idx), -1)
+    random_acts, _ = control_rows(ref, "random_init", ref.sample_layers, idx, required=False)
     probes, erasures = [], []
-    kw = {"cv": bspec["probe_cv"], "random_state": bspec["random_state"]}
-    for layer in plan.sample_layers:
-        acts = np.asarray(layout.as_matrix(layout.open_activations(session.store, plan.ds_key, layer))[idx],
-                          dtype=np.float64)
+    kw = {"cv": bspec.probe_cv, "random_state": bspec.random_state}
+    for layer in ref.sample_layers:
+        acts = np.asarray(matrices[layer][idx], dtype=np.float64)
         controls = {"inputs": inputs}
         if layer in random_acts:
             controls["random_init"] = random_acts[layer]
         probes.append(bias_mod.probe_leakage(acts, groups, controls=controls, **kw).expand_dims(layer=[layer]))
-        if bspec["erasure"]:
-            erasures.append(bias_mod.erasure_diagnostic(acts, groups, labels, min_group_size=bspec["min_group_size"],
+        if bspec.erasure:
+            erasures.append(bias_mod.erasure_diagnostic(acts, groups, labels, min_group_size=bspec.min_group_size,
                                                         **kw).expand_dims(layer=[layer]))
     out = {"probes": xr.concat(probes, dim="layer", combine_attrs="drop_conflicts"),
            "output_leakage": bias_mod.output_leakage_within_label(outputs["logits"].values[idx], labels, groups, **kw)}
@@ -71,43 +62,36 @@ def _representation_audit(plan: ExtractionPlan, session, samples: xr.Dataset, ou
     return out
 
 
-def _encoder_probes(plan: ExtractionPlan, session, samples: xr.Dataset, attr: str, bspec: dict) -> xr.Dataset:
+def _encoder_probes(ref: ActivationsRef, matrices: dict, samples: xr.Dataset, attr: str,
+                    bspec: BiasSpec) -> xr.Dataset:
     """Encoders (no predictions): probe leakage of ``attr`` per layer beside shuffled labels, a
     random-init copy and the input token embeddings (mask-aware mean: what the words alone carry)."""
-    idx = random_subset(plan.n_samples, bspec["probe_max_samples"], bspec["random_state"])
+    idx = random_subset(ref.n_samples, bspec.probe_max_samples, bspec.random_state)
     groups = samples[attr].values[idx]
-    inputs = shard_dataset(plan).inputs[idx]
-    model = load_model(plan.model_uri, plan.store)
-    kw = {"pooling": "token_mean", "batch_size": plan.batch_size, "device": plan.device, "with_outputs": False}
     controls: dict[str, dict] = {}
-    backbone = getattr(model.module, "_backbone", None)
-    embed = backbone.get_input_embeddings() if backbone is not None else None
-    name = next((n for n, m in model.module.named_modules() if m is embed), None)
-    if name is not None:
-        words = forward_batches(model.module, inputs, [name], **kw)[0][name]
-        controls["input_embeddings"] = dict.fromkeys(plan.sample_layers, words)
-    if (random_acts := random_init_activations(plan, idx, plan.sample_layers, inputs=inputs,
-                                                       required=False)[0]):
+    if "input_embeddings" in ref.controls:
+        (words,) = control_rows(ref, "input_embeddings", list(ref.controls["input_embeddings"].layers), idx)[0].values()
+        controls["input_embeddings"] = dict.fromkeys(ref.sample_layers, words)
+    if random_acts := control_rows(ref, "random_init", ref.sample_layers, idx, required=False)[0]:
         controls["random_init"] = random_acts
     probes = []
-    for layer in plan.sample_layers:
-        acts = np.asarray(layout.as_matrix(layout.open_activations(session.store, plan.ds_key, layer))[idx],
-                          dtype=np.float64)
+    for layer in ref.sample_layers:
+        acts = np.asarray(matrices[layer][idx], dtype=np.float64)
         probes.append(bias_mod.probe_leakage(
-            acts, groups, cv=bspec["probe_cv"], random_state=bspec["random_state"],
+            acts, groups, cv=bspec.probe_cv, random_state=bspec.random_state,
             controls={c: v[layer].reshape(len(idx), -1) for c, v in controls.items()}).expand_dims(layer=[layer]))
     return xr.concat(probes, dim="layer", combine_attrs="drop_conflicts")
 
 
-def previous_disparities(repo, plan: ExtractionPlan, attr: str, current_key: str) -> tuple[str, xr.Dataset] | None:
+def previous_disparities(ref: ActivationsRef, attr: str, current_key: str) -> tuple[str, xr.Dataset] | None:
     """The disparities of the most recent earlier bias audit of this model on this dataset."""
-    for info in repo.ancestry(branch="main"):
+    repository = ref.repository
+    for info in repository.ancestry():
         meta = info.metadata or {}
         if meta.get("stage") == "bias" and meta.get("cache_key") != current_key and \
-                meta.get("dataset") == plan.dataset:
-            session = repo.readonly_session(snapshot_id=info.id)
+                meta.get("dataset") == ref.dataset_meta:
             try:
-                ds = xr.open_zarr(session.store, group=layout.bias_group(plan.ds_key, attr), consolidated=False)
+                ds = repository.open(layout.bias_group(ref.ds_key, attr), info.id)
             except (FileNotFoundError, KeyError):
                 return None
             return info.id, ds.load()
@@ -132,54 +116,61 @@ def regressions(current: xr.Dataset, previous: xr.Dataset) -> list[str]:
     return flagged
 
 
-def _bias_parts(plan: ExtractionPlan, bspec: dict) -> tuple[bool, bool, bool]:
-    """Which parts of the bias stage apply: (association tests, prediction-level audit, encoder probes)."""
-    association = weat_stage.applies(plan, bspec)
-    predictions = plan.has_groups and plan.n_outputs is not None
-    encoder_probes = plan.has_groups and plan.n_outputs is None and bspec["probes"] and bool(plan.sample_layers)
+def _bias_parts(target, bspec: BiasSpec) -> tuple[bool, bool, bool]:
+    """Which parts of the bias stage apply: (association tests, prediction-level audit, encoder probes).
+    ``target``: an extraction plan or an activations reference (both carry these fields)."""
+    association = weat_stage.applies(target, bspec)
+    predictions = target.has_groups and target.n_outputs is not None
+    encoder_probes = target.has_groups and target.n_outputs is None and bspec.probes and bool(target.sample_layers)
     return association, predictions, encoder_probes
 
 
-def bias_key(plan: ExtractionPlan, bspec: dict) -> str | None:
-    """Cache key of the bias stage of ``plan`` with ``bspec``; None when the stage does not apply."""
-    if not any(_bias_parts(plan, bspec)):
+def applies(target, bspec: BiasSpec) -> bool:
+    """Whether the bias stage has anything to do for ``target`` (groups, or association tests)."""
+    return any(_bias_parts(target, bspec))
+
+
+def bias_key(target, bspec: BiasSpec) -> str | None:
+    """Cache key of the bias stage of ``target`` with ``bspec``; None when the stage does not apply."""
+    if not applies(target, bspec):
         return None
-    return cache_key("bias", activations=plan.cache_key, **bspec, **weat_stage.key_params(plan, bspec))
+    return cache_key("bias", activations=target.cache_key, **bspec.model_dump(),
+                     **weat_stage.key_params(target, bspec))
 
 
-def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str | None = None) -> StageResult | None:
+def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) -> StageResult | None:
     """The bias audit of one model on a dataset with group attributes (and, for text
     encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
-    association, predictions, encoder_probes = _bias_parts(plan, bspec)
-    if (key := bias_key(plan, bspec)) is None:
+    association, predictions, encoder_probes = _bias_parts(ref, bspec)
+    if (key := bias_key(ref, bspec)) is None:
         return None
-    _, _, repo = _repo(plan)
-    if (snap := find_commit(repo, key)) is not None:
-        return skipped("bias", plan, key, snap)
-    session = _read_session(plan, acts_snapshot)
-    samples = xr.open_zarr(session.store, group=layout.samples_group(plan.ds_key), consolidated=False).load()
-    outputs = xr.open_zarr(session.store, group=layout.outputs_group(plan.ds_key), consolidated=False).load() \
+    if (snap := ref.repository.find(key)) is not None:
+        return skipped("bias", ref, key, snap)
+    session = ref.repository.session(ref.snapshot)
+    matrices = open_matrices(ref, session=session)
+    samples = xr.open_zarr(session.store, group=layout.samples_group(ref.ds_key), consolidated=False).load()
+    outputs = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False).load() \
         if predictions else None
     groups_out: dict[str, xr.Dataset] = {}
     reports, summary = {}, {}
     for attr in (samples.attrs.get("group_attributes", []) if predictions else []):
         rep = bias_mod.group_metrics(
             samples["label"].values, outputs["prediction"].values, samples[attr].values,
-            n_boot=bspec["n_boot"], random_state=bspec["random_state"], ci=bspec["ci"],
-            min_group_size=bspec["min_group_size"], group_names=samples.attrs["group_names"].get(attr),
-            n_permutations=bspec["n_permutations"], correction=bspec["correction"], alpha=bspec["alpha"])
+            n_boot=bspec.n_boot, random_state=bspec.random_state, ci=bspec.ci,
+            min_group_size=bspec.min_group_size, group_names=samples.attrs["group_names"].get(attr),
+            n_permutations=bspec.n_permutations, correction=bspec.correction, alpha=bspec.alpha)
         reports[attr] = rep
         table = xr.merge([rep.table, rep.cells.rename({v: f"cell_{v}" for v in rep.cells.data_vars}),
                           rep.disparities.rename({v: f"disparity_{v}" for v in rep.disparities.data_vars})],
                          combine_attrs="drop")
         table.attrs.update({"attribute": attr, "overall_accuracy": rep.overall_accuracy,
                             "worst_group_accuracy": rep.worst_group_accuracy, "worst_group": rep.worst_group,
-                            **bspec})
-        groups_out[layout.bias_group(plan.ds_key, attr)] = table
-        rep_ds = _representation_audit(plan, session, samples, outputs, attr, bspec) if bspec["probes"] else {}
+                            **bspec.model_dump()})
+        groups_out[layout.bias_group(ref.ds_key, attr)] = table
+        rep_ds = _representation_audit(ref, matrices, samples, outputs, attr, bspec) if bspec.probes else {}
         for name, ds in rep_ds.items():
-            groups_out[f"{layout.bias_group(plan.ds_key, name)}/{attr}"] = ds
-        prev = previous_disparities(repo, plan, attr, key)
+            groups_out[f"{layout.bias_group(ref.ds_key, name)}/{attr}"] = ds
+        prev = previous_disparities(ref, attr, key)
         worse = regressions(rep.disparities, prev[1].rename(
             {f"disparity_{v}": v for v in rep.disparities.data_vars if f"disparity_{v}" in prev[1]})) if prev else []
         summary[attr] = {
@@ -194,7 +185,7 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
         }
         if "probes" in rep_ds:
             summary[attr]["probe_accuracy"] = {
-                str(p): dict(zip(plan.sample_layers, rep_ds["probes"]["accuracy"].sel(probe=p).values.round(4).tolist()))
+                str(p): dict(zip(ref.sample_layers, rep_ds["probes"]["accuracy"].sel(probe=p).values.round(4).tolist()))
                 for p in rep_ds["probes"]["probe"].values}
             summary[attr]["probe_chance"] = round(float(rep_ds["probes"].attrs.get("chance", np.nan)), 4)
         if "output_leakage" in rep_ds:
@@ -203,27 +194,27 @@ def run_bias(plan: ExtractionPlan, acts_snapshot: str, bspec: dict, run_id: str 
                                                if k in ol}
         if "erasure" in rep_ds:
             summary[attr]["erasure_delta_worst_group"] = dict(zip(
-                plan.sample_layers, [round(float(v), 4) for v in
+                ref.sample_layers, [round(float(v), 4) for v in
                               (rep_ds["erasure"]["worst_group_accuracy"].sel(stage="after")
                                - rep_ds["erasure"]["worst_group_accuracy"].sel(stage="before")).values]))
         if worse:
             log.warning("%s on %s: disparities significantly worse than the previous audit: %s",
-                        plan.model_uri, plan.ds_key, ", ".join(worse))
+                        ref.model_uri, ref.ds_key, ", ".join(worse))
     if reports:
-        groups_out[layout.bias_group(plan.ds_key, "adjusted")] = bias_mod.adjust_run(
-            reports, method=bspec["correction"], alpha=bspec["alpha"])
+        groups_out[layout.bias_group(ref.ds_key, "adjusted")] = bias_mod.adjust_run(
+            reports, method=bspec.correction, alpha=bspec.alpha)
     for attr in (samples.attrs.get("group_attributes", []) if encoder_probes else []):
-        probes = _encoder_probes(plan, session, samples, attr, bspec)
-        groups_out[f"{layout.bias_group(plan.ds_key, 'probes')}/{attr}"] = probes
-        summary[attr] = {"probe_accuracy": {str(p): dict(zip(plan.sample_layers, probes["accuracy"].sel(probe=p).values
+        probes = _encoder_probes(ref, matrices, samples, attr, bspec)
+        groups_out[f"{layout.bias_group(ref.ds_key, 'probes')}/{attr}"] = probes
+        summary[attr] = {"probe_accuracy": {str(p): dict(zip(ref.sample_layers, probes["accuracy"].sel(probe=p).values
                                                               .round(4).tolist())) for p in probes["probe"].values},
                          "probe_chance": round(float(probes.attrs.get("chance", np.nan)), 4)}
     if association:
-        weat_ds, summary[weat_stage.SUMMARY_KEY] = weat_stage.run_weat(plan, bspec)
-        groups_out[layout.bias_group(plan.ds_key, "weat")] = weat_ds
+        weat_ds, summary[weat_stage.SUMMARY_KEY] = weat_stage.run_weat(ref, bspec)
+        groups_out[layout.bias_group(ref.ds_key, "weat")] = weat_ds
 
     def write(s):
         for group, ds in groups_out.items():
             write_dataset(s, ds, group)
 
-    return _commit_result(plan, "bias", key, bspec, write, summary, run_id)
+    return commit_stage(ref, "bias", key, bspec.model_dump(), write, summary, run_id)

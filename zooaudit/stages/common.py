@@ -1,4 +1,6 @@
-"""Shared pieces of the stages: results, the extraction plan, commits and cache hits."""
+"""Shared pieces of the stages: the per-process model and dataset caches, fixed random
+subsets, cache hits and result commits through the repository handle
+(:class:`zooaudit.store.Repository`)."""
 
 from __future__ import annotations
 
@@ -6,80 +8,16 @@ import functools
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..data import Shard, load_dataset
-from ..errors import ZooauditError
-from ..extract import forward_batches
+from ..data import load_dataset
 from ..keys import canonical_json
-from ..store import Store, commit, commit_metadata
+from ..store import Store, commit_metadata
 from ..zoo import LoadedModel, resolve_model
+from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
-
-
-@dataclass
-class StageResult:
-    """What a stage did: its cache key, the snapshot holding its result, whether it was skipped."""
-
-    stage: str
-    model: str
-    dataset: str
-    cache_key: str
-    snapshot: str | None
-    skipped: bool
-    summary: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-
-@dataclass
-class ExtractionPlan:
-    """Everything a shard task needs (small and picklable)."""
-
-    store: str
-    model_uri: str
-    model_key: str
-    model_hash: str
-    dataset: dict          # DatasetSpec as a dict
-    ds_key: str
-    ds_hash: str
-    n_samples: int
-    layers: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    n_outputs: int | None
-    pooling: str
-    batch_size: int
-    device: str
-    shard_size: int
-    shards: list[Shard]
-    cache_key: str
-    has_groups: bool
-    model_info: dict = field(default_factory=dict)
-    dtype: str = "float32"      # stored activations: float32 | float16
-    autocast: str = "none"      # forward precision: none | bf16 | fp16 (torch.autocast)
-    token_rows: int = 0         # all-tokens layers: token rows reserved per shard (zooaudit.tokens)
-
-    @property
-    def sample_layers(self) -> list[str]:
-        """Layers stored per sample ``(sample, ...)``; all-tokens layers ``(token, unit)`` are left
-        out (the analyses that need one row per sample skip them)."""
-        return [name for name in self.layers if not (len(self.shapes[name]) == 2 and self.shapes[name][0] == -1)]
-
-    @property
-    def family(self) -> str:
-        """The model without its revision: ``builtin:mlp-w64-s0@5`` → ``builtin:mlp-w64-s0``."""
-        return self.model_uri.split("@", 1)[0]
-
-    @property
-    def revision(self):
-        """Sortable revision of the model within its family (the checkpoint epoch when known)."""
-        return self.model_info.get("epoch", self.model_uri.partition("@")[2] or "")
-
 
 
 def random_subset(n: int, cap: int, rng) -> np.ndarray:
@@ -99,8 +37,15 @@ def _cached_model(uri: str, store_url: str) -> LoadedModel:
 
 
 def load_model(uri: str, store_url: str) -> LoadedModel:
-    """Resolve a model once per process (shard tasks on one worker share it)."""
+    """Resolve a model once per process (shard tasks on one worker share it). Model stages only."""
     return _cached_model(uri, store_url)
+
+
+@functools.lru_cache(maxsize=4)
+def load_random_init(uri: str, store_url: str):
+    """The seeded random-initialised copy of a model, built once per process by the model
+    source's ``random_init`` factory (the same copy in every process: a fixed torch seed)."""
+    return load_model(uri, store_url).random_init()
 
 
 def _fingerprint(path: str | None) -> tuple | None:
@@ -151,71 +96,67 @@ def _shard_dataset(spec_json: str, _mtime_ns):
     return _loaded_dataset(spec_json, _fingerprint(json.loads(spec_json).get("path")))
 
 
-def shard_dataset(plan: ExtractionPlan):
+def shard_dataset(plan):
     """The plan's dataset, loaded once per process (not once per shard or stage: file-backed
     sets are read and decoded whole) — the same copy :func:`plan_dataset` loaded when the
     plan was made in this process, not a second one. Keyed by the spec and its path's mtime."""
-    return _shard_dataset(canonical_json(plan.dataset), _mtime(plan.dataset.get("path")))
+    return _shard_dataset(canonical_json(plan.dataset.model_dump()), _mtime(plan.dataset.path))
 
 
-def random_init_activations(plan: ExtractionPlan, idx: np.ndarray, layers: list[str], *, inputs=None,
-                            required: bool = True) -> tuple[dict, dict]:
-    """``({layer: (len(idx), p) float64}, provenance)``: a random-initialised copy of the
-    plan's model run on dataset samples ``idx`` (sorted), pooled as the stored activations.
+def skipped(stage: str, target, key: str, snapshot: str) -> StageResult:
+    """A cache hit: the result committed earlier, with the summary stored in its metadata.
+    ``target``: the plan or :class:`~.refs.ActivationsRef` the stage ran on."""
+    log.info("%s of %s on %s: cache key %s already committed (snapshot %s) — skipped",
+             stage, target.model_uri, target.ds_key, key, snapshot)
+    return StageResult(stage, target.model_uri, target.ds_key, key, snapshot, True,
+                       target.repository.summary(snapshot))
 
-    The copy comes from the model source's ``random_init`` factory (a fixed torch seed:
-    the same copy in every run, whichever stage asks); ``provenance`` records
-    ``random_init_seed``. A model whose source cannot build one is an error naming the
-    other controls, or ``({}, {})`` when not ``required`` (the bias probes go without it).
-    ``inputs``: the dataset's samples ``idx`` when the caller has loaded them already.
-    """
-    model = load_model(plan.model_uri, plan.store)
-    if model.random_init is None:
+
+def commit_stage(ref, stage: str, key: str, params: dict, write, summary: dict, run_id: str | None) -> StageResult:
+    """Commit one array stage's result to the model's repository, with its provenance
+    (cache key, parameters, model and dataset hashes, flow run) in the commit metadata."""
+    meta = commit_metadata(stage, key, params, **ref.provenance(), flow_run_id=run_id, summary=summary)
+    snap = ref.repository.commit(write, message=f"{stage} {ref.model_uri} on {ref.dataset.name}", metadata=meta)
+    return StageResult(stage, ref.model_uri, ref.ds_key, key, snap, False, summary)
+
+
+# -- reading committed arrays (what array stages do instead of running the model) -----------
+
+
+def read_rows(a, idx: np.ndarray | None) -> np.ndarray:
+    """Rows ``idx`` (sorted; None = all) of a NumPy or Dask ``(n, p)`` array as float64 in memory."""
+    from ..analysis.stats import compute_here
+
+    part = a if idx is None or len(idx) == a.shape[0] else a[idx]
+    return np.asarray(compute_here(part), dtype=np.float64)
+
+
+def open_matrices(ref, layers: list[str] | None = None, session=None) -> dict:
+    """``{layer: lazy (n_samples, n_features) Dask matrix}`` of the committed activations of
+    ``ref`` (default: its per-sample layers), read at ``ref.snapshot``."""
+    from .. import layout
+
+    session = session or ref.repository.session(ref.snapshot)
+    return {name: layout.as_matrix(layout.open_activations(session.store, ref.ds_key, name))
+            for name in (ref.sample_layers if layers is None else layers)}
+
+
+def control_rows(ref, kind: str, layers: list[str], idx: np.ndarray | None = None, *,
+                 required: bool = True) -> tuple[dict, dict]:
+    """``({layer: (len(idx), p) float64}, provenance)``: rows ``idx`` of a control extracted
+    beside ``ref``'s activations (:mod:`.controls`), or ``({}, {})`` when ``ref`` has no such
+    control and it is not ``required``."""
+    from .. import layout
+    from ..errors import ZooauditError
+
+    control = ref.controls.get(kind)
+    if control is None:
         if not required:
             return {}, {}
-        raise ZooauditError(f"Model {plan.model_uri!r} cannot build a random-initialised copy (its source has no "
-                            "architecture to re-initialise); use control='shuffle' or control='none'.")
-    if inputs is None:
-        inputs = shard_dataset(plan).inputs[idx]
-    acts, _ = forward_batches(model.random_init(), inputs, layers, pooling=plan.pooling,
-                              batch_size=plan.batch_size, device=plan.device, with_outputs=False)
-    seed = model.random_init_seed
-    return ({k: acts[k].reshape(acts[k].shape[0], -1).astype(np.float64) for k in layers},
-            {} if seed is None else {"random_init_seed": int(seed)})
-
-
-def _repo(plan_or_store, model_key: str | None = None):
-    store = Store(plan_or_store.store) if isinstance(plan_or_store, ExtractionPlan) else plan_or_store
-    key = model_key or plan_or_store.model_key
-    return store, f"models/{key}", store.model_repo(key)
-
-
-
-def _committed_summary(repo, snapshot: str) -> dict:
-    return dict((repo.lookup_snapshot(snapshot).metadata or {}).get("summary") or {})
-
-
-
-def skipped(stage: str, plan: ExtractionPlan, key: str, snapshot: str) -> StageResult:
-    """A cache hit: the result committed earlier, with the summary stored in its metadata."""
-    log.info("%s of %s on %s: cache key %s already committed (snapshot %s) — skipped",
-             stage, plan.model_uri, plan.ds_key, key, snapshot)
-    _, _, repo = _repo(plan)
-    return StageResult(stage, plan.model_uri, plan.ds_key, key, snapshot, True, _committed_summary(repo, snapshot))
-
-
-
-def _read_session(plan: ExtractionPlan, snapshot: str):
-    _, _, repo = _repo(plan)
-    return repo.readonly_session(snapshot_id=snapshot)
-
-
-
-def _commit_result(plan: ExtractionPlan, stage: str, key: str, params: dict, write, summary: dict,
-                   run_id: str | None) -> StageResult:
-    store, repo_name, repo = _repo(plan)
-    meta = commit_metadata(stage, key, params, model=plan.model_uri, model_hash=plan.model_hash,
-                           dataset=plan.dataset, dataset_hash=plan.ds_hash, flow_run_id=run_id, summary=summary)
-    snap = commit(store, repo_name, repo, write, message=f"{stage} {plan.model_uri} on {plan.dataset['name']}",
-                  metadata=meta)
-    return StageResult(stage, plan.model_uri, plan.ds_key, key, snap, False, summary)
+        raise ZooauditError(f"No {kind} control was extracted for {ref.model_uri!r} on {ref.ds_key!r}; the model "
+                            "stage extracts it when the spec asks for it (SimilaritySpec.control='random_init', "
+                            "or bias probes on a dataset with groups). Rerun the audit.")
+    session = ref.repository.session(control.snapshot)
+    out = {name: read_rows(layout.as_matrix(layout.open_activations(session.store, control.group, name)), idx)
+           for name in layers}
+    return out, dict(control.provenance)

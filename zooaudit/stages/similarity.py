@@ -23,7 +23,8 @@ number alone says little):
   at this sample size;
 - ``random_init``: the same metric against a random-initialised copy of the
   model on the same inputs (the copy is built by the model's source from a fixed
-  torch seed, recorded as ``random_init_seed``; sources that cannot build one —
+  torch seed, recorded as ``random_init_seed``, and its activations are extracted
+  by the model stage: :mod:`.controls`; sources that cannot build one —
   TorchScript and exported programs — are refused with a message).
 
 Controls are computed in memory on at most ``control_max_samples`` samples (a
@@ -47,58 +48,25 @@ from ..analysis.similarity import (
     UndefinedSimilarityWarning,
     similarity_matrices,
 )
-from ..analysis.stats import compute_here
-from ..extract import resolve_device
+from ..devices import moments_device
 from ..keys import cache_key
-from ..store import find_commit, write_dataset
-from .common import (
-    ExtractionPlan,
-    StageResult,
-    _commit_result,
-    _read_session,
-    _repo,
-    random_init_activations,
-    random_subset,
-    skipped,
-)
+from ..specs import SimilaritySpec
+from ..store import write_dataset
+from .common import read_rows, commit_stage, control_rows, open_matrices, random_subset, skipped
+from .refs import ActivationsRef, StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-PAIRWISE_MAX_SAMPLES = 5000   # default of SimilaritySpec.pairwise_max_samples
 
-
-def _flat(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1)
-
-
-def _rows(a, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (sorted) of a NumPy or Dask ``(n, p)`` array as float64 in memory."""
-    part = a if len(idx) == a.shape[0] else a[idx]
-    return np.asarray(compute_here(part), dtype=np.float64)
-
-
-def metric_params(metrics: list[str], sspec: dict) -> dict[str, dict]:
+def metric_params(metrics: list[str], sspec: SimilaritySpec) -> dict[str, dict]:
     """Options of the chosen metrics taken from the spec (minibatch CKA: kernel, size, seed)."""
     if "minibatch_cka" not in metrics:
         return {}
-    return {"minibatch_cka": {"kernel": sspec.get("minibatch_kernel", "linear"),
-                              "batch_size": int(sspec.get("minibatch_size", 1024)),
-                              "random_state": sspec["random_state"]}}
+    return {"minibatch_cka": {"kernel": sspec.minibatch_kernel, "batch_size": sspec.minibatch_size,
+                              "random_state": sspec.random_state}}
 
 
-def moments_device(device: str | None):
-    """The torch device for the streamed moments: the run's device when it resolves to CUDA,
-    else None (NumPy on the CPU, which is faster there than torch). A process without CUDA
-    (a CPU worker of a GPU run) uses NumPy: the moments do not need the GPU."""
-    import torch
-
-    if not device or not torch.cuda.is_available():
-        return None
-    dev = resolve_device(device)
-    return dev if dev.type == "cuda" else None
-
-
-def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[str], sspec: dict,
+def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[str], sspec: SimilaritySpec,
                             dims: tuple[str, str] = ("layer_a", "layer_b"),
                             device: str | None = None) -> tuple[dict, dict]:
     """``({metric: (len(a), len(b)) DataArray}, {metric: samples used})``.
@@ -118,63 +86,63 @@ def similarity_with_subsets(named_a: dict, named_b: dict | None, metrics: list[s
                                        params=metric_params(every_row, sspec), device=moments_device(device)))
         used.update({m: n for m in every_row})
     if pairwise:
-        idx = random_subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
-        sub_a = {k: _rows(v, idx) for k, v in named_a.items()}
-        sub_b = None if named_b is None else {k: _rows(v, idx) for k, v in named_b.items()}
+        idx = random_subset(n, sspec.pairwise_max_samples, sspec.random_state)
+        sub_a = {k: read_rows(v, idx) for k, v in named_a.items()}
+        sub_b = None if named_b is None else {k: read_rows(v, idx) for k, v in named_b.items()}
         out.update(similarity_matrices(sub_a, sub_b, metrics=pairwise, dims=dims))
         used.update({m: len(idx) for m in pairwise})
     return out, used
 
 
-def control_arrays(plan: ExtractionPlan, layers: dict, sspec: dict) -> tuple[dict, dict, int, dict]:
+def control_arrays(ref: ActivationsRef, layers: dict, sspec: SimilaritySpec) -> tuple[dict, dict, int, dict]:
     """``(reference, control, n, provenance)``: the layers on the control subset, their control
-    counterparts, and what identifies the control (the random-init seed)."""
-    rng = np.random.default_rng(sspec["random_state"])
-    n = plan.n_samples
-    idx = random_subset(n, sspec["control_max_samples"], rng)
-    ref = {k: _rows(v, idx) for k, v in layers.items()}
-    if sspec["control"] == "shuffle":
+    counterparts (shuffled rows, or the random-init control's rows), and what identifies the
+    control (the random-init seed)."""
+    rng = np.random.default_rng(sspec.random_state)
+    idx = random_subset(ref.n_samples, sspec.control_max_samples, rng)
+    rows = {k: read_rows(v, idx) for k, v in layers.items()}
+    if sspec.control == "shuffle":
         perm = rng.permutation(len(idx))
-        return ref, {k: a[perm] for k, a in ref.items()}, len(idx), {}
-    other, provenance = random_init_activations(plan, idx, list(layers))
-    return ref, other, len(idx), provenance
+        return rows, {k: a[perm] for k, a in rows.items()}, len(idx), {}
+    other, provenance = control_rows(ref, "random_init", list(layers), idx)
+    return rows, other, len(idx), provenance
 
 
-def shuffled_controls(named: dict, metrics: list[str], sspec: dict, dims: tuple[str, str] = ("layer_a", "layer_b"),
+def shuffled_controls(named: dict, metrics: list[str], sspec: SimilaritySpec, dims: tuple[str, str] = ("layer_a", "layer_b"),
                       named_b: dict | None = None) -> tuple[dict, dict]:
     """Every metric of every array of ``named`` against every array of ``named_b``
     (default: ``named``) with the second one's samples permuted (one fixed
     permutation, at most ``control_max_samples`` rows): ``({metric: DataArray},
     {metric: samples used})``; coordinates are the plain names."""
     named_b = named if named_b is None else named_b
-    rng = np.random.default_rng(sspec["random_state"])
+    rng = np.random.default_rng(sspec.random_state)
     n = next(iter(named.values())).shape[0]
-    idx = random_subset(n, sspec["control_max_samples"], rng)
+    idx = random_subset(n, sspec.control_max_samples, rng)
     perm = rng.permutation(len(idx))
-    ref = {k: _rows(v, idx) for k, v in named.items()}
+    ref = {k: read_rows(v, idx) for k, v in named.items()}
     # distinct keys and arrays: the control side is a different array even under the same name
-    other = {f"control:{k}": _rows(v, idx)[perm] for k, v in named_b.items()}
+    other = {f"control:{k}": read_rows(v, idx)[perm] for k, v in named_b.items()}
     mats, used = similarity_with_subsets(ref, other, metrics, sspec, dims)
     return {m: a.assign_coords({dims[1]: list(named_b)}) for m, a in mats.items()}, used
 
 
-def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[str, xr.Dataset]:
+def layer_similarity(ref: ActivationsRef, layers: dict, sspec: SimilaritySpec) -> dict[str, xr.Dataset]:
     """``{metric: Dataset(value, control (layer_a, layer_b))}`` for the model's layers.
 
     Every streamed metric comes from one pass over the stored activations; see the
     module docstring for the samples each metric uses.
     """
-    metrics = list(sspec["metrics"])
-    values, used = similarity_with_subsets(layers, None, metrics, sspec, device=plan.device)
+    metrics = list(sspec.metrics)
+    values, used = similarity_with_subsets(layers, None, metrics, sspec, device=ref.device)
     controls, ctrl_used, provenance = {}, {}, {}
-    if sspec["control"] != "none":
-        ref, other, _, provenance = control_arrays(plan, layers, sspec)
-        controls, ctrl_used = similarity_with_subsets(ref, {f"control:{k}": v for k, v in other.items()}, metrics,
-                                                      sspec, device=plan.device)
+    if sspec.control != "none":
+        rows, other, _, provenance = control_arrays(ref, layers, sspec)
+        controls, ctrl_used = similarity_with_subsets(rows, {f"control:{k}": v for k, v in other.items()}, metrics,
+                                                      sspec, device=ref.device)
     out = {}
     for metric in metrics:
         data = {"value": values[metric]}
-        attrs = {"metric": metric, "control": sspec["control"], "n": used[metric],
+        attrs = {"metric": metric, "control": sspec.control, "n": used[metric],
                  "kind": values[metric].attrs.get("kind", "similarity")}
         if metric in MINIBATCH_METRICS:
             attrs.update(kernel=values[metric].attrs["kernel"], batch_size=values[metric].attrs["batch_size"])
@@ -185,35 +153,33 @@ def layer_similarity(plan: ExtractionPlan, layers: dict, sspec: dict) -> dict[st
     return out
 
 
-def similarity_key(plan: ExtractionPlan, sspec: dict) -> str:
-    """Cache key of the (within-model) similarity stage of ``plan`` with ``sspec``."""
-    return cache_key("similarity", activations=plan.cache_key, **sspec)
+def similarity_key(target, sspec: SimilaritySpec) -> str:
+    """Cache key of the (within-model) similarity stage of ``target`` (plan or reference) with ``sspec``."""
+    return cache_key("similarity", activations=target.cache_key, **sspec.model_dump())
 
 
-def run_similarity(plan: ExtractionPlan, acts_snapshot: str, sspec: dict, run_id: str | None = None) -> StageResult:
+def run_similarity(ref: ActivationsRef, sspec: SimilaritySpec, run_id: str | None = None) -> StageResult:
     """Layer × layer matrices of every chosen metric, each beside its control; one commit."""
-    key = similarity_key(plan, sspec)
-    _, _, repo = _repo(plan)
-    if (snap := find_commit(repo, key)) is not None:
-        return skipped("similarity", plan, key, snap)
-    session = _read_session(plan, acts_snapshot)
-    layers = {l: layout.as_matrix(layout.open_activations(session.store, plan.ds_key, l)) for l in plan.sample_layers}
+    key = similarity_key(ref, sspec)
+    if (snap := ref.repository.find(key)) is not None:
+        return skipped("similarity", ref, key, snap)
+    layers = open_matrices(ref)
     with warnings.catch_warnings(record=True) as caught:
         # degenerate CCA (features ≥ samples − 1), undefined values (zero-variance layers):
         # recorded with the result and logged, not lost on a worker's stderr
         warnings.simplefilter("always")
-        results = layer_similarity(plan, layers, sspec)
+        results = layer_similarity(ref, layers, sspec)
     notes = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught
                                if issubclass(w.category, (UndefinedSimilarityWarning, DegenerateCCAWarning))))
     for note in notes:
-        log.warning("similarity of %s on %s: %s", plan.model_uri, plan.ds_key, note)
+        log.warning("similarity of %s on %s: %s", ref.model_uri, ref.ds_key, note)
 
     def write(s):
         for metric, ds in results.items():
-            write_dataset(s, ds, layout.similarity_group(plan.ds_key, metric))
+            write_dataset(s, ds, layout.similarity_group(ref.ds_key, metric))
 
-    summary = {"layers": plan.sample_layers, "control": sspec["control"], "warnings": notes[:20],
+    summary = {"layers": ref.sample_layers, "control": sspec.control, "warnings": notes[:20],
                **{m: {"value": ds["value"].values.round(6).tolist(), "kind": ds.attrs["kind"], "n": ds.attrs["n"],
                       **({"control": ds["control"].values.round(6).tolist()} if "control" in ds else {})}
                   for m, ds in results.items()}}
-    return _commit_result(plan, "similarity", key, sspec, write, summary, run_id)
+    return commit_stage(ref, "similarity", key, sspec.model_dump(), write, summary, run_id)

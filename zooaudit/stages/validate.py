@@ -25,7 +25,7 @@ def validate_model(spec: AuditModelSpec) -> LoadedModel:
             f"{tuple(model.input_shape)} (builtin digits models: 'digits'; colored models: 'colored-digits'; "
             "text encoders, input shape (): 'text')."
         )
-    weat_stage.validate(model, spec.bias.model_dump())  # word sets of text encoders, before any commit
+    weat_stage.validate(model, spec.bias)  # word sets of text encoders, before any commit
     return model
 
 

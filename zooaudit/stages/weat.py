@@ -9,7 +9,9 @@ zooaudit), every test of the file is run on every per-sample layer of the audit:
   (:func:`zooaudit.analysis.weat.seat_sentences`), and every sentence is one element of
   its set (so |X| = |Y| still holds: both sets get the same templates).
 
-Embeddings are the layer's pooled output with the audit's pooling (``cls``,
+The embeddings are extracted by the model stage (:func:`zooaudit.stages.controls.run_wordsets`,
+``wordsets/<digest>/<method>/<layer>``); this module reads them. They are the layer's pooled
+output with the audit's pooling (``cls``,
 ``token_mean``/``mean``); an all-tokens audit (``tokens``) uses the mask-aware token
 mean. Effect size ddof = 1; one-sided partition-test p-values (exact when C(2n, n) ≤
 100,000, else Monte Carlo with ``weat_permutations``); **Holm within a family**, a family
@@ -43,8 +45,7 @@ from ..analysis.weat import (
     weat_family,
 )
 from ..errors import ZooauditError
-from ..extract import forward_batches
-from .common import ExtractionPlan, load_model
+from ..specs import BiasSpec
 
 log = logging.getLogger("zooaudit.stages")
 
@@ -59,16 +60,29 @@ def wordsets_path(weat_sets: str | None) -> Path | None:
     return example_wordsets_path() if weat_sets == "example" else Path(weat_sets).expanduser()
 
 
-def applies(plan: ExtractionPlan, bspec: dict) -> bool:
-    """Association tests run for text encoders when a word-set file is configured."""
-    return plan.model_info.get("modality") == "text" and wordsets_path(bspec.get("weat_sets")) is not None
+def applies(target, bspec: BiasSpec) -> bool:
+    """Association tests run for text encoders when a word-set file is configured
+    (``target``: an extraction plan or an activations reference)."""
+    return target.model_info.get("modality") == "text" and wordsets_path(bspec.weat_sets) is not None
 
 
-def key_params(plan: ExtractionPlan, bspec: dict) -> dict:
+def weat_pooling(pooling: str) -> str:
+    """Pooling of the association tests' embeddings: the audit's per-sample pooling; an
+    all-tokens audit uses the mask-aware token mean."""
+    return pooling if pooling in ("cls", "token_mean", "mean") else "token_mean"
+
+
+def method_texts(sets) -> dict[str, dict[str, tuple]]:
+    """Per method, per test, the four text lists (words, or their SEAT sentences)."""
+    return {"weat": {t.name: sets.words(t) for t in sets.tests},
+            "seat": {t.name: tuple(seat_sentences(w, t.templates) for w in sets.words(t)) for t in sets.tests}}
+
+
+def key_params(target, bspec: BiasSpec) -> dict:
     """Cache-key part: the word-set file's content (not just its name), when the tests apply."""
-    if not applies(plan, bspec):
+    if not applies(target, bspec):
         return {}
-    path = wordsets_path(bspec["weat_sets"])
+    path = wordsets_path(bspec.weat_sets)
     if not path.is_file():
         raise ZooauditError(f"word-set file {str(path)!r} (BiasSpec.weat_sets) does not exist.")
     return {"weat_sets_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -93,9 +107,9 @@ def check_tokens(module, named_words: dict[str, list[str]]) -> list[str]:
     return sorted(set(unknown))
 
 
-def validate(model, bspec: dict) -> None:
+def validate(model, bspec: BiasSpec) -> None:
     """Before anything is committed: the file parses, target sets are balanced, every word tokenises."""
-    if model.info.get("modality") != "text" or (path := wordsets_path(bspec.get("weat_sets"))) is None:
+    if model.info.get("modality") != "text" or (path := wordsets_path(bspec.weat_sets)) is None:
         return
     sets = load_wordsets(path)
     if not sets.tests:
@@ -106,37 +120,39 @@ def validate(model, bspec: dict) -> None:
         check_tokens(model.module, {**sets.targets, **sets.attributes})
 
 
-def _embed(module, texts: list[str], layers: list[str], pooling: str, plan: ExtractionPlan) -> dict:
-    """``{layer: {text: (unit,) embedding}}`` for the unique ``texts``."""
-    unique = list(dict.fromkeys(texts))
-    acts, _ = forward_batches(module, np.array(unique), layers, pooling=pooling, batch_size=plan.batch_size,
-                              device=plan.device, with_outputs=False)
-    return {layer: dict(zip(unique, np.asarray(acts[layer], dtype=np.float64))) for layer in layers}
+def _embeddings(ref, method: str, layer: str) -> dict[str, np.ndarray]:
+    """``{text: (unit,) float64}`` of one method's texts at one layer, from the word-set control."""
+    control = ref.controls.get("wordsets")
+    if control is None:
+        raise ZooauditError(f"The word-set embeddings of {ref.model_uri!r} were not extracted; run the model "
+                            "stage (activations and controls) with this BiasSpec first.")
+    ds = ref.repository.open(f"{control.group}/{method}/{layer}", control.snapshot).load()
+    return dict(zip(ds["text"].values.tolist(), ds["embedding"].values))
 
 
-def run_weat(plan: ExtractionPlan, bspec: dict) -> tuple[xr.Dataset, list[dict]]:
+def run_weat(ref, bspec: BiasSpec) -> tuple[xr.Dataset, list[dict]]:
     """Every test of the word-set file, by method and layer; Holm within each (method, layer)."""
-    path = wordsets_path(bspec["weat_sets"])
+    path = wordsets_path(bspec.weat_sets)
     sets = load_wordsets(path)
     if not sets.tests:
         raise ZooauditError(f"word-set file {str(path)!r} defines no tests.")
-    model = load_model(plan.model_uri, plan.store)
-    unknown = check_tokens(model.module, {**sets.targets, **sets.attributes})
-    layers = plan.sample_layers
-    pooling = plan.pooling if plan.pooling in ("cls", "token_mean", "mean") else "token_mean"
-    # Per test and method: the four text lists (words, or their SEAT sentences).
-    texts = {"weat": {t.name: sets.words(t) for t in sets.tests},
-             "seat": {t.name: tuple(seat_sentences(w, t.templates) for w in sets.words(t)) for t in sets.tests}}
+    provenance = ref.controls["wordsets"].provenance if "wordsets" in ref.controls else {}
+    unknown = list(provenance.get("unknown_words", []))
+    if unknown:
+        warnings.warn(f"Words the tokenizer only knows as its unknown token (their embeddings are all alike): "
+                      f"{unknown}.", BiasAuditWarning, stacklevel=2)
+    layers = ref.sample_layers
+    pooling = weat_pooling(ref.pooling)
+    texts = method_texts(sets)
     per_method = []
     for method in METHODS:
-        every = [s for quad in texts[method].values() for ws in quad for s in ws]
-        emb = _embed(model.module, every, layers, pooling, plan)
         per_layer = []
         for layer in layers:
-            tests = {name: tuple(np.stack([emb[layer][s] for s in ws]) for ws in quad)
+            emb = _embeddings(ref, method, layer)
+            tests = {name: tuple(np.stack([emb[s] for s in ws]) for ws in quad)
                      for name, quad in texts[method].items()}
-            fam = weat_family(tests, n_permutations=bspec["weat_permutations"], random_state=bspec["random_state"],
-                              correction="holm", alpha=bspec["alpha"])
+            fam = weat_family(tests, n_permutations=bspec.weat_permutations, random_state=bspec.random_state,
+                              correction="holm", alpha=bspec.alpha)
             per_layer.append(fam.expand_dims(layer=[layer]))
         per_method.append(xr.concat(per_layer, dim="layer", combine_attrs="override").expand_dims(kind=[method]))
     ds = xr.concat(per_method, dim="kind", combine_attrs="override")
@@ -150,9 +166,9 @@ def run_weat(plan: ExtractionPlan, bspec: dict) -> tuple[xr.Dataset, list[dict]]
              "significant": bool(ds["reject"].sel(kind=m, layer=layer, test=t)),
              "n_targets": int(ds["n_targets"].sel(kind=m, layer=layer, test=t))}
             for m in ds["kind"].values for layer in ds["layer"].values for t in ds["test"].values]
-    log.info("%s: WEAT/SEAT on %d tests × %d layers (%s)", plan.model_uri, len(sets.tests), len(layers), path.name)
+    log.info("%s: WEAT/SEAT on %d tests × %d layers (%s)", ref.model_uri, len(sets.tests), len(layers), path.name)
     return ds, rows
 
 
-__all__ = ["METHODS", "SUMMARY_KEY", "applies", "check_tokens", "key_params", "run_weat", "validate",
-           "wordsets_path"]
+__all__ = ["METHODS", "SUMMARY_KEY", "applies", "check_tokens", "key_params", "method_texts", "run_weat",
+           "validate", "weat_pooling", "wordsets_path"]

@@ -11,7 +11,11 @@ Controls (``SimilaritySpec.control``), on at most ``control_max_samples`` sample
 ``random_init`` — model_a's layer against the same layer of a random-initialised
 copy of model_b (built by model_b's source from a fixed seed, recorded per
 ``model_b`` / per step as ``random_init_seed``) on the same samples; for revisions,
-checkpoint a against a random-initialised copy of checkpoint b.
+checkpoint a against a random-initialised copy of checkpoint b. The copies'
+activations are the random-init controls the model stage extracted (:mod:`.controls`).
+
+Array stages over several models: each takes the :class:`~.refs.ActivationsRef` of every
+model on the dataset and commits to the zoo repository.
 
 Sample ids must agree exactly across models: a mismatch is an error, never a
 silent misalignment.
@@ -30,18 +34,11 @@ from .. import layout
 from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
-from ..store import Store, commit, commit_metadata, find_commit, write_dataset
-from .common import (
-    ExtractionPlan,
-    StageResult,
-    _committed_summary,
-    _read_session,
-    random_init_activations,
-    random_subset,
-)
+from ..specs import SimilaritySpec
+from ..store import Repository, commit_metadata, write_dataset
+from .common import read_rows, control_rows, random_subset
+from .refs import ActivationsRef, StageResult
 from .similarity import (
-    PAIRWISE_MAX_SAMPLES,
-    _rows,
     metric_params,
     moments_device,
     shuffled_controls,
@@ -60,11 +57,11 @@ def revisions_group(ds_key: str, family: str, metric: str) -> str:
     return f"{ds_key}/revisions/{slug_key(family, 32)}/{metric}"
 
 
-def _load_layers(plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str]) -> dict:
+def _load_layers(refs: list[ActivationsRef], layers: list[str]) -> dict:
     """``{(model, layer): (n, p) array}`` with sample ids checked across models."""
     arrays, ids, first = {}, None, None
-    for p in plans:
-        session = _read_session(p, snapshots[p.model_uri])
+    for p in refs:
+        session = p.repository.session(p.snapshot)
         for layer in (l for l in layers if l in p.sample_layers):
             acts = layout.open_activations(session.store, p.ds_key, layer)
             sid = acts["sample"].values
@@ -77,62 +74,68 @@ def _load_layers(plans: list[ExtractionPlan], snapshots: dict[str, str], layers:
     return arrays
 
 
-def _commit_zoo(store: Store, stage: str, key: str, params: dict, plans, results: dict[str, tuple[str, xr.Dataset]],
-                summary: dict, run_id: str | None) -> StageResult:
+def commit_zoo(repository: Repository, stage: str, key: str, params: dict, refs,
+               results: dict[str, tuple[str, xr.Dataset]], summary: dict, run_id: str | None) -> StageResult:
+    """Commit a zoo stage's ``{name: (group, Dataset)}`` to the zoo repository, one commit."""
     def write(s):
         for group, ds in results.values():
             write_dataset(s, ds, group)
 
-    meta = commit_metadata(stage, key, params, dataset=plans[0].dataset, models=[p.model_uri for p in plans],
+    meta = commit_metadata(stage, key, params, dataset=refs[0].dataset_meta, models=[p.model_uri for p in refs],
                            flow_run_id=run_id, summary=summary)
-    snap = commit(store, "zoo", store.zoo_repo(), write, message=f"{stage} on {plans[0].ds_key}", metadata=meta)
-    return StageResult(stage, "zoo", plans[0].ds_key, key, snap, False, summary)
+    snap = repository.commit(write, message=f"{stage} on {refs[0].ds_key}", metadata=meta)
+    return StageResult(stage, "zoo", refs[0].ds_key, key, snap, False, summary)
 
 
-def _cached(store: Store, stage: str, ds_key: str, key: str) -> StageResult | None:
-    repo = store.zoo_repo()
-    if (snap := find_commit(repo, key)) is None:
+def cached_zoo(repository: Repository, stage: str, ds_key: str, key: str, model: str = "zoo") -> StageResult | None:
+    """The committed result of a zoo stage with cache ``key``, or None."""
+    if (snap := repository.find(key)) is None:
         return None
     log.info("%s on %s: cache key %s already committed — skipped", stage, ds_key, key)
-    return StageResult(stage, "zoo", ds_key, key, snap, True, _committed_summary(repo, snap))
+    return StageResult(stage, model, ds_key, key, snap, True, repository.summary(snap))
 
 
-def _random_init_controls(plans: list[ExtractionPlan], arrays: dict, metrics: list[str],
-                          sspec: dict) -> tuple[dict, dict, list]:
+def _random_init_controls(refs: list[ActivationsRef], arrays: dict, metrics: list[str],
+                          sspec: SimilaritySpec) -> tuple[dict, dict, list]:
     """Every ``(model, layer)`` array against the same layer of a random-initialised copy of
     every model, on one control subset: ``({metric: DataArray}, {metric: samples used},
     random_init_seed per model)``; coordinates ``"model|layer"`` on both sides."""
     n = next(iter(arrays.values())).shape[0]
-    idx = random_subset(n, sspec["control_max_samples"], np.random.default_rng(sspec["random_state"]))
-    ref = {f"{m}|{l}": _rows(a, idx) for (m, l), a in arrays.items()}
+    idx = random_subset(n, sspec.control_max_samples, np.random.default_rng(sspec.random_state))
+    rows = {f"{m}|{l}": read_rows(a, idx) for (m, l), a in arrays.items()}
     other, seeds = {}, []
-    for p in plans:
+    for p in refs:
         mine = [l for (m, l) in arrays if m == p.model_uri]
-        acts, provenance = random_init_activations(p, idx, mine)
+        acts, provenance = control_rows(p, "random_init", mine, idx)
         other.update({f"control:{p.model_uri}|{l}": acts[l] for l in mine})
         seeds.append(provenance.get("random_init_seed", -1))
-    mats, used = similarity_with_subsets(ref, other, metrics, sspec, device=plans[0].device)
-    return {m: a.assign_coords(layer_b=list(ref)) for m, a in mats.items()}, used, seeds
+    mats, used = similarity_with_subsets(rows, other, metrics, sspec, device=refs[0].device)
+    return {m: a.assign_coords(layer_b=list(rows)) for m, a in mats.items()}, used, seeds
 
 
-def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str], layers: list[str],
-                       sspec: dict, run_id: str | None = None) -> StageResult | None:
+def zoo_similarity_key(refs: list[ActivationsRef], layers: list[str], sspec: SimilaritySpec) -> str:
+    return cache_key("zoo-similarity", dataset=refs[0].ds_hash, layers=layers, **sspec.model_dump(),
+                     models=sorted((p.model_uri, p.cache_key) for p in refs))
+
+
+def run_zoo_similarity(refs: list[ActivationsRef], layers: list[str], sspec: SimilaritySpec,
+                       run_id: str | None = None) -> StageResult | None:
     """Model × model similarity of the compare ``layers`` for every metric, beside its
-    control (see the module docstring; ``control='none'`` skips it); one commit."""
-    plans = [p for p in plans if any(l in p.layers for l in layers)]
-    if len(plans) < 2:
+    control (see the module docstring; ``control='none'`` skips it); one commit.
+    ``refs``: the activations of every model on one dataset."""
+    refs = [p for p in refs if any(l in p.layers for l in layers)]
+    if len(refs) < 2:
         return None
-    store = Store(store_url)
-    ds_key = plans[0].ds_key
-    metrics = sspec["metrics"]
-    key = cache_key("zoo-similarity", dataset=plans[0].ds_hash, layers=layers, **sspec,
-                    models=sorted((p.model_uri, p.cache_key) for p in plans))
-    if (hit := _cached(store, "zoo-similarity", ds_key, key)) is not None:
+    repository = Repository.zoo(refs[0].store)
+    ds_key = refs[0].ds_key
+    metrics = sspec.metrics
+    key = zoo_similarity_key(refs, layers, sspec)
+    if (hit := cached_zoo(repository, "zoo-similarity", ds_key, key)) is not None:
         return hit
-    arrays = _load_layers(plans, snapshots, layers)
-    models = [p.model_uri for p in plans]
+    arrays = _load_layers(refs, layers)
+    models = [p.model_uri for p in refs]
     names = {f"{m}|{l}": a for (m, l), a in arrays.items()}
-    results, summary = {}, {"models": models, "layers": layers, "groups": {}, "control_kind": sspec["control"]}
+    results, summary = {}, {"models": models, "layers": layers, "groups": {}, "control_kind": sspec.control}
     def to_4d(full: xr.DataArray) -> xr.DataArray:
         value = np.full((len(models), len(layers), len(models), len(layers)), np.nan)
         for (ma, la) in arrays:
@@ -143,12 +146,12 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
                             coords={"model_a": models, "layer_a": layers, "model_b": models, "layer_b": layers})
 
     # streamed metrics: one joint pass over every model × layer for all of them
-    values, used = similarity_with_subsets(names, None, metrics, sspec, device=plans[0].device)
+    values, used = similarity_with_subsets(names, None, metrics, sspec, device=refs[0].device)
     controls, ctrl_used, provenance = {}, {}, {}
-    if sspec["control"] == "shuffle":
+    if sspec.control == "shuffle":
         controls, ctrl_used = shuffled_controls(names, metrics, sspec)
-    elif sspec["control"] == "random_init":
-        controls, ctrl_used, seeds = _random_init_controls(plans, arrays, metrics, sspec)
+    elif sspec.control == "random_init":
+        controls, ctrl_used, seeds = _random_init_controls(refs, arrays, metrics, sspec)
         provenance = {"random_init_seed": seeds}     # one per model_b
     for metric in metrics:
         data = {"value": to_4d(values[metric])}
@@ -156,7 +159,7 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
                  "kind": values[metric].attrs.get("kind", "similarity")}
         if metric in controls:
             data["control"] = to_4d(controls[metric])
-            attrs.update(control=sspec["control"], control_n=ctrl_used[metric], **provenance)
+            attrs.update(control=sspec.control, control_n=ctrl_used[metric], **provenance)
         group = zoo_similarity_group(ds_key, metric)
         results[metric] = (group, xr.Dataset(data, attrs=attrs))
         summary["groups"][metric] = group
@@ -164,24 +167,25 @@ def run_zoo_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: d
         if "control" in data:
             summary.setdefault("control", {})[metric] = {
                 l: data["control"].sel(layer_a=l, layer_b=l).values.round(6).tolist() for l in layers}
-    return _commit_zoo(store, "zoo-similarity", key, {"layers": layers, **sspec}, plans, results, summary, run_id)
+    return commit_zoo(repository, "zoo-similarity", key, {"layers": layers, **sspec.model_dump()}, refs, results,
+                      summary, run_id)
 
 
-def _control_pair(xs: dict, ys: dict, sspec: dict, plan_b: ExtractionPlan) -> tuple[dict, dict, dict]:
+def _control_pair(xs: dict, ys: dict, sspec: SimilaritySpec, ref_b: ActivationsRef) -> tuple[dict, dict, dict]:
     """``(xs, ys, provenance)`` on the control subset: ys with its samples shuffled, or
     replaced by the same layers of a random-initialised copy of checkpoint b."""
     n = next(iter(xs.values())).shape[0]
-    rng = np.random.default_rng(sspec["random_state"])
-    idx = random_subset(n, sspec["control_max_samples"], rng)
-    xs = {k: _rows(v, idx) for k, v in xs.items()}
-    if sspec["control"] == "random_init":
-        ys, provenance = random_init_activations(plan_b, idx, list(ys))
+    rng = np.random.default_rng(sspec.random_state)
+    idx = random_subset(n, sspec.control_max_samples, rng)
+    xs = {k: read_rows(v, idx) for k, v in xs.items()}
+    if sspec.control == "random_init":
+        ys, provenance = control_rows(ref_b, "random_init", list(ys), idx)
         return xs, ys, provenance
     perm = rng.permutation(len(idx))
-    return xs, {k: _rows(v, idx)[perm] for k, v in ys.items()}, {}
+    return xs, {k: read_rows(v, idx)[perm] for k, v in ys.items()}, {}
 
 
-def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, device: str | None = None) -> dict[str, np.ndarray]:
+def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: SimilaritySpec, device: str | None = None) -> dict[str, np.ndarray]:
     """``{metric: (layers,) values}`` of each layer of ``xs`` against the same layer of ``ys``.
     Streamed metrics: all layers of both checkpoints in one joint pass, read off the
     diagonal (minibatch CKA: one sweep of minibatches); sample-pair metrics: layer by layer."""
@@ -195,40 +199,45 @@ def _layerwise(xs: dict, ys: dict, metrics: list[str], sspec: dict, device: str 
         out.update({m: np.diag(mats[m].values).copy() for m in streamed})
     sample_pair = [m for m in metrics if m in SAMPLE_PAIR_METRICS]
     if sample_pair:
-        idx = random_subset(n, int(sspec.get("pairwise_max_samples", PAIRWISE_MAX_SAMPLES)), sspec["random_state"])
-        per_layer = [similarity_matrices({l: _rows(xs[l], idx)}, {l: _rows(ys[l], idx)}, metrics=sample_pair)
+        idx = random_subset(n, sspec.pairwise_max_samples, sspec.random_state)
+        per_layer = [similarity_matrices({l: read_rows(xs[l], idx)}, {l: read_rows(ys[l], idx)}, metrics=sample_pair)
                      for l in layers]
         out.update({m: np.array([float(r[m].values[0, 0]) for r in per_layer]) for m in sample_pair})
     return out
 
 
-def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapshots: dict[str, str],
-                            sspec: dict, run_id: str | None = None) -> StageResult | None:
-    """Per layer, the similarity between consecutive checkpoints of each model family, beside its
-    control (see the module docstring); one commit."""
+def revision_families(refs: list[ActivationsRef]) -> dict[str, list[ActivationsRef]]:
+    """``{family: checkpoints sorted by revision}`` of the families with at least two checkpoints."""
     families = defaultdict(list)
-    for p in plans:
+    for p in refs:
         families[p.family].append(p)
-    families = {f: sorted(ps, key=lambda p: (isinstance(p.revision, str), p.revision))
-                for f, ps in families.items() if len(ps) >= 2}
+    return {f: sorted(ps, key=lambda p: (isinstance(p.revision, str), p.revision))
+            for f, ps in families.items() if len(ps) >= 2}
+
+
+def run_revision_similarity(refs: list[ActivationsRef], sspec: SimilaritySpec,
+                            run_id: str | None = None) -> StageResult | None:
+    """Per layer, the similarity between consecutive checkpoints of each model family, beside its
+    control (see the module docstring); one commit. ``refs``: every model on one dataset."""
+    families = revision_families(refs)
     if not families:
         return None
-    store = Store(store_url)
-    all_plans = [p for ps in families.values() for p in ps]
-    ds_key = all_plans[0].ds_key
-    metrics = sspec["metrics"]
-    key = cache_key("revision-similarity", dataset=all_plans[0].ds_hash, **sspec,
-                    models=sorted((p.model_uri, p.cache_key) for p in all_plans))
-    if (hit := _cached(store, "revision-similarity", ds_key, key)) is not None:
+    every = [p for ps in families.values() for p in ps]
+    repository = Repository.zoo(every[0].store)
+    ds_key = every[0].ds_key
+    metrics = sspec.metrics
+    key = cache_key("revision-similarity", dataset=every[0].ds_hash, **sspec.model_dump(),
+                    models=sorted((p.model_uri, p.cache_key) for p in every))
+    if (hit := cached_zoo(repository, "revision-similarity", ds_key, key)) is not None:
         return hit
     results, summary = {}, {"families": {}}
     for family, revs in families.items():
         layers = [l for l in revs[0].layers if all(l in r.layers for r in revs)]
-        arrays = _load_layers(revs, snapshots, layers)
+        arrays = _load_layers(revs, layers)
         steps = [f"{a.revision}→{b.revision}" for a, b in pairwise(revs)]
         coords = {"step": steps, "layer": layers, "revision_a": ("step", [a.model_uri for a in revs[:-1]]),
                   "revision_b": ("step", [b.model_uri for b in revs[1:]])}
-        kinds = ("value", "control") if sspec["control"] != "none" else ("value",)
+        kinds = ("value", "control") if sspec.control != "none" else ("value",)
         per_step = {kind: [] for kind in kinds}
         seeds = []
         for a, b in pairwise(revs):
@@ -241,15 +250,15 @@ def run_revision_similarity(store_url: str, plans: list[ExtractionPlan], snapsho
         for metric in metrics:
             data = {kind: xr.DataArray([step[metric] for step in per_step[kind]], dims=("step", "layer"),
                                        coords=coords) for kind in kinds}
-            attrs = {"family": family, "metric": metric, "control": sspec["control"] if "control" in data else "none",
+            attrs = {"family": family, "metric": metric, "control": sspec.control if "control" in data else "none",
                      "kind": "distance" if metric == "procrustes" else "similarity"}
-            if sspec["control"] == "random_init":
+            if sspec.control == "random_init":
                 attrs["random_init_seed"] = seeds          # one per step (of its checkpoint b)
             value = data["value"].values
             group = revisions_group(ds_key, family, metric)
             results[f"{family}/{metric}"] = (group, xr.Dataset(data, attrs=attrs))
             info = {"group": group, "steps": steps, "layers": layers, "value": value.round(6).tolist()}
             if "control" in data:
-                info.update(control=data["control"].values.round(6).tolist(), control_kind=sspec["control"])
+                info.update(control=data["control"].values.round(6).tolist(), control_kind=sspec.control)
             summary["families"].setdefault(family, {})[metric] = info
-    return _commit_zoo(store, "revision-similarity", key, sspec, all_plans, results, summary, run_id)
+    return commit_zoo(repository, "revision-similarity", key, sspec.model_dump(), every, results, summary, run_id)

@@ -1,4 +1,4 @@
-"""Factorization stage over committed activations: PCA, NMF, semi-NMF, TopK SAE and
+"""Factorization stage (an array stage) over committed activations: PCA, NMF, semi-NMF, TopK SAE and
 Eigen-CAM per layer, with the quality measures, seed stability, an optional k sweep and
 the top-activating samples of every component; one commit, or none on error.
 
@@ -34,25 +34,17 @@ import xarray as xr
 
 from .. import layout
 from ..analysis import factorize as fact_mod
-from ..analysis.eigencam import iter_blocks
+from ..analysis.blocks import iter_blocks
 from ..analysis.nmf import scan
-from ..analysis.quality import k_sweep, stability
+from ..analysis.stability import k_sweep, stability
 from ..analysis.stats import compute_here
+from ..devices import resolve_device
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..specs import FactorizeSpec
-from ..store import find_commit, write_dataset
-from .common import (
-    ExtractionPlan,
-    StageResult,
-    _commit_result,
-    _read_session,
-    _repo,
-    load_model,
-    random_subset,
-    shard_dataset,
-    skipped,
-)
+from ..store import write_dataset
+from .common import commit_stage, random_subset, skipped
+from .refs import ActivationsRef, StageResult
 
 CODES_IN_MEMORY = 256 << 20  # codes larger than this (bytes, float64) stay lazy and are written chunk by chunk
 FACTOR_METHODS = ("pca", "nmf", "semi_nmf", "sae")
@@ -185,14 +177,6 @@ def _checked(name, acts, matrix, map_dims, map_shape, unit, spec: FactorizeSpec,
             "on_negative='semi_nmf' (signed components) or 'shift' (subtract the minimum), 'skip', or drop "
             "the layer.")
     return layer
-
-
-def _torch_device(device: str) -> str | None:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else None
-    return None if device == "cpu" else device
 
 
 def _fit(method: str, layer: LayerData, spec: FactorizeSpec, device, k: int | None = None, codes: str = "numpy",
@@ -337,58 +321,38 @@ def stability_subset(layer: LayerData, spec: FactorizeSpec) -> np.ndarray | None
     return random_subset(n, spec.stability_rows, spec.random_state)
 
 
-def token_spans(module, texts: list[str]) -> list[tuple[list[str], list[tuple[int, int]]]]:
-    """Per text, the model's tokens (strings) and their character spans in the text, tokenised
-    as extraction does (the source's tokenizer, its truncation); special tokens get ``(0, 0)``.
-    Sources without a Hugging Face tokenizer give ``[]``."""
-    tok = getattr(module, "tokenizer", None)
-    if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
-        return [([], []) for _ in texts]
-    # fast tokenizers are not thread-safe: take the lock extraction takes (zooaudit.zoo.hf)
-    from ..zoo.hf import _TOKENIZE
-
-    out = []
-    with _TOKENIZE:
-        for text in texts:
-            kw = {"truncation": True, "max_length": getattr(module, "max_length", None)}
-            try:
-                enc = tok(text, return_offsets_mapping=True, **kw)
-                spans = [tuple(map(int, o)) for o in enc["offset_mapping"]]
-            except NotImplementedError:  # slow (Python) tokenizers have no offsets
-                enc = tok(text, **kw)
-                spans = [(0, 0)] * len(enc["input_ids"])
-            out.append((tok.convert_ids_to_tokens(enc["input_ids"]), spans))
-    return out
-
-
-def add_token_text(ds: xr.Dataset, plan: ExtractionPlan, layer: LayerData) -> None:
+def add_token_text(ds: xr.Dataset, ref: ActivationsRef, layer: LayerData) -> None:
     """The strings of the top tokens: ``top_token_text``, their sentence ``top_token_sentence``
     and the token's character span in it ``top_token_char_start``/``_end`` (``(component,
-    rank_token)``; span ``(0, 0)`` for special tokens such as ``[CLS]``). The tokenizer is the
-    model source's; a token count that disagrees with the stored one is an error."""
+    rank_token)``; span ``(0, 0)`` for special tokens such as ``[CLS]``), read from the token
+    text the model stage stored (:func:`zooaudit.stages.controls.run_token_text`: the model
+    source's tokenizer). A token count that disagrees with the stored one is an error."""
     samples = ds["top_token_sample"].values
     positions = ds["top_token_position"].values
-    data = shard_dataset(plan)
-    where = {int(s): i for i, s in enumerate(data.sample_ids)}
-    uniq = np.unique(samples)
-    texts = [str(data.inputs[where[int(s)]]) for s in uniq]
-    module = load_model(plan.model_uri, plan.store).module
-    spans = dict(zip(uniq.tolist(), token_spans(module, texts)))
-    sentence = dict(zip(uniq.tolist(), texts))
+    control = ref.controls.get("tokens")
+    if control is None:
+        raise ZooauditError(f"The token text of {ref.model_uri!r} on {ref.ds_key!r} was not extracted; rerun the "
+                            "audit (the model stage stores it beside all-tokens layers).")
+    text_ds = ref.repository.open(control.group, control.snapshot).load()
+    where = {int(s): i for i, s in enumerate(text_ds["sample"].values)}
+    offset, n_tok = text_ds["token_offset"].values, text_ds["token_count"].values
+    has_tokens = bool(text_ds.attrs.get("tokenizer", True))
     count = dict(zip(layer.tokens.sample_ids.tolist(), layer.tokens.count.tolist()))
     text = np.empty(samples.shape, object)
     sent = np.empty(samples.shape, object)
     lo, hi = np.zeros(samples.shape, np.int64), np.zeros(samples.shape, np.int64)
     for idx in np.ndindex(samples.shape):
         s, p = int(samples[idx]), int(positions[idx])
-        toks, offs = spans[s]
-        if toks and len(toks) != count[s]:
-            raise ZooauditError(f"Sample {s} of layer {layer.name!r}: the tokenizer of {plan.model_uri!r} gives "
-                                f"{len(toks)} tokens but {count[s]} were stored; the model or dataset changed "
+        i = where[s]
+        if has_tokens and int(n_tok[i]) != count[s]:
+            raise ZooauditError(f"Sample {s} of layer {layer.name!r}: the tokenizer of {ref.model_uri!r} gives "
+                                f"{int(n_tok[i])} tokens but {count[s]} were stored; the model or dataset changed "
                                 "since extraction — rerun the activations stage.")
-        text[idx] = toks[p] if toks else f"#{p}"
-        sent[idx] = sentence[s]
-        lo[idx], hi[idx] = offs[p] if offs else (0, 0)
+        row = int(offset[i]) + p
+        text[idx] = str(text_ds["token_text"].values[row]) if has_tokens else f"#{p}"
+        sent[idx] = str(text_ds["text"].values[i])
+        lo[idx], hi[idx] = (int(text_ds["char_start"].values[row]), int(text_ds["char_end"].values[row])) \
+            if has_tokens else (0, 0)
     dims = ("component", "rank_token")
     ds["top_token_text"] = (dims, text.astype(str))
     ds["top_token_sentence"] = (dims, sent.astype(str))
@@ -444,23 +408,21 @@ def _eigencam_dataset(layer: LayerData, sample_ids: np.ndarray) -> xr.Dataset:
     return ds
 
 
-def factorize_key(plan: ExtractionPlan, fspec: dict) -> str:
-    """Cache key of the factorize stage of ``plan`` with ``fspec``."""
-    return cache_key("factorize", activations=plan.cache_key, **FactorizeSpec(**fspec).model_dump())
+def factorize_key(target, fspec: FactorizeSpec) -> str:
+    """Cache key of the factorize stage of ``target`` (plan or reference) with ``fspec``."""
+    return cache_key("factorize", activations=target.cache_key, **fspec.model_dump())
 
 
-def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id: str | None = None) -> StageResult:
+def run_factorize(ref: ActivationsRef, spec: FactorizeSpec, run_id: str | None = None) -> StageResult:
     """Every requested method on every layer, with quality, stability, sweep and top samples; one commit."""
-    spec = FactorizeSpec(**fspec)
-    key = factorize_key(plan, fspec)
-    _, _, repo = _repo(plan)
-    if (snap := find_commit(repo, key)) is not None:
-        return skipped("factorize", plan, key, snap)
-    session = _read_session(plan, acts_snapshot)
-    layers = [inspect_layer(name, layout.open_activations(session.store, plan.ds_key, name), spec)
-              if name in plan.sample_layers else inspect_token_layer(name, session.store, plan.ds_key, spec)
-              for name in plan.layers]
-    device = _torch_device(plan.device)
+    key = factorize_key(ref, spec)
+    if (snap := ref.repository.find(key)) is not None:
+        return skipped("factorize", ref, key, snap)
+    session = ref.repository.session(ref.snapshot)
+    layers = [inspect_layer(name, layout.open_activations(session.store, ref.ds_key, name), spec)
+              if name in ref.sample_layers else inspect_token_layer(name, session.store, ref.ds_key, spec)
+              for name in ref.layers]
+    device = resolve_device(ref.device, cpu_as_none=True, missing_cuda="defer")
     results: dict[tuple[str, str], xr.Dataset] = {}
     ev: dict = {}
     stab: dict = {}
@@ -490,7 +452,7 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
             f = _fit(fit_as, layer, spec, device, codes=codes, shift=shift)
             ds = factor_dataset(fit_as, layer, f, spec, sample_ids, shift)
             if layer.tokens is not None:
-                add_token_text(ds, plan, layer)
+                add_token_text(ds, ref, layer)
             ds.attrs["requested_method"] = method
             _add_stability(ds, fit_as, layer, f, spec, device, codes, shift)
             _add_sweep(ds, fit_as, layer, spec, device, codes, shift)
@@ -501,9 +463,9 @@ def run_factorize(plan: ExtractionPlan, acts_snapshot: str, fspec: dict, run_id:
 
     def write(s):
         for (layer_name, method), ds in results.items():
-            write_dataset(s, ds, layout.factors_group(plan.ds_key, layer_name, method))
+            write_dataset(s, ds, layout.factors_group(ref.ds_key, layer_name, method))
 
     summary = {"explained_variance": ev, "stability": stab,
-               "groups": {f"{ln}/{m}": layout.factors_group(plan.ds_key, ln, m) for ln, m in results},
+               "groups": {f"{ln}/{m}": layout.factors_group(ref.ds_key, ln, m) for ln, m in results},
                "k": {layer.name: layer.k for layer in layers}}
-    return _commit_result(plan, "factorize", key, spec.model_dump(), write, summary, run_id)
+    return commit_stage(ref, "factorize", key, spec.model_dump(), write, summary, run_id)

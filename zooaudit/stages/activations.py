@@ -1,5 +1,11 @@
-"""Extraction: plan the shards, create the arrays on a staging branch, commit
-every shard there as it is written, publish all or nothing on ``main``.
+"""The activations stage (a model stage): plan the shards, create the arrays on a
+staging branch, commit every shard there as it is written, publish all or nothing on
+``main``. The controls (:mod:`.controls`) are extracted by the same machinery, from plans
+derived from this one (:func:`zooaudit.stages.controls.control_plans`).
+
+The :class:`ExtractionPlan` (shards, batch size, autocast, …) lives only here and in the
+other model stages; array stages get the :class:`~.refs.ActivationsRef` of the result
+(:func:`activations_ref`).
 
 Resumability: shards are committed on the staging branch ``staging-<cache key>``,
 one or a few per commit (metadata ``{"stage": "shard", "for": key, "shards": [i, ...],
@@ -30,6 +36,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -40,20 +47,76 @@ from ..errors import ZooauditError
 from ..extract import forward_batches, layer_shapes, select_layers
 from ..keys import cache_key
 from ..specs import AuditModelSpec, DatasetSpec
-from ..store import MAIN, Store, commit_metadata, find_commit
+from ..store import MAIN, Store, commit_metadata
 from ..tokens import TokenRows, is_token_shape, token_rows_per_shard
-from .common import (
-    ExtractionPlan,
-    StageResult,
-    _repo,
-    load_model,
-    plan_dataset,
-    shard_dataset,
-)
+from ..store import Repository
+from .common import load_model, load_random_init, plan_dataset, shard_dataset, skipped
+from .refs import ActivationsRef, ControlRef, StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
 STORED_DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything a shard task needs (small and picklable). Model stages only.
+
+    The activations of the model itself (``variant="model"``, stage ``activations``, arrays
+    under ``<ds_key>/``) and each control extracted beside them (:mod:`.controls`: stage
+    ``controls/<kind>``, arrays under ``root = <ds_key>/controls/<kind>``, ``variant``
+    ``random_init`` for the seeded random-initialised copy) are planned alike.
+    """
+
+    store: str
+    model_uri: str
+    model_key: str
+    model_hash: str
+    dataset: DatasetSpec
+    ds_key: str
+    ds_hash: str
+    n_samples: int
+    layers: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    n_outputs: int | None
+    pooling: str
+    batch_size: int
+    device: str
+    shard_size: int
+    shards: list[Shard]
+    cache_key: str
+    has_groups: bool
+    model_info: dict = field(default_factory=dict)
+    dtype: str = "float32"      # stored activations: float32 | float16
+    autocast: str = "none"      # forward precision: none | bf16 | fp16 (torch.autocast)
+    token_rows: int = 0         # all-tokens layers: token rows reserved per shard (zooaudit.tokens)
+    stage: str = "activations"  # commit stage name: activations | controls/<kind>
+    root: str = ""              # layout root of the arrays (default: ds_key)
+    variant: Literal["model", "random_init"] = "model"   # which network runs the shards
+    provenance: dict = field(default_factory=dict)       # e.g. random_init_seed of a control
+
+    def __post_init__(self) -> None:
+        self.root = self.root or self.ds_key
+
+    @property
+    def repository(self) -> Repository:
+        return Repository.model(self.store, self.model_key)
+
+    @property
+    def sample_layers(self) -> list[str]:
+        """Layers stored per sample; all-tokens layers ``(token, unit)`` are left out."""
+        return [name for name in self.layers if not is_token_shape(self.shapes[name])]
+
+
+def activations_ref(plan: ExtractionPlan, snapshot: str, controls: dict[str, ControlRef] | None = None
+                    ) -> ActivationsRef:
+    """What the array stages take: the committed activations of ``plan`` at ``snapshot``."""
+    return ActivationsRef(
+        store=plan.store, model_uri=plan.model_uri, model_key=plan.model_key, model_hash=plan.model_hash,
+        dataset=plan.dataset, ds_key=plan.ds_key, ds_hash=plan.ds_hash, snapshot=snapshot,
+        cache_key=plan.cache_key, layers=tuple(plan.layers), shapes=dict(plan.shapes), pooling=plan.pooling,
+        n_samples=plan.n_samples, n_outputs=plan.n_outputs, has_groups=plan.has_groups,
+        model_info=dict(plan.model_info), device=plan.device, controls=dict(controls or {}))
 # Finished shards waiting for the writer: bounded (in count and in bytes) so a slow
 # store applies back-pressure instead of piling activations up in memory. The writer
 # takes all that wait, up to these bounds, into one commit.
@@ -84,17 +147,14 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
     # All-tokens layers: rows reserved per shard (zooaudit.tokens); needs one tokenisation pass.
     token_rows = token_rows_per_shard(model.module.collate, dataset.inputs, spec.shard_size) \
         if any(is_token_shape(s) for s in shapes.values()) else 0
-    dtype = getattr(spec, "dtype", "float32")
-    if dtype not in STORED_DTYPES:
-        raise ZooauditError(f"Unknown stored dtype {dtype!r}. Allowed: {', '.join(STORED_DTYPES)}.")
+    dtype, autocast = spec.dtype, spec.autocast
     params = {"layers": layers, "pooling": spec.pooling, "shard_size": spec.shard_size, "dtype": dtype}
-    autocast = getattr(spec, "autocast", "none")
     if autocast != "none":   # changes the numbers; keys of float32 runs stay as they were
         params["autocast"] = autocast
     key = cache_key("activations", model=model.content_hash, dataset=ds_hash, **params)
     return ExtractionPlan(
         store=store.url, model_uri=spec.model, model_key=model.key, model_hash=model.content_hash,
-        dataset=ds_spec.model_dump(), ds_key=dataset.key, ds_hash=ds_hash, n_samples=len(dataset),
+        dataset=ds_spec, ds_key=dataset.key, ds_hash=ds_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
         cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype, autocast=autocast,
@@ -103,9 +163,8 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
 
 
 def cached_activations(plan: ExtractionPlan) -> str | None:
-    """Snapshot of already-committed activations for this plan, if any."""
-    _, _, repo = _repo(plan)
-    return find_commit(repo, plan.cache_key)
+    """Snapshot of already-committed activations (or control) for this plan, if any."""
+    return plan.repository.find(plan.cache_key)
 
 
 def _staging_branch(plan: ExtractionPlan) -> str:
@@ -158,9 +217,10 @@ def begin_activations(plan: ExtractionPlan) -> Staging:
     Returns the :class:`Staging` whose ``done`` lists the shards that need no
     recomputation (empty for a fresh start).
     """
-    store, repo_name, repo = _repo(plan)
+    repository = plan.repository
+    repo = repository.icechunk
     dataset = shard_dataset(plan)
-    with store.lock(repo_name):
+    with repository.lock():
         base = repo.lookup_branch(MAIN)
         branch = _staging_branch(plan)
         if branch in repo.list_branches():
@@ -173,7 +233,7 @@ def begin_activations(plan: ExtractionPlan) -> Staging:
             repo.delete_branch(branch)
         repo.create_branch(branch, base)
         session = repo.writable_session(branch)
-        layout.create_activation_arrays(session.store, dataset, plan.ds_key, plan.shapes, plan.n_outputs,
+        layout.create_activation_arrays(session.store, dataset, plan.root, plan.shapes, plan.n_outputs,
                                         plan.shard_size, dtype=plan.dtype, token_rows=plan.token_rows)
         session.commit("activations template", metadata={"stage": "staging", "for": plan.cache_key,
                                                          "base": base})
@@ -205,9 +265,10 @@ class ShardResult:
 
 def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Forward one shard (all layers in one pass per batch); activations cast to the stored dtype."""
-    model = load_model(plan.model_uri, plan.store)
     dataset = shard_dataset(plan)
-    acts, logits = forward_batches(model.module, dataset.inputs[shard.start:shard.stop], plan.layers,
+    module = load_model(plan.model_uri, plan.store).module if plan.variant == "model" else \
+        load_random_init(plan.model_uri, plan.store)
+    acts, logits = forward_batches(module, dataset.inputs[shard.start:shard.stop], plan.layers,
                                    pooling=plan.pooling, batch_size=plan.batch_size, device=plan.device,
                                    with_outputs=plan.n_outputs is not None, autocast=plan.autocast)
     if plan.dtype != "float32":
@@ -268,16 +329,17 @@ def _commit_shards(plan: ExtractionPlan, branch: str, batch: list[tuple], *, rep
     ``arrays``: the repository and array metadata a writer keeps across its commits."""
     import icechunk
 
-    store, repo_name, opened = _repo(plan) if repo is None else (Store(plan.store), f"models/{plan.model_key}", repo)
+    repository = plan.repository
+    opened = repository.icechunk if repo is None else repo
     nonfinite = [{name: _nonfinite(np.asarray(a)) for name, a in acts.items()} for _, acts, _ in batch]
     indexes = [shard.index for shard, _, _ in batch]
     session = opened.writable_session(branch)
-    _write_batch(session.store, plan.ds_key, batch, arrays)
+    _write_batch(session.store, plan.root, batch, arrays)
     meta = {"stage": "shard", "for": plan.cache_key, "shards": indexes, "nonfinite": nonfinite}
     label = f"shard {indexes[0]}" if len(indexes) == 1 else f"shards {', '.join(map(str, indexes))}"
     # Shards write distinct chunks, so a commit that finds the branch moved
     # (another writer committed) rebases without conflict.
-    with store.lock(repo_name):
+    with repository.lock():
         snap = session.commit(label, metadata=meta, rebase_with=icechunk.ConflictDetector())
     return [ShardResult(i, snap, counts) for i, counts in zip(indexes, nonfinite, strict=True)]
 
@@ -346,7 +408,7 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
     """
     branch = branch or _staging_branch(plan)
     # A retried task (or a duplicate one) skips the shards already committed.
-    _, _, repo = _repo(plan)   # opened once for all of this call's shards
+    repo = plan.repository.icechunk   # opened once for all of this call's shards
     done: set[int] = set()
     for info in repo.ancestry(branch=branch):
         meta = info.metadata or {}
@@ -383,18 +445,14 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
     return results
 
 
-def extract_shard(plan: ExtractionPlan, shard: Shard, branch: str | None = None) -> ShardResult:
-    """Compute and commit one shard on the staging branch."""
-    return extract_shards(plan, [shard], branch)[0]
-
-
 def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str | None = None,
                         params: dict | None = None) -> StageResult:
     """Check every shard is committed, record the non-finite counts, fast-forward
     ``main`` to the staging tip (all or nothing)."""
     import icechunk
 
-    store, repo_name, repo = _repo(plan)
+    repository = plan.repository
+    repo = repository.icechunk
     found = _read_staging(repo, plan, staging.branch, staging.base) or Staging(staging.branch, staging.base)
     missing = [s.index for s in plan.shards if s.index not in found.done]
     if missing:
@@ -403,33 +461,34 @@ def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str |
     nonfinite = {layer: sum(found.done[s.index].get(layer, 0) for s in plan.shards) for layer in plan.layers}
     session = repo.writable_session(staging.branch)
     for layer, count in nonfinite.items():
-        zarr.open_group(session.store, path=layout.acts_group(plan.ds_key, layer), mode="r+").attrs[
+        zarr.open_group(session.store, path=layout.acts_group(plan.root, layer), mode="r+").attrs[
             "nonfinite_count"] = count
         if count:
             log.warning("%s layer %s: %d NaN/Inf activation values on %s", plan.model_uri, layer, count,
                         plan.ds_key)
     summary = {"layers": plan.layers, "n_samples": plan.n_samples, "shards": len(plan.shards),
                "nonfinite": nonfinite, "dtype": plan.dtype}
-    meta = commit_metadata("activations", plan.cache_key, params or {}, model=plan.model_uri,
-                           model_hash=plan.model_hash, dataset=plan.dataset, dataset_hash=plan.ds_hash,
+    if plan.provenance:
+        summary["provenance"] = plan.provenance
+    meta = commit_metadata(plan.stage, plan.cache_key, params or {}, model=plan.model_uri,
+                           model_hash=plan.model_hash, dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash,
                            layers=plan.layers, flow_run_id=run_id, summary=summary)
-    with store.lock(repo_name):
-        snapshot = session.commit(f"activations {plan.model_uri} on {plan.dataset['name']}", metadata=meta)
+    with repository.lock():
+        snapshot = session.commit(f"{plan.stage} {plan.model_uri} on {plan.dataset.name}", metadata=meta)
         try:
             repo.reset_branch(MAIN, snapshot, from_snapshot_id=staging.base)
         except icechunk.IcechunkError as err:
-            raise ZooauditError(f"Another run committed to {repo_name!r} while activations were written; "
+            raise ZooauditError(f"Another run committed to {repository.name!r} while activations were written; "
                                 "rerun (completed stages are skipped).") from err
         repo.delete_branch(staging.branch)
-    return StageResult("activations", plan.model_uri, plan.ds_key, plan.cache_key, snapshot, False, summary)
+    return StageResult(plan.stage, plan.model_uri, plan.ds_key, plan.cache_key, snapshot, False, summary)
 
 
 def run_activations(plan: ExtractionPlan, *, run_id: str | None = None, params: dict | None = None) -> StageResult:
-    """The whole activations stage in this process: cache hit, else resume/extract and publish."""
-    from .common import skipped
-
+    """The whole activations stage (or one control's) in this process: cache hit, else
+    resume/extract and publish."""
     if (snap := cached_activations(plan)) is not None:
-        return skipped("activations", plan, plan.cache_key, snap)
+        return skipped(plan.stage, plan, plan.cache_key, snap)
     staging = begin_activations(plan)
     extract_shards(plan, pending_shards(plan, staging), staging.branch)
     return publish_activations(plan, staging, run_id=run_id, params=params)

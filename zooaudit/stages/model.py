@@ -1,0 +1,67 @@
+"""The model stages of one (model, dataset), end to end: activations, then the controls.
+
+This is the only place (with the modules it calls: :mod:`.activations`, :mod:`.controls`)
+where the model runs. Its product is the :class:`~.refs.ActivationsRef` every array
+stage takes. The Prefect flow runs the same steps as tasks on the extraction placement
+(``zooaudit_flows.audit_model``); :func:`run_model_stages` runs them in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..specs import RunOptions
+from .activations import ExtractionPlan, activations_ref, run_activations
+from .controls import control_plans, control_ref, run_token_text, run_wordsets, token_text_key, wordsets_key
+from .refs import ActivationsRef, ControlRef, StageResult
+
+
+def unsharded_controls(plan: ExtractionPlan, spec: RunOptions, run_id: str | None = None
+                       ) -> list[tuple[StageResult, ControlRef]]:
+    """The small controls computed in one go (word-set embeddings, token text), where they apply."""
+    done = (run_wordsets(plan, spec.bias, run_id), run_token_text(plan, run_id))
+    return [d for d in done if d is not None]
+
+
+def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | None = None, params: dict | None = None,
+                     extract: Callable[[ExtractionPlan], StageResult] | None = None,
+                     ) -> tuple[ActivationsRef, list[StageResult]]:
+    """Activations of ``plan`` and every control ``spec`` needs, each a cache hit or a commit.
+
+    ``extract(plan) -> StageResult``: how one sharded product is extracted (default: in this
+    process, :func:`~.activations.run_activations`). Returns the reference array stages take
+    and the results of the activations (first) and of each control."""
+    extract = extract or (lambda p: run_activations(p, run_id=run_id, params=params))
+    acts = extract(plan)
+    results, controls = [acts], {}
+    for cplan in control_plans(plan, spec):
+        done = extract(cplan)
+        results.append(done)
+        controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, done)
+    for done, ref in unsharded_controls(plan, spec, run_id):
+        results.append(done)
+        controls[ref.kind] = ref
+    return activations_ref(plan, acts.snapshot, controls), results
+
+
+def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[ActivationsRef, list[StageResult]] | None:
+    """The reference and results of :func:`run_model_stages` when every product is already
+    committed on ``main`` (each result a cache hit), else None. Nothing is extracted."""
+    from .common import skipped
+
+    repository = plan.repository
+    if (snap := repository.find(plan.cache_key)) is None:
+        return None
+    results, controls = [skipped(plan.stage, plan, plan.cache_key, snap)], {}
+    for cplan in control_plans(plan, spec):
+        if (csnap := repository.find(cplan.cache_key)) is None:
+            return None
+        results.append(skipped(cplan.stage, cplan, cplan.cache_key, csnap))
+        controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, results[-1])
+    for key in (wordsets_key(plan, spec.bias), token_text_key(plan)):
+        if key is not None and repository.find(key) is None:
+            return None
+    for done, ref in unsharded_controls(plan, spec):   # all committed: cache hits only
+        results.append(done)
+        controls[ref.kind] = ref
+    return activations_ref(plan, snap, controls), results
