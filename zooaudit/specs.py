@@ -15,6 +15,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Pooling = Literal["mean", "flatten", "none", "cls", "token_mean", "tokens"]
 
 
+def _similarity_metrics() -> tuple[str, ...]:
+    """The similarity metric names, from their declaration (:mod:`zooaudit.analysis.metrics`)."""
+    from .analysis.metrics import METRICS
+
+    return METRICS
+
+
+def _factorize_methods() -> tuple[str, ...]:
+    """The factorization methods a spec may ask for: the declared refittable methods, then Eigen-CAM."""
+    from .analysis.factor_methods import FACTOR_METHODS
+
+    return (*FACTOR_METHODS, "eigencam")
+
+
+def _allowed_items(schema: dict, allowed: tuple[str, ...]) -> None:
+    """JSON schema of a list of names: its items one of ``allowed`` (the UI form renders a choice).
+    Called when the schema is built, so importing the specs imports no analysis code."""
+    schema["items"] = {**schema.get("items", {}), "enum": list(allowed)}
+
+
 class DatasetSpec(BaseModel):
     """An audit dataset. ``colored-digits`` follows the Colored-MNIST construction."""
 
@@ -52,9 +72,10 @@ class FactorizeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: int = Field(8, ge=1, le=256, description="Number of components per layer (SAE: see sae_latents).")
-    methods: list[Literal["pca", "nmf", "semi_nmf", "sae", "eigencam"]] = Field(
+    methods: list[str] = Field(
         ["pca", "nmf"], description="pca, nmf (non-negative layers), semi_nmf (signed layers), sae (TopK), "
-        "eigencam (per-image maps of spatial layers only).")
+        "eigencam (per-image maps of spatial layers only).",
+        json_schema_extra=lambda schema: _allowed_items(schema, _factorize_methods()))
     on_negative: Literal["skip", "error", "shift", "semi_nmf"] = Field(
         "skip", description="NMF on a layer with negative values: skip it (reason recorded), fail, subtract the "
         "layer minimum, or run semi-NMF instead.")
@@ -73,6 +94,15 @@ class FactorizeSpec(BaseModel):
     sae_topk: int = Field(4, ge=1, description="Active SAE latents per sample.")
     sae_epochs: int = Field(10, ge=1, description="SAE training epochs.")
     random_state: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        allowed = _factorize_methods()
+        bad = [m for m in v if m not in allowed]
+        if bad:
+            raise ValueError(f"unknown factorization method(s) {bad}; allowed: {', '.join(allowed)}")
+        return v
 
     @field_validator("k_sweep")
     @classmethod
@@ -110,7 +140,8 @@ class SimilaritySpec(BaseModel):
 
     metrics: list[str] = Field(["linear_cka"], description="Similarity metrics (e.g. linear_cka, "
                                "linear_cka_debiased, rbf_cka, svcca, pwcca, procrustes, rsa, mutual_knn, "
-                               "minibatch_cka).")
+                               "minibatch_cka).",
+                               json_schema_extra=lambda schema: _allowed_items(schema, _similarity_metrics()))
     control: Literal["shuffle", "random_init", "none"] = Field(
         "shuffle", description="Control beside every similarity: the same metric with the second representation's "
         "samples shuffled, or against a random-initialised copy of the model.")
@@ -128,8 +159,7 @@ class SimilaritySpec(BaseModel):
     @field_validator("metrics")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from .analysis.similarity import METRICS
-
+        METRICS = _similarity_metrics()
         bad = [m for m in v if m not in METRICS]
         if bad:
             raise ValueError(f"unknown similarity metric(s) {bad}; allowed: {', '.join(METRICS)}")

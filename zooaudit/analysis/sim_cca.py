@@ -240,8 +240,3 @@ def mean_cca_of(pr: _Pair) -> float:
     """Mean canonical correlation (the ``"cca"`` entry of ``similarity_matrix``)."""
     rho = cca_of(pr)
     return float(rho.mean()) if len(rho) else float("nan")
-
-
-# similarity_matrix metrics computed from co-moments: name → (function of a _Pair, symmetric?)
-MOMENT_METRICS = {"cca": (mean_cca_of, True), "svcca": (svcca_of, True), "pwcca": (pwcca_of, False),
-                  "procrustes": (procrustes_of, True)}

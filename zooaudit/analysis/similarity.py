@@ -26,20 +26,27 @@ come from ONE streamed pass over the rows that accumulates the joint second mome
 of all representations (memory ``O(P²)`` for ``P`` features in all, independent of
 n); minibatch CKA reads every sample once per metric call in shared random
 minibatches (``b×b`` Grams); the sample-pair metrics (RBF CKA, RSA, mutual k-NN)
-need every pair of samples and are computed pair by pair in memory.
+need every pair of samples and are computed pair by pair in memory. Which metric is
+computed how, its kind and the samples it needs are declared once, in :mod:`.metrics`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError, unknown
+from .metrics import (
+    METRICS,
+    MINIBATCH_METRICS,
+    SAMPLE_PAIR_METRICS,
+    SIMILARITY_METRIC_LIST,
+    STREAMED_METRICS,
+)
 from .sim_cca import (
-    MOMENT_METRICS,
     _Pair,
     cca,
     full_eig,
@@ -63,7 +70,6 @@ from .sim_cka import (
     joint_moments,
     linear_cka,
     minibatch_cka,
-    minibatch_cka_pairs,
     rbf_cka,
 )
 from .sim_rsa import rdm, rsa
@@ -99,37 +105,21 @@ __all__ = [
 ]
 
 
-# name → (pairwise function, symmetric?, "similarity" | "distance") for metrics that need every pair of samples
-_PAIRWISE: dict[str, tuple[Callable, bool, str]] = {
-    "rbf_cka": (rbf_cka, True, "similarity"),
-    "rsa": (rsa, True, "similarity"),
-    "mutual_knn": (mutual_knn, True, "similarity"),
-}
-_PUBLIC = {"cca": cca, "svcca": svcca, "pwcca": pwcca, "procrustes": procrustes, "minibatch_cka": minibatch_cka,
-           **{k: v[0] for k, v in _PAIRWISE.items()}}
-METRICS = ("linear_cka", "linear_cka_debiased", "rbf_cka", "cca", "svcca", "pwcca", "procrustes", "rsa", "mutual_knn",
-           "minibatch_cka")
-# exact from one streamed pass over the rows (memory independent of n)
-STREAMED_METRICS = ("linear_cka", "linear_cka_debiased", *MOMENT_METRICS)
-# need every pair of samples: n×n Gram / RDM / neighbour search, time O(n²)
-SAMPLE_PAIR_METRICS = tuple(_PAIRWISE)
-# every sample, in random minibatches of b rows (b×b Grams, memory O(b²) per representation):
-# neither one pass over the joint moments nor an n×n matrix
-MINIBATCH_METRICS = ("minibatch_cka",)
-_KIND = {m: "distance" if m == "procrustes" else "similarity" for m in METRICS}
+# The metrics are declared once, in .metrics; METRICS and the names of each mode are derived there.
+_DECLARED = {m.name: m for m in SIMILARITY_METRIC_LIST}
 
 
 def _check_params(metric: str, params: dict) -> dict:
-    fn = _PUBLIC.get(metric)
-    allowed = [] if fn is None else [p.name for p in inspect.signature(fn).parameters.values()
-                                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    decl = _DECLARED[metric]
+    allowed = [p.name for p in inspect.signature(decl.function).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in decl.fixed]
     if not isinstance(params, Mapping):
         raise ZooauditError(f"parameters of metric {metric!r} must be a mapping {{name: value}}; got {params!r}.")
     for key in params:
         if key not in allowed:
             raise unknown(f"parameter for metric {metric!r}", key, allowed,
                           "linear CKA variants take none (choose 'linear_cka' or 'linear_cka_debiased')."
-                          if fn is None else "" if allowed else f"{metric} takes none.")
+                          if decl.fixed else "" if allowed else f"{metric} takes none.")
     params = dict(params)
     if metric == "svcca" and "keep_variance" in params:   # the co-moment path skips svcca()'s own check
         params["keep_variance"] = check_real("keep_variance", params["keep_variance"], low=0.0, high=1.0,
@@ -203,29 +193,28 @@ def similarity_matrices(layers_a: Mapping[str, object], layers_b: Mapping[str, o
     check_sample_ids([*layers_a.values(), *([] if same else layers_b.values())], keys_a if same else [*keys_a, *keys_b])
     arrays_a = [as_matrix(v, k) for k, v in zip(keys_a, layers_a.values())]
     arrays_b = arrays_a if same else [as_matrix(v, k) for k, v in zip(keys_b, layers_b.values())]
-    min_samples = max(4 if m in ("linear_cka_debiased", "minibatch_cka") else 3 if m == "rsa" else 2
-                      for m in metrics)
+    min_samples = max(_DECLARED[m].min_samples for m in metrics)
     check_samples(arrays_a if same else [*arrays_a, *arrays_b], keys_a if same else [*keys_a, *keys_b],
                   min_samples=min_samples)
 
     values = {}
-    streamed = [m for m in metrics if m in STREAMED_METRICS]
+    streamed = [m for m in metrics if _DECLARED[m].mode == "streamed"]
     if streamed:
         values.update(_streamed_block(streamed, params, keys_a, arrays_a, keys_b, arrays_b, same, device))
-    if "minibatch_cka" in metrics:
+    for metric in (m for m in metrics if _DECLARED[m].mode == "minibatch"):
         names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
-        values["minibatch_cka"] = minibatch_cka_pairs(arrays, names, **params["minibatch_cka"])[np.ix_(ia, ib)]
-    for metric in (m for m in metrics if m in _PAIRWISE):
-        fn, symmetric, _ = _PAIRWISE[metric]
+        values[metric] = _DECLARED[metric].all_pairs(arrays, names, **params[metric])[np.ix_(ia, ib)]
+    for metric in (m for m in metrics if _DECLARED[m].mode == "pairwise"):
+        decl = _DECLARED[metric]
         v = np.empty((len(arrays_a), len(arrays_b)))
         for i, x in enumerate(arrays_a):
             for j, y in enumerate(arrays_b):
-                v[i, j] = v[j, i] if same and symmetric and j < i else fn(x, y, **params[metric])
+                v[i, j] = v[j, i] if same and decl.symmetric and j < i else decl.function(x, y, **params[metric])
         values[metric] = v
 
     out = {}
     for metric in metrics:
-        attrs = {"metric": metric, "kind": _KIND[metric],
+        attrs = {"metric": metric, "kind": _DECLARED[metric].kind,
                  **{k: v for k, v in params[metric].items() if isinstance(v, (str, int, float, bool))}}
         if metric.startswith("linear_cka"):
             attrs.update(estimator="debiased (unbiased HSIC, Song et al. 2012)" if metric.endswith("debiased")
@@ -257,14 +246,15 @@ def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: b
                     device=None) -> dict[str, np.ndarray]:
     """One joint pass over the distinct arrays (by identity) of both sides → every streamed metric."""
     names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
-    moments = [m for m in metrics if m in MOMENT_METRICS]
-    # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32
-    acc = joint_moments(arrays, names=names, rownorms="linear_cka_debiased" in metrics,
+    moments = [m for m in metrics if _DECLARED[m].from_moments is not None]
+    grams = [m for m in metrics if _DECLARED[m].from_moments is None]   # linear CKA: from the Gram statistics
+    # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32.
+    # Debiased (unbiased-HSIC) CKA also needs the sums of squared row norms.
+    acc = joint_moments(arrays, names=names, rownorms=any(_DECLARED[m].fixed.get("debiased") for m in grams),
                      dtype=np.float64 if moments else None, device=device)
     out = {}
-    for metric in ("linear_cka", "linear_cka_debiased"):
-        if metric in metrics:
-            out[metric] = cka_from_stats(acc, debiased=metric.endswith("debiased"))[np.ix_(ia, ib)]
+    for metric in sorted(grams, key=METRICS.index):
+        out[metric] = cka_from_stats(acc, **_DECLARED[metric].fixed)[np.ix_(ia, ib)]
     if moments:
         C = acc.centred()
         constant = acc.constant_layers(C)
@@ -277,7 +267,7 @@ def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: b
             return eigs[i]
 
         for metric in moments:
-            fn, symmetric = MOMENT_METRICS[metric]
+            fn, symmetric = _DECLARED[metric].from_moments, _DECLARED[metric].symmetric
             v = np.empty((len(ia), len(ib)))
             for r, i in enumerate(ia):
                 for c, j in enumerate(ib):

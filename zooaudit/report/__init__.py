@@ -17,6 +17,7 @@ import json
 import xarray as xr
 
 from .. import layout
+from ..analysis.metrics import metric_kind
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..store import Store
@@ -43,7 +44,7 @@ def _layer_similarity_section(repo, plan, result, base: str, model: str, files: 
     metrics = [m for m in result.summary if isinstance(result.summary[m], dict)]
     for metric in metrics:
         ds = _open(repo, result.snapshot, layout.similarity_group(plan.ds_key, metric))
-        kind = ds.attrs.get("kind", "distance" if metric == "procrustes" else "similarity")
+        kind = ds.attrs.get("kind", metric_kind(metric))
         name = f"{base}-{metric}.png"
         files[name] = heatmap_png(ds["value"], f"layer × layer {metric} (n={ds.attrs.get('n')}) — {model}", kind=kind)
         out.append(f"<img src='{name}'>")
@@ -62,7 +63,7 @@ def _zoo_section(store, z, files: dict) -> list[str]:
     if z.stage == "zoo-similarity":
         for metric, group in z.summary["groups"].items():
             ds = _open(repo, z.snapshot, group)
-            kind = ds.attrs.get("kind", "distance" if metric == "procrustes" else "similarity")
+            kind = ds.attrs.get("kind", metric_kind(metric))
             for layer in ds["value"]["layer_a"].values:
                 imgs = []
                 for var in ("value", "control"):

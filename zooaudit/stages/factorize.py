@@ -35,6 +35,7 @@ import xarray as xr
 from .. import layout
 from ..analysis import factorize as fact_mod
 from ..analysis.blocks import iter_blocks
+from ..analysis.factor_methods import FACTOR_METHODS  # noqa: F401 — the declared methods, re-exported
 from ..analysis.nmf import scan
 from ..analysis.stability import k_sweep, stability
 from ..analysis.stats import compute_here
@@ -47,7 +48,6 @@ from .common import commit_stage, random_subset, skipped
 from .refs import ActivationsRef, StageResult
 
 CODES_IN_MEMORY = 256 << 20  # codes larger than this (bytes, float64) stay lazy and are written chunk by chunk
-FACTOR_METHODS = ("pca", "nmf", "semi_nmf", "sae")
 
 
 @dataclass

@@ -31,7 +31,8 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.similarity import SAMPLE_PAIR_METRICS, similarity_matrices
+from ..analysis.metrics import SAMPLE_PAIR_METRICS, metric_kind
+from ..analysis.similarity import similarity_matrices
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..specs import SimilaritySpec
@@ -251,7 +252,7 @@ def run_revision_similarity(refs: list[ActivationsRef], sspec: SimilaritySpec,
             data = {kind: xr.DataArray([step[metric] for step in per_step[kind]], dims=("step", "layer"),
                                        coords=coords) for kind in kinds}
             attrs = {"family": family, "metric": metric, "control": sspec.control if "control" in data else "none",
-                     "kind": "distance" if metric == "procrustes" else "similarity"}
+                     "kind": metric_kind(metric)}
             if sspec.control == "random_init":
                 attrs["random_init_seed"] = seeds          # one per step (of its checkpoint b)
             value = data["value"].values
