@@ -50,7 +50,7 @@ def make_plan(store_url, layers: dict, key: str, chunk: int = 40):
                                                     metadata=commit_metadata("activations", acts_key, {}))
     plan = ActivationsRef(store=store.url, model_uri=f"test:{key}", model_key=model_key, model_hash="0",
                           dataset=spec, ds_key=data.key, ds_hash=data.content_hash, snapshot=snap,
-                          cache_key=acts_key, layers=tuple(layers), shapes=shapes, pooling="none", n_samples=N,
+                          cache_key=acts_key, layers=list(layers), shapes=shapes, pooling="none", n_samples=N,
                           n_outputs=None, has_groups=False)
     return plan, snap
 

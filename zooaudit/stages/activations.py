@@ -114,7 +114,7 @@ def activations_ref(plan: ExtractionPlan, snapshot: str, controls: dict[str, Con
     return ActivationsRef(
         store=plan.store, model_uri=plan.model_uri, model_key=plan.model_key, model_hash=plan.model_hash,
         dataset=plan.dataset, ds_key=plan.ds_key, ds_hash=plan.ds_hash, snapshot=snapshot,
-        cache_key=plan.cache_key, layers=tuple(plan.layers), shapes=dict(plan.shapes), pooling=plan.pooling,
+        cache_key=plan.cache_key, layers=list(plan.layers), shapes=dict(plan.shapes), pooling=plan.pooling,
         n_samples=plan.n_samples, n_outputs=plan.n_outputs, has_groups=plan.has_groups,
         model_info=dict(plan.model_info), device=plan.device, controls=dict(controls or {}))
 # Finished shards waiting for the writer: bounded (in count and in bytes) so a slow

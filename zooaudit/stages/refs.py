@@ -62,7 +62,7 @@ class ActivationsRef:
     ds_hash: str
     snapshot: str
     cache_key: str
-    layers: tuple[str, ...]
+    layers: list[str]
     shapes: dict
     pooling: str
     n_samples: int
