@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
@@ -21,57 +20,20 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..errors import ZooauditError, unknown
-from . import LoadedModel, weights_hash
+from .catalog import (  # noqa: F401 — the catalog's names, re-exported
+    BUILTIN_ZOO,
+    CHECKPOINT_EPOCHS,
+    DEFAULT_ZOO,
+    SHORTCUT_SWEEP,
+    BuiltinSpec,
+    default_zoo,
+    shortcut_sweep,
+)
+from .types import LoadedModel, weights_hash
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_EPOCHS = (2, 5, 15)
 RANDOM_INIT_SEED_OFFSET = 1_000_003  # seed of the untrained control copy = training seed + this
-
-
-@dataclass(frozen=True)
-class BuiltinSpec:
-    arch: str            # "mlp" | "cnn"
-    width: int
-    seed: int
-    train_data: dict     # DatasetSpec fields of the training set
-    n_classes: int
-    in_channels: int
-
-
-_DIGITS = {"name": "digits", "split": "train"}
-_COLORED = {"name": "colored-digits", "split": "train", "color_flip": 0.1, "label_noise": 0.25}
-
-BUILTIN_ZOO: dict[str, BuiltinSpec] = {
-    "mlp-w32-s0": BuiltinSpec("mlp", 32, 0, _DIGITS, 10, 1),
-    "mlp-w64-s0": BuiltinSpec("mlp", 64, 0, _DIGITS, 10, 1),
-    "mlp-w64-s1": BuiltinSpec("mlp", 64, 1, _DIGITS, 10, 1),
-    "cnn-w8-s0": BuiltinSpec("cnn", 8, 0, _DIGITS, 10, 1),
-    "cnn-w16-s0": BuiltinSpec("cnn", 16, 0, _DIGITS, 10, 1),
-    # Trained where colour agrees with the label 90% of the time but the digit
-    # shape only 75% (label noise): a strong colour shortcut.
-    "cnn-colored-w16-s0": BuiltinSpec("cnn", 16, 0, _COLORED, 2, 2),
-}
-
-# The shortcut sweep: one colored-digits model per colour flip probability
-# (smaller flip = colour agrees with the label more often = stronger shortcut).
-SHORTCUT_SWEEP: dict[float, str] = {0.1: "cnn-colored-w16-s0"}
-for _flip in (0.2, 0.3, 0.5):
-    _name = f"cnn-colored-f{round(_flip * 100):02d}-w16-s0"
-    BUILTIN_ZOO[_name] = BuiltinSpec("cnn", 16, 0, {**_COLORED, "color_flip": _flip}, 2, 2)
-    SHORTCUT_SWEEP[_flip] = _name
-
-DEFAULT_ZOO = ("mlp-w32-s0", "mlp-w64-s0", "mlp-w64-s1", "cnn-w8-s0", "cnn-w16-s0", "cnn-colored-w16-s0")
-
-
-def default_zoo() -> list[str]:
-    """The demo's zoo: five digits classifiers and the strong-shortcut colored model."""
-    return [f"builtin:{name}" for name in DEFAULT_ZOO]
-
-
-def shortcut_sweep() -> dict[float, str]:
-    """``{colour flip probability: model URI}`` of the shortcut sweep, strongest shortcut first."""
-    return {flip: f"builtin:{name}" for flip, name in sorted(SHORTCUT_SWEEP.items())}
 
 
 class MLP(nn.Module):

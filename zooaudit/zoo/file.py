@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlparse
 import torch
 
 from ..errors import ZooauditError
-from . import LoadedModel, weights_hash
+from .types import LoadedModel, weights_hash
 
 ALLOWED_QUERY = {"input_shape", "arch", "num_classes", "layers", "seed"}
 
@@ -331,7 +331,7 @@ def _top_level(module: torch.nn.Module) -> list[str]:
     return names[:-1] or names
 
 
-def _load_checkpoint_model(data: bytes, location: str, query: dict, uri: str, store) -> LoadedModel:
+def _load_checkpoint_model(data: bytes, location: str, query: dict, uri: str, store, resolve) -> LoadedModel:
     obj, meta = load_checkpoint(data, location)
     arch = query.get("arch") or meta.get("zooaudit.arch") or (obj.get("arch") if isinstance(obj, dict) else None)
     if not isinstance(arch, str) or not arch:
@@ -341,11 +341,9 @@ def _load_checkpoint_model(data: bytes, location: str, query: dict, uri: str, st
     if arch.startswith("file:"):
         raise ZooauditError(f"arch={arch!r} for {location!r}: the architecture must come from torchvision:, "
                             "timm: or builtin:, not another file.")
-    from . import resolve_model
-
     extra = {k: v for k, v in query.items() if k in ("num_classes", "input_shape")}
     arch_uri = arch + ("?" + "&".join(f"{k}={v}" for k, v in extra.items()) if extra and "?" not in arch else "")
-    skeleton = resolve_model(arch_uri, store)
+    skeleton = resolve(arch_uri, store)
     state = unwrap_state_dict(obj, location)
     load_into(skeleton.module, state, location, arch)
     module = skeleton.module.eval()
@@ -357,8 +355,12 @@ def _load_checkpoint_model(data: bytes, location: str, query: dict, uri: str, st
                        random_init=skeleton.random_init, random_init_seed=skeleton.random_init_seed)
 
 
-def load(name: str, *, store=None, uri: str) -> LoadedModel:
-    """Load ``file:<location>[?options]`` (see the module docstring)."""
+def load(name: str, *, store=None, uri: str, resolve) -> LoadedModel:
+    """Load ``file:<location>[?options]`` (see the module docstring).
+
+    ``resolve(uri, store) -> LoadedModel`` builds a checkpoint's architecture from its URI
+    (:func:`zooaudit.zoo.resolve_model` hands itself in, so this module does not import it).
+    """
     location, query = split_uri(name)
     check_query(query, ALLOWED_QUERY, uri)
     data = read_bytes(location, "model file")
@@ -369,4 +371,4 @@ def load(name: str, *, store=None, uri: str) -> LoadedModel:
         return _load_export(data, location, query, uri)
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         return _load_torchscript(data, location, query, uri)
-    return _load_checkpoint_model(data, location, query, uri, store)
+    return _load_checkpoint_model(data, location, query, uri, store, resolve)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ZooauditError
-from . import LoadedModel, weights_hash
+from .types import LoadedModel, weights_hash
 
 # Set before transformers / huggingface_hub are first imported: they read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

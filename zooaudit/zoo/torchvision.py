@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ..errors import ZooauditError, unknown
-from . import LoadedModel, weights_hash
+from .types import LoadedModel, weights_hash
 from .file import check_query, load_into, parse_shape, read_state_dict, split_uri
 
 ALLOWED_QUERY = {"weights", "seed", "num_classes", "input_shape"}
