@@ -30,7 +30,8 @@ import mmap
 import numpy as np
 
 from ..errors import ZooauditError
-from .base import AuditDataset, register
+from .registry import register
+from .types import AuditDataset
 from .images import (
     code_groups,
     local_path,

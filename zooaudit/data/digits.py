@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AuditDataset, register
+from .registry import register
+from .types import AuditDataset
 
 TEST_FRACTION = 0.3
 _SPLIT_SEED = 20261123  # fixed: train/test membership never depends on the spec

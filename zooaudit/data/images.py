@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import ZooauditError
-from .base import AuditDataset, register
+from .registry import register
+from .types import AuditDataset
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ZooauditError
-from .base import AuditDataset, register
+from .registry import register
+from .types import AuditDataset
 
 RESERVED = ("text", "label", "id")
 
