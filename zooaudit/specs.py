@@ -29,6 +29,13 @@ def _factorize_methods() -> tuple[str, ...]:
     return (*FACTOR_METHODS, "eigencam")
 
 
+def _default_zoo() -> list[str]:
+    """The builtin demo zoo's model URIs (:mod:`zooaudit.zoo.catalog`: names only, no model code)."""
+    from .zoo.catalog import default_zoo
+
+    return default_zoo()
+
+
 def _allowed_items(schema: dict, allowed: tuple[str, ...]) -> None:
     """JSON schema of a list of names: its items one of ``allowed`` (the UI form renders a choice).
     Called when the schema is built, so importing the specs imports no analysis code."""
@@ -59,7 +66,7 @@ class DatasetSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .data import DATASETS
+        from .data.registry import DATASETS
 
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(sorted(DATASETS))}")
@@ -220,7 +227,7 @@ class AuditZooSpec(RunOptions):
     """Audit every model of a zoo, then compare them on shared datasets."""
 
     models: list[str] = Field(
-        default_factory=lambda: __import__("zooaudit.zoo.builtin", fromlist=["x"]).default_zoo(),
+        default_factory=_default_zoo,
         description="Model URIs of the zoo.",
     )
     compare_layers: list[str] = Field(
