@@ -28,7 +28,13 @@ Prefect server recorded (sum of durations per task name), and — threads runner
 many random-initialised copies of builtin models were built and how many samples went through
 them (forward pre-hooks), beside the forward samples through the trained models::
 
+Noise: on the shared 2-core box a null comparison (``--after-rev 0e17322``, both trees the same
+code, default zoo, 2 repeats) gave after / before 1.27 bracketed (audit 42–83 s a run), so a
+difference under ≈ 30 % needs more repeats or a quiet box; the random-init build and sample
+counts are exact and do not depend on load::
+
     .venv/bin/python benchmarks/bench_cold_audit.py                       # 0e17322 vs this tree, 2 repeats
+    .venv/bin/python benchmarks/bench_cold_audit.py --after-rev HEAD      # 0e17322 vs the last commit
     .venv/bin/python benchmarks/bench_cold_audit.py --models builtin:mlp-w32-s0 builtin:cnn-w8-s0 \\
         --max-samples 200 --repeats 1                                    # a quick check
 """
