@@ -1,7 +1,8 @@
 """Flow ``audit-model``: the model stages of one model on each dataset, then the array stages.
 
-    validate ─► per dataset: plan ─► activations: begin ─► extract-shards × groups ─► publish
-                                   ─► controls (same tasks, same placement) + unsharded controls
+    validate ─► per dataset: plan ─► cache-hit? ─► begin ─► extract-shards × groups ─► publish
+                                   (activations and, in the same shards, the controls: random-init copy,
+                                    input embeddings) ─► unsharded controls (word sets, token text)
                                    ─► array stages of the registry, on the ActivationsRef:
                                         ├─ factorize  → commit
                                         ├─ similarity → commit
@@ -23,7 +24,7 @@ from zooaudit.report.summary import (
     weat_table,
 )
 from zooaudit.specs import AuditModelSpec
-from zooaudit.stages import ARRAY_STAGES, activations_ref, control_ref, pending_shards, shard_groups
+from zooaudit.stages import ARRAY_STAGES, pending_shards, run_model_stages, shard_groups
 from zooaudit.store import Store
 from zooaudit_tasks.analysis import array_stage
 from zooaudit_tasks.extract import (
@@ -48,10 +49,9 @@ class ModelAudit:
 
 
 def _extract(plan, run_id, params):
-    """One sharded product (the activations, or a control): every missing shard committed on a
-    staging branch, then published all or nothing; a cache hit when it is committed already."""
-    if (hit := cache_hit(plan)) is not None:
-        return hit
+    """One sharded product (the activations with the controls extracted beside them, or a
+    control alone): every missing shard committed on a staging branch, then published all or
+    nothing."""
     staging = begin_activations(plan)
     groups = shard_groups(pending_shards(plan, staging))
     with extraction_placement(plan.device):   # on GPU workers when the device may be CUDA and there are some
@@ -60,23 +60,17 @@ def _extract(plan, run_id, params):
 
 
 def _model_stages(plan, spec, run_id, params):
-    """Activations, then the controls the spec needs; returns ``(ActivationsRef, results)``.
-    One extraction per (model, plan) at a time, across processes and machines: a second
-    run of the same audit waits here, then finds the committed products (cache hits). Runs
-    on other models take other locks and never wait."""
-    with Store(plan.store).lock(f"extract-{plan.model_key}-{plan.cache_key}"):
-        acts = _extract(plan, run_id, params)
-        results, controls = [acts], {}
-        for cplan in plan_controls(plan, spec):
-            done = _extract(cplan, run_id, params)
-            results.append(done)
-            controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, done)
+    """Activations and the controls the spec needs, as tasks (``zooaudit.stages.model``);
+    returns ``(ActivationsRef, results)``. One extraction per (model, plan) at a time, across
+    processes and machines: a second run of the same audit waits here, then finds the committed
+    products (cache hits). Runs on other models take other locks and never wait."""
+    def unsharded():
         with extraction_placement(plan.device):
-            extra = unsharded_controls.submit(plan, spec, run_id).result()
-        for done, ref in extra:
-            results.append(done)
-            controls[ref.kind] = ref
-    return activations_ref(plan, acts.snapshot, controls), results
+            return unsharded_controls.submit(plan, spec, run_id).result()
+
+    with Store(plan.store).lock(f"extract-{plan.model_key}-{plan.cache_key}"):
+        return run_model_stages(plan, spec, extract=lambda p: _extract(p, run_id, params), hit=cache_hit,
+                                planner=plan_controls, unsharded=unsharded)
 
 
 @flow(name="audit-model", flow_run_name="audit-model-{spec.model}")

@@ -309,10 +309,13 @@ def commit_metadata(stage: str, cache_key: str, params: dict[str, Any], **extra:
 
 
 def find_commit(repo: icechunk.Repository, cache_key: str, branch: str = MAIN) -> str | None:
-    """Snapshot id of the commit on ``branch`` that carries ``cache_key``, or None."""
+    """Snapshot id of the commit on ``branch`` that carries ``cache_key``, or None. A commit
+    carries its own key, and those of the products published with it (``products``: the
+    controls extracted in the same shards as the activations)."""
     try:
         for info in repo.ancestry(branch=branch):
-            if (info.metadata or {}).get("cache_key") == cache_key:
+            meta = info.metadata or {}
+            if meta.get("cache_key") == cache_key or cache_key in (meta.get("products") or ()):
                 return info.id
     except icechunk.IcechunkError:
         return None

@@ -94,6 +94,9 @@ class ExtractionPlan:
     root: str = ""              # layout root of the arrays (default: ds_key)
     variant: Literal["model", "random_init"] = "model"   # which network runs the shards
     provenance: dict = field(default_factory=dict)       # e.g. random_init_seed of a control
+    # Controls extracted in the same shards (same inputs, same staging branch and commits,
+    # published with the activations); each keeps its own root, layers and cache key.
+    companions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = self.root or self.ds_key
@@ -106,6 +109,11 @@ class ExtractionPlan:
     def sample_layers(self) -> list[str]:
         """Layers stored per sample; all-tokens layers ``(token, unit)`` are left out."""
         return [name for name in self.layers if not is_token_shape(self.shapes[name])]
+
+    @property
+    def product_keys(self) -> list[str]:
+        """Cache keys of what one extraction of this plan publishes: its own and its companions'."""
+        return [self.cache_key, *(c.cache_key for c in self.companions)]
 
 
 def activations_ref(plan: ExtractionPlan, snapshot: str, controls: dict[str, ControlRef] | None = None
@@ -207,7 +215,8 @@ def _read_staging(repo, plan: ExtractionPlan, branch: str, main_tip: str) -> Sta
         if meta.get("stage") == "shard":
             done.update(_committed_shards(meta))
         elif meta.get("stage") == "staging":
-            return Staging(branch, main_tip, done) if meta.get("base") == main_tip else None
+            same = meta.get("base") == main_tip and meta.get("products", [plan.cache_key]) == plan.product_keys
+            return Staging(branch, main_tip, done) if same else None
     return None
 
 
@@ -235,8 +244,11 @@ def begin_activations(plan: ExtractionPlan) -> Staging:
         session = repo.writable_session(branch)
         layout.create_activation_arrays(session.store, dataset, plan.root, plan.shapes, plan.n_outputs,
                                         plan.shard_size, dtype=plan.dtype, token_rows=plan.token_rows)
+        for c in plan.companions:
+            layout.create_activation_arrays(session.store, dataset, c.root, c.shapes, None, c.shard_size,
+                                            dtype=c.dtype)
         session.commit("activations template", metadata={"stage": "staging", "for": plan.cache_key,
-                                                         "base": base})
+                                                         "base": base, "products": plan.product_keys})
     return Staging(branch, base)
 
 
@@ -265,6 +277,15 @@ class ShardResult:
 
 def compute_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Forward one shard (all layers in one pass per batch); activations cast to the stored dtype."""
+    return _forward_shard(plan, shard)
+
+
+def compute_companions(plan: ExtractionPlan, shard: Shard) -> dict[str, dict[str, np.ndarray]]:
+    """``{companion root: activations}`` of the controls extracted with ``plan`` on ``shard``."""
+    return {c.root: _forward_shard(c, shard)[0] for c in plan.companions}
+
+
+def _forward_shard(plan: ExtractionPlan, shard: Shard) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     dataset = shard_dataset(plan)
     module = load_model(plan.model_uri, plan.store).module if plan.variant == "model" else \
         load_random_init(plan.model_uri, plan.store)
@@ -285,9 +306,10 @@ def _nonfinite(a: np.ndarray) -> int:
     return int(np.count_nonzero(~np.isfinite(a)))
 
 
-def _nbytes(acts: dict, logits) -> int:
+def _nbytes(acts: dict, logits, companions: dict | None = None) -> int:
     """Bytes of one computed shard (what it holds in memory while it waits for the writer)."""
-    return sum(np.asarray(a).nbytes for a in acts.values()) + (0 if logits is None else logits.nbytes)
+    return (sum(np.asarray(a).nbytes for a in acts.values()) + (0 if logits is None else logits.nbytes)
+            + sum(np.asarray(a).nbytes for c in (companions or {}).values() for a in c.values()))
 
 
 def _contiguous_runs(batch: list[tuple]) -> list[list[tuple]]:
@@ -321,8 +343,8 @@ def _write_batch(store, ds_key: str, batch: list[tuple], arrays: layout.ArrayCac
 
 def _commit_shards(plan: ExtractionPlan, branch: str, batch: list[tuple], *, repo=None,
                    arrays: layout.ArrayCache | None = None) -> list[ShardResult]:
-    """Write the whole chunks of the shards ``batch = [(shard, acts, logits), ...]`` on the
-    staging branch in one session and commit them together: all of them or none.
+    """Write the whole chunks of the shards ``batch = [(shard, acts, logits[, {companion root:
+    acts}]), ...]`` (the plan's companions, :attr:`ExtractionPlan.companions`) on the staging branch in one session and commit them together: all of them or none.
 
     NaN/Inf activations are stored as computed but counted per layer and shard (in the
     commit metadata, so a resumed run still reports them at publish). ``repo`` and
@@ -331,10 +353,12 @@ def _commit_shards(plan: ExtractionPlan, branch: str, batch: list[tuple], *, rep
 
     repository = plan.repository
     opened = repository.icechunk if repo is None else repo
-    nonfinite = [{name: _nonfinite(np.asarray(a)) for name, a in acts.items()} for _, acts, _ in batch]
-    indexes = [shard.index for shard, _, _ in batch]
+    nonfinite = [{name: _nonfinite(np.asarray(a)) for name, a in item[1].items()} for item in batch]
+    indexes = [item[0].index for item in batch]
     session = opened.writable_session(branch)
-    _write_batch(session.store, plan.root, batch, arrays)
+    _write_batch(session.store, plan.root, [item[:3] for item in batch], arrays)
+    for c in plan.companions:   # the controls of the same shards, in the same session and commit
+        _write_batch(session.store, c.root, [(item[0], item[3][c.root], None) for item in batch], arrays)
     meta = {"stage": "shard", "for": plan.cache_key, "shards": indexes, "nonfinite": nonfinite}
     label = f"shard {indexes[0]}" if len(indexes) == 1 else f"shards {', '.join(map(str, indexes))}"
     # Shards write distinct chunks, so a commit that finds the branch moved
@@ -436,7 +460,8 @@ def extract_shards(plan: ExtractionPlan, shards: list[Shard], branch: str | None
             if failure:
                 break
             acts, logits = compute_shard(plan, shard)
-            todo.put((shard, acts, logits), _nbytes(acts, logits))
+            companions = compute_companions(plan, shard)
+            todo.put((shard, acts, logits, companions), _nbytes(acts, logits, companions))
     finally:
         todo.close()
         thread.join()
@@ -470,9 +495,12 @@ def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str |
                "nonfinite": nonfinite, "dtype": plan.dtype}
     if plan.provenance:
         summary["provenance"] = plan.provenance
+    if plan.companions:   # their cache keys: a lookup of a companion's key finds this commit
+        summary["companions"] = {c.stage: c.cache_key for c in plan.companions}
     meta = commit_metadata(plan.stage, plan.cache_key, params or {}, model=plan.model_uri,
                            model_hash=plan.model_hash, dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash,
-                           layers=plan.layers, flow_run_id=run_id, summary=summary)
+                           layers=plan.layers, flow_run_id=run_id, summary=summary,
+                           products=plan.product_keys[1:] or None)
     with repository.lock():
         snapshot = session.commit(f"{plan.stage} {plan.model_uri} on {plan.dataset.name}", metadata=meta)
         try:
@@ -484,11 +512,21 @@ def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str |
     return StageResult(plan.stage, plan.model_uri, plan.ds_key, plan.cache_key, snapshot, False, summary)
 
 
-def run_activations(plan: ExtractionPlan, *, run_id: str | None = None, params: dict | None = None) -> StageResult:
-    """The whole activations stage (or one control's) in this process: cache hit, else
-    resume/extract and publish."""
-    if (snap := cached_activations(plan)) is not None:
-        return skipped(plan.stage, plan, plan.cache_key, snap)
+def cache_hit(plan: ExtractionPlan) -> StageResult | None:
+    """The committed result of this sharded product (activations or a control), or None."""
+    if (snap := cached_activations(plan)) is None:
+        return None
+    return skipped(plan.stage, plan, plan.cache_key, snap)
+
+
+def extract_product(plan: ExtractionPlan, *, run_id: str | None = None, params: dict | None = None) -> StageResult:
+    """Resume or start the staging branch, extract the missing shards, publish (no cache check)."""
     staging = begin_activations(plan)
     extract_shards(plan, pending_shards(plan, staging), staging.branch)
     return publish_activations(plan, staging, run_id=run_id, params=params)
+
+
+def run_activations(plan: ExtractionPlan, *, run_id: str | None = None, params: dict | None = None) -> StageResult:
+    """The whole activations stage (or one control's) in this process: cache hit, else
+    resume/extract and publish."""
+    return cache_hit(plan) or extract_product(plan, run_id=run_id, params=params)

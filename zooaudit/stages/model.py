@@ -8,10 +8,11 @@ stage takes. The Prefect flow runs the same steps as tasks on the extraction pla
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ..specs import RunOptions
-from .activations import ExtractionPlan, activations_ref, run_activations
+from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
 from .controls import control_plans, control_ref, run_token_text, run_wordsets, token_text_key, wordsets_key
 from .refs import ActivationsRef, ControlRef, StageResult
 
@@ -25,20 +26,39 @@ def unsharded_controls(plan: ExtractionPlan, spec: RunOptions, run_id: str | Non
 
 def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | None = None, params: dict | None = None,
                      extract: Callable[[ExtractionPlan], StageResult] | None = None,
+                     hit: Callable[[ExtractionPlan], StageResult | None] = cache_hit,
+                     planner: Callable = control_plans, unsharded: Callable | None = None,
                      ) -> tuple[ActivationsRef, list[StageResult]]:
     """Activations of ``plan`` and every control ``spec`` needs, each a cache hit or a commit.
 
-    ``extract(plan) -> StageResult``: how one sharded product is extracted (default: in this
-    process, :func:`~.activations.run_activations`). Returns the reference array stages take
-    and the results of the activations (first) and of each control."""
-    extract = extract or (lambda p: run_activations(p, run_id=run_id, params=params))
-    acts = extract(plan)
+    Controls not committed yet are extracted in the same shards as the activations when those
+    are extracted too (companions: one staging branch, one commit per shard group, one
+    publish); a control missing beside committed activations is extracted on its own.
+
+    The steps are parameters so that the flow runs each as a task: ``extract(plan) ->
+    StageResult`` extracts one sharded product without a cache check (default: in this
+    process), ``hit(plan)`` is its cache lookup, ``planner(plan, spec)`` plans the controls,
+    ``unsharded()`` computes the word-set embeddings and token text. Returns the reference
+    array stages take and the results of the activations (first) and of each control."""
+    extract = extract or (lambda p: extract_product(p, run_id=run_id, params=params))
+    unsharded = unsharded or (lambda: unsharded_controls(plan, spec, run_id))
+    cplans = planner(plan, spec)
+    acts = hit(plan)
+    companions: list[ExtractionPlan] = []
+    if acts is None:
+        companions = [c for c in cplans if hit(c) is None]
+        acts = extract(dataclasses.replace(plan, companions=companions))
     results, controls = [acts], {}
-    for cplan in control_plans(plan, spec):
-        done = extract(cplan)
+    for cplan in cplans:
+        if cplan in companions:   # published with the activations, in their snapshot
+            done = StageResult(cplan.stage, cplan.model_uri, cplan.ds_key, cplan.cache_key, acts.snapshot,
+                               acts.skipped, {"layers": cplan.layers, "with": "activations",
+                                              "provenance": cplan.provenance})
+        else:
+            done = hit(cplan) or extract(cplan)
         results.append(done)
         controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, done)
-    for done, ref in unsharded_controls(plan, spec, run_id):
+    for done, ref in unsharded():
         results.append(done)
         controls[ref.kind] = ref
     return activations_ref(plan, acts.snapshot, controls), results
