@@ -66,6 +66,4 @@ def unsharded_controls(plan, spec, run_id=None):
 @task(name="cache-hit", cache_policy=NO_CACHE, task_run_name="cache-hit-{plan.stage}")
 def cache_hit(plan):
     """The committed result of this sharded product (activations or a control), or None."""
-    if (snap := stages.cached_activations(plan)) is None:
-        return None
-    return stages.skipped(plan.stage, plan, plan.cache_key, snap)
+    return stages.cache_hit(plan)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ..specs import RunOptions
 from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
+from .common import skipped
 from .controls import control_plans, control_ref, run_token_text, run_wordsets, token_text_key, wordsets_key
 from .refs import ActivationsRef, ControlRef, StageResult
 
@@ -67,8 +68,6 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
 def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[ActivationsRef, list[StageResult]] | None:
     """The reference and results of :func:`run_model_stages` when every product is already
     committed on ``main`` (each result a cache hit), else None. Nothing is extracted."""
-    from .common import skipped
-
     repository = plan.repository
     if (snap := repository.find(plan.cache_key)) is None:
         return None
