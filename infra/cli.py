@@ -108,15 +108,15 @@ def _spec_fields(args) -> dict:
 
 
 def _snippet(store_url: str, audit) -> str:
-    plan = next((p for a in audit.models for p in a.plans), None)
-    if plan is None:
+    ref = next((r for a in audit.models for r in a.refs), None)
+    if ref is None:
         return ""
-    layer = plan.layers[0]
+    layer = ref.layers[0]
     return (
         "Open the activations with xarray:\n"
         "    from zooaudit.store import Store, open_group\n"
-        f"    acts = open_group(Store({store_url!r}).model_repo({plan.model_key!r}), "
-        f"{plan.ds_key + '/acts/' + layer!r})['activations']"
+        f"    acts = open_group(Store({store_url!r}).model_repo({ref.model_key!r}), "
+        f"{ref.ds_key + '/acts/' + layer!r})['activations']"
     )
 
 

@@ -44,3 +44,16 @@ def test_layers_command_lists_shapes(tmp_path, capsys):
     assert main(["layers", "builtin:cnn-w8-s0", "--store", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "(8, 8, 8)" in out and "embed" in out
+
+
+def test_demo_snippet_reads_the_audits_activation_refs():
+    """The line `zooaudit demo` prints at the end opens the first audited model's activations."""
+    from types import SimpleNamespace
+
+    from zooaudit_infra.cli import _snippet
+
+    ref = SimpleNamespace(model_key="builtin-m-1", ds_key="digits-2", layers=["act1", "embed"])
+    audit = SimpleNamespace(models=[SimpleNamespace(refs=[]), SimpleNamespace(refs=[ref])])
+    line = _snippet("file:///s", audit)
+    assert "model_repo('builtin-m-1')" in line and "'digits-2/acts/act1'" in line
+    assert _snippet("file:///s", SimpleNamespace(models=[])) == ""
