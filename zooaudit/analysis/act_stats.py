@@ -1,0 +1,237 @@
+"""Activation statistics of one layer in one streamed pass: sparsity, massive activations, spectrum.
+
+:class:`ActivationStats` reads a ``(sample, unit)`` matrix block of rows by block of rows
+and keeps, in memory independent of the number of samples ``n`` (except the per-sample
+active fraction, ``n`` scalars, kept for its quantiles and the per-group figures):
+
+- **sparsity** (Li et al. 2022, "The Lazy Neuron Phenomenon"; the activation ratio of the
+  Sparsing Law): an entry is *active* when ``|a| > eps`` (``eps`` recorded; 0 = non-zero).
+  Per sample: the fraction of active units ``(n,)``; per unit: the count of samples on which
+  it is active ``(p,)``. A unit is **dead** when it is active on no sample of the audit set,
+  **always active** when it is active on every sample. The activation ratio of the layer is
+  the mean over samples of the per-sample fraction (= active entries / all entries).
+- **massive activations** (Sun et al. 2024): the ``top_k`` largest ``|a|`` of the layer with
+  their ``(sample row, unit)`` positions (ties broken by row, then unit), and the ratio of the
+  largest ``|a|`` to the layer's median ``|a|`` over all its entries. An entry is flagged
+  *massive* when ``|a| > abs_threshold`` (paper: 100) **and** ``|a| > ratio_threshold ×
+  median`` (paper: 1000).
+  The median is streamed with a bounded histogram: ``|a|`` rounded to float32, binned by the
+  top 14 bits of its IEEE-754 pattern (exponent + 6 mantissa bits; monotone in the value,
+  16384 bins, each spanning a relative width ≤ 2⁻⁶). The median is known to lie in
+  ``[median_lo, median_hi]`` (the bins of the lower and upper middle order statistics) and is
+  reported as their midpoint (relative error < 1.6 %); the flag uses ``median_hi``, so an
+  entry flagged here is flagged under the exact median too. Non-finite entries land in the
+  histogram's top bins, which is how they are counted (the stage refuses them).
+- **spectrum** of the centred representation from the streamed covariance (the similarity
+  stage's accumulator, :class:`~.sim_stream.JointGram`: float64 moments of block-centred
+  rows). With ``λ₁ ≥ … ≥ λ_p ≥ 0`` the eigenvalues of the covariance and ``σᵢ = √λᵢ``
+  (proportional to the singular values of the centred matrix), see :func:`spectrum_stats`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ZooauditError
+from .sim_stream import JointGram
+
+HIST_SHIFT = 17                      # float32 bits >> 17: sign dropped → 8 exponent + 6 mantissa bits
+HIST_BINS = 1 << (31 - HIST_SHIFT)   # 16384
+NONFINITE_BIN = 0x7F800000 >> HIST_SHIFT   # +Inf and NaN patterns start here
+TOP_COMPONENTS = (1, 10, 100)
+
+
+def _bin_edges(b: int) -> tuple[float, float]:
+    """``[lo, hi)`` of histogram bin ``b`` as float values (bit patterns ``b << 17`` … ``(b+1) << 17``)."""
+    bits = np.array([b << HIST_SHIFT, (b + 1) << HIST_SHIFT], dtype=np.uint32)
+    lo, hi = bits.view(np.float32).astype(np.float64)
+    return float(lo), float(hi)
+
+
+def histogram_quantile_bounds(hist: np.ndarray, rank: int) -> tuple[float, float]:
+    """``[lo, hi]`` holding the ``rank``-th smallest value (0-based) counted by ``hist``."""
+    b = int(np.searchsorted(np.cumsum(hist), rank + 1))
+    return _bin_edges(b)
+
+
+def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENTS) -> dict[str, float]:
+    """Scalar summaries of a covariance spectrum ``(p,)`` (any order; negatives from rounding set to 0).
+
+    - ``effective_rank`` (Roy & Vetterli 2007): ``exp(−Σ qᵢ log qᵢ)`` with ``qᵢ = σᵢ / Σσ`` the
+      normalised *singular values* ``σᵢ = √λᵢ`` (not the eigenvalues); 1 … rank.
+    - ``participation_ratio``: ``(Σλ)² / Σλ²`` on the eigenvalues.
+    - ``stable_rank``: ``‖X‖²_F / ‖X‖²₂ = Σλ / λ₁``.
+    - ``variance_top_k``: ``Σ_{i≤k} λᵢ / Σλ`` for each ``k`` in ``top`` (k clipped to p).
+    Eigenvalues below ``p · ε_float64 · λ₁`` (rounding noise of the covariance, the cut of
+    ``numpy.linalg.matrix_rank``) count as 0: the square root in the effective rank would
+    otherwise lift them to ~1e-8 of the largest singular value. A zero spectrum (a constant
+    layer) gives NaN for all of them.
+    """
+    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
+    if len(lam):
+        lam[lam < len(lam) * np.finfo(np.float64).eps * lam[0]] = 0.0
+    total = lam.sum()
+    out = {f"variance_top_{k}": np.nan for k in top}
+    if not total > 0:
+        return {"effective_rank": np.nan, "participation_ratio": np.nan, "stable_rank": np.nan, **out}
+    sigma = np.sqrt(lam)
+    q = sigma / sigma.sum()
+    q = q[q > 0]
+    out.update({f"variance_top_{k}": float(lam[:k].sum() / total) for k in top})
+    return {"effective_rank": float(np.exp(-(q * np.log(q)).sum())),
+            "participation_ratio": float(total ** 2 / (lam ** 2).sum()),
+            "stable_rank": float(total / lam[0]), **out}
+
+
+class ActivationStats:
+    """Streamed sparsity, massive-activation and spectrum statistics of one ``(n, p)`` layer.
+
+    Args:
+        width: ``p``, units per sample. eps: activity threshold (``|a| > eps``).
+        top_k: how many of the largest ``|a|`` to keep with their positions.
+        spectrum: also accumulate the covariance (``O(p²)`` memory).
+        n_groups: with per-row group codes passed to :meth:`update`, per-group unit activity counts.
+    Call :meth:`update` on consecutive row blocks, then :meth:`result`.
+    """
+
+    def __init__(self, width: int, *, eps: float = 0.0, top_k: int = 16, spectrum: bool = True,
+                 n_groups: int = 0, name: str = "layer"):
+        if eps < 0:
+            raise ZooauditError(f"eps must be ≥ 0 (|a| > eps counts as active); got {eps}.")
+        self.p, self.eps, self.top_k, self.name = int(width), float(eps), int(top_k), name
+        self.n = 0
+        self.unit_active = np.zeros(self.p, np.int64)
+        self.unit_max = np.zeros(self.p, np.float64)
+        self.sample_fraction: list[np.ndarray] = []
+        self.hist = np.zeros(HIST_BINS, np.int64)
+        self.top_val = np.zeros(0, np.float64)
+        self.top_row = np.zeros(0, np.int64)
+        self.top_unit = np.zeros(0, np.int64)
+        self.n_groups = int(n_groups)
+        self.group_unit_active = np.zeros((self.n_groups, self.p), np.int64)
+        self.group_n = np.zeros(self.n_groups, np.int64)
+        self.gram: JointGram | None = None
+        self.spectrum = spectrum
+
+    def update(self, block: np.ndarray, start: int, groups: np.ndarray | None = None) -> ActivationStats:
+        """Add rows ``[start, start + b)``: ``block (b, p)`` (float32 or float64); ``groups (b,)`` int codes."""
+        block = np.asarray(block).reshape(block.shape[0], -1)
+        b = block.shape[0]
+        if b == 0:
+            return self
+        # |a| in the block's own precision (float16 widened); the histogram bins its float32 rounding
+        mag = np.abs(block if block.dtype in (np.float32, np.float64) else block.astype(np.float32))
+        bits = (mag if mag.dtype == np.float32 else mag.astype(np.float32)).view(np.uint32)
+        active = mag > self.eps
+        self.unit_active += active.sum(axis=0)
+        self.sample_fraction.append(active.sum(axis=1) / self.p)
+        if self.n_groups and groups is not None:
+            g = np.asarray(groups, np.int64)
+            for code in range(self.n_groups):
+                rows = g == code
+                self.group_unit_active[code] += active[rows].sum(axis=0)
+                self.group_n[code] += int(rows.sum())
+        # non-finite patterns sort above every finite value, so max and the top-k stay defined
+        np.maximum(self.unit_max, np.nan_to_num(mag.max(axis=0), nan=np.inf), out=self.unit_max)
+        hist = np.bincount((bits >> HIST_SHIFT).ravel(), minlength=HIST_BINS)
+        self.hist += hist
+        if hist[NONFINITE_BIN:].any():   # refused here, before the covariance sees it
+            raise self._nonfinite_error()
+        self._update_top(mag, start)
+        if self.spectrum:
+            if self.gram is None:
+                dt = np.float32 if block.dtype in (np.float32, np.float16) and self.p >= 256 else np.float64
+                self.gram = JointGram([self.p], dtype=dt, names=[self.name])
+            self.gram.update([block], start)
+        self.n += b
+        return self
+
+    def _update_top(self, mag: np.ndarray, start: int) -> None:
+        k = self.top_k
+        if k == 0:
+            return
+        # only entries above the current k-th best can enter: usually a handful per block
+        thr = self.top_val[-1] if len(self.top_val) >= k else -1.0
+        flat = mag.ravel()
+        cand = np.flatnonzero(flat >= thr) if thr >= 0 else np.arange(flat.size)
+        if len(cand) > k:   # the k largest, and every entry tied with the k-th (ties go by position)
+            kth = flat[cand[np.argpartition(-flat[cand], k - 1)[k - 1]]]
+            cand = cand[flat[cand] >= kth]
+        vals = np.concatenate([self.top_val, flat[cand].astype(np.float64)])
+        rows = np.concatenate([self.top_row, cand // self.p + start])
+        units = np.concatenate([self.top_unit, cand % self.p])
+        order = np.lexsort((units, rows, -vals))[:k]
+        self.top_val, self.top_row, self.top_unit = vals[order], rows[order], units[order]
+
+    # -- results ---------------------------------------------------------------------
+
+    @property
+    def nonfinite(self) -> int:
+        """Entries that were NaN or ±Inf."""
+        return int(self.hist[NONFINITE_BIN:].sum())
+
+    def _nonfinite_error(self) -> ZooauditError:
+        return ZooauditError(f"Layer {self.name!r} contains NaN or Inf activations ({self.nonfinite} values so far); "
+                             "activation statistics need finite values. Drop or impute the affected samples and "
+                             "rerun.")
+
+    def median_bounds(self) -> tuple[float, float]:
+        """``[lo, hi]`` holding the median of ``|a|`` over all ``n·p`` entries (see the module docstring)."""
+        total = self.n * self.p
+        lo, _ = histogram_quantile_bounds(self.hist, (total - 1) // 2)
+        _, hi = histogram_quantile_bounds(self.hist, total // 2)
+        return lo, hi
+
+    def per_sample_fraction(self) -> np.ndarray:
+        """``(n,)`` fraction of active units of every sample, in row order."""
+        return np.concatenate(self.sample_fraction) if self.sample_fraction else np.zeros(0)
+
+    def eigenvalues(self) -> np.ndarray | None:
+        """``(p,)`` eigenvalues of the covariance (ddof 0), descending; None without a spectrum."""
+        if self.gram is None:
+            return None
+        C = self.gram.centred() / self.n
+        return np.sort(np.clip(np.linalg.eigvalsh((C + C.T) / 2), 0.0, None))[::-1]
+
+    def result(self, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0) -> dict:
+        """Every statistic as NumPy values and floats (the stage labels them).
+
+        Raises :class:`~zooaudit.errors.ZooauditError` when no rows were seen or an entry was
+        NaN/±Inf (activity, medians and spectra of such a layer mean nothing)."""
+        if self.n == 0:
+            raise ZooauditError(f"Layer {self.name!r} has no samples; activation statistics need at least one.")
+        if self.nonfinite:
+            raise self._nonfinite_error()
+        frac = self.per_sample_fraction()
+        lo, hi = self.median_bounds()
+        median = (lo + hi) / 2
+        top = self.top_val
+        peak = float(top[0]) if len(top) else 0.0
+        ratio = np.divide(top, median) if median > 0 else np.where(top > 0, np.inf, np.nan)
+        flagged = (top > abs_threshold) & (top > ratio_threshold * hi)
+        out = {
+            "n": self.n, "eps": self.eps,
+            "sample_active_fraction": frac,
+            "unit_active_fraction": self.unit_active / self.n,
+            "unit_max_abs": self.unit_max.copy(),
+            "activation_ratio": float(self.unit_active.sum() / (self.n * self.p)),
+            "sample_fraction_median": float(np.median(frac)),
+            "sample_fraction_p10": float(np.quantile(frac, 0.1)),
+            "sample_fraction_p90": float(np.quantile(frac, 0.9)),
+            "dead_fraction": float((self.unit_active == 0).mean()),
+            "always_active_fraction": float((self.unit_active == self.n).mean()),
+            "median_abs": median, "median_abs_lo": lo, "median_abs_hi": hi,
+            "max_abs": peak, "max_to_median": float(ratio[0]) if len(top) else np.nan,
+            "top_value": top.copy(), "top_row": self.top_row.copy(), "top_unit": self.top_unit.copy(),
+            "top_ratio": np.asarray(ratio, np.float64), "top_massive": flagged,
+            "n_massive_units": int(len(np.unique(self.top_unit[flagged]))),
+        }
+        if self.n_groups:
+            gn = np.maximum(self.group_n, 1)[:, None]
+            out["group_unit_active_fraction"] = self.group_unit_active / gn
+            out["group_n"] = self.group_n.copy()
+        eig = self.eigenvalues()
+        if eig is not None:
+            out["eigenvalues"] = eig
+            out.update(spectrum_stats(eig))
+        return out
