@@ -10,10 +10,11 @@ from zooaudit.analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agre
 from zooaudit.errors import ZooauditError
 
 
-def streamed(X, block=37, groups=None, n_groups=0, **kw):
-    acc = ActivationStats(X.shape[1], n_groups=n_groups, **kw)
+def streamed(X, block=37, groups=None, **kw):
+    acc = ActivationStats(X.shape[1], groups=None if groups is None else {a: int(g.max()) + 1 for a, g in
+                                                                          groups.items()}, **kw)
     for s in range(0, len(X), block):
-        acc.update(X[s:s + block], s, None if groups is None else groups[s:s + block])
+        acc.update(X[s:s + block], s, None if groups is None else {a: g[s:s + block] for a, g in groups.items()})
     return acc
 
 
@@ -49,10 +50,13 @@ def test_planted_dead_and_always_active_recovered_exactly():
 def test_per_group_activity():
     X = relu_data()
     g = np.random.default_rng(3).integers(0, 2, len(X))
-    r = streamed(X, groups=g, n_groups=2, eps=0.0).result()
-    for code in (0, 1):
-        np.testing.assert_array_equal(r["group_unit_active_fraction"][code], (X[g == code] > 0).mean(axis=0))
-        assert r["group_n"][code] == (g == code).sum()
+    h = np.arange(len(X)) % 3
+    r = streamed(X, groups={"g": g, "h": h}, eps=0.0).result()
+    for attr, codes in (("g", g), ("h", h)):
+        for code in range(codes.max() + 1):
+            np.testing.assert_array_equal(r["group_unit_active_fraction"][attr][code],
+                                          (X[codes == code] > 0).mean(axis=0))
+            assert r["group_n"][attr][code] == (codes == code).sum()
 
 
 def test_planted_massive_activation_recovered_and_flagged():

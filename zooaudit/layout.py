@@ -9,6 +9,8 @@ Per dataset group ``<ds>``::
     <ds>/factors/<layer>/<m>    components (component, unit), codes (sample, component)
     <ds>/similarity/<metric>    (layer_a, layer_b)
     <ds>/bias/<attribute>       per-group metrics with CIs
+    <ds>/statistics/...         activation statistics: summary (layer), layers/<layer>, collapse,
+                                groups/<attribute>
     <ds>/controls/<kind>/...    controls extracted beside the activations, laid out like them
                                 (samples, acts/<layer>): random_init (a seeded random-initialised
                                 copy of the model), input_embeddings (text encoders)
@@ -67,6 +69,12 @@ def similarity_group(ds_key: str, metric: str) -> str:
 
 def bias_group(ds_key: str, attribute: str) -> str:
     return f"{ds_key}/bias/{attribute}"
+
+
+def statistics_group(ds_key: str, part: str) -> str:
+    """Activation statistics (:mod:`zooaudit.stages.statistics`): ``summary``, ``layers/<layer>``,
+    ``collapse``, ``groups/<attribute>``."""
+    return f"{ds_key}/statistics/{part}"
 
 
 def controls_root(ds_key: str, kind: str) -> str:

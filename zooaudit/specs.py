@@ -177,6 +177,26 @@ class SimilaritySpec(BaseModel):
         return v
 
 
+class StatisticsSpec(BaseModel):
+    """Activation statistics per layer (:mod:`zooaudit.stages.statistics`): sparsity, dead and
+    massive activations, the spectrum, and neural collapse on labelled datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Compute the activation statistics stage.")
+    eps: float = Field(0.0, ge=0.0, description="An activation is active when |a| > eps (0 = non-zero).")
+    top_k: int = Field(16, ge=1, le=1024, description="Largest |a| kept per layer with their (sample, unit).")
+    massive_abs_threshold: float = Field(100.0, gt=0.0, description="Massive activation (Sun et al. 2024): "
+                                         "|a| above this …")
+    massive_ratio_threshold: float = Field(1000.0, gt=0.0, description="… and above this many times the "
+                                           "layer's median |a|.")
+    max_spectrum_width: int = Field(4096, ge=1, description="Layers wider than this (flattened units) get no "
+                                    "spectrum (a p×p covariance); the reason is recorded.")
+    nc_layers: list[str] = Field(["penultimate"], description="Layers whose neural collapse (NC1–NC4) is computed "
+                                 "on labelled datasets: names, 'penultimate' (the last per-sample layer before "
+                                 "the output layer) or '*' (every per-sample layer); empty = none.")
+
+
 class RunOptions(BaseModel):
     """Options shared by model and zoo audits."""
 
@@ -202,6 +222,7 @@ class RunOptions(BaseModel):
     factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
     bias: BiasSpec = Field(default_factory=BiasSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
+    statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
     store: str | None = Field(None, description="Store root URL; default $ZOOAUDIT_STORE or ./zooaudit-store.")
     task_runner: Literal["dask", "threads"] = Field(
         "dask", description="Where tasks run: a Dask cluster (local processes unless dask_address is set) or threads.")

@@ -90,12 +90,13 @@ class ActivationStats:
         width: ``p``, units per sample. eps: activity threshold (``|a| > eps``).
         top_k: how many of the largest ``|a|`` to keep with their positions.
         spectrum: also accumulate the covariance (``O(p²)`` memory).
-        n_groups: with per-row group codes passed to :meth:`update`, per-group unit activity counts.
+        groups: ``{attribute: number of codes}``; with per-row codes passed to :meth:`update`,
+            per-group unit activity counts ``(codes, p)`` of each attribute.
     Call :meth:`update` on consecutive row blocks, then :meth:`result`.
     """
 
     def __init__(self, width: int, *, eps: float = 0.0, top_k: int = 16, spectrum: bool = True,
-                 n_groups: int = 0, name: str = "layer"):
+                 groups: dict[str, int] | None = None, name: str = "layer"):
         if eps < 0:
             raise ZooauditError(f"eps must be ≥ 0 (|a| > eps counts as active); got {eps}.")
         self.p, self.eps, self.top_k, self.name = int(width), float(eps), int(top_k), name
@@ -107,14 +108,15 @@ class ActivationStats:
         self.top_val = np.zeros(0, np.float64)
         self.top_row = np.zeros(0, np.int64)
         self.top_unit = np.zeros(0, np.int64)
-        self.n_groups = int(n_groups)
-        self.group_unit_active = np.zeros((self.n_groups, self.p), np.int64)
-        self.group_n = np.zeros(self.n_groups, np.int64)
+        self.groups = dict(groups or {})
+        self.group_unit_active = {a: np.zeros((g, self.p), np.int64) for a, g in self.groups.items()}
+        self.group_n = {a: np.zeros(g, np.int64) for a, g in self.groups.items()}
         self.gram: JointGram | None = None
         self.spectrum = spectrum
 
-    def update(self, block: np.ndarray, start: int, groups: np.ndarray | None = None) -> ActivationStats:
-        """Add rows ``[start, start + b)``: ``block (b, p)`` (float32 or float64); ``groups (b,)`` int codes."""
+    def update(self, block: np.ndarray, start: int, groups: dict[str, np.ndarray] | None = None) -> ActivationStats:
+        """Add rows ``[start, start + b)``: ``block (b, p)`` (float32 or float64); ``groups``:
+        ``{attribute: (b,) int codes}`` of these rows."""
         block = np.asarray(block).reshape(block.shape[0], -1)
         b = block.shape[0]
         if b == 0:
@@ -125,12 +127,12 @@ class ActivationStats:
         active = mag > self.eps
         self.unit_active += active.sum(axis=0)
         self.sample_fraction.append(active.sum(axis=1) / self.p)
-        if self.n_groups and groups is not None:
-            g = np.asarray(groups, np.int64)
-            for code in range(self.n_groups):
+        for attr, codes in (groups or {}).items():
+            g = np.asarray(codes, np.int64)
+            for code in range(self.groups[attr]):
                 rows = g == code
-                self.group_unit_active[code] += active[rows].sum(axis=0)
-                self.group_n[code] += int(rows.sum())
+                self.group_unit_active[attr][code] += active[rows].sum(axis=0)
+                self.group_n[attr][code] += int(rows.sum())
         # non-finite patterns sort above every finite value, so max and the top-k stay defined
         np.maximum(self.unit_max, np.nan_to_num(mag.max(axis=0), nan=np.inf), out=self.unit_max)
         hist = np.bincount((bits >> HIST_SHIFT).ravel(), minlength=HIST_BINS)
@@ -226,10 +228,10 @@ class ActivationStats:
             "top_ratio": np.asarray(ratio, np.float64), "top_massive": flagged,
             "n_massive_units": int(len(np.unique(self.top_unit[flagged]))),
         }
-        if self.n_groups:
-            gn = np.maximum(self.group_n, 1)[:, None]
-            out["group_unit_active_fraction"] = self.group_unit_active / gn
-            out["group_n"] = self.group_n.copy()
+        if self.groups:
+            out["group_unit_active_fraction"] = {a: c / np.maximum(self.group_n[a], 1)[:, None]
+                                                 for a, c in self.group_unit_active.items()}
+            out["group_n"] = {a: n.copy() for a, n in self.group_n.items()}
         eig = self.eigenvalues()
         if eig is not None:
             out["eigenvalues"] = eig

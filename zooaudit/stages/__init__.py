@@ -37,6 +37,7 @@ from .model import committed_model_stages, run_model_stages, unsharded_controls
 from .refs import ActivationsRef, ControlRef, StageResult
 from .registry import ARRAY_STAGES, ZOO_STAGES, array_stage, run_array_stage, run_zoo_stage, zoo_stage
 from .similarity import run_similarity
+from .statistics import run_statistics
 from .trend import drift_to_previous, run_checkpoint_trend
 from .validate import validate_model, validate_zoo
 from .zoo import revisions_group, run_revision_similarity, run_zoo_similarity, zoo_similarity_group
@@ -72,6 +73,7 @@ __all__ = [
     "run_model_stages",
     "run_revision_similarity",
     "run_similarity",
+    "run_statistics",
     "run_zoo_similarity",
     "run_zoo_stage",
     "shard_groups",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import bias, factorize, similarity, zoo
+from . import bias, factorize, similarity, statistics, zoo
 
 MODEL_STAGES = ("activations", "controls")
 
@@ -60,6 +60,8 @@ ARRAY_STAGES: tuple[ArrayStage, ...] = (
     ArrayStage("factorize", "factorize", factorize.run_factorize, factorize.factorize_key, factorize.__name__),
     ArrayStage("similarity", "similarity", similarity.run_similarity, similarity.similarity_key, similarity.__name__),
     ArrayStage("bias", "bias", bias.run_bias, bias.bias_key, bias.__name__),
+    ArrayStage("statistics", "statistics", statistics.run_statistics, statistics.statistics_key,
+               statistics.__name__),
 )
 
 ZOO_STAGES: tuple[ZooStage, ...] = (

@@ -1,0 +1,189 @@
+"""The statistics stage on planted activations written to a real store: every committed figure
+equals a NumPy computation of its definition on the same arrays (planted dead units, a planted
+massive activation, neural collapse with the model's predictions, per-group figures); a rerun
+is a cache hit; NaN activations and too few samples fail with nothing committed; an unlabelled
+dataset skips neural collapse with the reason recorded."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from zooaudit import layout
+from zooaudit.data import load_dataset
+from zooaudit.errors import ZooauditError
+from zooaudit.specs import DatasetSpec, RunOptions, StatisticsSpec
+from zooaudit.stages import ActivationsRef, run_statistics
+from zooaudit.stages.registry import array_stage
+from zooaudit.stages.statistics import nc_layer_names
+from zooaudit.store import Store, commit_metadata
+
+N, P = 120, 10
+
+
+def commit_acts(store_url, layers: dict, key: str, dataset="colored-digits", n=N, logits=None, labels=None,
+                chunk=32):
+    spec = DatasetSpec(name=dataset, max_samples=n)
+    data = load_dataset(spec)
+    if labels is not None:
+        data = dataclasses.replace(data, labels=labels)
+    store = Store.open(store_url)
+    shapes = {name: a.shape[1:] for name, a in layers.items()}
+    n_out = None if logits is None else logits.shape[1]
+
+    def write(session):
+        layout.create_activation_arrays(session.store, data, data.key, shapes, n_out, chunk)
+        for s in range(0, n, chunk):
+            layout.write_shard(session.store, data.key, s, {k: v[s:s + chunk] for k, v in layers.items()},
+                               None if logits is None else logits[s:s + chunk])
+
+    snap = store.model_repository(f"test-{key}").commit(write, message="activations",
+                                                        metadata=commit_metadata("activations", f"acts-{key}", {}))
+    ref = ActivationsRef(store=store.url, model_uri=f"test:{key}", model_key=f"test-{key}", model_hash="0",
+                         dataset=spec, ds_key=data.key, ds_hash=data.content_hash, snapshot=snap,
+                         cache_key=f"acts-{key}", layers=list(layers), shapes=shapes, pooling="mean", n_samples=n,
+                         n_outputs=n_out, has_groups=bool(data.groups))
+    return ref, data
+
+
+def planted(data, seed=0):
+    rng = np.random.default_rng(seed)
+    y = data.labels
+    centres = rng.normal(size=(2, P)) * 2
+    embed = np.maximum(centres[y] + rng.normal(size=(len(y), P)) + 0.5, 0).astype(np.float32)
+    embed[:, [1, 4]] = 0.0                       # dead units
+    embed[33, 6] = 4000.0                        # a massive activation
+    logits = (embed @ rng.normal(size=(P, 2))).astype(np.float32)
+    return {"act1": rng.normal(size=(len(y), 6)).astype(np.float32), "embed": embed, "head": logits}, logits
+
+
+def opened(ref, result, part):
+    return ref.repository.open(layout.statistics_group(ref.ds_key, part), result.snapshot).load()
+
+
+def n_commits(ref):
+    return len(list(ref.repository.ancestry()))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    url = "file://" + str(tmp_path_factory.mktemp("stats") / "store")
+    data = load_dataset(DatasetSpec(name="colored-digits", max_samples=N))
+    layers, logits = planted(data)
+    ref, data = commit_acts(url, layers, "planted", logits=logits)
+    return ref, data, layers, logits, run_statistics(ref, StatisticsSpec(top_k=4))
+
+
+def test_summary_equals_numpy_definitions(run):
+    ref, data, layers, _, result = run
+    s = opened(ref, result, "summary")
+    assert list(s["layer"].values) == ["act1", "embed", "head"]
+    for name, X in layers.items():
+        active = np.abs(X.astype(np.float64)) > 0
+        row = s.sel(layer=name)
+        assert float(row["activation_ratio"]) == pytest.approx(active.mean(), abs=1e-12)
+        assert float(row["dead_fraction"]) == (~active.any(axis=0)).mean()
+        assert float(row["sample_fraction_median"]) == pytest.approx(np.median(active.mean(axis=1)))
+        assert float(row["median_abs_lo"]) <= np.median(np.abs(X)) <= float(row["median_abs_hi"])
+        Xc = X.astype(np.float64) - X.astype(np.float64).mean(axis=0)
+        sigma = np.linalg.svd(Xc, compute_uv=False)
+        lam = sigma ** 2
+        lam[lam < len(lam) * np.finfo(float).eps * lam.max()] = 0
+        q = np.sqrt(lam) / np.sqrt(lam).sum()
+        q = q[q > 0]
+        assert float(row["effective_rank"]) == pytest.approx(np.exp(-(q * np.log(q)).sum()), rel=1e-8)
+        assert float(row["stable_rank"]) == pytest.approx(lam.sum() / lam.max(), rel=1e-8)
+    assert float(s.sel(layer="embed")["dead_fraction"]) == 2 / P
+    assert result.summary["dead_fraction"]["embed"] == 0.2
+
+
+def test_massive_activation_located(run):
+    ref, data, _, _, result = run
+    emb = opened(ref, result, "layers/embed")
+    assert (int(emb["top_sample"][0]), int(emb["top_unit"][0]), float(emb["top_value"][0])) == \
+        (int(data.sample_ids[33]), 6, 4000.0)
+    assert bool(emb["top_massive"][0]) and not emb["top_massive"][1:].any()
+    # the spike reaches the logits too (head = embed @ W), so only act1 is free of it
+    assert result.summary["n_massive_units"]["act1"] == 0 and result.summary["n_massive_units"]["embed"] == 1
+    assert set(np.flatnonzero(emb["unit_active_fraction"].values == 0)) == {1, 4}
+
+
+def test_collapse_equals_numpy_and_nc4_uses_predictions(run):
+    ref, data, layers, logits, result = run
+    assert nc_layer_names(ref, StatisticsSpec()) == ["embed"]
+    c = opened(ref, result, "collapse")
+    X, y = layers["embed"].astype(np.float64), data.labels
+    means = np.stack([X[y == k].mean(axis=0) for k in (0, 1)])
+    M = means - X.mean(axis=0)
+    Sw = sum((X[y == k] - means[k]).T @ (X[y == k] - means[k]) for k in (0, 1)) / len(X)
+    nc1 = np.trace(Sw @ np.linalg.pinv(M.T @ M / 2, rcond=1e-10, hermitian=True)) / 2
+    assert float(c["nc1"].sel(nc_layer="embed")) == pytest.approx(nc1, rel=1e-7)
+    ncc = ((X[:, None] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
+    assert float(c["nc4"].sel(nc_layer="embed")) == pytest.approx((ncc == logits.argmax(axis=1)).mean())
+    assert np.isnan(float(c["nc3"].sel(nc_layer="embed")))          # no classifier weights stored
+    assert "nc3" in result.summary["notes"]
+
+
+def test_per_group_sparsity_and_nc1(run):
+    ref, data, layers, _, result = run
+    g = opened(ref, result, "groups/colour")
+    assert list(g["group"].values) == ["red", "green"]
+    X, y, colour = layers["embed"].astype(np.float64), data.labels, data.groups["colour"]
+    for code, name in enumerate(["red", "green"]):
+        rows = colour == code
+        assert float(g["activation_ratio"].sel(layer="embed", group=name)) == \
+            pytest.approx((X[rows] > 0).mean(axis=1).mean())
+        Xg, yg = X[rows], y[rows]
+        means = np.stack([Xg[yg == k].mean(axis=0) for k in (0, 1)])
+        M = means - Xg.mean(axis=0)
+        Sw = sum((Xg[yg == k] - means[k]).T @ (Xg[yg == k] - means[k]) for k in (0, 1)) / len(Xg)
+        ref_nc1 = np.trace(Sw @ np.linalg.pinv(M.T @ M / 2, rcond=1e-10, hermitian=True)) / 2
+        assert float(g["nc1"].sel(nc_layer="embed", group=name)) == pytest.approx(ref_nc1, rel=1e-7)
+
+
+def test_rerun_is_a_cache_hit(run):
+    ref, *_, result = run
+    before = n_commits(ref)
+    again = array_stage("statistics").run(ref, StatisticsSpec(top_k=4))
+    assert again.skipped and again.snapshot == result.snapshot and n_commits(ref) == before
+    assert array_stage("statistics").key(ref, StatisticsSpec(enabled=False)) is None
+    assert RunOptions().statistics == StatisticsSpec()
+
+
+def test_nan_activations_fail_and_commit_nothing(tmp_path):
+    data = load_dataset(DatasetSpec(name="colored-digits", max_samples=N))
+    layers, logits = planted(data)
+    layers["embed"][70, 2] = np.nan
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), layers, "nan", logits=logits)
+    before = n_commits(ref)
+    with pytest.raises(ZooauditError, match="'embed' contains NaN or Inf"):
+        run_statistics(ref, StatisticsSpec())
+    assert n_commits(ref) == before
+
+
+def test_fewer_samples_than_classes_fails(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 6
+    logits = rng.normal(size=(n, 10)).astype(np.float32)
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), {"embed": rng.random((n, 4)).astype(np.float32),
+                                                           "head": logits}, "few", dataset="digits", n=n,
+                         logits=logits, chunk=4)
+    before = n_commits(ref)
+    with pytest.raises(ZooauditError, match="at least as many samples as classes; got 6 samples for 10 classes"):
+        run_statistics(ref, StatisticsSpec())
+    assert n_commits(ref) == before
+
+
+def test_unlabelled_dataset_skips_collapse(tmp_path):
+    rng = np.random.default_rng(1)
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), {"pooled": rng.random((40, 5)).astype(np.float32)},
+                         "unlabelled", dataset="digits", n=40, labels=np.zeros(40, np.int64))
+    result = run_statistics(ref, StatisticsSpec(nc_layers=["*"]))
+    assert "unlabelled" in result.summary["notes"]["collapse"] and "collapse" not in result.summary
+    from zarr.errors import GroupNotFoundError
+
+    with pytest.raises(GroupNotFoundError):
+        opened(ref, result, "collapse")
+    with pytest.raises(ZooauditError, match="not a per-sample layer"):
+        nc_layer_names(ref, StatisticsSpec(nc_layers=["nope"]))
