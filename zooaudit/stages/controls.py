@@ -19,6 +19,9 @@ included), each into its own group under its own cache key:
 - ``tokens`` (all-tokens layers): every sample's tokens as the model's tokenizer emits
   them, with character spans → ``<ds>/controls/tokens``. Read by the factorize stage to
   name the top-activating tokens.
+- ``classifier`` (models with class outputs): the weights of the last linear layer producing
+  them, and which stored layer feeds it → ``<ds>/controls/classifier``. Read by the
+  statistics stage for neural collapse NC3.
 
 Controls are stored as float32 (whatever the activations' ``dtype``) and computed
 without autocast: the numbers the analyses saw when they ran the copy themselves.
@@ -51,7 +54,7 @@ from .refs import ControlRef, StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-KINDS = ("random_init", "input_embeddings", "wordsets", "tokens")
+KINDS = ("random_init", "input_embeddings", "wordsets", "tokens", "classifier")
 
 
 def _needs_random_init(plan: ExtractionPlan, spec: RunOptions) -> bool:
@@ -250,3 +253,85 @@ def run_token_text(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
                              metadata=meta)
     return (StageResult("controls/tokens", plan.model_uri, plan.ds_key, key, snap, False, summary),
             ControlRef("tokens", root, key, snap, ()))
+
+
+# -- classifier weights (neural collapse NC3) ------------------------------------------------------
+
+CLASSIFIER_PROBE_SAMPLES = 4   # samples run to find which stored layer feeds the classifier
+
+
+def classifier_key(plan: ExtractionPlan) -> str | None:
+    """Cache key of the classifier weights beside ``plan`` (None: the model has no class outputs)."""
+    if plan.n_outputs is None or not plan.sample_layers:
+        return None
+    return cache_key("controls-classifier", model=plan.model_hash, layers=plan.sample_layers, pooling=plan.pooling)
+
+
+def find_classifier(module, n_outputs: int) -> str | None:
+    """Module path of the classifier: the last ``nn.Linear`` with ``n_outputs`` outputs (None if none)."""
+    import torch
+
+    found = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_outputs]
+    return found[-1] if found else None
+
+
+def classifier_input_layer(module, head: str, plan: ExtractionPlan) -> str | None:
+    """The stored per-sample layer whose activations, as stored (pooled), are exactly the input of
+    the classifier ``head`` on a few samples (None when none is: e.g. a flattened spatial map stored
+    mean-pooled, or the forward stopping before the head)."""
+    seen: list = []
+    handle = dict(module.named_modules())[head].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().float().reshape(args[0].shape[0], -1).cpu().numpy()))
+    try:
+        inputs = shard_dataset(plan).inputs[:CLASSIFIER_PROBE_SAMPLES]
+        acts, _ = forward_batches(module, inputs, plan.sample_layers, pooling=plan.pooling, batch_size=len(inputs),
+                                  device=plan.device, with_outputs=False, strict=False)
+    finally:
+        handle.remove()
+    if not seen:
+        return None
+    x = np.concatenate(seen)
+    for layer in reversed(plan.sample_layers):
+        a = acts.get(layer)
+        if a is not None and np.asarray(a).reshape(len(x), -1).shape == x.shape and \
+                np.array_equal(np.asarray(a, np.float32).reshape(len(x), -1), x.astype(np.float32)):
+            return layer
+    return None
+
+
+def run_classifier(plan: ExtractionPlan, run_id: str | None = None) -> tuple[StageResult, ControlRef] | None:
+    """Store the classifier's weights ``weight (class, unit)`` and ``bias (class,)`` under
+    ``<ds>/controls/classifier`` with the stored layer that feeds it (attrs ``module``,
+    ``input_layer``; empty when no stored layer does), so that the statistics stage computes
+    NC3 (self-duality) without the model. None for models without class outputs, or without a
+    linear layer producing them (an empty product is committed then)."""
+    if (key := classifier_key(plan)) is None:
+        return None
+    root = layout.controls_root(plan.ds_key, "classifier")
+    repository = plan.repository
+    if (snap := repository.find(key)) is not None:
+        result = skipped("controls/classifier", plan, key, snap)
+        return result, ControlRef("classifier", root, key, snap, (), dict(result.summary.get("provenance", {})))
+    module = load_model(plan.model_uri, plan.store).module
+    head = find_classifier(module, plan.n_outputs)
+    if head is None:
+        # committed empty, so that the product exists and a warm rerun is a whole-model cache hit
+        log.info("%s: no linear layer with %d outputs; NC3 will be skipped", plan.model_uri, plan.n_outputs)
+        ds, layer, shape = xr.Dataset(attrs={"module": "", "input_layer": ""}), "", []
+    else:
+        linear = dict(module.named_modules())[head]
+        layer = classifier_input_layer(module, head, plan) or ""
+        weight = linear.weight.detach().double().cpu().numpy()
+        bias = linear.bias.detach().double().cpu().numpy() if linear.bias is not None else np.zeros(len(weight))
+        ds = xr.Dataset({"weight": (("class", "unit"), weight), "bias": ("class", bias)},
+                        attrs={"module": head, "input_layer": layer})
+        shape = list(weight.shape)
+    provenance = {"module": head or "", "input_layer": layer}
+    summary = {"provenance": provenance, "shape": shape}
+    meta = commit_metadata("controls/classifier", key, {}, model=plan.model_uri, model_hash=plan.model_hash,
+                           dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
+                           summary=summary)
+    snap = repository.commit(lambda s: write_dataset(s, ds, root), message=f"classifier weights {plan.model_uri}",
+                             metadata=meta)
+    return (StageResult("controls/classifier", plan.model_uri, plan.ds_key, key, snap, False, summary),
+            ControlRef("classifier", root, key, snap, (layer,) if layer else (), provenance))

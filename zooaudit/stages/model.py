@@ -14,14 +14,24 @@ from collections.abc import Callable
 from ..specs import RunOptions
 from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
 from .common import skipped
-from .controls import control_plans, control_ref, run_token_text, run_wordsets, token_text_key, wordsets_key
+from .controls import (
+    classifier_key,
+    control_plans,
+    control_ref,
+    run_classifier,
+    run_token_text,
+    run_wordsets,
+    token_text_key,
+    wordsets_key,
+)
 from .refs import ActivationsRef, ControlRef, StageResult
 
 
 def unsharded_controls(plan: ExtractionPlan, spec: RunOptions, run_id: str | None = None
                        ) -> list[tuple[StageResult, ControlRef]]:
-    """The small controls computed in one go (word-set embeddings, token text), where they apply."""
-    done = (run_wordsets(plan, spec.bias, run_id), run_token_text(plan, run_id))
+    """The small controls computed in one go (word-set embeddings, token text, classifier
+    weights), where they apply."""
+    done = (run_wordsets(plan, spec.bias, run_id), run_token_text(plan, run_id), run_classifier(plan, run_id))
     return [d for d in done if d is not None]
 
 
@@ -77,7 +87,7 @@ def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[Acti
             return None
         results.append(skipped(cplan.stage, cplan, cplan.cache_key, csnap))
         controls[cplan.stage.split("/", 1)[1]] = control_ref(cplan, results[-1])
-    for key in (wordsets_key(plan, spec.bias), token_text_key(plan)):
+    for key in (wordsets_key(plan, spec.bias), token_text_key(plan), classifier_key(plan)):
         if key is not None and repository.find(key) is None:
             return None
     for done, ref in unsharded_controls(plan, spec):   # all committed: cache hits only

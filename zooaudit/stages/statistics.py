@@ -86,7 +86,7 @@ def _classifier(ref: ActivationsRef):
     if control is None:
         return None
     ds = ref.repository.open(control.group, control.snapshot).load()
-    return ds["weight"].values, ds.attrs.get("input_layer")
+    return (ds["weight"].values, ds.attrs.get("input_layer")) if "weight" in ds else None
 
 
 def _samples(ref: ActivationsRef, session) -> xr.Dataset:
