@@ -246,3 +246,12 @@ def test_nc_bad_input():
     X, y = labelled()
     with pytest.raises(ZooauditError, match="NC3 needs"):
         nc_metrics(scatter(X, y, 4), classifier=np.ones((4, 3)))
+
+
+def test_mostly_zero_layer_has_median_zero_and_infinite_ratio():
+    X = np.zeros((50, 4))
+    X[:10] = 1.0
+    X[3, 2] = 500.0
+    r = streamed(X, top_k=2).result()
+    assert r["median_abs"] == 0.0 == np.median(np.abs(X))
+    assert r["max_to_median"] == np.inf and list(r["top_massive"]) == [True, False]

@@ -187,3 +187,16 @@ def test_unlabelled_dataset_skips_collapse(tmp_path):
         opened(ref, result, "collapse")
     with pytest.raises(ZooauditError, match="not a per-sample layer"):
         nc_layer_names(ref, StatisticsSpec(nc_layers=["nope"]))
+
+
+def test_report_section_renders_from_committed_results(run):
+    from zooaudit.report.statistics import statistics_section
+
+    ref, _, _, _, result = run
+    files: dict = {}
+    html = "".join(statistics_section(lambda g: ref.repository.open(g, result.snapshot).load(), ref, result, "b",
+                                      files))
+    assert "b-statistics-spectrum.png" in files and files["b-statistics-spectrum.png"][:4] == b"\x89PNG"
+    for text in ("dead units", "Massive activations", "effective rank", "NC1", "By colour", "NC1 within red"):
+        assert text in html, text
+    assert "4000" in html   # the planted massive activation is in the table

@@ -20,7 +20,9 @@ active fraction, ``n`` scalars, kept for its quantiles and the per-group figures
   16384 bins, each spanning a relative width ≤ 2⁻⁶). The median is known to lie in
   ``[median_lo, median_hi]`` (the bins of the lower and upper middle order statistics) and is
   reported as their midpoint (relative error < 1.6 %); the flag uses ``median_hi``, so an
-  entry flagged here is flagged under the exact median too. Non-finite entries land in the
+  entry flagged here is flagged under the exact median too. A median in the lowest bin (+0 and
+  denormals below 1.8e-40: a ReLU layer more than half of whose entries are 0) is 0, and the
+  ratio is then ∞ — the paper's two conditions reduce to ``|a| > abs_threshold``. Non-finite entries land in the
   histogram's top bins, which is how they are counted (the stage refuses them).
 - **spectrum** of the centred representation from the streamed covariance (the similarity
   stage's accumulator, :class:`~.sim_stream.JointGram`: float64 moments of block-centred
@@ -206,7 +208,8 @@ class ActivationStats:
             raise self._nonfinite_error()
         frac = self.per_sample_fraction()
         lo, hi = self.median_bounds()
-        median = (lo + hi) / 2
+        # bin 0 holds +0 and the float32 denormals below 1.8e-40: a median there counts as 0
+        median = 0.0 if hi <= _bin_edges(0)[1] else (lo + hi) / 2
         top = self.top_val
         peak = float(top[0]) if len(top) else 0.0
         ratio = np.divide(top, median) if median > 0 else np.where(top > 0, np.inf, np.nan)

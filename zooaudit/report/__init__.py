@@ -23,6 +23,7 @@ from ..keys import cache_key, slug_key
 from ..store import Store
 from .bias import bias_section, shortcut_sweep_section
 from .factorize import factorize_section
+from .statistics import statistics_section
 from .figures import heatmap_png, trend_png
 from .summary import CONTROL_LABELS
 
@@ -134,6 +135,9 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
             if "bias" in res:
                 body.extend(bias_section(lambda g, _s=res["bias"].snapshot, _r=repo: _open(_r, _s, g), plan,
                                          res["bias"], base, files))
+            if "statistics" in res:
+                body.extend(statistics_section(lambda g, _s=res["statistics"].snapshot, _r=repo: _open(_r, _s, g),
+                                               plan, res["statistics"], base, files))
 
     body.extend(shortcut_sweep_section(audits, files))
 

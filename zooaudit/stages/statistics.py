@@ -150,7 +150,7 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
     for name in layers:
         out[layout.statistics_group(ref.ds_key, f"layers/{name}")] = _layer_dataset(name, results[name], ids)
 
-    summary = {"layers": layers, "notes": notes,
+    summary = {"layers": layers, "notes": notes, "groups": attrs,
                **{k: {n: _round(results[n].get(k, np.nan)) for n in layers}
                   for k in ("activation_ratio", "dead_fraction", "always_active_fraction", "max_abs",
                             "max_to_median", "n_massive_units", "effective_rank")}}

@@ -1,0 +1,112 @@
+"""Activation-statistics section of the report: sparsity by layer (with the dead-unit share), the
+massive-activation table, the spectrum and effective rank by layer, and the NC1–NC4 panel —
+all read from what :mod:`zooaudit.stages.statistics` committed (a report only reads)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import xarray as xr
+
+from .. import layout
+from .figures import _png, plt
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    v = float(v)
+    if not np.isfinite(v):
+        return "∞" if v == np.inf else "–"
+    return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v and abs(v) < 1e-3) else f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, str) else _fmt(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def spectrum_png(layers: dict[str, xr.Dataset], summary: xr.Dataset, title: str) -> bytes:
+    """Left: cumulative variance share against the number of components per layer; right:
+    effective rank and participation ratio by layer."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    for name, ds in layers.items():
+        if "eigenvalues" not in ds:
+            continue
+        lam = np.clip(ds["eigenvalues"].values, 0, None)
+        if lam.sum() > 0:
+            a.plot(np.arange(1, len(lam) + 1), np.cumsum(lam) / lam.sum(), label=name)
+    a.set_xscale("log")
+    a.set_xlabel("components")
+    a.set_ylabel("cumulative variance share", fontsize=8)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    names = [str(n) for n in summary["layer"].values]
+    b.plot(names, summary["effective_rank"].values, marker="o", label="effective rank (Roy & Vetterli)")
+    b.plot(names, summary["participation_ratio"].values, marker="s", label="participation ratio")
+    b.set_ylabel("dimensions", fontsize=8)
+    b.tick_params(axis="x", labelsize=7, rotation=30)
+    b.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def statistics_section(open_group, plan, result, base: str, files: dict) -> list[str]:
+    """HTML for one model's statistics stage on one dataset. ``open_group(group) -> Dataset``
+    at the stage's snapshot; ``files`` receives the figures."""
+    s = open_group(layout.statistics_group(plan.ds_key, "summary"))
+    names = [str(n) for n in s["layer"].values]
+    layers = {n: open_group(layout.statistics_group(plan.ds_key, f"layers/{n}")) for n in names}
+    out = [f"<h4>Activation statistics (|a| &gt; {_fmt(s.attrs.get('eps'))} counts as active; "
+           f"n={s.attrs.get('n')})</h4>"]
+    out.append(_table(["layer", "units", "activation ratio", "per-sample p10", "median", "p90", "dead units",
+                       "always active"],
+                      [[n, str(int(s["n_units"].sel(layer=n))), *(s[v].sel(layer=n).item() for v in (
+                          "activation_ratio", "sample_fraction_p10", "sample_fraction_median", "sample_fraction_p90",
+                          "dead_fraction", "always_active_fraction"))] for n in names]))
+    rows = []
+    for n in names:
+        ds = layers[n]
+        for r in range(min(3, ds.sizes["rank"])):
+            rows.append([n, ds["top_value"].values[r], ds["top_ratio"].values[r], str(int(ds["top_sample"].values[r])),
+                         str(int(ds["top_unit"].values[r])), bool(ds["top_massive"].values[r])])
+    out.append(f"<h4>Massive activations (Sun et al. 2024: |a| &gt; {_fmt(s.attrs.get('massive_abs_threshold'))} "
+               f"and &gt; {_fmt(s.attrs.get('massive_ratio_threshold'))} × the layer's median |a|)</h4>"
+               + _table(["layer", "|a|", "× median", "sample", "unit", "massive"], rows))
+    name = f"{base}-statistics-spectrum.png"
+    files[name] = spectrum_png(layers, s, f"spectrum by layer — {plan.model_uri}")
+    out.append(f"<img src='{name}'>")
+    out.append(_table(["layer", "effective rank", "participation ratio", "stable rank", "top-1 share", "top-10 share"],
+                      [[n, *(s[v].sel(layer=n).item() for v in ("effective_rank", "participation_ratio",
+                                                                "stable_rank", "variance_top_1", "variance_top_10"))]
+                       for n in names]))
+    collapse = (result.summary or {}).get("collapse")
+    if collapse:
+        c = open_group(layout.statistics_group(plan.ds_key, "collapse"))
+        out.append("<h4>Neural collapse (Papyan et al. 2020; NC1–NC3 → 0 and NC4 → 1 under collapse)</h4>" + _table(
+            ["layer", "NC1 tr(Σ_W Σ_B⁺)/C", "NC2 equinorm CV", "NC2 equiangular", "NC3 self-duality",
+             "NC4 NCC agreement"],
+            [[str(n), *(c[v].sel(nc_layer=n).item() for v in ("nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4"))]
+             for n in c["nc_layer"].values]))
+    for attr in (result.summary or {}).get("groups", []):
+        g = open_group(layout.statistics_group(plan.ds_key, f"groups/{attr}"))
+        groups = [str(x) for x in g["group"].values]
+        header = ["layer"] + [f"{v} ({x}, n={int(c)})" for v in ("activation ratio", "dead units")
+                              for x, c in zip(groups, g["count"].values)]
+        rows = [[n, *g["activation_ratio"].sel(layer=n).values, *g["dead_fraction"].sel(layer=n).values]
+                for n in names]
+        out.append(f"<h4>By {html.escape(attr)}: does a group get a different representation?</h4>"
+                   + _table(header, rows))
+        if "nc1" in g:
+            out.append(_table(["NC layer"] + [f"NC1 within {x}" for x in groups],
+                              [[str(n), *g["nc1"].sel(nc_layer=n).values] for n in g["nc_layer"].values]))
+    notes = (result.summary or {}).get("notes") or {}
+    if notes:
+        out.append("<p><small>" + "<br>".join(html.escape(f"{k}: {v}") for k, v in notes.items()) + "</small></p>")
+    return out
