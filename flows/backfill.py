@@ -230,7 +230,8 @@ def _trends(spec: BackfillSpec, all_plans: dict[str, tuple], run_id) -> list:
             if len(refs) < 2:
                 continue
             ordered = sorted(refs, key=lambda p: (isinstance(p.revision, str), p.revision))   # stable
-            out.append(checkpoint_trend(ordered, spec.audit.factorize, spec.audit.bias, run_id, family))
+            out.append(checkpoint_trend(ordered, spec.audit.factorize, spec.audit.bias, run_id, family,
+                                        spec.audit.statistics))
     return out
 
 

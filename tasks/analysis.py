@@ -22,8 +22,8 @@ def zoo_stage(name, refs, spec, options=None, run_id=None):
 
 
 @task(name="checkpoint-trend", cache_policy=NO_CACHE)
-def checkpoint_trend(refs, fspec, bspec, run_id=None, family=None):
-    return stages.run_checkpoint_trend(refs, fspec, bspec, run_id, family)
+def checkpoint_trend(refs, fspec, bspec, run_id=None, family=None, stats=None):
+    return stages.run_checkpoint_trend(refs, fspec, bspec, run_id, family, stats)
 
 
 @task(name="model-refs", cache_policy=NO_CACHE)

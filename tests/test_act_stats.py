@@ -255,3 +255,16 @@ def test_mostly_zero_layer_has_median_zero_and_infinite_ratio():
     r = streamed(X, top_k=2).result()
     assert r["median_abs"] == 0.0 == np.median(np.abs(X))
     assert r["max_to_median"] == np.inf and list(r["top_massive"]) == [True, False]
+
+
+def test_torch_covariance_backend_equals_numpy():
+    import torch
+
+    X = relu_data(seed=12) + 10.0
+    a = streamed(X, block=50).result()
+    acc = ActivationStats(X.shape[1], device=torch.device("cpu"))
+    for s in range(0, len(X), 50):
+        acc.update(X[s:s + 50], s)
+    b = acc.result()
+    np.testing.assert_allclose(b["eigenvalues"], a["eigenvalues"], rtol=1e-10, atol=1e-12)
+    assert b["effective_rank"] == pytest.approx(a["effective_rank"], rel=1e-10)

@@ -55,3 +55,21 @@ def test_nc1_falls_as_training_goes_on(checkpoints):
     assert nc1[0] > nc1[1] > nc1[2], nc1
     nc3 = [checkpoints[e][2].summary["collapse"]["nc3"]["embed"] for e in EPOCHS]
     assert nc3[-1] < nc3[0], nc3   # classifier and class means align with training
+
+
+def test_checkpoint_trend_carries_the_statistics(checkpoints):
+    from zooaudit.specs import BiasSpec, FactorizeSpec
+
+    fspec = FactorizeSpec(k=4, methods=["pca"], seeds=[0])
+    refs = [checkpoints[e][0] for e in EPOCHS]
+    for ref in refs:
+        stages.run_factorize(ref, fspec)
+    res = stages.run_checkpoint_trend(refs, fspec, BiasSpec(), family="builtin:mlp-w32-s0", stats=StatisticsSpec())
+    nc1 = res.summary["nc1"]["embed"]
+    assert nc1 == [checkpoints[e][2].summary["collapse"]["nc1"]["embed"] for e in EPOCHS]
+    assert nc1[0] > nc1[1] > nc1[2]
+    assert set(res.summary["dead_fraction"]) == set(refs[0].layers)
+    assert set(res.summary["massive_first_epoch"]) == set(refs[0].layers)
+    # without the statistics spec the trend and its cache key are what they were
+    plain = stages.run_checkpoint_trend(refs, fspec, BiasSpec(), family="builtin:mlp-w32-s0")
+    assert plain.cache_key != res.cache_key and "nc1" not in plain.summary

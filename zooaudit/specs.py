@@ -190,8 +190,8 @@ class StatisticsSpec(BaseModel):
                                          "|a| above this …")
     massive_ratio_threshold: float = Field(1000.0, gt=0.0, description="… and above this many times the "
                                            "layer's median |a|.")
-    max_spectrum_width: int = Field(4096, ge=1, description="Layers wider than this (flattened units) get no "
-                                    "spectrum (a p×p covariance); the reason is recorded.")
+    max_spectrum_width: int = Field(4096, ge=0, description="Layers wider than this (flattened units) get no "
+                                    "spectrum (a p×p covariance); the reason is recorded. 0 = no spectrum.")
     nc_layers: list[str] = Field(["penultimate"], description="Layers whose neural collapse (NC1–NC4) is computed "
                                  "on labelled datasets: names, 'penultimate' (the last per-sample layer before "
                                  "the output layer) or '*' (every per-sample layer); empty = none.")

@@ -41,6 +41,7 @@ HIST_SHIFT = 17                      # float32 bits >> 17: sign dropped → 8 ex
 HIST_BINS = 1 << (31 - HIST_SHIFT)   # 16384
 NONFINITE_BIN = 0x7F800000 >> HIST_SHIFT   # +Inf and NaN patterns start here
 TOP_COMPONENTS = (1, 10, 100)
+SUB_BLOCK = 1 << 18                  # entries per sub-block of the element-wise statistics
 
 
 def _bin_edges(b: int) -> tuple[float, float]:
@@ -92,13 +93,15 @@ class ActivationStats:
         width: ``p``, units per sample. eps: activity threshold (``|a| > eps``).
         top_k: how many of the largest ``|a|`` to keep with their positions.
         spectrum: also accumulate the covariance (``O(p²)`` memory).
+        device: a torch device for the covariance GEMMs (:class:`~.sim_torch.TorchJointGram`, a GPU);
+            None = NumPy on the CPU.
         groups: ``{attribute: number of codes}``; with per-row codes passed to :meth:`update`,
             per-group unit activity counts ``(codes, p)`` of each attribute.
     Call :meth:`update` on consecutive row blocks, then :meth:`result`.
     """
 
     def __init__(self, width: int, *, eps: float = 0.0, top_k: int = 16, spectrum: bool = True,
-                 groups: dict[str, int] | None = None, name: str = "layer"):
+                 groups: dict[str, int] | None = None, name: str = "layer", device=None):
         if eps < 0:
             raise ZooauditError(f"eps must be ≥ 0 (|a| > eps counts as active); got {eps}.")
         self.p, self.eps, self.top_k, self.name = int(width), float(eps), int(top_k), name
@@ -115,6 +118,7 @@ class ActivationStats:
         self.group_n = {a: np.zeros(g, np.int64) for a, g in self.groups.items()}
         self.gram: JointGram | None = None
         self.spectrum = spectrum
+        self.device = device
 
     def update(self, block: np.ndarray, start: int, groups: dict[str, np.ndarray] | None = None) -> ActivationStats:
         """Add rows ``[start, start + b)``: ``block (b, p)`` (float32 or float64); ``groups``:
@@ -123,39 +127,58 @@ class ActivationStats:
         b = block.shape[0]
         if b == 0:
             return self
-        # |a| in the block's own precision (float16 widened); the histogram bins its float32 rounding
-        mag = np.abs(block if block.dtype in (np.float32, np.float64) else block.astype(np.float32))
-        bits = (mag if mag.dtype == np.float32 else mag.astype(np.float32)).view(np.uint32)
-        active = mag > self.eps
-        self.unit_active += active.sum(axis=0)
-        self.sample_fraction.append(active.sum(axis=1) / self.p)
-        for attr, codes in (groups or {}).items():
-            g = np.asarray(codes, np.int64)
-            for code in range(self.groups[attr]):
-                rows = g == code
-                self.group_unit_active[attr][code] += active[rows].sum(axis=0)
-                self.group_n[attr][code] += int(rows.sum())
-        # non-finite patterns sort above every finite value, so max and the top-k stay defined
-        np.maximum(self.unit_max, np.nan_to_num(mag.max(axis=0), nan=np.inf), out=self.unit_max)
-        hist = np.bincount((bits >> HIST_SHIFT).ravel(), minlength=HIST_BINS)
-        self.hist += hist
-        if hist[NONFINITE_BIN:].any():   # refused here, before the covariance sees it
-            raise self._nonfinite_error()
-        self._update_top(mag, start)
+        # The element-wise statistics go over sub-blocks of ~SUB_BLOCK entries, whose temporaries
+        # (|a|, activity, histogram bins) stay in cache: ~1.5x faster than whole 128 MB blocks.
+        step = max(1, SUB_BLOCK // self.p)
+        for lo in range(0, b, step):
+            hi = min(b, lo + step)
+            codes = {a: np.asarray(c[lo:hi], np.int64) for a, c in (groups or {}).items()}
+            self._elementwise(block[lo:hi], start + lo, codes)
         if self.spectrum:
             if self.gram is None:
-                dt = np.float32 if block.dtype in (np.float32, np.float16) and self.p >= 256 else np.float64
-                self.gram = JointGram([self.p], dtype=dt, names=[self.name])
+                self.gram = self._new_gram(block.dtype)
             self.gram.update([block], start)
         self.n += b
         return self
 
-    def _update_top(self, mag: np.ndarray, start: int) -> None:
+    def _elementwise(self, block: np.ndarray, start: int, groups: dict[str, np.ndarray]) -> None:
+        # |a| in the block's own precision (float16 widened); the histogram bins its float32 rounding
+        mag = np.abs(block if block.dtype in (np.float32, np.float64) else block.astype(np.float32))
+        bits = (mag if mag.dtype == np.float32 else mag.astype(np.float32)).view(np.uint32)
+        hist = np.bincount((bits >> HIST_SHIFT).ravel(), minlength=HIST_BINS)
+        self.hist += hist
+        if hist[NONFINITE_BIN:].any():   # refused here, before the covariance sees it
+            raise self._nonfinite_error()
+        active = mag > self.eps
+        self.unit_active += np.count_nonzero(active, axis=0)
+        self.sample_fraction.append(np.count_nonzero(active, axis=1) / self.p)
+        for attr, g in groups.items():
+            for code in range(self.groups[attr]):
+                rows = g == code
+                self.group_unit_active[attr][code] += np.count_nonzero(active[rows], axis=0)
+                self.group_n[attr][code] += int(rows.sum())
+        col_max = mag.max(axis=0)
+        np.maximum(self.unit_max, col_max, out=self.unit_max)
+        self._update_top(mag, col_max, start)
+
+    def _new_gram(self, dtype) -> JointGram:
+        # float32 GEMMs for wide float32 layers (as the similarity stage: ~1e-7 relative), else float64
+        dt = np.float32 if dtype in (np.float32, np.float16) and self.p >= 256 else np.float64
+        if self.device is None:
+            return JointGram([self.p], dtype=dt, names=[self.name])
+        from .sim_torch import TorchJointGram
+
+        return TorchJointGram([self.p], device=self.device, dtype=dt, names=[self.name])
+
+    def _update_top(self, mag: np.ndarray, col_max: np.ndarray, start: int) -> None:
         k = self.top_k
         if k == 0:
             return
-        # only entries above the current k-th best can enter: usually a handful per block
+        # Only entries at or above a bound on the k-th largest can enter: the current k-th best,
+        # or the k-th largest column maximum (k distinct entries of this block) — a handful per block.
         thr = self.top_val[-1] if len(self.top_val) >= k else -1.0
+        if len(col_max) >= k:
+            thr = max(thr, float(np.partition(col_max, len(col_max) - k)[len(col_max) - k]))
         flat = mag.ravel()
         cand = np.flatnonzero(flat >= thr) if thr >= 0 else np.arange(flat.size)
         if len(cand) > k:   # the k largest, and every entry tied with the k-th (ties go by position)

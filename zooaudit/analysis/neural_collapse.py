@@ -57,8 +57,8 @@ class ClassScatter:
         if y.min() < 0 or y.max() >= self.C:
             raise ZooauditError(f"Labels of layer {self.name!r} must lie in [0, {self.C}); got {y.min()}…{y.max()}.")
         b_c = np.bincount(y, minlength=self.C)
-        sums = np.zeros((self.C, self.p))
-        np.add.at(sums, y, x)
+        # (C, p) class sums as one GEMM, written xᵀ·onehot: OpenBLAS is ~10× slower on the (C, b)·(b, p) form
+        sums = (x.T @ (y[:, None] == np.arange(self.C)[None, :]).astype(np.float64)).T
         present = b_c > 0
         m_b = np.zeros_like(sums)
         m_b[present] = sums[present] / b_c[present, None]

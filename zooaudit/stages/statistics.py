@@ -26,7 +26,9 @@ all-tokens layers are left out (no row per sample). Layers wider than
 ``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
 layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
 unlabelled text set stores zeros) it is skipped and the reason recorded. NC4 needs the final
-class means: it reads the NC layers a second time. NumPy on the CPU (no torch path yet).
+class means: it reads the NC layers a second time. The covariance GEMMs run with torch on the
+run's GPU when it has one (:class:`~zooaudit.analysis.sim_torch.TorchJointGram`, as the
+similarity stage's moments); everything else is NumPy on the CPU.
 
 Bad input — NaN/±Inf activations, an NC layer with fewer samples than classes — raises
 :class:`~zooaudit.errors.ZooauditError` before anything is committed.
@@ -41,6 +43,7 @@ from .. import layout
 from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats
 from ..analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agreement
 from ..analysis.sim_stream import block_rows, iter_row_blocks
+from ..devices import moments_device
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..specs import StatisticsSpec
@@ -112,8 +115,10 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                              "neural collapse needs at least two classes")
         nc_names = []
     n_classes = max(int(labels.max()) + 1, ref.n_outputs or 0) if len(labels) else 0
+    device = moments_device(ref.device)   # the covariance GEMMs on the run's GPU, when it has one
     acc = {name: ActivationStats(_width(ref, name), eps=spec.eps, top_k=spec.top_k, name=name, groups=n_codes,
-                                 spectrum=_width(ref, name) <= spec.max_spectrum_width) for name in layers}
+                                 spectrum=_width(ref, name) <= spec.max_spectrum_width, device=device)
+           for name in layers}
     for name in layers:
         if _width(ref, name) > spec.max_spectrum_width:
             notes[f"{name}/spectrum"] = (f"skipped: {_width(ref, name)} units > max_spectrum_width "

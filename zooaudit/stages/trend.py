@@ -5,7 +5,11 @@
     ``cka (checkpoint, layer)``                linear CKA of each layer to the *final* checkpoint's
                                                same layer, on the same samples;
     ``explained_variance (checkpoint, layer)`` PCA explained variance at the spec's fixed ``k``;
-    ``worst_group_accuracy (checkpoint, attribute)`` on datasets with group attributes.
+    ``worst_group_accuracy (checkpoint, attribute)`` on datasets with group attributes;
+  with a :class:`~zooaudit.specs.StatisticsSpec` (the statistics stage committed per checkpoint):
+    ``dead_fraction``, ``effective_rank``, ``max_to_median`` ``(checkpoint, layer)``,
+    ``massive_first_epoch (layer)`` (the first checkpoint with a massive activation, "" if none),
+    ``nc1``, ``nc4`` ``(checkpoint, nc_layer)`` on labelled datasets.
   Committed (cache-keyed: a rerun commits nothing) to the zoo repository under
   ``<ds>/trend/<family>``; :mod:`zooaudit.report.trend` plots it (reports only read).
 - **Drift to the previous version** (used by the nightly regression alert): per layer, the
@@ -27,7 +31,7 @@ from .. import layout
 from ..analysis.similarity import linear_cka
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
-from ..specs import BiasSpec, FactorizeSpec
+from ..specs import BiasSpec, FactorizeSpec, StatisticsSpec
 from ..store import Repository, commit_metadata, write_dataset
 from .refs import ActivationsRef, StageResult
 
@@ -50,8 +54,40 @@ def _stage_summary(repository: Repository, key: str, what: str, model: str) -> d
     return repository.summary(snap)
 
 
+def _statistics_trend(plans: list[ActivationsRef], layers: list[str], stats: StatisticsSpec) -> tuple[dict, dict]:
+    """``(coords, data)`` of the statistics-stage trends (see the module docstring)."""
+    from .statistics import statistics_key
+
+    per = []
+    for p in plans:
+        key = statistics_key(p, stats)
+        per.append({} if key is None else _stage_summary(p.repository, key, "activation statistics", p.model_uri))
+    data = {}
+    for var in ("dead_fraction", "effective_rank", "max_to_median"):
+        data[var] = (("checkpoint", "layer"), np.array(
+            [[_num(s.get(var, {}).get(l)) for l in layers] for s in per]).reshape(len(plans), len(layers)))
+    first = []
+    for l in layers:
+        hits = [str(p.revision) for p, s in zip(plans, per) if (s.get("n_massive_units", {}).get(l) or 0) > 0]
+        first.append(hits[0] if hits else "")
+    data["massive_first_epoch"] = ("layer", np.array(first, dtype=object))
+    nc_layers = [l for l in (per[-1].get("collapse", {}).get("nc1") or {}) if all(
+        l in (s.get("collapse", {}).get("nc1") or {}) for s in per)]
+    coords = {}
+    if nc_layers:
+        coords["nc_layer"] = nc_layers
+        for var in ("nc1", "nc4"):
+            data[var] = (("checkpoint", "nc_layer"), np.array(
+                [[_num(s["collapse"].get(var, {}).get(l)) for l in nc_layers] for s in per]))
+    return coords, data
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else np.nan
+
+
 def checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspec: BiasSpec,
-                     family: str | None = None) -> xr.Dataset:
+                     family: str | None = None, stats: StatisticsSpec | None = None) -> xr.Dataset:
     """The trend of one family on one dataset.
 
     ``plans``: the family's checkpoints on the dataset, sorted oldest → newest (the
@@ -88,29 +124,41 @@ def checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspec: B
         data["worst_group_accuracy"] = (("checkpoint", "attribute"), np.array(
             [[float(s.get(a, {}).get("worst_group_accuracy", np.nan)) for a in attrs] for s in per]).reshape(
                 len(plans), len(attrs)))
+    if stats is not None and stats.enabled:
+        more_coords, more = _statistics_trend(plans, layers, stats)
+        coords.update(more_coords)
+        data.update(more)
     return xr.Dataset(data, coords=coords, attrs={
         "family": family or final.family, "reference": final.model_uri, "dataset": final.ds_key, "k": fspec.k,
         "metric": "linear_cka"})
 
 
 def run_checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspec: BiasSpec,
-                         run_id: str | None = None, family: str | None = None) -> StageResult:
+                         run_id: str | None = None, family: str | None = None,
+                         stats: StatisticsSpec | None = None) -> StageResult:
     """Compute one family's trend on one dataset and commit it to the zoo repository (skipped when
-    the same checkpoints and parameters were committed before)."""
+    the same checkpoints and parameters were committed before). ``stats``: also the trends of the
+    statistics stage (it must be committed for every checkpoint)."""
     final = plans[-1]
     family = family or final.family
+    with_stats = {"statistics": stats.model_dump()} if stats is not None and stats.enabled else {}
     key = cache_key("checkpoint-trend", checkpoints=[(p.model_uri, p.cache_key) for p in plans],
-                    factorize=fspec.model_dump(), bias=bspec.model_dump())
+                    factorize=fspec.model_dump(), bias=bspec.model_dump(), **with_stats)
     repository = Repository.zoo(final.store)
     if (snap := repository.find(key)) is not None:
         return StageResult("checkpoint-trend", family, final.ds_key, key, snap, True, repository.summary(snap))
-    ds = checkpoint_trend(plans, fspec, bspec, family)
+    ds = checkpoint_trend(plans, fspec, bspec, family, stats)
     group = trend_group(final.ds_key, family)
     summary = {"group": group, "family": family, "checkpoints": ds["checkpoint"].values.tolist(),
                "cka": _rounded(ds["cka"]), "explained_variance": _rounded(ds["explained_variance"])}
-    if "worst_group_accuracy" in ds:
-        summary["worst_group_accuracy"] = _rounded(ds["worst_group_accuracy"])
-    meta = commit_metadata("checkpoint-trend", key, {"factorize": fspec.model_dump(), "bias": bspec.model_dump()},
+    for var in ("worst_group_accuracy", "dead_fraction", "effective_rank", "nc1", "nc4"):
+        if var in ds:
+            summary[var] = _rounded(ds[var])
+    if "massive_first_epoch" in ds:
+        summary["massive_first_epoch"] = dict(zip(ds["layer"].values.tolist(),
+                                                  ds["massive_first_epoch"].values.tolist()))
+    meta = commit_metadata("checkpoint-trend", key, {"factorize": fspec.model_dump(), "bias": bspec.model_dump(),
+                                                     **with_stats},
                            dataset=final.dataset_meta, models=[p.model_uri for p in plans], flow_run_id=run_id,
                            summary=summary)
     snap = repository.commit(lambda s: write_dataset(s, ds, group),
