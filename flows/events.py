@@ -7,6 +7,9 @@ Event ``zooaudit.audit.regression``, one per (model, metric), emitted by ``audit
 - a layer's linear CKA between the model's new activations and the ones committed before
   them (the previous night's) falls below ``1 − spec.cka_drop_threshold``, metric
   ``cka_to_previous:<layer>``.
+- the statistics stage finds a layer's dead-unit fraction up, or its effective rank or NC1
+  moved, beyond ``StatisticsSpec``'s thresholds since the previous audit
+  (``zooaudit.stages.statistics.regressions``), metric ``statistics:<statistic>:<layer>``.
 
 Resource: ``zooaudit.model.<model key>`` with labels ``zooaudit.model`` (the URI),
 ``zooaudit.metric``, ``zooaudit.dataset`` and ``zooaudit.store``; the payload holds the numbers. Stages that
@@ -45,6 +48,13 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
                                                   "p_adjusted": info["disparities"][metric]["p_adjusted"],
                                                   "previous_snapshot": info.get("previous_snapshot"),
                                                   "snapshot": r.snapshot}})
+            elif r.stage == "statistics":
+                for reg in (r.summary or {}).get("regressions") or []:
+                    found.append({"model": audit.model, "dataset": r.dataset,
+                                  "metric": f"statistics:{reg['metric']}:{reg['layer']}",
+                                  "payload": {"kind": "statistics", **reg,
+                                              "previous_snapshot": r.summary.get("previous_snapshot"),
+                                              "snapshot": r.snapshot}})
             elif r.stage == "activations" and r.dataset in refs:
                 drift = drift_to_previous(refs[r.dataset], r.snapshot)
                 if drift is None:

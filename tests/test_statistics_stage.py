@@ -23,7 +23,7 @@ N, P = 120, 10
 
 
 def commit_acts(store_url, layers: dict, key: str, dataset="colored-digits", n=N, logits=None, labels=None,
-                chunk=32):
+                chunk=32, version=""):
     spec = DatasetSpec(name=dataset, max_samples=n)
     data = load_dataset(spec)
     if labels is not None:
@@ -38,11 +38,12 @@ def commit_acts(store_url, layers: dict, key: str, dataset="colored-digits", n=N
             layout.write_shard(session.store, data.key, s, {k: v[s:s + chunk] for k, v in layers.items()},
                                None if logits is None else logits[s:s + chunk])
 
+    acts_key = f"acts-{key}{version}"
     snap = store.model_repository(f"test-{key}").commit(write, message="activations",
-                                                        metadata=commit_metadata("activations", f"acts-{key}", {}))
+                                                        metadata=commit_metadata("activations", acts_key, {}))
     ref = ActivationsRef(store=store.url, model_uri=f"test:{key}", model_key=f"test-{key}", model_hash="0",
                          dataset=spec, ds_key=data.key, ds_hash=data.content_hash, snapshot=snap,
-                         cache_key=f"acts-{key}", layers=list(layers), shapes=shapes, pooling="mean", n_samples=n,
+                         cache_key=acts_key, layers=list(layers), shapes=shapes, pooling="mean", n_samples=n,
                          n_outputs=n_out, has_groups=bool(data.groups))
     return ref, data
 
@@ -200,3 +201,31 @@ def test_report_section_renders_from_committed_results(run):
     for text in ("dead units", "Massive activations", "effective rank", "NC1", "By colour", "NC1 within red"):
         assert text in html, text
     assert "4000" in html   # the planted massive activation is in the table
+
+
+def test_regression_when_dead_units_rise(tmp_path):
+    from zooaudit_flows.audit_model import ModelAudit
+    from zooaudit_flows.events import find_regressions
+
+    url = "file://" + str(tmp_path / "s")
+    data = load_dataset(DatasetSpec(name="colored-digits", max_samples=N))
+    layers, logits = planted(data)
+    ref1, _ = commit_acts(url, layers, "reg", logits=logits, version="1")
+    first = run_statistics(ref1, StatisticsSpec())
+    assert first.summary["regressions"] == [] and first.summary["previous_snapshot"] is None
+    layers["embed"][:, [0, 2, 3]] = 0.0                        # 2 → 5 dead units of 10
+    ref2, _ = commit_acts(url, layers, "reg", logits=logits, version="2")
+    second = run_statistics(ref2, StatisticsSpec())
+    assert second.summary["previous_snapshot"] == first.snapshot
+    dead = [r for r in second.summary["regressions"] if r["metric"] == "dead_fraction"]
+    assert dead == [{"metric": "dead_fraction", "layer": "embed", "previous": 0.2, "current": 0.5}]
+    assert not [r for r in second.summary["regressions"] if r["layer"] == "act1"]   # act1 unchanged
+    events = find_regressions.fn([ModelAudit("test:reg", [ref2], [second])], 0.1)
+    assert {"model": "test:reg", "dataset": ref2.ds_key, "metric": "statistics:dead_fraction:embed"} == \
+        {k: events[0][k] for k in ("model", "dataset", "metric")}
+    assert events[0]["payload"]["previous_snapshot"] == first.snapshot
+    # a looser threshold: no dead-unit alert
+    from zooaudit.stages.statistics import regressions
+
+    looser = regressions(second.summary, first.summary, StatisticsSpec(regression_dead_increase=0.5))
+    assert not [r for r in looser if r["metric"] == "dead_fraction"]

@@ -195,6 +195,12 @@ class StatisticsSpec(BaseModel):
     nc_layers: list[str] = Field(["penultimate"], description="Layers whose neural collapse (NC1–NC4) is computed "
                                  "on labelled datasets: names, 'penultimate' (the last per-sample layer before "
                                  "the output layer) or '*' (every per-sample layer); empty = none.")
+    regression_dead_increase: float = Field(
+        0.05, ge=0.0, le=1.0, description="Regression alert: a layer's dead-unit fraction up by more than this "
+        "(absolute) since the previous statistics audit of the model on the dataset.")
+    regression_relative_change: float = Field(
+        0.25, gt=0.0, description="Regression alert: a layer's effective rank, or an NC layer's NC1, moved by more "
+        "than this fraction of its previous value.")
 
 
 class RunOptions(BaseModel):

@@ -30,11 +30,17 @@ class means: it reads the NC layers a second time. The covariance GEMMs run with
 run's GPU when it has one (:class:`~zooaudit.analysis.sim_torch.TorchJointGram`, as the
 similarity stage's moments); everything else is NumPy on the CPU.
 
+Regression (the nightly alert's two triggers): the summary's ``regressions`` lists the layers whose
+dead-unit fraction rose, or whose effective rank or NC1 moved, beyond the spec's thresholds since
+the previous statistics commit of this model on this dataset (``previous_snapshot``).
+
 Bad input — NaN/±Inf activations, an NC layer with fewer samples than classes — raises
 :class:`~zooaudit.errors.ZooauditError` before anything is committed.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import xarray as xr
@@ -55,6 +61,8 @@ SCALARS = ("activation_ratio", "sample_fraction_median", "sample_fraction_p10", 
            "dead_fraction", "always_active_fraction", "median_abs", "median_abs_lo", "median_abs_hi", "max_abs",
            "max_to_median", "n_massive_units", "effective_rank", "participation_ratio", "stable_rank",
            *(f"variance_top_{k}" for k in TOP_COMPONENTS))
+log = logging.getLogger("zooaudit.stages")
+
 NC_SCALARS = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "n_classes")
 
 
@@ -253,6 +261,37 @@ def _collapse(ref, session, nc: dict, nc_groups: dict, matrices: dict, attrs: li
     return ds, group_nc1
 
 
+def previous_summary(ref: ActivationsRef, current_key: str) -> tuple[str, dict] | None:
+    """``(snapshot, summary)`` of the most recent earlier statistics commit of this model on this
+    dataset (another cache key: earlier activations or parameters), or None."""
+    for info in ref.repository.ancestry():
+        meta = info.metadata or {}
+        if meta.get("stage") == "statistics" and meta.get("cache_key") != current_key and \
+                meta.get("dataset") == ref.dataset_meta:
+            return info.id, dict(meta.get("summary") or {})
+    return None
+
+
+def regressions(current: dict, previous: dict, spec: StatisticsSpec) -> list[dict]:
+    """The statistics that moved beyond the spec's thresholds since ``previous`` (summaries):
+    a layer's dead-unit fraction up by more than ``regression_dead_increase`` (absolute), a
+    layer's effective rank or an NC layer's NC1 changed by more than
+    ``regression_relative_change`` of its previous value (either way)."""
+    found = []
+    for layer, now in (current.get("dead_fraction") or {}).items():
+        before = (previous.get("dead_fraction") or {}).get(layer)
+        if now is not None and before is not None and now - before > spec.regression_dead_increase:
+            found.append({"metric": "dead_fraction", "layer": layer, "previous": before, "current": now})
+    pairs = [("effective_rank", current.get("effective_rank") or {}, previous.get("effective_rank") or {}),
+             ("nc1", (current.get("collapse") or {}).get("nc1") or {}, (previous.get("collapse") or {}).get("nc1") or {})]
+    for metric, now_all, before_all in pairs:
+        for layer, now in now_all.items():
+            before = before_all.get(layer)
+            if now is not None and before and abs(now - before) > spec.regression_relative_change * abs(before):
+                found.append({"metric": metric, "layer": layer, "previous": before, "current": now})
+    return found
+
+
 def statistics_key(target, spec: StatisticsSpec) -> str | None:
     """Cache key of the statistics stage of ``target`` (plan or reference); None when disabled or
     when ``target`` has no per-sample layer."""
@@ -270,6 +309,12 @@ def run_statistics(ref: ActivationsRef, spec: StatisticsSpec, run_id: str | None
     if (snap := ref.repository.find(key)) is not None:
         return skipped("statistics", ref, key, snap)
     results, summary = statistics(ref, spec)
+    prev = previous_summary(ref, key)
+    summary["previous_snapshot"] = prev[0] if prev else None
+    summary["regressions"] = regressions(summary, prev[1], spec) if prev else []
+    if summary["regressions"]:
+        log.warning("%s on %s: activation statistics moved since the previous audit: %s", ref.model_uri, ref.ds_key,
+                    ", ".join(f"{r['metric']}:{r['layer']}" for r in summary["regressions"]))
 
     def write(s):
         for group, ds in results.items():
