@@ -70,6 +70,14 @@ def test_checkpoint_trend_carries_the_statistics(checkpoints):
     assert nc1[0] > nc1[1] > nc1[2]
     assert set(res.summary["dead_fraction"]) == set(refs[0].layers)
     assert set(res.summary["massive_first_epoch"]) == set(refs[0].layers)
+    from zooaudit.report.statistics import statistics_trend_section
+    from zooaudit.stages.trend import trend_group
+    from zooaudit.store import Repository
+
+    ds = Repository.zoo(refs[0].store).open(trend_group(refs[0].ds_key, "builtin:mlp-w32-s0"), res.snapshot).load()
+    files: dict = {}
+    html = "".join(statistics_trend_section(ds, "t", files))
+    assert files["t-statistics.png"][:4] == b"\x89PNG" and "first checkpoint with a massive activation" in html
     # without the statistics spec the trend and its cache key are what they were
     plain = stages.run_checkpoint_trend(refs, fspec, BiasSpec(), family="builtin:mlp-w32-s0")
     assert plain.cache_key != res.cache_key and "nc1" not in plain.summary

@@ -110,3 +110,32 @@ def statistics_section(open_group, plan, result, base: str, files: dict) -> list
     if notes:
         out.append("<p><small>" + "<br>".join(html.escape(f"{k}: {v}") for k, v in notes.items()) + "</small></p>")
     return out
+
+
+def statistics_trend_section(ds: xr.Dataset, base: str, files: dict) -> list[str]:
+    """The statistics panels of a checkpoint trend (:func:`zooaudit.stages.trend.checkpoint_trend`
+    with a statistics spec): NC1, dead-unit fraction and effective rank against the checkpoint,
+    and the first checkpoint with a massive activation per layer. Nothing when the trend has none."""
+    panels = [(v, col, label) for v, col, label in (
+        ("nc1", "nc_layer", "NC1 tr(Σ_W Σ_B⁺)/C"), ("dead_fraction", "layer", "dead-unit fraction"),
+        ("effective_rank", "layer", "effective rank")) if v in ds]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    x = [str(e) for e in ds["epoch"].values]
+    for ax, (var, col, label) in zip(axes[0], panels):
+        for c in ds[col].values:
+            ax.plot(x, ds[var].sel({col: c}).values, marker="o", label=str(c))
+        ax.set_xlabel("checkpoint (epoch)")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{ds.attrs.get('family', '')}: activation statistics against the checkpoint", fontsize=9)
+    name = f"{base}-statistics.png"
+    files[name] = _png(fig)
+    out = [f"<img src='{name}'>"]
+    if "massive_first_epoch" in ds:
+        out.append(_table(["layer", "first checkpoint with a massive activation"],
+                          [[str(l), html.escape(str(e)) or "none"] for l, e in
+                           zip(ds["layer"].values, ds["massive_first_epoch"].values)]))
+    return out

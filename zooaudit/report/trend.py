@@ -16,6 +16,7 @@ from ..keys import slug_key
 from ..stages.refs import StageResult
 from ..store import Store
 from .figures import _png, plt
+from .statistics import statistics_trend_section
 
 
 def trend_png(ds: xr.Dataset, title: str) -> bytes:
@@ -63,6 +64,7 @@ def trend_report(store_url: str, results: list[StageResult], spec: dict, run_id:
         head = "".join(f"<th>CKA {html.escape(str(l))}</th>" for l in ds["layer"].values)
         body.append(f"<h2>{html.escape(r.model)} on {html.escape(r.dataset)}</h2><img src='{name}'>"
                     f"<table><tr><th>checkpoint</th><th>epoch</th>{head}</tr>{rows}</table>")
+        body.extend(statistics_trend_section(ds, name[:-4], files))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>zooaudit backfill trend</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
