@@ -103,6 +103,28 @@ def test_numpy_leace_matches_the_concept_erasure_package():
     np.testing.assert_allclose(f(f(X[300:])), f(X[300:]), atol=1e-8)
 
 
+def test_wide_layer_leace_fits_in_the_span_of_the_rows():
+    # d > n: fitted from an SVD of the rows, the eraser is the full d×d exact LEACE — checked
+    # against the package without shrinkage, on the training rows and on new rows
+    ce = pytest.importorskip("concept_erasure")
+    import torch
+
+    from zooaudit.analysis.probes import _resolve_backend
+
+    rng = np.random.default_rng(7)
+    X, a = _acts(rng, n=60, d=400, n_classes=3)
+    Z = np.eye(3)[a]
+    fitter = ce.LeaceFitter.fit(torch.from_numpy(X[:40]), torch.from_numpy(Z[:40]), shrinkage=False,
+                                constrain_cov_trace=False, svd_tol=1e-10)
+    f = leace_eraser(X[:40], a[:40], backend="numpy")
+    for rows in (X[:40], X[40:]):
+        np.testing.assert_allclose(f(rows), fitter.eraser(torch.from_numpy(rows)).numpy(), atol=1e-8)
+    # auto: the package for a tall matrix, the span fit for a wide one
+    assert _resolve_backend("auto", (500, 8)) == "concept-erasure"
+    assert _resolve_backend("auto", (40, 400)) == "numpy"
+    assert erasure_diagnostic(X, a, a, cv=3, random_state=0).attrs["backend"] == "numpy"
+
+
 def test_erasure_diagnostic_removes_a_shortcut():
     # y is weakly encoded; the attribute agrees with y 90% of the time and is strongly encoded,
     # so the readout leans on it and fails on the cells where they disagree.
