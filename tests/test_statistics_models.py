@@ -33,6 +33,12 @@ def test_classifier_weights_stored_beside_the_activations(checkpoints):
     control = ref.controls["classifier"]
     assert control.provenance == {"module": "head", "input_layer": "embed"}
     assert any(r.stage == "controls/classifier" for r in results)
+    assert control.layers == ("embed",)
+    # a rerun (cache hit) hands the array stages the same reference
+    spec = AuditModelSpec(model="builtin:mlp-w32-s0@15", store=ref.store, shard_size=128,
+                          datasets=[DatasetSpec(name="digits", split="train")])
+    again, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    assert again == ref
     w = ref.repository.open(control.group, control.snapshot)["weight"]
     assert w.dims == ("class", "unit") and w.shape == (10, 32)
 

@@ -311,7 +311,9 @@ def run_classifier(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
     repository = plan.repository
     if (snap := repository.find(key)) is not None:
         result = skipped("controls/classifier", plan, key, snap)
-        return result, ControlRef("classifier", root, key, snap, (), dict(result.summary.get("provenance", {})))
+        provenance = dict(result.summary.get("provenance", {}))   # the same reference as when committed
+        layer = provenance.get("input_layer", "")
+        return result, ControlRef("classifier", root, key, snap, (layer,) if layer else (), provenance)
     module = load_model(plan.model_uri, plan.store).module
     head = find_classifier(module, plan.n_outputs)
     if head is None:

@@ -123,6 +123,10 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                              "neural collapse needs at least two classes")
         nc_names = []
     n_classes = max(int(labels.max()) + 1, ref.n_outputs or 0) if len(labels) else 0
+    if nc_names and len(labels) < n_classes:   # at the door, before the pass (nc_metrics says the same)
+        raise ZooauditError(f"Layer {nc_names[0]!r}: neural collapse needs at least as many samples as classes; "
+                            f"got {len(labels)} samples for {n_classes} classes. Audit on more samples or set "
+                            "StatisticsSpec.nc_layers=[].")
     device = moments_device(ref.device)   # the covariance GEMMs on the run's GPU, when it has one
     acc = {name: ActivationStats(_width(ref, name), eps=spec.eps, top_k=spec.top_k, name=name, groups=n_codes,
                                  spectrum=_width(ref, name) <= spec.max_spectrum_width, device=device)
