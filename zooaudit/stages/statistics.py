@@ -20,8 +20,10 @@ Written under ``<ds>/statistics/`` (:func:`zooaudit.layout.statistics_group`)::
     groups/<attr>    (layer, group): activation_ratio, dead_fraction within each group;
                      (nc_layer, group): nc1 on the group's samples
 
-Units of spatial maps (``pooling="none"``) are the flattened ``(channel, y, x)`` positions;
-all-tokens layers are left out (no row per sample). Layers wider than
+Units of spatial maps (``pooling="none"``) are the flattened ``(channel, y, x)`` positions.
+All-tokens layers (``pooling="tokens"``) get sparsity, massive activations and the spectrum with
+every real token as a row (``token_active_fraction``, quantiles over tokens, ``top_position``),
+in a pass of their own; no per-group figures and no neural collapse (no row per sample). Layers wider than
 ``max_spectrum_width`` get no spectrum (recorded). Neural collapse runs on the
 ``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
 layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
@@ -155,10 +157,16 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                             nc_groups[(name, a, g)].update(block[rows_g], y[rows_g])
 
     results = {name: acc[name].result(spec.massive_abs_threshold, spec.massive_ratio_threshold) for name in layers}
+    token_layers = [name for name in ref.layers if name not in layers]
+    tokens = {}
+    for name in token_layers:   # rows are tokens: a pass of their own (another row space)
+        results[name], tokens[name] = _token_layer(ref, session, name, spec, device)
+    all_layers = layers + token_layers
     out: dict[str, xr.Dataset] = {}
     summary_ds = xr.Dataset(
-        {k: ("layer", np.array([float(results[n].get(k, np.nan)) for n in layers])) for k in SCALARS},
-        coords={"layer": layers, "n_units": ("layer", [_width(ref, n) for n in layers])},
+        {k: ("layer", np.array([float(results[n].get(k, np.nan)) for n in all_layers])) for k in SCALARS},
+        coords={"layer": all_layers, "n_units": ("layer", [_width(ref, n) for n in all_layers]),
+                "rows": ("layer", ["sample"] * len(layers) + ["token"] * len(token_layers))},
         attrs={"eps": spec.eps, "top_k": spec.top_k, "massive_abs_threshold": spec.massive_abs_threshold,
                "massive_ratio_threshold": spec.massive_ratio_threshold, "n": ref.n_samples,
                "median": "bounded float32-bit histogram, midpoint of [median_abs_lo, median_abs_hi]",
@@ -166,9 +174,11 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
     out[layout.statistics_group(ref.ds_key, "summary")] = summary_ds
     for name in layers:
         out[layout.statistics_group(ref.ds_key, f"layers/{name}")] = _layer_dataset(name, results[name], ids)
+    for name in token_layers:
+        out[layout.statistics_group(ref.ds_key, f"layers/{name}")] = _token_dataset(name, results[name], tokens[name])
 
-    summary = {"layers": layers, "notes": notes, "groups": attrs,
-               **{k: {n: _round(results[n].get(k, np.nan)) for n in layers}
+    summary = {"layers": all_layers, "notes": notes, "groups": attrs, "token_layers": token_layers,
+               **{k: {n: _round(results[n].get(k, np.nan)) for n in all_layers}
                   for k in ("activation_ratio", "dead_fraction", "always_active_fraction", "max_abs",
                             "max_to_median", "n_massive_units", "effective_rank")}}
     if attrs:
@@ -205,6 +215,40 @@ def _layer_dataset(name: str, r: dict, ids: np.ndarray) -> xr.Dataset:
     if "eigenvalues" in r:
         ds["eigenvalues"] = ("component", r["eigenvalues"])
         ds.attrs["eigenvalues"] = "of the covariance of the centred layer (ddof 0), descending"
+    return ds
+
+
+def _token_layer(ref: ActivationsRef, session, name: str, spec: StatisticsSpec, device):
+    """``(result, TokenIndex)`` of an all-tokens layer: every real token is a row (the per-row
+    fractions and their quantiles are over tokens)."""
+    from ..analysis.blocks import iter_blocks
+    from .factorize import open_token_layer
+
+    matrix, index = open_token_layer(session.store, ref.ds_key, name)
+    width = int(matrix.shape[1])
+    acc = ActivationStats(width, eps=spec.eps, top_k=spec.top_k, name=name, device=device,
+                          spectrum=width <= spec.max_spectrum_width)
+    for start, _, block in iter_blocks(matrix):
+        acc.update(block, start)
+    return acc.result(spec.massive_abs_threshold, spec.massive_ratio_threshold), index
+
+
+def _token_dataset(name: str, r: dict, index) -> xr.Dataset:
+    ds = xr.Dataset({
+        "unit_active_fraction": ("unit", r["unit_active_fraction"]),
+        "unit_max_abs": ("unit", r["unit_max_abs"]),
+        "token_active_fraction": ("token", r["sample_active_fraction"]),
+        "top_value": ("rank", r["top_value"]), "top_sample": ("rank", index.sample_ids[index.owner[r["top_row"]]]),
+        "top_position": ("rank", index.position[r["top_row"]]),
+        "top_unit": ("rank", r["top_unit"]), "top_ratio": ("rank", r["top_ratio"]),
+        "top_massive": ("rank", r["top_massive"])},
+        coords={"unit": np.arange(len(r["unit_active_fraction"])), "rank": np.arange(len(r["top_value"])),
+                "token_sample": ("token", index.sample_ids[index.owner]),
+                "token_position": ("token", index.position)},
+        attrs={"layer": name, "eps": r["eps"], "rows": "tokens",
+               "top": "largest |a| over every (token, unit), ties by position"})
+    if "eigenvalues" in r:
+        ds["eigenvalues"] = ("component", r["eigenvalues"])
     return ds
 
 
@@ -298,8 +342,8 @@ def regressions(current: dict, previous: dict, spec: StatisticsSpec) -> list[dic
 
 def statistics_key(target, spec: StatisticsSpec) -> str | None:
     """Cache key of the statistics stage of ``target`` (plan or reference); None when disabled or
-    when ``target`` has no per-sample layer."""
-    if not spec.enabled or not target.sample_layers:
+    when ``target`` has no layer."""
+    if not spec.enabled or not target.layers:
         return None
     controls = getattr(target, "controls", {}) or {}
     classifier = controls["classifier"].cache_key if "classifier" in controls else None
