@@ -69,6 +69,9 @@ def test_planted_massive_activation_recovered_and_flagged():
     assert list(r["top_massive"]) == [True, False, False, False, False]
     assert (r["top_row"][1], r["top_unit"][1]) == (400, 9)
     assert r["n_massive_units"] == 1
+    X[:6, 20] = 3000.0                      # a second massive unit, only partly in the top 5
+    r = streamed(X, top_k=5).result()
+    assert r["n_massive_units"] == 2 and r["top_massive"].sum() == 5
     med = np.median(np.abs(X))
     assert r["median_abs_lo"] <= med <= r["median_abs_hi"]
     assert r["median_abs_hi"] / r["median_abs_lo"] <= 1 + 2 ** -6 + 1e-12

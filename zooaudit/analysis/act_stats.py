@@ -14,7 +14,8 @@ active fraction, ``n`` scalars, kept for its quantiles and the per-group figures
   their ``(sample row, unit)`` positions (ties broken by row, then unit), and the ratio of the
   largest ``|a|`` to the layer's median ``|a|`` over all its entries. An entry is flagged
   *massive* when ``|a| > abs_threshold`` (paper: 100) **and** ``|a| > ratio_threshold ×
-  median`` (paper: 1000).
+  median`` (paper: 1000); ``n_massive_units`` counts the units whose largest ``|a|`` is massive
+  (from the per-unit maxima, so not bounded by ``top_k``).
   The median is streamed with a bounded histogram: ``|a|`` rounded to float32, binned by the
   top 14 bits of its IEEE-754 pattern (exponent + 6 mantissa bits; monotone in the value,
   16384 bins, each spanning a relative width ≤ 2⁻⁶). The median is known to lie in
@@ -252,7 +253,8 @@ class ActivationStats:
             "max_abs": peak, "max_to_median": float(ratio[0]) if len(top) else np.nan,
             "top_value": top.copy(), "top_row": self.top_row.copy(), "top_unit": self.top_unit.copy(),
             "top_ratio": np.asarray(ratio, np.float64), "top_massive": flagged,
-            "n_massive_units": int(len(np.unique(self.top_unit[flagged]))),
+            # every unit whose largest |a| is massive (not only those among the top k)
+            "n_massive_units": int(((self.unit_max > abs_threshold) & (self.unit_max > ratio_threshold * hi)).sum()),
         }
         if self.groups:
             out["group_unit_active_fraction"] = {a: c / np.maximum(self.group_n[a], 1)[:, None]
