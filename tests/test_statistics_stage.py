@@ -201,6 +201,10 @@ def test_report_section_renders_from_committed_results(run):
     for text in ("dead units", "Massive activations", "effective rank", "NC1", "By colour", "NC1 within red"):
         assert text in html, text
     assert "4000" in html   # the planted massive activation is in the table
+    every = run_statistics(ref, StatisticsSpec(top_k=4, nc_layers=["*"]))
+    files = {}
+    statistics_section(lambda g: ref.repository.open(g, every.snapshot).load(), ref, every, "c", files)
+    assert files["c-statistics-collapse.png"][:4] == b"\x89PNG"   # NC by layer, three layers
 
 
 def test_regression_when_dead_units_rise(tmp_path):

@@ -57,6 +57,25 @@ def spectrum_png(layers: dict[str, xr.Dataset], summary: xr.Dataset, title: str)
     return _png(fig)
 
 
+def collapse_png(c: xr.Dataset, title: str) -> bytes:
+    """NC1 (log scale) and NC2/NC3/NC4 against the NC layers, in layer order."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    names = [str(n) for n in c["nc_layer"].values]
+    a.plot(names, c["nc1"].values, marker="o")
+    a.set_yscale("log")
+    a.set_ylabel("NC1 tr(Σ_W Σ_B⁺)/C", fontsize=8)
+    for var, label in (("nc2_equinorm", "NC2 equinorm"), ("nc2_equiangular", "NC2 equiangular"),
+                       ("nc3", "NC3 self-duality"), ("nc4", "NC4 NCC agreement")):
+        if np.isfinite(c[var].values).any():
+            b.plot(names, c[var].values, marker="o", label=label)
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
 def statistics_section(open_group, plan, result, base: str, files: dict) -> list[str]:
     """HTML for one model's statistics stage on one dataset. ``open_group(group) -> Dataset``
     at the stage's snapshot; ``files`` receives the figures."""
@@ -90,6 +109,10 @@ def statistics_section(open_group, plan, result, base: str, files: dict) -> list
     collapse = (result.summary or {}).get("collapse")
     if collapse:
         c = open_group(layout.statistics_group(plan.ds_key, "collapse"))
+        if c.sizes["nc_layer"] > 1:   # the layer-by-layer progression of collapse
+            name = f"{base}-statistics-collapse.png"
+            files[name] = collapse_png(c, f"neural collapse by layer — {plan.model_uri}")
+            out.append(f"<img src='{name}'>")
         out.append("<h4>Neural collapse (Papyan et al. 2020; NC1–NC3 → 0 and NC4 → 1 under collapse)</h4>" + _table(
             ["layer", "NC1 tr(Σ_W Σ_B⁺)/C", "NC2 equinorm CV", "NC2 equiangular", "NC3 self-duality",
              "NC4 NCC agreement"],
@@ -118,8 +141,8 @@ def statistics_trend_section(ds: xr.Dataset, base: str, files: dict) -> list[str
     with a statistics spec): NC1, dead-unit fraction and effective rank against the checkpoint,
     and the first checkpoint with a massive activation per layer. Nothing when the trend has none."""
     panels = [(v, col, label) for v, col, label in (
-        ("nc1", "nc_layer", "NC1 tr(Σ_W Σ_B⁺)/C"), ("dead_fraction", "layer", "dead-unit fraction"),
-        ("effective_rank", "layer", "effective rank")) if v in ds]
+        ("nc1", "nc_layer", "NC1 tr(Σ_W Σ_B⁺)/C"), ("activation_ratio", "layer", "activation ratio"),
+        ("dead_fraction", "layer", "dead-unit fraction"), ("effective_rank", "layer", "effective rank")) if v in ds]
     if not panels:
         return []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)

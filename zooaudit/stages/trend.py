@@ -7,7 +7,7 @@
     ``explained_variance (checkpoint, layer)`` PCA explained variance at the spec's fixed ``k``;
     ``worst_group_accuracy (checkpoint, attribute)`` on datasets with group attributes;
   with a :class:`~zooaudit.specs.StatisticsSpec` (the statistics stage committed per checkpoint):
-    ``dead_fraction``, ``effective_rank``, ``max_to_median`` ``(checkpoint, layer)``,
+    ``activation_ratio``, ``dead_fraction``, ``effective_rank``, ``max_to_median`` ``(checkpoint, layer)``,
     ``massive_first_epoch (layer)`` (the first checkpoint with a massive activation, "" if none),
     ``nc1``, ``nc4`` ``(checkpoint, nc_layer)`` on labelled datasets.
   Committed (cache-keyed: a rerun commits nothing) to the zoo repository under
@@ -63,7 +63,7 @@ def _statistics_trend(plans: list[ActivationsRef], layers: list[str], stats: Sta
         key = statistics_key(p, stats)
         per.append({} if key is None else _stage_summary(p.repository, key, "activation statistics", p.model_uri))
     data = {}
-    for var in ("dead_fraction", "effective_rank", "max_to_median"):
+    for var in ("activation_ratio", "dead_fraction", "effective_rank", "max_to_median"):
         data[var] = (("checkpoint", "layer"), np.array(
             [[_num(s.get(var, {}).get(l)) for l in layers] for s in per]).reshape(len(plans), len(layers)))
     first = []
@@ -151,7 +151,7 @@ def run_checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspe
     group = trend_group(final.ds_key, family)
     summary = {"group": group, "family": family, "checkpoints": ds["checkpoint"].values.tolist(),
                "cka": _rounded(ds["cka"]), "explained_variance": _rounded(ds["explained_variance"])}
-    for var in ("worst_group_accuracy", "dead_fraction", "effective_rank", "nc1", "nc4"):
+    for var in ("worst_group_accuracy", "activation_ratio", "dead_fraction", "effective_rank", "nc1", "nc4"):
         if var in ds:
             summary[var] = _rounded(ds[var])
     if "massive_first_epoch" in ds:
