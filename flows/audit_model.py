@@ -23,6 +23,7 @@ from zooaudit.report.summary import (
     similarity_table,
     weat_table,
 )
+from zooaudit.report.statistics import statistics_table
 from zooaudit.specs import AuditModelSpec
 from zooaudit.stages import ARRAY_STAGES, pending_shards, run_model_stages, shard_groups
 from zooaudit.store import Store
@@ -101,6 +102,8 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
         create_table_artifact(rows, description=f"zooaudit bias headline: {spec.model}")
     if rows := similarity_table(audit.results):
         create_table_artifact(rows, description=f"zooaudit similarity (value beside control): {spec.model}")
+    if rows := statistics_table(audit.results):
+        create_table_artifact(rows, description=f"zooaudit activation statistics: {spec.model}")
     if rows := weat_table(audit.results):
         create_table_artifact(rows, description=f"zooaudit WEAT/SEAT (Holm within method × layer): {spec.model}")
     return audit

@@ -201,6 +201,11 @@ def test_report_section_renders_from_committed_results(run):
     for text in ("dead units", "Massive activations", "effective rank", "NC1", "By colour", "NC1 within red"):
         assert text in html, text
     assert "4000" in html   # the planted massive activation is in the table
+    from zooaudit.report.statistics import statistics_table
+
+    rows = {r["layer"]: r for r in statistics_table([result])}
+    assert rows["embed"]["dead_fraction"] == 0.2 and rows["embed"]["n_massive_units"] == 1
+    assert rows["embed"]["nc1"] == result.summary["collapse"]["nc1"]["embed"] and rows["act1"]["nc1"] is None
     every = run_statistics(ref, StatisticsSpec(top_k=4, nc_layers=["*"]))
     files = {}
     statistics_section(lambda g: ref.repository.open(g, every.snapshot).load(), ref, every, "c", files)

@@ -163,3 +163,20 @@ def statistics_trend_section(ds: xr.Dataset, base: str, files: dict) -> list[str
                           [[str(l), html.escape(str(e)) or "none"] for l, e in
                            zip(ds["layer"].values, ds["massive_first_epoch"].values)]))
     return out
+
+
+def statistics_table(results) -> list[dict]:
+    """Headline activation statistics as table rows (one per dataset × layer) for the run's
+    Prefect table artifact, from the statistics stages' commit summaries."""
+    rows = []
+    for r in results:
+        if r.stage != "statistics":
+            continue
+        s = r.summary or {}
+        nc1 = (s.get("collapse") or {}).get("nc1") or {}
+        for layer in s.get("layers", []):
+            rows.append({"dataset": r.dataset, "layer": layer,
+                         **{k: (s.get(k) or {}).get(layer) for k in ("activation_ratio", "dead_fraction",
+                                                                    "effective_rank", "n_massive_units")},
+                         "nc1": nc1.get(layer), "regressions": sum(x["layer"] == layer for x in s.get("regressions", []))})
+    return rows
