@@ -89,13 +89,25 @@ def make_folds(strata, *, cv: int = 5, random_state: int = 0,
 
 
 def _fit_score(X, codes, train, test, C: float, max_iter: int):
+    """Standardise on the training rows, fit L2 logistic regression, score the test rows.
+
+    Wide features (d > training rows): the penalised weights lie in the span of the
+    standardised training rows (representer theorem; the intercept is not penalised), so
+    the model is fitted on the rows' coordinates in an orthonormal basis V ``(d, r)`` of
+    that span — the same optimum and predictions, with L-BFGS on r ≤ n instead of d
+    parameters (a 16 384-wide map: 1.5 s per fit before).
+    """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-    model.fit(X[train], codes[train])
-    pred = model.predict(X[test])
+    scaler = StandardScaler().fit(X[train])
+    Xtr, Xte = scaler.transform(X[train]), scaler.transform(X[test])
+    if Xtr.shape[1] > Xtr.shape[0]:
+        _, sv, vt = np.linalg.svd(Xtr, full_matrices=False)
+        basis = vt[sv > sv.max(initial=0.0) * max(Xtr.shape) * np.finfo(np.float64).eps].T
+        Xtr, Xte = Xtr @ basis, Xte @ basis
+    model = LogisticRegression(C=C, max_iter=max_iter).fit(Xtr, codes[train])
+    pred = model.predict(Xte)
     return float(np.mean(pred == codes[test])), pred
 
 
