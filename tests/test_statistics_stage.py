@@ -238,3 +238,15 @@ def test_regression_when_dead_units_rise(tmp_path):
 
     looser = regressions(second.summary, first.summary, StatisticsSpec(regression_dead_increase=0.5))
     assert not [r for r in looser if r["metric"] == "dead_fraction"]
+
+
+def test_empty_classifier_product_skips_nc3(run):
+    from zooaudit.stages.refs import ControlRef
+
+    ref, *_ = run
+    # what the model stage hands on for a model without a linear head (e.g. an exported program):
+    # an empty product, never opened
+    empty = ControlRef("classifier", layout.controls_root(ref.ds_key, "classifier"), "controls-classifier-x",
+                       ref.snapshot, (), {"module": "", "input_layer": ""})
+    res = run_statistics(dataclasses.replace(ref, controls={"classifier": empty}), StatisticsSpec(top_k=4))
+    assert "no classifier weights" in res.summary["notes"]["nc3"] and res.summary["collapse"]["nc3"]["embed"] is None

@@ -96,7 +96,7 @@ def nc_layer_names(target, spec: StatisticsSpec) -> list[str]:
 def _classifier(ref: ActivationsRef):
     """``(weights (class, unit), input layer)`` stored beside the activations, or None."""
     control = ref.controls.get("classifier")
-    if control is None:
+    if control is None or not control.provenance.get("module"):   # none, or no linear head found (empty product)
         return None
     ds = ref.repository.open(control.group, control.snapshot).load()
     return (ds["weight"].values, ds.attrs.get("input_layer")) if "weight" in ds else None
