@@ -34,13 +34,19 @@ def test_classifier_weights_stored_beside_the_activations(checkpoints):
     assert control.provenance == {"module": "head", "input_layer": "embed"}
     assert any(r.stage == "controls/classifier" for r in results)
     assert control.layers == ("embed",)
+    w = ref.repository.open(control.group, control.snapshot)["weight"]
+    assert w.dims == ("class", "unit") and w.shape == (10, 32)
     # a rerun (cache hit) hands the array stages the same reference
     spec = AuditModelSpec(model="builtin:mlp-w32-s0@15", store=ref.store, shard_size=128,
                           datasets=[DatasetSpec(name="digits", split="train")])
     again, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
     assert again == ref
-    w = ref.repository.open(control.group, control.snapshot)["weight"]
-    assert w.dims == ("class", "unit") and w.shape == (10, 32)
+    # another dataset of the same model gets its own product, in its own group
+    other = spec.model_copy(update={"datasets": [DatasetSpec(name="digits", max_samples=100)]})
+    test_ref, _ = stages.run_model_stages(stages.plan_extraction(other, other.datasets[0]), other)
+    c2 = test_ref.controls["classifier"]
+    assert c2.cache_key != control.cache_key and c2.group != control.group
+    np.testing.assert_array_equal(test_ref.repository.open(c2.group, c2.snapshot)["weight"].values, w.values)
 
 
 def test_nc3_equals_numpy_on_the_stored_weights(checkpoints):

@@ -264,7 +264,10 @@ def classifier_key(plan: ExtractionPlan) -> str | None:
     """Cache key of the classifier weights beside ``plan`` (None: the model has no class outputs)."""
     if plan.n_outputs is None or not plan.sample_layers:
         return None
-    return cache_key("controls-classifier", model=plan.model_hash, layers=plan.sample_layers, pooling=plan.pooling)
+    # the dataset is part of the key: the product is stored per dataset (and its input layer is
+    # found on that dataset's samples)
+    return cache_key("controls-classifier", model=plan.model_hash, dataset=plan.ds_hash, layers=plan.sample_layers,
+                     pooling=plan.pooling)
 
 
 def find_classifier(module, n_outputs: int) -> str | None:
