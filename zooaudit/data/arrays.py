@@ -56,6 +56,14 @@ def memory_mapped(a) -> bool:
     return False
 
 
+def _nonfinite_rows(inputs: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Row numbers of samples with a non-finite value, read in blocks (a memory-mapped file
+    is paged through once, never copied whole)."""
+    flat = inputs.reshape(len(inputs), -1)
+    return np.concatenate([np.flatnonzero(~np.isfinite(flat[i:i + rows]).all(axis=1)) + i
+                           for i in range(0, len(flat), rows)] or [np.zeros(0, np.int64)])
+
+
 def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list], where: str) -> AuditDataset:
     """Validate lengths and dtypes; build the dataset."""
     inputs = np.asarray(inputs)
@@ -64,6 +72,10 @@ def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list]
         raise ZooauditError(f"Dataset {name!r} at {where!r} is empty: it needs at least one sample.")
     if inputs.dtype.kind not in "fiub":
         raise ZooauditError(f"Dataset {name!r}: inputs at {where!r} have dtype {inputs.dtype}; numeric arrays only.")
+    if inputs.dtype.kind == "f" and (bad := _nonfinite_rows(inputs)).size:
+        raise ZooauditError(f"Dataset {name!r}: inputs at {where!r} hold NaN or ±Inf in {bad.size} sample(s) (rows "
+                            f"{', '.join(map(str, bad[:5]))}{' …' if bad.size > 5 else ''}); a model's activations on "
+                            "them would be meaningless. Allowed: finite inputs — drop or impute those samples.")
     labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
     for what, arr in [("labels", labels), ("sample_ids", ids), *[(f"group {k!r}", np.asarray(v))
@@ -92,8 +104,13 @@ def _get(arrays, key: str, where: str, required: bool = True):
 
 def _np_load(path, mmap_mode=None):
     # allow_pickle=False: an object array would need unpickling, which can run code.
+    import zipfile
+
     try:
         return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ZooauditError(f"Cannot read {str(path)!r}: it is not a valid .npy / .npz file ({err}). Allowed: files "
+                            "written by numpy.save / numpy.savez, or a Zarr group folder.") from None
     except ValueError as err:
         raise ZooauditError(f"Cannot load {str(path)!r} without unpickling ({err}); store numeric arrays only.") from None
 
