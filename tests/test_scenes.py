@@ -165,3 +165,29 @@ def test_image_folder_masks(tmp_path):
     (tmp_path / "masks" / "b" / "1.png").unlink()
     with pytest.raises(ZooauditError, match="b/1.jpg.*has no mask"):
         load_dataset(spec)
+
+
+def test_scene_models_rely_on_the_background_as_much_as_they_were_trained_to(shared_store):
+    """The scenes sweep: the 0.95-agreement model is right only where the background agrees with
+    the class; the independent-background model is right in both groups; worst-group accuracy
+    rises as the training agreement falls."""
+    import torch
+
+    from zooaudit.store import Store
+    from zooaudit.zoo import resolve_model
+    from zooaudit.zoo.builtin import scenes_sweep
+
+    test = load_dataset({"name": "scenes", "split": "test"})
+    agrees = test.groups["agrees"] == 1
+    worst = {}
+    for agreement, uri in scenes_sweep().items():
+        model = resolve_model(uri, Store.open(shared_store))
+        assert model.input_shape == (3, 64, 64) and model.default_layers[1] == "act4"
+        with torch.no_grad():
+            right = model.module(torch.from_numpy(test.inputs)).argmax(1).numpy() == test.labels
+        worst[agreement] = min(right[agrees].mean(), right[~agrees].mean())
+        if agreement == 0.95:
+            assert right[agrees].mean() > 0.9 and right[~agrees].mean() < 0.2
+        if agreement == 0.25:
+            assert right[~agrees].mean() > 0.7
+    assert worst[0.95] < worst[0.75] < worst[0.25]
