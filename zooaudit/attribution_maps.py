@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from .analysis.attribution import CAM_METHODS, METHODS, PIXEL_METHODS
 from .analysis.eigencam import eigencam
 from .errors import ZooauditError
 from .extract import _first_tensor
@@ -58,9 +59,6 @@ from .extract import _first_tensor
 __all__ = ["CAM_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS", "attribution_maps",
            "resolve_targets"]
 
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
-PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
-METHODS = CAM_METHODS + PIXEL_METHODS
 GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "grad_x_input")  # served by the batch's one backward
 NORMALISATIONS = ("max", "minmax", "none")
 
@@ -193,8 +191,9 @@ def _scorecam(module, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, b
 
 
 def _integrated_gradients(module, x: torch.Tensor, targets: torch.Tensor, steps: int, baseline: float,
-                          batch_size: int) -> torch.Tensor:
-    """``(b, H, W)`` Integrated Gradients summed over channels (midpoint rule, constant baseline)."""
+                          batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, H, W)`` Integrated Gradients summed over channels (midpoint rule, constant baseline),
+    and ``(b,)`` the target scores at the baseline."""
     b = x.shape[0]
     x0 = torch.full_like(x, float(baseline))
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
@@ -209,7 +208,9 @@ def _integrated_gradients(module, x: torch.Tensor, targets: torch.Tensor, steps:
         score = _logits(module(z)).gather(1, targets[ids, None]).sum()
         (gz,) = torch.autograd.grad(score, z)
         total.index_add_(0, ids, gz)
-    return ((x - x0) * total / steps).sum(1)
+    with torch.no_grad():
+        at_baseline = _logits(module(x0)).gather(1, targets[:, None])[:, 0]
+    return ((x - x0) * total / steps).sum(1), at_baseline
 
 
 def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, methods=METHODS, target="predicted",
@@ -227,7 +228,8 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
             and the interpolated inputs per Integrated Gradients forward.
 
     Returns an ``xarray.Dataset`` with ``maps (sample, method, y, x)`` float32, ``target
-    (sample,)`` the class explained, ``predicted (sample,)``, ``logits (sample, class)``;
+    (sample,)`` the class explained, ``predicted (sample,)``, ``logits (sample, class)``, and
+    with Integrated Gradients ``ig_gap (sample,)``: ``Σ IG − (s(x) − s(x₀))`` on the raw map;
     attrs record the layer, the layer's map size, the upsampling, normalisation and IG settings.
     """
     methods = _check(methods, normalise, ig_steps)
@@ -241,7 +243,7 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         raise ZooauditError(f"CAM methods {cams} need a layer (a spatial layer of the model).")
     hook = _Hook(_layer(module, layer)) if layer is not None else None
     size = tuple(x_all.shape[-2:])
-    maps, targets, preds, logits_all, layer_hw = [], [], [], [], None
+    maps, targets, preds, logits_all, gaps, layer_hw = [], [], [], [], [], None
     module.eval()
     try:
         for start in range(0, len(x_all), batch_size):
@@ -277,7 +279,10 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
                     out["eigencam"] = _finish_cam(ec.to(device), size, normalise)
             if "integrated_gradients" in methods:
                 with torch.enable_grad():
-                    ig = _integrated_gradients(module, xd, t, ig_steps, ig_baseline, batch_size)
+                    ig, at_baseline = _integrated_gradients(module, xd, t, ig_steps, ig_baseline, batch_size)
+                # completeness gap: Σ IG − (s(x) − s(x₀)), the quadrature error of this sample
+                gaps.append((ig.sum((1, 2)) - (logits.detach().gather(1, t[:, None])[:, 0] - at_baseline))
+                            .cpu().numpy())
                 out["integrated_gradients"] = _finish_pixel(ig.detach(), normalise)
             maps.append(torch.stack([out[m] for m in methods], 1).float().cpu().numpy())
             targets.append(t.cpu().numpy())
@@ -287,11 +292,12 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         if hook is not None:
             hook.handle.remove()
     n = len(x_all)
+    extra = {"ig_gap": ("sample", np.concatenate(gaps).astype(np.float64))} if gaps else {}
     return xr.Dataset(
         {"maps": (("sample", "method", "y", "x"), np.concatenate(maps) if maps else np.zeros((0, len(methods), *size))),
          "target": ("sample", np.concatenate(targets) if targets else np.zeros(0, np.int64)),
          "predicted": ("sample", np.concatenate(preds) if preds else np.zeros(0, np.int64)),
-         "logits": (("sample", "class"), np.concatenate(logits_all) if logits_all else np.zeros((0, 0)))},
+         "logits": (("sample", "class"), np.concatenate(logits_all) if logits_all else np.zeros((0, 0))), **extra},
         coords={"sample": np.arange(n), "method": list(methods)},
         attrs={"layer": layer or "", "layer_size": list(layer_hw or ()), "input_size": list(size),
                "upsampling": "bilinear, align_corners=False (ReLU at the layer's resolution first)",

@@ -30,7 +30,13 @@ import xarray as xr
 from ..errors import ZooauditError
 from .multitest import permutation_p_value
 
-__all__ = ["agreement_matrix", "auc", "background_share", "compare_groups", "compare_paired", "energy_inside",
+# The attribution methods (computed by zooaudit.attribution_maps, the model side), declared here
+# so that the specs validate names without importing torch.
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
+PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
+METHODS = CAM_METHODS + PIXEL_METHODS
+
+__all__ = ["CAM_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc", "background_share", "compare_groups", "compare_paired", "energy_inside",
            "mask_iou", "pointing_game", "spearman_maps"]
 
 
@@ -116,12 +122,13 @@ def _check_stats(n_boot, n_permutations, ci):
 
 def compare_groups(values, groups, *, names=None, n_boot: int = 1000, n_permutations: int = 1000,
                    ci: float = 0.95, random_state: int = 0) -> xr.Dataset:
-    """Per-group mean of ``values (sample,)`` with bootstrap CIs, and the difference of two groups.
+    """Per-group mean of ``values (sample,)`` with bootstrap CIs, and how far apart the groups are.
 
-    ``groups (sample,)`` int codes with exactly two values present (e.g. background disagrees = 0
-    / agrees = 1). NaN values are dropped. Returns ``mean, ci_low, ci_high, n`` over ``group``
-    and scalars ``difference`` (mean of the higher code − the lower), ``difference_ci_low/high``,
-    ``p_value`` (two-sided permutation test of no difference).
+    ``groups (sample,)`` int codes, at least two present (e.g. background disagrees = 0 /
+    agrees = 1). NaN values are dropped. Returns ``mean, ci_low, ci_high, n`` over ``group``
+    and attrs ``difference`` — for two groups the mean of the higher code minus the lower, for
+    more the range (largest − smallest group mean) — its bootstrap CI ``difference_ci_low/high``
+    and ``p_value``, a permutation test of "no difference" on ``|difference|`` / the range.
     """
     _check_stats(n_boot, n_permutations, ci)
     v = np.asarray(values, dtype=np.float64)
@@ -130,33 +137,39 @@ def compare_groups(values, groups, *, names=None, n_boot: int = 1000, n_permutat
         raise ZooauditError(f"groups has shape {g.shape}; expected {v.shape}, one code per value.")
     keep = np.isfinite(v)
     v, g = v[keep], g[keep]
-    codes = np.unique(g)
-    if len(codes) != 2:
-        raise ZooauditError(f"compare_groups needs exactly two groups with defined values; got codes {codes.tolist()}.")
+    codes, inverse = np.unique(g, return_inverse=True)
+    if len(codes) < 2:
+        raise ZooauditError(f"compare_groups needs at least two groups with defined values; got codes "
+                            f"{codes.tolist()}.")
     rng = np.random.default_rng(random_state)
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
-    parts = [v[g == c] for c in codes]
-    boots = [_bootstrap_means(p, n_boot, rng) for p in parts]
+    parts = [v[inverse == k] for k in range(len(codes))]
+    boots = np.stack([_bootstrap_means(p, n_boot, rng) for p in parts], 1)       # (n_boot, group)
     means = np.array([p.mean() for p in parts])
-    lohi = np.array([np.quantile(b, q) if n_boot else [np.nan, np.nan] for b in boots])
-    diff = means[1] - means[0]
-    dboot = boots[1] - boots[0]
+
+    def statistic(m):
+        return m[..., 1] - m[..., 0] if m.shape[-1] == 2 else m.max(-1) - m.min(-1)
+
+    diff = float(statistic(means))
+    counts = np.bincount(inverse, minlength=len(codes))
     null = np.empty(n_permutations)
-    n0 = len(parts[0])
     for k in range(n_permutations):
-        perm = rng.permutation(v)
-        null[k] = abs(perm[n0:].mean() - perm[:n0].mean())
+        perm = rng.permutation(inverse)
+        null[k] = abs(statistic(np.bincount(perm, weights=v, minlength=len(codes)) / counts))
+    lohi = np.quantile(boots, q, axis=0).T if n_boot else np.full((len(codes), 2), np.nan)
+    dboot = statistic(boots)
     labels = [str(c) for c in codes] if names is None else [str(names[int(c)]) for c in codes]
     return xr.Dataset(
         {"mean": ("group", means), "ci_low": ("group", lohi[:, 0]), "ci_high": ("group", lohi[:, 1]),
-         "n": ("group", np.array([len(p) for p in parts]))},
+         "n": ("group", counts)},
         coords={"group": labels},
-        attrs={"difference": float(diff),
+        attrs={"difference": diff,
                "difference_ci_low": float(np.quantile(dboot, q[0])) if n_boot else float("nan"),
                "difference_ci_high": float(np.quantile(dboot, q[1])) if n_boot else float("nan"),
                "p_value": permutation_p_value(abs(diff), null) if n_permutations else float("nan"),
                "ci": ci, "n_boot": n_boot, "n_permutations": n_permutations,
-               "test": "two-sided permutation of group labels; percentile bootstrap within groups"},
+               "test": "permutation of group labels on |difference| (range for > 2 groups); percentile "
+                       "bootstrap within groups"},
     )
 
 
