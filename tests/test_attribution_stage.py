@@ -9,7 +9,8 @@ from zooaudit.analysis.attribution import compare_paired
 from zooaudit.errors import ZooauditError
 from zooaudit.specs import AttributionSpec, AuditModelSpec, DatasetSpec
 from zooaudit.stages.activations import plan_extraction
-from zooaudit.stages.attribution import attribution_group, run_attribution
+from zooaudit.layout import attribution_group
+from zooaudit.stages.attribution import run_attribution
 from zooaudit.zoo.builtin import scenes_sweep
 
 SCENES = DatasetSpec(name="scenes", split="test")
@@ -104,3 +105,21 @@ def test_not_applicable_without_masks(shared_store):
 def test_spec_refuses_unknown_methods():
     with pytest.raises(ValueError, match="attribution methods"):
         AttributionSpec(methods=["gradcam", "cf-cam"])
+
+
+def test_report_section_renders_from_committed_results(runs, tmp_path):
+    from PIL import Image
+
+    from zooaudit.report.attribution import attribution_section
+
+    plan, result = runs[0.95]
+    files: dict[str, bytes] = {}
+    html = attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result, "m-ds", files)
+    text = "".join(html)
+    assert "Attribution maps at act4" in text and "random order (control)" in text and "adjusted p" in text
+    assert {n for n in files} >= {"m-ds-attribution-act4-gallery.png", "m-ds-attribution-act4-reliance-agrees.png",
+                                  "m-ds-attribution-act4-deletion.png", "m-ds-attribution-act4-agreement.png"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert Image.open(tmp_path / name).size[0] > 100, name
+        assert name in text

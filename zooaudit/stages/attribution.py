@@ -35,6 +35,7 @@ from ..attribution_maps import attribution_maps
 from ..errors import ZooauditError
 from ..extract import layer_shapes
 from ..keys import cache_key
+from ..layout import attribution_group
 from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
 from .common import load_model, random_subset, shard_dataset, skipped
@@ -42,14 +43,9 @@ from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-__all__ = ["attribution_group", "attribution_key", "attribution_layers", "run_attribution"]
+__all__ = ["attribution_key", "attribution_layers", "run_attribution"]
 
 STAGE = "attribution"
-
-
-def attribution_group(ds_key: str, layer: str, part: str) -> str:
-    """``<ds>/attribution/<layer>/<part>`` (part: maps, metrics, curves, reliance, agreement)."""
-    return f"{ds_key}/attribution/{layer}/{part}"
 
 
 def attribution_layers(plan, aspec: AttributionSpec) -> list[str]:
