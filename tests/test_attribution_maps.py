@@ -247,3 +247,24 @@ def test_a_model_that_does_not_output_class_scores_is_refused(scenes):
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())   # (b, c, y, x) output, no class scores
     with pytest.raises(ZooauditError, match="class scores"):
         attribution_maps(encoder, scenes.inputs[:2], "1", methods=["gradcam"])
+
+
+def test_cascading_randomisation_changes_the_gradient_maps_and_not_the_model(scene_cnn, scenes):
+    from zooaudit.sanity_checks import cascade_layers, randomisation_maps
+    from zooaudit.zoo import weights_hash
+
+    before = weights_hash(scene_cnn.state_dict())
+    layers = cascade_layers(scene_cnn)
+    assert layers[0] == "head" and layers[-1] == "conv1"       # top first
+    targets = attribution_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam"]).target.values
+    out = randomisation_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam", "grad_x_input"],
+                             targets=targets, batch_size=6)
+    assert out["spearman"].dims == ("step", "method") and list(out["step"].values) == ["none", *layers]
+    np.testing.assert_allclose(out["spearman"].isel(step=0), 1.0)
+    # the maps follow the weights they explain (NaN: every randomised map constant, nothing left)
+    assert not (out["spearman"].isel(step=-1) >= 0.9).any()
+    assert (out["spearman"].isel(step=1) < 1.0).all()
+    assert weights_hash(scene_cnn.state_dict()) == before      # randomised a copy
+    again = randomisation_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam", "grad_x_input"],
+                               targets=targets, batch_size=6)
+    np.testing.assert_array_equal(again["spearman"].values, out["spearman"].values)   # seeded

@@ -15,6 +15,7 @@ from zooaudit.zoo.builtin import scenes_sweep
 
 SCENES = DatasetSpec(name="scenes", split="test")
 ASPEC = AttributionSpec(max_samples=64, ig_steps=8, curve_samples=8, curve_steps=5, n_boot=200, n_permutations=200,
+                        sanity_samples=4,
                         batch_size=64)
 
 
@@ -72,6 +73,9 @@ def test_products_are_stored_with_their_conventions(runs):
     agreement = repo.open(attribution_group(plan.ds_key, "act4", "agreement"), result.snapshot).load()
     np.testing.assert_allclose(np.diag(agreement["cosine"].values), 1.0, atol=1e-6)
     assert "background_share" in result.summary["act4"]
+    sanity = repo.open(attribution_group(plan.ds_key, "act4", "sanity"), result.snapshot).load()
+    assert sanity["spearman"].dims == ("step", "method") and "gradcam" not in sanity.attrs["flagged"]
+    assert set(result.summary["act4"]["sanity_spearman_all_random"]) == set(ASPEC.methods)
     meta = repo.metadata(result.snapshot)
     assert meta["stage"] == "attribution" and meta["cache_key"] == result.cache_key
 
@@ -118,7 +122,8 @@ def test_report_section_renders_from_committed_results(runs, tmp_path):
     text = "".join(html)
     assert "Attribution maps at act4" in text and "random order (control)" in text and "adjusted p" in text
     assert {n for n in files} >= {"m-ds-attribution-act4-gallery.png", "m-ds-attribution-act4-reliance-agrees.png",
-                                  "m-ds-attribution-act4-deletion.png", "m-ds-attribution-act4-agreement.png"}
+                                  "m-ds-attribution-act4-deletion.png", "m-ds-attribution-act4-agreement.png",
+                                  "m-ds-attribution-act4-sanity.png"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         assert Image.open(tmp_path / name).size[0] > 100, name

@@ -213,6 +213,10 @@ class AttributionSpec(BaseModel):
     curve_steps: int = Field(10, ge=2, description="Steps of the deletion/insertion curves.")
     curve_baseline: float = Field(0.0, description="Value that deleted pixels take (and insertion starts from).")
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU: map ≥ this fraction of its max vs mask.")
+    sanity_samples: int = Field(8, ge=0, description="Cascading-randomisation sanity check on the first N mapped "
+                                "samples (0 = off): every parameterised layer re-initialised from the top.")
+    sanity_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="A method is flagged when its maps' mean "
+                                    "Spearman with the trained model's stays ≥ this after randomising every layer.")
     n_boot: int = Field(500, ge=0, description="Bootstrap resamples of the background-share CIs.")
     n_permutations: int = Field(1000, ge=0, description="Permutations of the group-difference p-values.")
     ci: float = Field(0.95, gt=0.0, lt=1.0)

@@ -97,6 +97,21 @@ def _reliance_png(rel: xr.Dataset, attr: str) -> bytes:
     return _png(fig)
 
 
+def _sanity_png(sanity: xr.Dataset) -> bytes:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps = [str(v) for v in sanity["step"].values]
+    for m in sanity["method"].values:
+        ax.plot(range(len(steps)), sanity["spearman"].sel({"method": m}).values, marker="o", ms=3, label=str(m))
+    ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=6)
+    ax.axhline(sanity.attrs.get("threshold", 0.5), color="grey", linestyle=":", linewidth=1)
+    ax.set_ylabel("Spearman with trained maps")
+    ax.set_xlabel("randomised down to layer (cascading from the top)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title("sanity check: cascading randomisation", fontsize=9)
+    return _png(fig)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c) if isinstance(c, str) else _fmt(c)}</td>" for c in r)
@@ -150,6 +165,14 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
             name = f"{base}-attribution-{layer}-{kind}.png"
             files[name] = _curves_png(curves, kind)
             out.append(f"<img src='{name}'>")
+    if "sanity_flagged" in s:
+        sanity = open_group(attribution_group(plan.ds_key, layer, "sanity"))
+        name = f"{base}-attribution-{layer}-sanity.png"
+        files[name] = _sanity_png(sanity)
+        flagged = s["sanity_flagged"]
+        out.append(f"<img src='{name}'><p>Sanity check: "
+                   + (f"<b>flagged (maps barely change when the model is randomised):</b> "
+                      f"{html.escape(', '.join(flagged))}" if flagged else "no method flagged") + ".</p>")
     agreement = open_group(attribution_group(plan.ds_key, layer, "agreement"))
     name = f"{base}-attribution-{layer}-agreement.png"
     files[name] = heatmap_png(agreement["spearman"],

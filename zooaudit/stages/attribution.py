@@ -18,6 +18,9 @@ Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
     reliance   per attribute and method: background share per group (mean, bootstrap CI, n), the
                group difference, its permutation p-value and the run's corrected p (p_adjusted)
     agreement  method × method: spearman, top_overlap, cosine (zooaudit.analysis.attribution)
+    sanity     cascading randomisation (zooaudit.sanity_checks): spearman, spearman_abs
+               (step, method) with the trained model's maps; attrs flagged = the methods whose maps
+               stay correlated (≥ sanity_threshold) once every layer is random
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def _device_module(module, device: str):
 def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, target) -> dict[str, xr.Dataset]:
     """The maps, metrics, curves and agreement of one layer (reliance is assembled across layers)."""
     from ..faithfulness import faithfulness_curves
+    from ..sanity_checks import randomisation_maps
 
     x, labels = data.inputs[idx], data.labels[idx]
     ids = data.sample_ids[idx]
@@ -149,6 +153,16 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
         curves = curves.assign_coords(sample=ids[:n_curve])
         curves["auc"] = (("sample", "order", "kind"), metrics.auc(curves["curves"].values, curves["fraction"].values))
         products["curves"] = curves
+    n_sanity = min(aspec.sanity_samples, len(idx))
+    if n_sanity:
+        sanity = randomisation_maps(module, x[:n_sanity], layer, methods=methods,
+                                    targets=out["target"].values[:n_sanity], seed=aspec.random_state, batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
+                                    ig_baseline=aspec.ig_baseline, device=dev)
+        final = sanity["spearman"].isel(step=-1)
+        sanity.attrs["flagged"] = [str(m) for m in final["method"].values
+                                   if float(final.sel({"method": m})) >= aspec.sanity_threshold]
+        sanity.attrs["threshold"] = aspec.sanity_threshold
+        products["sanity"] = sanity
     return products
 
 
@@ -250,6 +264,11 @@ def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
                         for k in m["method"].values}
     if "ig_gap" in m:
         out["ig_gap_mean_abs"] = round(float(np.abs(m["ig_gap"].values).mean()), 6)
+    if "sanity" in products:
+        final = products["sanity"]["spearman"].isel(step=-1)
+        out["sanity_spearman_all_random"] = {str(m): round(float(final.sel({"method": m})), 4)
+                                             for m in final["method"].values}
+        out["sanity_flagged"] = list(products["sanity"].attrs["flagged"])
     if "curves" in products:
         auc = products["curves"]["auc"].mean("sample")
         out["auc"] = {kind: {str(o): round(float(auc.sel(kind=kind, order=o)), 4) for o in auc["order"].values}
