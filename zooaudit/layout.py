@@ -9,6 +9,8 @@ Per dataset group ``<ds>``::
     <ds>/factors/<layer>/<m>    components (component, unit), codes (sample, component)
     <ds>/similarity/<metric>    (layer_a, layer_b)
     <ds>/bias/<attribute>       per-group metrics with CIs
+    <ds>/attribution/<layer>/<part>  attribution maps (sample, method, y, x), metrics, curves,
+                                reliance/<attribute>, agreement (zooaudit.stages.attribution)
     <ds>/controls/<kind>/...    controls extracted beside the activations, laid out like them
                                 (samples, acts/<layer>): random_init (a seeded random-initialised
                                 copy of the model), input_embeddings (text encoders)
@@ -67,6 +69,11 @@ def similarity_group(ds_key: str, metric: str) -> str:
 
 def bias_group(ds_key: str, attribute: str) -> str:
     return f"{ds_key}/bias/{attribute}"
+
+
+def attribution_group(ds_key: str, layer: str, part: str) -> str:
+    """``<ds>/attribution/<layer>/<part>`` (part: maps, metrics, curves, reliance/<attr>, agreement)."""
+    return f"{ds_key}/attribution/{layer}/{part}"
 
 
 def controls_root(ds_key: str, kind: str) -> str:

@@ -21,6 +21,7 @@ from ..analysis.metrics import metric_kind
 from ..errors import ZooauditError
 from ..keys import cache_key, slug_key
 from ..store import Store
+from .attribution import attribution_section
 from .bias import bias_section, shortcut_sweep_section
 from .factorize import factorize_section
 from .figures import heatmap_png, trend_png
@@ -134,6 +135,9 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
             if "bias" in res:
                 body.extend(bias_section(lambda g, _s=res["bias"].snapshot, _r=repo: _open(_r, _s, g), plan,
                                          res["bias"], base, files))
+            if "attribution" in res:
+                body.extend(attribution_section(lambda g, _s=res["attribution"].snapshot, _r=repo: _open(_r, _s, g),
+                                                plan, res["attribution"], base, files))
 
     body.extend(shortcut_sweep_section(audits, files))
 

@@ -1,4 +1,5 @@
-"""The model stages of one (model, dataset), end to end: activations, then the controls.
+"""The model stages of one (model, dataset), end to end: activations, the controls, then the
+attribution maps (:mod:`.attribution`, where they apply).
 
 This is the only place (with the modules it calls: :mod:`.activations`, :mod:`.controls`)
 where the model runs. Its product is the :class:`~.refs.ActivationsRef` every array
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from ..specs import RunOptions
 from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
+from .attribution import attribution_key, run_attribution
 from .common import skipped
 from .controls import control_plans, control_ref, run_token_text, run_wordsets, token_text_key, wordsets_key
 from .refs import ActivationsRef, ControlRef, StageResult
@@ -29,7 +31,7 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
                      extract: Callable[[ExtractionPlan], StageResult] | None = None,
                      hit: Callable[[ExtractionPlan], StageResult | None] = cache_hit,
                      planner: Callable = control_plans, unsharded: Callable | None = None,
-                     ) -> tuple[ActivationsRef, list[StageResult]]:
+                     attribute: Callable | None = None) -> tuple[ActivationsRef, list[StageResult]]:
     """Activations of ``plan`` and every control ``spec`` needs, each a cache hit or a commit.
 
     Controls not committed yet are extracted in the same shards as the activations when those
@@ -39,10 +41,12 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
     The steps are parameters so that the flow runs each as a task: ``extract(plan) ->
     StageResult`` extracts one sharded product without a cache check (default: in this
     process), ``hit(plan)`` is its cache lookup, ``planner(plan, spec)`` plans the controls,
-    ``unsharded()`` computes the word-set embeddings and token text. Returns the reference
-    array stages take and the results of the activations (first) and of each control."""
+    ``unsharded()`` computes the word-set embeddings and token text, ``attribute()`` the
+    attribution stage (None where it does not apply). Returns the reference array stages take
+    and the results of the activations (first), of each control and of the attribution maps."""
     extract = extract or (lambda p: extract_product(p, run_id=run_id, params=params))
     unsharded = unsharded or (lambda: unsharded_controls(plan, spec, run_id))
+    attribute = attribute or (lambda: run_attribution(plan, spec.attribution, run_id))
     cplans = planner(plan, spec)
     acts = hit(plan)
     companions: list[ExtractionPlan] = []
@@ -62,6 +66,8 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
     for done, ref in unsharded():
         results.append(done)
         controls[ref.kind] = ref
+    if (maps := attribute()) is not None:
+        results.append(maps)
     return activations_ref(plan, acts.snapshot, controls), results
 
 
@@ -83,4 +89,8 @@ def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[Acti
     for done, ref in unsharded_controls(plan, spec):   # all committed: cache hits only
         results.append(done)
         controls[ref.kind] = ref
+    if (key := attribution_key(plan, spec.attribution)) is not None:
+        if (asnap := repository.find(key)) is None:
+            return None
+        results.append(skipped("attribution", plan, key, asnap))
     return activations_ref(plan, snap, controls), results
