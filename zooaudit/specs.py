@@ -47,7 +47,8 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("digits", description="Dataset name: 'digits' or 'colored-digits'.")
+    name: str = Field("digits", description="Dataset name: 'digits', 'colored-digits', 'scenes' "
+                      "(generated shapes on backgrounds, with masks), or a file-backed one.")
     split: Literal["train", "test", "all"] = Field("test", description="Which split of the data to audit on.")
     color_flip: float = Field(
         0.5, ge=0.0, le=1.0,
