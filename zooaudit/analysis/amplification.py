@@ -41,6 +41,10 @@ Uncertainty (training counts are the fixed reference; the test side is resampled
   shuffled within each stratum of their own ground truth (T̂ within T for mals, A→T,
   multi_mals, G→M; Â within A for T→A, M→G), which keeps accuracy per true label and
   breaks any dependence of the prediction on the other side. ``(1 + #{null ≥ obs}) / (1 + B)``.
+  The multi-attribute measures' |Δ| mean has no such null (an attribute-blind model is far from
+  the training bias, so its |Δ| is large): their test statistic is the signed mean
+  ``1/(|G||M|) Σ y_gm Δ_gm`` (Multi_MALS: ``1/|M| Σ Δ_gm``; the authors' code's non-absolute
+  option), stored as ``signed``.
   The null mean is not 0 (attribute-blind errors dilute correlations): the test asks for
   amplification beyond that.
 """
@@ -142,8 +146,10 @@ class _Train:
         self.n_m, self.n_gm = member.sum(0), _co(ones, attr, member)[0]
 
 
-def _stats(w, f: dict, tr: _Train, G: int, measures) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``{measure: (value (B,), variance (B,), per-pair (B, G, ·))}`` from test-side cell weights ``w`` (B, k)."""
+def _stats(w, f: dict, tr: _Train, G: int, measures) -> dict[str, tuple[np.ndarray, ...]]:
+    """``{measure: (value (B,), variance (B,), per-pair (B, G, ·), test statistic (B,))}`` from test-side
+    cell weights ``w`` (B, k). The test statistic is the value, except for the multi-attribute measures,
+    whose |Δ| mean has no "no amplification" null: their signed mean (``y·Δ``; Δ itself for Multi_MALS)."""
     out = {}
     n_a = w @ f["A"]                                             # (B, G)
     if "mals" in measures:
@@ -151,29 +157,33 @@ def _stats(w, f: dict, tr: _Train, G: int, measures) -> dict[str, tuple[np.ndarr
         c = _co(w, f["Ahat"], f["P"])
         pair = np.where(b_star > 1 / G, _div(c, c.sum(1, keepdims=True)) - b_star, 0.0)
         pair = np.where(np.isnan(pair), 0.0, pair)               # tasks never predicted: no b̃
-        out["mals"] = (pair.sum((1, 2)) / tr.n_at.shape[1], np.full(len(w), np.nan), pair)
+        value = pair.sum((1, 2)) / tr.n_at.shape[1]
+        out["mals"] = (value, np.full(len(w), np.nan), pair, value)
     y_at = tr.n_at / tr.n > np.outer(tr.n_a / tr.n, tr.n_t / tr.n)   # (G, T)
     if "directional_at" in measures:
         delta = _div(_co(w, f["A"], f["P"]) - _co(w, f["A"], f["T"]), n_a[:, :, None])
         pair = np.where(y_at, delta, -delta)
-        out["directional_at"] = (_nanmean(pair), np.full(len(w), np.nan), pair)
+        out["directional_at"] = (_nanmean(pair), np.full(len(w), np.nan), pair, _nanmean(pair))
     if "directional_ta" in measures:
         n_t = (w @ f["T"])[:, None, :]
         delta = _div(_co(w, f["Ahat"], f["T"]) - _co(w, f["A"], f["T"]), n_t)
         pair = np.where(y_at, delta, -delta)
-        out["directional_ta"] = (_nanmean(pair), np.full(len(w), np.nan), pair)
+        out["directional_ta"] = (_nanmean(pair), np.full(len(w), np.nan), pair, _nanmean(pair))
     if "multi_mals" in measures:
         bias_tr = _div(tr.n_gm, tr.n_gm.sum(0, keepdims=True))
         c = _co(w, f["Ahat"], f["Pm"])
         delta = np.where(bias_tr > 1 / G, _div(c, c.sum(1, keepdims=True)) - bias_tr, 0.0)
-        out["multi_mals"] = (np.nansum(np.abs(delta), (1, 2)) / max(tr.n_m.size, 1), _nanvar(delta), delta)
+        size = max(tr.n_m.size, 1)
+        out["multi_mals"] = (np.nansum(np.abs(delta), (1, 2)) / size, _nanvar(delta), delta,
+                             np.nansum(delta, (1, 2)) / size)
+    y_gm = tr.n_gm / tr.n > np.outer(tr.n_a / tr.n, tr.n_m / tr.n)
     if "multi_gm" in measures:
         delta = _div(_co(w, f["A"], f["Pm"]), n_a[:, :, None]) - _div(tr.n_gm, tr.n_a[:, None])
-        out["multi_gm"] = (_nanmean(np.abs(delta)), _nanvar(delta), delta)
+        out["multi_gm"] = (_nanmean(np.abs(delta)), _nanvar(delta), delta, _nanmean(np.where(y_gm, delta, -delta)))
     if "multi_mg" in measures:
         n_m = (w @ f["Tm"])[:, None, :]
         delta = _div(_co(w, f["Ahat"], f["Tm"]), n_m) - _div(tr.n_gm, tr.n_m[None, :])
-        out["multi_mg"] = (_nanmean(np.abs(delta)), _nanvar(delta), delta)
+        out["multi_mg"] = (_nanmean(np.abs(delta)), _nanvar(delta), delta, _nanmean(np.where(y_gm, delta, -delta)))
     return out
 
 
@@ -259,7 +269,7 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
 
     Returns:
         Dataset over ``measure``: ``value``, ``value_ci`` (measure, ci), ``variance`` (multi
-        measures), ``p_value``, ``p_adjusted``, ``reject``; per-pair tables ``pairs_<measure>``
+        measures), ``signed`` (the test statistic), ``p_value``, ``p_adjusted``, ``reject``; per-pair tables ``pairs_<measure>``
         over ``(attribute, task)`` or ``(attribute, label_set)``.
     """
     bad = [m for m in measures if m not in MEASURES]
@@ -323,21 +333,22 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
                 c, w = rows.counts(rows.code(index))
                 st = _stats(w, rows.features(c, sets), train, G, todo)
                 for m in todo:
-                    null[m].append(st[m][0])
+                    null[m].append(st[m][3])
             for m in todo:
-                p[measures.index(m)] = permutation_p_value(float(obs[m][0][0]), np.concatenate(null[m]))
+                p[measures.index(m)] = permutation_p_value(float(obs[m][3][0]), np.concatenate(null[m]))
     value = np.array([obs[m][0][0] for m in measures])
     variance = np.array([obs[m][1][0] for m in measures])
+    signed = np.array([obs[m][3][0] for m in measures])
     for i, m in enumerate(measures):
         if m in _NEEDS_ATTR_PRED and attr_pred is None:
-            value[i], value_ci[i], variance[i] = np.nan, np.nan, np.nan
+            value[i], value_ci[i], variance[i], signed[i] = np.nan, np.nan, np.nan, np.nan
     adj = adjust(p, method=correction, alpha=alpha)
     attr_names = [str(a) for a in (attr_names if attr_names is not None else range(G))]
     task_names = [str(t) for t in (task_names if task_names is not None else range(T))]
     set_names = ["+".join(task_names[i] for i in m) for m in sets]
     ds = xr.Dataset(
         {"value": ("measure", value), "value_ci": (("measure", "ci"), value_ci),
-         "variance": ("measure", variance),
+         "variance": ("measure", variance), "signed": ("measure", signed),
          "p_value": ("measure", p), "p_adjusted": ("measure", adj.p_adjusted), "reject": ("measure", adj.reject)},
         coords={"measure": measures, "ci": CI_COORD, "attribute": attr_names, "task": task_names,
                 "label_set": set_names})

@@ -1,0 +1,65 @@
+"""The bias stage's amplification and contextual-bias tables on the colored-digits builtin models."""
+
+import pydantic
+import pytest
+import xarray as xr
+
+from zooaudit import layout, stages
+from zooaudit.errors import ZooauditError
+from zooaudit.specs import AuditModelSpec, BiasSpec, DatasetSpec
+from zooaudit.stages.amplification import training_spec
+from zooaudit.store import Store
+from zooaudit.zoo.catalog import shortcut_sweep
+
+FAST = {"n_boot": 40, "n_permutations": 100, "probes": False, "measures": ["amplification", "contextual"]}
+
+
+def _ref(store, model):
+    spec = AuditModelSpec(model=model, store=store, shard_size=100,
+                          datasets=[DatasetSpec(name="colored-digits", max_samples=300)], bias=FAST)
+    return spec, stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)[0]
+
+
+def test_amplification_tables_of_the_colour_shortcut(shared_store):
+    spec, ref = _ref(shared_store, "builtin:cnn-colored-w16-s0")
+    # auto: the builtin records its training data (colour agrees with the label 90% of the time)
+    assert training_spec(ref, spec.bias).color_flip == 0.1
+    res = stages.run_bias(ref, spec.bias)
+    amp = res.summary["colour"]["amplification"]
+    assert amp["directional_at"]["value"] > 0.3 and amp["directional_at"]["flagged"]
+    assert amp["mals"]["flagged"] and amp["directional_ta"]["value"] is None   # colour is not predicted
+    top = res.summary["colour"]["contextual"][0]
+    assert top["bias"] > 2 and top["acc_exclusive"] < 0.3 < top["acc_cooccur"]
+    snap = Store(ref.store).model_repo(ref.model_key).readonly_session(snapshot_id=res.snapshot).store
+    ds = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'amplification')}/colour", consolidated=False)
+    assert {"measure", "ci", "attribute", "task", "label_set"} <= set(ds.dims)
+    assert ds.attrs["adjusted_over"].startswith("every amplification measure")
+    ctx = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'contextual')}/colour", consolidated=False)
+    assert set(ctx["context"].values) == {"red", "green"} and bool(ctx["most_biased"][0])
+    again = stages.run_bias(ref, spec.bias)
+    assert again.skipped and again.summary == res.summary
+
+
+def test_amplification_and_contextual_bias_rise_with_the_shortcut_strength(shared_store):
+    amp, ctx = [], []
+    for flip, uri in shortcut_sweep().items():   # strongest shortcut (smallest flip) first
+        spec, ref = _ref(shared_store, uri)
+        s = stages.run_bias(ref, spec.bias.model_copy(update={"n_boot": 0, "n_permutations": 0})).summary["colour"]
+        amp.append(s["amplification"]["directional_at"]["value"])
+        ctx.append(s["contextual"][0]["bias"])
+    assert amp == sorted(amp, reverse=True) and amp[0] > 2 * amp[-1]
+    assert ctx == sorted(ctx, reverse=True)
+
+
+def test_training_side_errors(shared_store):
+    _, ref = _ref(shared_store, "builtin:cnn-colored-w16-s0")
+    with pytest.raises(pydantic.ValidationError, match="need a training side"):
+        BiasSpec(train_split=None)
+    assert BiasSpec(train_split=None, measures=["shortcut"]).measures == ["shortcut"]
+    with pytest.raises(ZooauditError, match="train_options"):
+        training_spec(ref, BiasSpec(train_split="train", train_options={"colour_flip": 0.1}))
+    assert training_spec(ref, BiasSpec(train_split="train", train_options={"color_flip": 0.2})).color_flip == 0.2
+    no_record = type(ref)(**{**ref.__dict__, "model_info": {}})
+    with pytest.raises(ZooauditError, match="records no training data"):
+        training_spec(no_record, BiasSpec(train_split="model"))
+    assert training_spec(no_record, BiasSpec()).split == "train"
