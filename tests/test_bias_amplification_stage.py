@@ -1,4 +1,4 @@
-"""The bias stage's amplification and contextual-bias tables on the colored-digits builtin models."""
+"""The bias stage's amplification, contextual-bias and shortcut tables on the colored-digits builtin models."""
 
 import pydantic
 import pytest
@@ -11,7 +11,7 @@ from zooaudit.stages.amplification import training_spec
 from zooaudit.store import Store
 from zooaudit.zoo.catalog import shortcut_sweep
 
-FAST = {"n_boot": 40, "n_permutations": 100, "probes": False, "measures": ["amplification", "contextual"]}
+FAST = {"n_boot": 40, "n_permutations": 100, "probes": False, "measures": ["amplification", "contextual", "shortcut"]}
 
 
 def _ref(store, model):
@@ -36,19 +36,28 @@ def test_amplification_tables_of_the_colour_shortcut(shared_store):
     assert ds.attrs["adjusted_over"].startswith("every amplification measure")
     ctx = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'contextual')}/colour", consolidated=False)
     assert set(ctx["context"].values) == {"red", "green"} and bool(ctx["most_biased"][0])
+    # shortcut: the partners (same digits, the other colour) were predicted on the model side
+    assert "counterfactual" in ref.controls
+    cut = res.summary["colour"]["shortcut"]
+    assert cut["flip_rate"] > 0.8 and cut["cf_accuracy"] < cut["accuracy"]
+    assert cut["worst_minority_counterfactual"] < 0.2
+    sc = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'shortcut')}/colour", consolidated=False)
+    assert {"group", "cell", "ci"} <= set(sc.dims) and sc["minority"].values.sum() == 2
     again = stages.run_bias(ref, spec.bias)
     assert again.skipped and again.summary == res.summary
 
 
-def test_amplification_and_contextual_bias_rise_with_the_shortcut_strength(shared_store):
-    amp, ctx = [], []
+def test_amplification_contextual_bias_and_flip_rate_rise_with_the_shortcut_strength(shared_store):
+    amp, ctx, flips = [], [], []
     for flip, uri in shortcut_sweep().items():   # strongest shortcut (smallest flip) first
         spec, ref = _ref(shared_store, uri)
         s = stages.run_bias(ref, spec.bias.model_copy(update={"n_boot": 0, "n_permutations": 0})).summary["colour"]
         amp.append(s["amplification"]["directional_at"]["value"])
         ctx.append(s["contextual"][0]["bias"])
+        flips.append(s["shortcut"]["flip_rate"])
     assert amp == sorted(amp, reverse=True) and amp[0] > 2 * amp[-1]
     assert ctx == sorted(ctx, reverse=True)
+    assert flips == sorted(flips, reverse=True) and flips[0] > 2 * flips[-1]
 
 
 def test_training_side_errors(shared_store):

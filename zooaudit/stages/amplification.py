@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from ..analysis.amplification import bias_amplification, multi_hot
 from ..analysis.contextual import contextual_bias
-from ..analysis.multitest import adjust
+from ..analysis.multitest import adjust_datasets
 from ..errors import ZooauditError
 from ..specs import BiasSpec, DatasetSpec
 from .common import plan_dataset
@@ -98,24 +98,13 @@ def attribute_tables(ref, samples: xr.Dataset, outputs: xr.Dataset, attr: str, b
 def adjust_amplification(tables: dict[str, xr.Dataset], bspec: BiasSpec) -> dict[str, dict]:
     """Adjust every amplification p-value of the run together (attributes × measures), in place;
     returns the per-attribute summary ``{attr: {measure: {value, ci, p_adjusted, flagged}}}``."""
-    attrs = list(tables)
-    if not attrs:
-        return {}
-    p = np.concatenate([tables[a]["p_value"].values for a in attrs])
-    adj = adjust(p, method=bspec.correction, alpha=bspec.alpha)
-    summary, start = {}, 0
-    for a in attrs:
-        ds = tables[a]
-        m = ds.sizes["measure"]
-        ds["p_adjusted"] = ("measure", adj.p_adjusted[start:start + m])
-        ds["reject"] = ("measure", adj.reject[start:start + m])
-        ds.attrs["adjusted_over"] = "every amplification measure × group attribute of the run"
-        start += m
-        summary[a] = {str(k): {"value": _r(ds["value"].sel(measure=k)),
-                               "ci": [_r(v) for v in ds["value_ci"].sel(measure=k).values],
-                               "p_adjusted": _r(ds["p_adjusted"].sel(measure=k)),
-                               "flagged": bool(ds["reject"].sel(measure=k))} for k in ds["measure"].values}
-    return summary
+    adjust_datasets(list(tables.values()), "measure", method=bspec.correction, alpha=bspec.alpha,
+                    over="every amplification measure × group attribute of the run")
+    return {a: {str(k): {"value": _r(ds["value"].sel(measure=k)),
+                         "ci": [_r(v) for v in ds["value_ci"].sel(measure=k).values],
+                         "p_adjusted": _r(ds["p_adjusted"].sel(measure=k)),
+                         "flagged": bool(ds["reject"].sel(measure=k))} for k in ds["measure"].values}
+            for a, ds in tables.items()}
 
 
 def _r(v) -> float | None:

@@ -13,6 +13,7 @@ Written under ``<ds>/bias/``::
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
     amplification/<attr>   bias amplification against the training side, contextual/<attr> the
                            contextual-bias pairs (:mod:`.amplification`; ``BiasSpec.measures``)
+    shortcut/<attr>        accuracy and flip rate on counterfactual partners (:mod:`.shortcut`)
 
 Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset). An array
 stage: the random-init and input-embedding controls and the word-set embeddings are read
@@ -33,6 +34,7 @@ from ..keys import cache_key
 from ..specs import BiasSpec
 from ..store import write_dataset
 from . import amplification as amp_stage
+from . import shortcut as shortcut_stage
 from . import weat as weat_stage
 from .common import commit_stage, control_rows, open_matrices, random_subset, shard_dataset, skipped
 from .refs import ActivationsRef, StageResult
@@ -155,10 +157,11 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
     outputs = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False).load() \
         if predictions else None
     groups_out: dict[str, xr.Dataset] = {}
-    reports, summary, amp_tables = {}, {}, {}
+    reports, summary, amp_tables, cf_tables = {}, {}, {}, {}
     attributes = samples.attrs.get("group_attributes", []) if predictions else []
-    train = amp_stage.training_side(ref, bspec)[0] if attributes and \
-        {"amplification", "contextual"} & set(bspec.measures) else None
+    train = amp_stage.training_side(ref, bspec)[0] if attributes and bspec.train_split is not None and \
+        {"amplification", "contextual", "shortcut"} & set(bspec.measures) else None
+    cf = shortcut_stage.counterfactual_outputs(ref) if attributes and "shortcut" in bspec.measures else None
     for attr in attributes:
         rep = bias_mod.group_metrics(
             samples["label"].values, outputs["prediction"].values, samples[attr].values,
@@ -203,7 +206,10 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
                 ref.sample_layers, [round(float(v), 4) for v in
                               (rep_ds["erasure"]["worst_group_accuracy"].sel(stage="after")
                                - rep_ds["erasure"]["worst_group_accuracy"].sel(stage="before")).values]))
-        if train is not None:
+        if cf is not None:
+            cf_tables[attr], _ = shortcut_stage.shortcut_table(samples, outputs, cf, attr, bspec, train)
+            groups_out[f"{layout.bias_group(ref.ds_key, 'shortcut')}/{attr}"] = cf_tables[attr]
+        if train is not None and {"amplification", "contextual"} & set(bspec.measures):
             tables, extra = amp_stage.attribute_tables(ref, samples, outputs, attr, bspec, train)
             summary[attr].update(extra)
             for name, ds in tables.items():
@@ -215,6 +221,7 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
                         ref.model_uri, ref.ds_key, ", ".join(worse))
     for attr, amp in amp_stage.adjust_amplification(amp_tables, bspec).items():
         summary[attr]["amplification"] = amp
+    shortcut_stage.adjust_shortcut(cf_tables, summary, bspec)
     if reports:
         groups_out[layout.bias_group(ref.ds_key, "adjusted")] = bias_mod.adjust_run(
             reports, method=bspec.correction, alpha=bspec.alpha)
