@@ -1,11 +1,14 @@
 """The bias stage's amplification, contextual-bias and shortcut tables on the colored-digits builtin models."""
 
+from types import SimpleNamespace
+
 import pydantic
 import pytest
 import xarray as xr
 
 from zooaudit import layout, stages
 from zooaudit.errors import ZooauditError
+from zooaudit.report.bias_measures import measures_sweep_section, zoo_measures_table
 from zooaudit.specs import AuditModelSpec, BiasSpec, DatasetSpec
 from zooaudit.stages.amplification import training_spec
 from zooaudit.store import Store
@@ -48,16 +51,23 @@ def test_amplification_tables_of_the_colour_shortcut(shared_store):
 
 
 def test_amplification_contextual_bias_and_flip_rate_rise_with_the_shortcut_strength(shared_store):
-    amp, ctx, flips = [], [], []
+    amp, ctx, flips, audits = [], [], [], []
     for flip, uri in shortcut_sweep().items():   # strongest shortcut (smallest flip) first
         spec, ref = _ref(shared_store, uri)
-        s = stages.run_bias(ref, spec.bias.model_copy(update={"n_boot": 0, "n_permutations": 0})).summary["colour"]
+        res = stages.run_bias(ref, spec.bias.model_copy(update={"n_boot": 0, "n_permutations": 0}))
+        audits.append(SimpleNamespace(model=uri, refs=[ref], results=[res]))
+        s = res.summary["colour"]
         amp.append(s["amplification"]["directional_at"]["value"])
         ctx.append(s["contextual"][0]["bias"])
         flips.append(s["shortcut"]["flip_rate"])
     assert amp == sorted(amp, reverse=True) and amp[0] > 2 * amp[-1]
     assert ctx == sorted(ctx, reverse=True)
     assert flips == sorted(flips, reverse=True) and flips[0] > 2 * flips[-1]
+    files: dict = {}
+    (sweep,) = measures_sweep_section(audits, files)
+    assert files["bias-measures-sweep.png"][:8] == b"\x89PNG\r\n\x1a\n" and "bias-measures-sweep.png" in sweep
+    (table,) = zoo_measures_table(audits)
+    assert table.index(shortcut_sweep()[0.1]) < table.index(shortcut_sweep()[0.5])   # ranked, strongest first
 
 
 def test_training_side_errors(shared_store):

@@ -16,13 +16,20 @@ import xarray as xr
 from .. import layout
 from ..analysis.multitest import adjust_datasets
 from ..analysis.shortcut import check_pairs, shortcut_reliance
+from ..data.counterfactual import counterfactual_spec
+from ..errors import ZooauditError
 from ..specs import BiasSpec
 
 
 def counterfactual_outputs(ref) -> tuple[xr.Dataset, xr.Dataset] | None:
-    """``(samples, outputs)`` of the counterfactual partners extracted beside ``ref``, or None."""
+    """``(samples, outputs)`` of the counterfactual partners extracted beside ``ref``; None when the
+    dataset has no partners (or the model no predictions); an error when they should be there."""
     control = ref.controls.get("counterfactual")
     if control is None:
+        if ref.n_outputs is not None and counterfactual_spec(ref.dataset) is not None:
+            raise ZooauditError(f"No counterfactual predictions were extracted for {ref.model_uri!r} on "
+                                f"{ref.ds_key!r}; the model stage extracts them when BiasSpec.measures has "
+                                "'shortcut'. Rerun the audit (or drop 'shortcut' from measures).")
         return None
     store = ref.repository.session(control.snapshot).store
     samples = xr.open_zarr(store, group=layout.samples_group(control.group), consolidated=False).load()
