@@ -82,3 +82,26 @@ def test_training_side_errors(shared_store):
     with pytest.raises(ZooauditError, match="records no training data"):
         training_spec(no_record, BiasSpec(train_split="model"))
     assert training_spec(no_record, BiasSpec()).split == "train"
+
+
+def test_amplification_regression_rule_and_event():
+    import numpy as np
+
+    from zooaudit.stages.amplification import as_disparities
+    from zooaudit.stages.bias import regressions
+    from zooaudit_flows.events import find_regressions
+
+    def table(values, ci, reject):
+        return xr.Dataset({"value": ("measure", values), "value_ci": (("measure", "ci"), ci),
+                           "reject": ("measure", reject)}, coords={"measure": ["mals", "directional_at"]})
+
+    prev = table([0.1, 0.2], [[0.05, 0.15], [0.1, 0.3]], [True, True])
+    cur = table([0.4, 0.25], np.full((2, 2), np.nan), [True, True])
+    assert regressions(as_disparities(cur), as_disparities(prev)) == ["mals"]   # 0.25 is inside [0.1, 0.3]
+    assert regressions(as_disparities(cur.assign(reject=("measure", [False, False]))), as_disparities(prev)) == []
+    summary = {"colour": {"regressions": [], "measure_regressions": ["amplification:mals"],
+                          "amplification": {"mals": {"value": 0.4, "p_adjusted": 0.01, "flagged": True}}}}
+    result = SimpleNamespace(stage="bias", skipped=False, dataset="ds", snapshot="S", summary=summary)
+    (event,) = find_regressions.fn([SimpleNamespace(model="m", refs=[], results=[result])], 0.1)
+    assert event["metric"] == "bias:colour:amplification:mals"
+    assert event["payload"]["kind"] == "bias-amplification" and event["payload"]["value"] == 0.4

@@ -107,6 +107,13 @@ def adjust_amplification(tables: dict[str, xr.Dataset], bspec: BiasSpec) -> dict
             for a, ds in tables.items()}
 
 
+def as_disparities(ds: xr.Dataset) -> xr.Dataset:
+    """An amplification table in the shape :func:`.bias.regressions` reads (``metric``, ``difference``,
+    ``difference_ci``, ``reject``), so that a measure is flagged by the disparities' rule."""
+    return ds[["value", "value_ci", "reject"]].rename(measure="metric", value="difference",
+                                                         value_ci="difference_ci")
+
+
 def _r(v) -> float | None:
     v = float(v)
     return round(v, 6) if np.isfinite(v) else None

@@ -221,6 +221,14 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
                         ref.model_uri, ref.ds_key, ", ".join(worse))
     for attr, amp in amp_stage.adjust_amplification(amp_tables, bspec).items():
         summary[attr]["amplification"] = amp
+        # the disparity rule on each measure: significant now and above the previous audit's interval
+        prev = previous_disparities(ref, f"amplification/{attr}", key)
+        worse = regressions(amp_stage.as_disparities(amp_tables[attr]), amp_stage.as_disparities(prev[1])) \
+            if prev else []
+        summary[attr]["measure_regressions"] = [f"amplification:{m}" for m in worse]
+        if worse:
+            log.warning("%s on %s: amplification of %s significantly worse than the previous audit: %s",
+                        ref.model_uri, ref.ds_key, attr, ", ".join(worse))
     shortcut_stage.adjust_shortcut(cf_tables, summary, bspec)
     if reports:
         groups_out[layout.bias_group(ref.ds_key, "adjusted")] = bias_mod.adjust_run(
