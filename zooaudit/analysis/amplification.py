@@ -65,7 +65,7 @@ MEASURES = ("mals", "directional_at", "directional_ta", "multi_mals", "multi_gm"
 _PERMUTED = {"mals": "task", "directional_at": "task", "multi_mals": "task", "multi_gm": "task",
              "directional_ta": "attr", "multi_mg": "attr"}
 _NEEDS_ATTR_PRED = {"directional_ta", "multi_mg"}
-_PERM_BATCH = 100
+_PERM_ELEMENTS = 20_000_000   # permutations per batch × samples: bounds the batch's index arrays (~160 MB each)
 MAX_SETS = 20_000
 
 
@@ -326,8 +326,9 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
                 continue
             moved, strata = ("P", rows.index["T"]) if side == "task" else ("Ahat", rows.index["A"])
             null = {m: [] for m in todo}
-            for start in range(0, n_permutations, _PERM_BATCH):
-                perm = _within_strata(strata, min(_PERM_BATCH, n_permutations - start), rng)
+            batch = max(1, min(100, _PERM_ELEMENTS // max(len(codes), 1)))
+            for start in range(0, n_permutations, batch):
+                perm = _within_strata(strata, min(batch, n_permutations - start), rng)
                 index = {s: np.broadcast_to(v, perm.shape) for s, v in rows.index.items()}
                 index[moved] = rows.index[moved][perm]
                 c, w = rows.counts(rows.code(index))
