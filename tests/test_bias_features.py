@@ -61,7 +61,7 @@ def test_bias_features_stage_after_factorize(shared_store):
     with pytest.raises(ZooauditError, match="run the factorize stage first"):
         stage.run(ref, stage.spec_of(spec.model_copy(update={"factorize": spec.factorize.model_copy(
             update={"k": 3})})))
-    stages.run_factorize(ref, spec.factorize)
+    fact = stages.run_factorize(ref, spec.factorize)
     res = stage.run(ref, stage.spec_of(spec))
     top = res.summary["top_components"]
     assert set(top) == {"colour=green", "error"}
@@ -84,10 +84,11 @@ def test_bias_features_stage_after_factorize(shared_store):
     full = spec.model_copy(update={"bias": bspec})
     ref, _ = stages.run_model_stages(stages.plan_extraction(full, full.datasets[0]), full)
     bias = stages.run_bias(ref, bspec)
-    audit = SimpleNamespace(model=ref.model_uri, refs=[ref], results=[bias, res])
+    audit = SimpleNamespace(model=ref.model_uri, refs=[ref], results=[fact, bias, res])
     index = build_report(ref.store, {"test": "bias-measures"}, [audit], [], run_id="bfeat")
     with open(index) as fh:
         page = fh.read()
     for text in ("Bias amplification of colour", "Contextual bias", "Shortcut reliance", "Components that carry",
+                 "(gallery row ",
                  f"{ref.model_key}-{ref.ds_key}-shortcut-colour.png"):
         assert text in page, text

@@ -93,20 +93,23 @@ def bias_measures_section(open_group, plan, bias_result, features_result, base: 
                 rows.append([html.escape(layer), html.escape(method), str(comp), _f(row["auc"].values[i]),
                              "[{}, {}]".format(*(_f(v) for v in row["auc_ci"].values[i])),
                              _f(row["p_adjusted"].values[i]), _gallery(open_group, plan, features_result, layer,
-                                                                       method, comp)])
+                                                                       method, comp, base, files)])
             out.append(f"<h4>Components that carry {html.escape(str(target))} (AUC, DeLong CI, corrected across "
                        "components)</h4>" + _table(["layer", "method", "component", "AUC", "CI", "p (adjusted)",
                                                      "top samples (gallery)"], rows))
     return out
 
 
-def _gallery(open_group, plan, result, layer: str, method: str, comp: int) -> str:
-    """The ids of the component's top-activating samples (the factorize section shows their images)."""
+def _gallery(open_group, plan, result, layer: str, method: str, comp: int, base: str, files: dict) -> str:
+    """The ids of the component's top-activating samples, linked to the factorize section's concept
+    gallery of that (layer, method) when the report drew one (row ``comp`` of it)."""
     try:
         f = open_group(layout.factors_group(plan.ds_key, layer, method), result.snapshot)
-        return ", ".join(str(int(v)) for v in f["top_sample"].values[comp][:6])
+        ids = ", ".join(str(int(v)) for v in f["top_sample"].values[comp][:6])
     except (KeyError, FileNotFoundError, IndexError):
         return "–"
+    name = f"{base}-gallery-{layer}-{method}.png"
+    return f"<a href='{html.escape(name)}'>{ids} (gallery row {comp})</a>" if name in files else ids
 
 
 def zoo_measures_table(audits) -> list[str]:
