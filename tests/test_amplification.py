@@ -222,3 +222,37 @@ def test_contextual_bias_categories_as_contexts():
     assert bool(ds["small"][1]) and int(ds["n_exclusive"][1]) == 0 and not bool(ds["most_biased"][1])
     assert float(ds["acc_cooccur"][0]) == 1.0 and float(ds["acc_exclusive"][0]) == 0.5
     assert float(ds["bias"][0]) == pytest.approx(2.0)
+
+
+def test_random_tables_keep_margins_and_the_permutation_distribution():
+    from zooaudit.analysis.contingency import permuted_tables, random_tables
+
+    rng = np.random.default_rng(0)
+    N = np.array([[5, 1, 0], [2, 3, 4], [0, 2, 6]])
+    T = random_tables(N, 4000, rng)
+    assert (T.sum(2) == N.sum(1)).all() and (T.sum(1) == N.sum(0)).all() and (T >= 0).all()
+    # a uniform permutation of the column labels: E[N_rc] = row_r · col_c / n (hypergeometric)
+    expected = np.outer(N.sum(1), N.sum(0)) / N.sum()
+    np.testing.assert_allclose(T.mean(0), expected, atol=0.1)
+    # against shuffling the units themselves
+    units_r, units_c = np.repeat(np.arange(3), N.sum(1)), np.concatenate([np.repeat(np.arange(3), n) for n in N])
+    shuffled = np.stack([np.histogram2d(units_r, rng.permutation(units_c), bins=[3, 3])[0] for _ in range(4000)])
+    np.testing.assert_allclose(T.var(0), shuffled.var(0), rtol=0.15, atol=0.05)
+    r, c, w = permuted_tables(np.array([0, 0, 1]), np.array([10, 11, 12]), np.array([0, 1, 0]), np.array([3, 2, 4]),
+                              5, rng)
+    assert w.shape == (5, 5) and (w.sum(1) == 9).all()      # stratum 0: 2 × 2 cells, stratum 1: 1 × 1
+
+
+def test_table_null_agrees_with_per_sample_shuffles(monkeypatch):
+    import zooaudit.analysis.amplification as amp
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 3, 300)
+    t = np.where(rng.random(300) < 0.6, a, rng.integers(0, 3, 300))
+    p = np.where(rng.random(300) < 0.8, t, rng.integers(0, 3, 300))    # attribute-blind errors
+    kw = {"measures": ["directional_at", "multi_gm"], "n_boot": 0, "n_permutations": 400, "max_order": 1}
+    tables = bias_amplification(a, t, a, t, p, **kw)["p_value"].values
+    monkeypatch.setattr(amp, "_TABLE_CELLS", 0)
+    rows = bias_amplification(a, t, a, t, p, **kw)["p_value"].values
+    assert (0.1 < tables).all() and (tables < 0.9).all()          # the same p-value, estimated twice
+    np.testing.assert_allclose(tables, rows, atol=0.08)

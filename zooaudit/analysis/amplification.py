@@ -41,6 +41,8 @@ Uncertainty (training counts are the fixed reference; the test side is resampled
   shuffled within each stratum of their own ground truth (T̂ within T for mals, A→T,
   multi_mals, G→M; Â within A for T→A, M→G), which keeps accuracy per true label and
   breaks any dependence of the prediction on the other side. ``(1 + #{null ≥ obs}) / (1 + B)``.
+  The shuffles are drawn as random contingency tables per stratum (:mod:`.contingency`), exact
+  in distribution and O(B · distinct cells); per-sample shuffles only when the tables are huge.
   The multi-attribute measures' |Δ| mean has no such null (an attribute-blind model is far from
   the training bias, so its |Δ| is large): their test statistic is the signed mean
   ``1/(|G||M|) Σ y_gm Δ_gm`` (Multi_MALS: ``1/|M| Σ Δ_gm``; the authors' code's non-absolute
@@ -58,6 +60,7 @@ import xarray as xr
 
 from ..errors import ZooauditError
 from .fairness import CI_COORD
+from .contingency import permuted_tables, table_cells
 from .multitest import adjust, permutation_p_value
 
 MEASURES = ("mals", "directional_at", "directional_ta", "multi_mals", "multi_gm", "multi_mg")
@@ -65,6 +68,7 @@ MEASURES = ("mals", "directional_at", "directional_ta", "multi_mals", "multi_gm"
 _PERMUTED = {"mals": "task", "directional_at": "task", "multi_mals": "task", "multi_gm": "task",
              "directional_ta": "attr", "multi_mg": "attr"}
 _NEEDS_ATTR_PRED = {"directional_ta", "multi_mg"}
+_TABLE_CELLS = 1_000_000     # larger permutation tables (cells × label sets): per-sample shuffles instead
 _PERM_ELEMENTS = 20_000_000   # permutations per batch × samples: bounds the batch's index arrays (~160 MB each)
 MAX_SETS = 20_000
 
@@ -95,10 +99,34 @@ def multi_hot(values, field: str, n_classes: int | None = None, *, multi_label: 
     return a.astype(np.float64)
 
 
+def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(table (p, C) float64 0/1, index (n,))``: the distinct rows of :func:`multi_hot` ``(values)`` and each
+    sample's row, without building the ``(n, C)`` matrix for class codes (memory O(n) ints, not O(n·C) floats)."""
+    a = np.asarray(values)
+    if a.ndim == 1 and not multi_label:
+        if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
+            multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
+        values_u, index = np.unique(a, return_inverse=True)
+        return multi_hot(values_u.astype(np.int64), field, n_classes), index.ravel()
+    mat = multi_hot(a, field, n_classes, multi_label=multi_label)
+    table, index = np.unique(mat.astype(np.int8), axis=0, return_inverse=True)
+    return table.astype(np.float64), index.ravel()
+
+
+def _pair_rows(pa, pt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (attribute row, task row) pairs of a split: ``(attr rows, task rows, counts)``."""
+    (ta, ia), (tt, it) = pa, pt
+    pair, count = np.unique(ia.astype(np.int64) * len(tt) + it, return_counts=True)
+    return ta[pair // len(tt)], tt[pair % len(tt)], count.astype(np.float64)
+
+
 def label_sets(train_task: np.ndarray, test_task: np.ndarray, train_attr: np.ndarray, test_attr: np.ndarray,
-               max_order: int) -> list[tuple[int, ...]]:
+               max_order: int, train_count=None, test_count=None) -> list[tuple[int, ...]]:
     """The sets ``M`` of Multi-MALS: task-label sets of size 1..``max_order`` that co-occur with some
-    group at least once in the training and in the test ground truth."""
+    group at least once in the training and in the test ground truth. Rows may be distinct rows
+    weighted by ``*_count``."""
+    train_count = np.ones(len(train_task)) if train_count is None else train_count
+    test_count = np.ones(len(test_task)) if test_count is None else test_count
     T = train_task.shape[1]
     sizes = [sum(1 for _ in itertools.combinations(range(T), r)) for r in range(1, max_order + 1)]
     if sum(sizes) > MAX_SETS:
@@ -108,8 +136,8 @@ def label_sets(train_task: np.ndarray, test_task: np.ndarray, train_attr: np.nda
     for r in range(1, max_order + 1):
         for m in itertools.combinations(range(T), r):
             idx = list(m)
-            ok = all((np.all(task[:, idx] == 1, axis=1)[:, None] * attr).sum() >= 1
-                     for task, attr in ((train_task, train_attr), (test_task, test_attr)))
+            ok = all(((np.all(task[:, idx] == 1, axis=1) * count)[:, None] * attr).sum() >= 1
+                     for task, attr, count in ((train_task, train_attr, train_count), (test_task, test_attr, test_count)))
             if ok:
                 out.append(m)
     return out
@@ -137,13 +165,13 @@ def _div(a, b):
 class _Train:
     """Training-side counts: ``n``, ``n_a`` (G,), ``n_t`` (T,), ``n_at`` (G, T); the same over label sets."""
 
-    def __init__(self, attr, task, sets):
-        ones = np.ones((1, attr.shape[0]))
-        self.n = attr.shape[0]
-        self.n_a, self.n_t = attr.sum(0), task.sum(0)
+    def __init__(self, attr, task, sets, count=None):
+        ones = (np.ones(attr.shape[0]) if count is None else np.asarray(count, np.float64))[None, :]
+        self.n = float(ones.sum())
+        self.n_a, self.n_t = (ones @ attr)[0], (ones @ task)[0]
         self.n_at = _co(ones, attr, task)[0]
         member = _membership(task, sets)
-        self.n_m, self.n_gm = member.sum(0), _co(ones, attr, member)[0]
+        self.n_m, self.n_gm = (ones @ member)[0], _co(ones, attr, member)[0]
 
 
 def _stats(w, f: dict, tr: _Train, G: int, measures) -> dict[str, tuple[np.ndarray, ...]]:
@@ -201,11 +229,9 @@ def _nanvar(x):
 class _Rows:
     """The test side as distinct patterns: per side a pattern table and one index per sample."""
 
-    def __init__(self, **sides: np.ndarray):
-        self.tables, self.index = {}, {}
-        for name, mat in sides.items():
-            self.tables[name], self.index[name] = np.unique(mat, axis=0, return_inverse=True)
-            self.index[name] = self.index[name].ravel()
+    def __init__(self, **sides: tuple[np.ndarray, np.ndarray]):
+        self.tables = {name: table for name, (table, _) in sides.items()}
+        self.index = {name: index for name, (_, index) in sides.items()}
         self.order = list(sides)
         self.sizes = [len(self.tables[s]) for s in self.order]
         if np.prod(np.asarray(self.sizes, dtype=np.float64)) > 2.0 ** 62:
@@ -217,6 +243,10 @@ class _Rows:
         for s, size in zip(self.order, self.sizes):
             c = c * size + index[s]
         return c
+
+    def multiplier(self, side: str) -> int:
+        """What one step of ``side``'s index adds to a code."""
+        return int(np.prod(self.sizes[self.order.index(side) + 1:], dtype=np.int64))
 
     def decode(self, codes: np.ndarray) -> dict:
         out, c = {}, codes.copy()
@@ -284,24 +314,26 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
         if np.asarray(attr).ndim == 1 else np.asarray(attr).shape[1]
     T = int(max(np.max(np.asarray(train_task)), np.max(np.asarray(task)), np.max(np.asarray(task_pred))) + 1) \
         if np.asarray(task).ndim == 1 else np.asarray(task).shape[1]
-    tr_a, A = multi_hot(train_attr, "train_attr", G), multi_hot(attr, "attr", G)
-    tr_t = multi_hot(train_task, "train_task", T, multi_label=multi_label)
-    Tt = multi_hot(task, "task", T, multi_label=multi_label)
-    P = multi_hot(task_pred, "task_pred", T, multi_label=multi_label)
-    Ahat = A if attr_pred is None else multi_hot(attr_pred, "attr_pred", G)
+    tr_a, A = patterns(train_attr, "train_attr", G), patterns(attr, "attr", G)
+    tr_t = patterns(train_task, "train_task", T, multi_label=multi_label)
+    Tt = patterns(task, "task", T, multi_label=multi_label)
+    P = patterns(task_pred, "task_pred", T, multi_label=multi_label)
+    Ahat = A if attr_pred is None else patterns(attr_pred, "attr_pred", G)
     for name, x, ref in (("attr", A, Tt), ("task_pred", P, Tt), ("attr_pred", Ahat, Tt), ("train_attr", tr_a, tr_t)):
-        if len(x) != len(ref):
-            raise ZooauditError(f"{name} has {len(x)} rows but {'train_task' if name == 'train_attr' else 'task'} "
-                                f"has {len(ref)}: one row per sample, in the same order.")
+        if len(x[1]) != len(ref[1]):
+            raise ZooauditError(f"{name} has {len(x[1])} rows but {'train_task' if name == 'train_attr' else 'task'} "
+                                f"has {len(ref[1])}: one row per sample, in the same order.")
     for name, x in (("train_attr", tr_a), ("attr", A)):
-        if (x.sum(0) > 0).sum() < 2:
+        if (x[0].sum(0) > 0).sum() < 2:
             raise ZooauditError(f"{name} has a single attribute value: amplification compares at least two "
                                 "groups; give an attribute with two or more observed values.")
-    if len(tr_t) == 0 or len(Tt) == 0:
+    if len(tr_t[1]) == 0 or len(Tt[1]) == 0:
         raise ZooauditError("bias_amplification needs samples on both the training and the test side.")
     measures = [m for m in MEASURES if m in measures]
-    sets = label_sets(tr_t, Tt, tr_a, A, max_order)
-    train = _Train(tr_a, tr_t, sets)
+    train_rows, test_rows = _pair_rows(tr_a, tr_t), _pair_rows(A, Tt)
+    sets = label_sets(train_rows[1], test_rows[1], train_rows[0], test_rows[0], max_order, train_rows[2],
+                      test_rows[2])
+    train = _Train(*train_rows[:2], sets, train_rows[2])
     rows = _Rows(A=A, Ahat=Ahat, T=Tt, P=P)
     codes = rows.code(rows.index)
     cells, w_obs = rows.counts(codes[None, :])
@@ -324,17 +356,31 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
             todo = [m for m in measures if _PERMUTED[m] == side and not (m in _NEEDS_ATTR_PRED and attr_pred is None)]
             if not todo:
                 continue
-            moved, strata = ("P", rows.index["T"]) if side == "task" else ("Ahat", rows.index["A"])
+            moved, stratum = ("P", "T") if side == "task" else ("Ahat", "A")
             null = {m: [] for m in todo}
-            batch = max(1, min(100, _PERM_ELEMENTS // max(len(codes), 1)))
-            for start in range(0, n_permutations, batch):
-                perm = _within_strata(strata, min(batch, n_permutations - start), rng)
-                index = {s: np.broadcast_to(v, perm.shape) for s, v in rows.index.items()}
-                index[moved] = rows.index[moved][perm]
-                c, w = rows.counts(rows.code(index))
-                st = _stats(w, rows.features(c, sets), train, G, todo)
-                for m in todo:
-                    null[m].append(st[m][3])
+            idx, mult = rows.decode(cells), rows.multiplier(moved)
+            fixed = cells - idx[moved] * mult          # the cell's code with the moved side at 0
+            if table_cells(idx[stratum], fixed, idx[moved]) * max(1, len(sets)) <= _TABLE_CELLS:
+                # random contingency tables per stratum: O(permutations · cells), no per-sample arrays
+                batch = max(1, min(n_permutations, _PERM_ELEMENTS // max(table_cells(idx[stratum], fixed,
+                                                                                      idx[moved]), 1)))
+                for start in range(0, n_permutations, batch):
+                    f_k, m_k, w = permuted_tables(idx[stratum], fixed, idx[moved], w_obs[0],
+                                                  min(batch, n_permutations - start), rng)
+                    st = _stats(w.astype(np.float64), rows.features(f_k + m_k * mult, sets), train, G, todo)
+                    for m in todo:
+                        null[m].append(st[m][3])
+            else:   # too many distinct patterns for tables: shuffle per-sample indices, in bounded batches
+                strata = rows.index[stratum]
+                batch = max(1, min(100, _PERM_ELEMENTS // max(len(codes), 1)))
+                for start in range(0, n_permutations, batch):
+                    perm = _within_strata(strata, min(batch, n_permutations - start), rng)
+                    index = {s: np.broadcast_to(v, perm.shape) for s, v in rows.index.items()}
+                    index[moved] = rows.index[moved][perm]
+                    c, w = rows.counts(rows.code(index))
+                    st = _stats(w, rows.features(c, sets), train, G, todo)
+                    for m in todo:
+                        null[m].append(st[m][3])
             for m in todo:
                 p[measures.index(m)] = permutation_p_value(float(obs[m][3][0]), np.concatenate(null[m]))
     value = np.array([obs[m][0][0] for m in measures])
