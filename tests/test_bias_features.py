@@ -92,3 +92,18 @@ def test_bias_features_stage_after_factorize(shared_store):
                  "(gallery row ",
                  f"{ref.model_key}-{ref.ds_key}-shortcut-colour.png"):
         assert text in page, text
+
+
+def test_component_blocks_give_the_same_aucs(monkeypatch):
+    import zooaudit.stages.bias_features as bf
+    from zooaudit.specs import BiasSpec
+
+    rng = np.random.default_rng(2)
+    codes = xr.DataArray(rng.normal(size=(80, 10)), dims=("sample", "component"))
+    targets = {"t": rng.random(80) < 0.5}
+    whole = component_aucs(codes.values, targets, min_group_size=5)
+    monkeypatch.setattr(bf, "COMPONENT_BLOCK", 3)
+    blocks = bf._block_aucs(codes, targets, BiasSpec(min_group_size=5))
+    np.testing.assert_allclose(blocks["auc"].values, whole["auc"].values)
+    np.testing.assert_allclose(blocks["p_value"].values, whole["p_value"].values)
+    assert blocks["component"].values.tolist() == list(range(10))

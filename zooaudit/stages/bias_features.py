@@ -46,7 +46,11 @@ def bias_features_key(ref: ActivationsRef, specs) -> str | None:
     return cache_key(STAGE, factorize=factorize_key(ref, fspec), **{p: getattr(bspec, p) for p in PARAMS})
 
 
-def _codes(store, ref, layer: str, method: str, ids: np.ndarray) -> np.ndarray | None:
+COMPONENT_BLOCK = 64   # components ranked at a time: memory O(samples × block), whatever the dictionary size
+
+
+def _codes(store, ref, layer: str, method: str, ids: np.ndarray) -> xr.DataArray | None:
+    """The lazy ``codes (sample, component)`` of one factorization, in the samples' order (None: skipped)."""
     try:
         ds = xr.open_zarr(store, group=layout.factors_group(ref.ds_key, layer, method), consolidated=False)
     except (FileNotFoundError, KeyError):
@@ -54,9 +58,18 @@ def _codes(store, ref, layer: str, method: str, ids: np.ndarray) -> np.ndarray |
     if "codes" not in ds:
         return None
     codes = ds["codes"]
-    if not np.array_equal(codes["sample"].values, ids):
-        codes = codes.sel(sample=ids)
-    return np.asarray(codes.values, dtype=np.float64)
+    return codes if np.array_equal(codes["sample"].values, ids) else codes.sel(sample=ids)
+
+
+def _block_aucs(codes: xr.DataArray, targets: dict, bspec) -> xr.Dataset:
+    """:func:`component_aucs` over column blocks of the lazy codes, concatenated along ``component``."""
+    k = codes.sizes["component"]
+    return xr.concat([component_aucs(np.asarray(codes.isel(component=slice(j, j + COMPONENT_BLOCK)).values,
+                                                dtype=np.float64), targets, ci=bspec.ci,
+                                     min_group_size=bspec.min_group_size,
+                                     component_names=np.arange(j, min(j + COMPONENT_BLOCK, k)))
+                      for j in range(0, k, COMPONENT_BLOCK)], dim="component", data_vars="minimal",
+                     coords="minimal", compat="override", combine_attrs="override")
 
 
 def run_bias_features(ref: ActivationsRef, specs, run_id: str | None = None) -> StageResult | None:
@@ -86,10 +99,11 @@ def run_bias_features(ref: ActivationsRef, specs, run_id: str | None = None) -> 
             if codes is None:
                 missing.append(f"{layer}/{method}")
                 continue
-            ds = component_aucs(codes, targets, ci=bspec.ci, min_group_size=bspec.min_group_size)
+            ds = _block_aucs(codes, targets, bspec)
+            k = ds.sizes["component"]
             parts.append(ds.rename(component="feature").assign_coords(
-                layer=("feature", [layer] * codes.shape[1]), method=("feature", [method] * codes.shape[1]),
-                component=("feature", np.arange(codes.shape[1]))).drop_vars("feature"))
+                layer=("feature", [layer] * k), method=("feature", [method] * k),
+                component=("feature", np.arange(k))).drop_vars("feature"))
     if not parts:
         raise ZooauditError(f"No factorization codes to read for {ref.model_uri!r} on {ref.ds_key!r} "
                             f"(every layer × method was skipped by factorize: {', '.join(missing)}).")
