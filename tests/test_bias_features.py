@@ -107,3 +107,21 @@ def test_component_blocks_give_the_same_aucs(monkeypatch):
     np.testing.assert_allclose(blocks["auc"].values, whole["auc"].values)
     np.testing.assert_allclose(blocks["p_value"].values, whole["p_value"].values)
     assert blocks["component"].values.tolist() == list(range(10))
+
+
+def test_every_factorization_skipped_is_recorded_not_an_error(shared_store, monkeypatch):
+    spec = AuditModelSpec(model="builtin:cnn-colored-w16-s0", store=shared_store, shard_size=100,
+                          datasets=[DatasetSpec(name="colored-digits", max_samples=300)],
+                          factorize={"k": 2, "methods": ["eigencam", "pca"], "seeds": [0]},
+                          bias={"probes": False, "measures": ["components"]})
+    ref, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    only_layer = type(ref)(**{**ref.__dict__, "layers": []})
+    stage = array_stage("bias-features")
+    assert stage.key(only_layer, stage.spec_of(spec)) is None          # no layers: nothing to rank
+    stages.run_factorize(ref, spec.factorize)
+    import zooaudit.stages.bias_features as bf
+
+    monkeypatch.setattr(bf, "_codes", lambda *a: None)                   # as if factorize skipped them all
+    res = stage.run(ref, stage.spec_of(spec))
+    assert res.summary["top_components"] == {} and len(res.summary["skipped"]) == len(ref.layers)
+    assert stage.run(ref, stage.spec_of(spec)).skipped

@@ -104,9 +104,13 @@ def run_bias_features(ref: ActivationsRef, specs, run_id: str | None = None) -> 
             parts.append(ds.rename(component="feature").assign_coords(
                 layer=("feature", [layer] * k), method=("feature", [method] * k),
                 component=("feature", np.arange(k))).drop_vars("feature"))
-    if not parts:
-        raise ZooauditError(f"No factorization codes to read for {ref.model_uri!r} on {ref.ds_key!r} "
-                            f"(every layer × method was skipped by factorize: {', '.join(missing)}).")
+    if not parts:   # every (layer, method) was skipped by factorize: record that, so reruns are cache hits
+        log.warning("%s on %s: no factorization codes to rank (skipped by factorize: %s)", ref.model_uri,
+                    ref.ds_key, ", ".join(missing))
+        empty = xr.Dataset(attrs={"skipped": missing, "reason": "every layer × method was skipped by factorize"})
+        return commit_stage(ref, STAGE, key, {p_: getattr(bspec, p_) for p_ in PARAMS},
+                            lambda s: write_dataset(s, empty, layout.bias_group(ref.ds_key, "features")),
+                            {"top_components": {}, "skipped": missing}, run_id)
     out = xr.concat(parts, dim="feature", data_vars="minimal", coords="minimal", compat="override",
                     combine_attrs="drop_conflicts")
     p = out["p_value"].values
