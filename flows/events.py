@@ -45,6 +45,11 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
                                                   "p_adjusted": info["disparities"][metric]["p_adjusted"],
                                                   "previous_snapshot": info.get("previous_snapshot"),
                                                   "snapshot": r.snapshot}})
+                    for metric in info.get("measure_regressions") or []:   # amplification:<measure>
+                        kind, measure = metric.split(":", 1)
+                        found.append({"model": audit.model, "dataset": r.dataset, "metric": f"bias:{attr}:{metric}",
+                                      "payload": {"kind": f"bias-{kind}", "attribute": attr, "measure": measure,
+                                                  **(info.get(kind) or {}).get(measure, {}), "snapshot": r.snapshot}})
             elif r.stage == "activations" and r.dataset in refs:
                 drift = drift_to_previous(refs[r.dataset], r.snapshot)
                 if drift is None:

@@ -139,6 +139,32 @@ class BiasSpec(BaseModel):
         "shipped with zooaudit; empty/None = no association tests. Ignored for other models.")
     weat_permutations: int = Field(10_000, ge=1, description="Monte Carlo partitions per WEAT/SEAT test when exact "
                                    "enumeration is too large.")
+    measures: list[Literal["amplification", "contextual", "shortcut", "components"]] = Field(
+        ["amplification", "contextual", "shortcut", "components"],
+        description="Bias measures beyond group accuracy: bias amplification against the training data "
+        "(Zhao 2017, Wang & Russakovsky 2021, Zhao et al. 2023), contextual bias pairs (Singh et al. 2020), "
+        "shortcut reliance on counterfactual pairs (datasets that have them), and which factorization "
+        "components carry the group attribute and the errors (the bias-features stage, after factorize).")
+    train_split: Literal["auto", "model", "train", "test", "all"] | None = Field(
+        "auto", description="Training side of amplification and of the contextual pairs: 'model' = the training "
+        "data the model source records (builtin models), 'train'/'test'/'all' = that split of the audit dataset "
+        "(with train_options), 'auto' = the model's when it records one on the same dataset, else 'train'. "
+        "None: no training side (amplification and contextual bias are then not allowed in measures).")
+    train_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="DatasetSpec fields replaced on the training side of a split "
+        "(e.g. {'color_flip': 0.1}); the dataset's options go in 'options'.")
+    max_order: int = Field(2, ge=1, le=4, description="Largest label set of the multi-attribute amplification.")
+    contextual_top_k: int = Field(20, ge=1, description="Most biased (category, context) pairs kept.")
+
+    @model_validator(mode="after")
+    def _training_side(self) -> BiasSpec:
+        needs = [m for m in self.measures if m in ("amplification", "contextual")]
+        if needs and self.train_split is None:
+            raise ValueError(f"measures {needs} need a training side: set train_split ('auto', 'model', 'train', "
+                             "'test' or 'all') or drop them from measures")
+        if len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"bias measures listed twice: {sorted({m for m in self.measures if self.measures.count(m) > 1})}")
+        return self
 
 
 class SimilaritySpec(BaseModel):

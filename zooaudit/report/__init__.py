@@ -23,6 +23,7 @@ from ..keys import cache_key, slug_key
 from ..store import Store
 from .attribution import attribution_section
 from .bias import bias_section, shortcut_sweep_section
+from .bias_measures import bias_measures_section, measures_sweep_section, zoo_measures_table
 from .factorize import factorize_section
 from .figures import heatmap_png, trend_png
 from .summary import CONTROL_LABELS
@@ -138,8 +139,13 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
             if "attribution" in res:
                 body.extend(attribution_section(lambda g, _s=res["attribution"].snapshot, _r=repo: _open(_r, _s, g),
                                                 plan, res["attribution"], base, files))
+            if "bias" in res or "bias-features" in res:
+                body.extend(bias_measures_section(lambda g, s, _r=repo: _open_lazy(_r, s, g), plan, res.get("bias"),
+                                                  res.get("bias-features"), base, files))
 
     body.extend(shortcut_sweep_section(audits, files))
+    body.extend(measures_sweep_section(audits, files))
+    body.extend(zoo_measures_table(audits))
 
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>zooaudit report</title><style>"

@@ -51,7 +51,8 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
     acts = hit(plan)
     companions: list[ExtractionPlan] = []
     if acts is None:
-        companions = [c for c in cplans if hit(c) is None]
+        # companions run on the activations' inputs; a control on other inputs (counterfactuals) runs alone
+        companions = [c for c in cplans if hit(c) is None and c.dataset == plan.dataset]
         acts = extract(dataclasses.replace(plan, companions=companions))
     results, controls = [acts], {}
     for cplan in cplans:
