@@ -1,0 +1,213 @@
+"""The headline numbers of a run, per model, for the summary page: worst-group accuracy with
+its bootstrap CI, the largest significant disparity with its CI and adjusted p, linear CKA to
+the previous night per compare layer beside its shuffled-sample control, PCA explained
+variance at k; the regression events fired tonight; what changed since the previous tag
+(:func:`zooaudit.versions.diff_versions`, the ``zooaudit diff`` content).
+
+Everything here is read from committed results and commit metadata; the CKA to the
+previous night is the number the flow's regression check computed (``drift``), not a
+metric of the report's own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .. import layout, versions
+from .page import badge, esc, fmt
+
+
+@dataclass
+class Night:
+    """The run's facts beside its results.
+
+    ``regressions``: the ``zooaudit.audit.regression`` events fired (dicts: model, metric,
+    dataset, payload); ``drift``: ``{model: {ds_key: {"previous": snapshot, "cka": {layer: v},
+    "control": {layer: v}}}}``; ``diffs``: ``{model: (previous tag, VersionDiff) | None}``."""
+
+    regressions: list = field(default_factory=list)
+    drift: dict = field(default_factory=dict)
+    diffs: dict = field(default_factory=dict)
+    compare_layers: list = field(default_factory=list)
+
+    def regressions_of(self, model: str) -> list[dict]:
+        return [r for r in self.regressions if r["model"] == model]
+
+    def drift_of(self, model: str, ds_key: str) -> dict | None:
+        return (self.drift.get(model) or {}).get(ds_key)
+
+    def diff_of(self, model: str):
+        return self.diffs.get(model)
+
+
+def previous_tag(repo) -> str | None:
+    """The most recent tag of a repository (by the time of the snapshot it names; ties by name)
+    that names an earlier version than the tip of ``main``: a report rendered after the night's
+    own tag compares with the night before, as one rendered before it does."""
+    tip = repo.lookup_branch("main")
+    tags = [t for t in repo.list_tags() if repo.lookup_tag(t) != tip]
+    if not tags:
+        return None
+    return max(tags, key=lambda t: (repo.lookup_snapshot(repo.lookup_tag(t)).written_at, t))
+
+
+def diff_since_previous_tag(repo):
+    """``(tag, VersionDiff from that tag to main)``, or None when the repository has no tag."""
+    tag = previous_tag(repo)
+    return None if tag is None else (tag, versions.diff_versions(repo, tag, "main"))
+
+
+# -- the numbers ------------------------------------------------------------------------------------
+
+
+def _ci_of(ds, name: str, var: str, coord: str):
+    if var in ds and name in ds[coord].values:
+        lo, hi = ds[var].sel({coord: name}).values
+        return float(lo), float(hi)
+    return None
+
+
+def worst_group(ctx_open, ref, result) -> dict | None:
+    """The lowest worst-group accuracy over the attributes of one bias result, with its CI."""
+    best = None
+    for attr, s in (result.summary or {}).items():
+        if not isinstance(s, dict) or "worst_group_accuracy" not in s:
+            continue
+        if best is not None and s["worst_group_accuracy"] >= best["value"]:
+            continue
+        ds = ctx_open(layout.bias_group(ref.ds_key, attr))
+        ci = _ci_of(ds, s["worst_group"], "accuracy_ci", "group") or _ci_of(ds, s["worst_group"], "cell_accuracy_ci",
+                                                                            "cell")
+        best = {"value": s["worst_group_accuracy"], "ci": ci, "attribute": attr, "group": s["worst_group"],
+                "level": ds.attrs.get("ci", 0.95)}
+    return best
+
+
+def largest_disparity(ctx_open, ref, result) -> dict | None:
+    """The flagged (significant after correction) disparity of largest |difference|, with its CI;
+    None when the result has disparities but none is significant, {} when it has none at all."""
+    found, any_disp = None, False
+    for attr, s in (result.summary or {}).items():
+        if not isinstance(s, dict):
+            continue
+        for metric, d in (s.get("disparities") or {}).items():
+            any_disp = True
+            if d["flagged"] and (found is None or abs(d["difference"]) > abs(found["value"])):
+                ds = ctx_open(layout.bias_group(ref.ds_key, attr))
+                found = {"value": d["difference"], "p": d["p_adjusted"], "metric": metric, "attribute": attr,
+                         "ci": _ci_of(ds, metric, "disparity_difference_ci", "metric")}
+    return found if found is not None or not any_disp else None
+
+
+def _ci(ci) -> str:
+    return f" <span class='ctl'>[{fmt(ci[0])}, {fmt(ci[1])}]</span>" if ci else ""
+
+
+def worst_group_cell(items: list[tuple[str, dict]]) -> tuple[str, float]:
+    if not items:
+        return "<span class='ctl'>no group attributes</span>", math.inf
+    ds, w = min(items, key=lambda kv: kv[1]["value"])
+    return (f"<span class='num'>{fmt(w['value'])}</span>{_ci(w['ci'])}<br><span class='ctl'>{esc(w['attribute'])}: "
+            f"{esc(w['group'])} · {w['level']:.0%} bootstrap CI · {esc(ds)}</span>", w["value"])
+
+
+def disparity_cell(items: list[tuple[str, dict | None]]) -> tuple[str, float]:
+    found = [(ds, d) for ds, d in items if d]
+    if not items:
+        return "<span class='ctl'>–</span>", -1.0
+    if not found:
+        return "<span class='ctl'>none significant</span>", 0.0
+    ds, d = max(found, key=lambda kv: abs(kv[1]["value"]))
+    return (f"<span class='num'>{fmt(d['value'])}</span>{_ci(d['ci'])}<br><span class='ctl'>{esc(d['metric'])} "
+            f"({esc(d['attribute'])}), adjusted p {fmt(d['p'], 4)} · {esc(ds)}</span>", abs(d["value"]))
+
+
+def drift_cell(night: Night, model: str, refs, results) -> tuple[str, float]:
+    """CKA to the previous night for the compare layers (all layers when none is audited)."""
+    parts, low = [], math.inf
+    for ref in refs:
+        act = next((r for r in results if r.stage == "activations" and r.dataset == ref.ds_key), None)
+        d = night.drift_of(model, ref.ds_key)
+        if act is not None and act.skipped:
+            parts.append(f"<span class='ctl'>{esc(ref.dataset.name)}: unchanged (cache hit)</span>")
+            low = min(low, 1.0)
+            continue
+        if not d or not d.get("cka"):
+            parts.append(f"<span class='ctl'>{esc(ref.dataset.name)}: first audit</span>")
+            continue
+        layers = [l for l in night.compare_layers if l in d["cka"]] or list(d["cka"])
+        for layer in layers:
+            v, c = d["cka"][layer], (d.get("control") or {}).get(layer)
+            low = min(low, v)
+            parts.append(f"{esc(layer)} <span class='num'>{fmt(v)}</span> <span class='ctl'>(control "
+                         f"{fmt(c)}) · {esc(ref.dataset.name)}</span>")
+    return "<br>".join(parts) or "–", (low if math.isfinite(low) else 2.0)
+
+
+def explained_variance_cell(night: Night, refs, results) -> tuple[str, float]:
+    parts, first = [], None
+    for ref in refs:
+        f = next((r for r in results if r.stage == "factorize" and r.dataset == ref.ds_key), None)
+        if f is None:
+            continue
+        ev, ks = (f.summary or {}).get("explained_variance", {}), (f.summary or {}).get("k", {})
+        layers = [l for l in night.compare_layers if f"{l}/pca" in ev] or \
+            [t.split("/")[0] for t in ev if t.endswith("/pca")][:1]
+        for layer in layers:
+            v = ev[f"{layer}/pca"]
+            if isinstance(v, str):
+                continue
+            first = v if first is None else first
+            parts.append(f"{esc(layer)} k={ks.get(layer, '?')}: <span class='num'>{fmt(v)}</span> "
+                         f"<span class='ctl'>(PCA; no control) · {esc(ref.dataset.name)}</span>")
+    return "<br>".join(parts) or "–", (first if first is not None else -1.0)
+
+
+# -- regressions and changes ---------------------------------------------------------------------
+
+
+def regression_badge(reg: dict) -> str:
+    p = reg.get("payload") or {}
+    if p.get("kind") == "cka_drop":
+        text = f"CKA drop {p.get('layer')}: {p.get('cka', float('nan')):.3f}"
+    elif p.get("kind") == "bias":
+        text = f"bias worse: {p.get('attribute')} {p.get('disparity')}"
+    else:
+        text = reg["metric"]
+    return badge(text)
+
+
+def regressions_html(regs: list[dict]) -> str:
+    if not regs:
+        return ""
+    rows = "".join(f"<li>{regression_badge(r)} <code>{esc(r['metric'])}</code> on {esc(r['dataset'])}: "
+                   + ", ".join(f"{esc(k)} {esc(v)}" for k, v in (r.get("payload") or {}).items()
+                               if k not in ("kind",)) + "</li>" for r in regs)
+    return f"<p>Regression events fired tonight (<code>zooaudit.audit.regression</code>):</p><ul>{rows}</ul>"
+
+
+def changes_html(diff, *, full: bool = False, max_metrics: int = 6) -> str:
+    """``zooaudit diff <previous tag> main`` as HTML: changed stages, and the metrics that moved."""
+    if diff is None:
+        return "<span class='ctl'>no earlier tag</span>"
+    tag, d = diff
+    if not d.stages:
+        return f"<span class='ctl'>no stage changed since {esc(tag)}</span>"
+    items = []
+    for c in d.stages:
+        moved = "" if c.status in ("added", "removed") else "".join(
+            f"<li><code>{esc(n)}</code>: {fmt(a, 4)} → {fmt(b, 4)}"
+            + (f" <span class='ctl'>({b - a:+.3g})</span>" if a is not None and b is not None else "") + "</li>"
+            for n, (a, b) in list(c.metrics.items())[:max_metrics if not full else 40])
+        more = len(c.metrics) - (max_metrics if not full else 40)
+        more = f"<li class='ctl'>… {more} more</li>" if more > 0 and c.status not in ("added", "removed") else ""
+        keys = f" <span class='ctl'>{esc(c.cache_key_a)} → {esc(c.cache_key_b)}</span>" if full else ""
+        items.append(f"<li><b>{esc(c.status)}</b> {esc(c.stage)} <span class='ctl'>{esc(c.dataset)}</span>{keys}"
+                     + (f"<ul class='changes'>{moved}{more}</ul>" if moved else "") + "</li>")
+    arrays = ""
+    if full:
+        arrays = "".join(f"<p class='ctl'>arrays {k}: {esc(', '.join(v[:12]))}{' …' if len(v) > 12 else ''}</p>"
+                         for k, v in d.arrays.items() if v)
+    return (f"<div>since <code>{esc(tag)}</code> (<code>zooaudit diff MODEL {esc(tag)} main</code>):"
+            f"<ul class='changes'>{''.join(items)}</ul>{arrays}</div>")

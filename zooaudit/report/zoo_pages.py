@@ -1,0 +1,150 @@
+"""The zoo page of the report site: model × model matrices beside their control, the
+similarity between consecutive checkpoints, the shortcut sweep, and a cross-night history
+chart per headline metric read from the repositories' tags.
+
+Each part returns ``(anchor, title, html)`` so the page builds its navigation from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import xarray as xr
+
+from .. import versions
+from ..analysis.metrics import metric_kind
+from ..keys import slug_key
+from .bias import shortcut_sweep_section
+from .figures import heatmap_png, history_png, trend_png
+from .page import esc, figure, open_line, pair, slug, table
+from .summary import CONTROL_LABELS
+
+HISTORY_NIGHTS = 30   # the history charts show the latest this many tags (and tonight)
+
+
+def _open(repo, snapshot, group):
+    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False,
+                        zarr_format=3).load()
+
+
+def zoo_similarity_parts(store, z, files: dict) -> list[tuple[str, str, str]]:
+    """Model × model heat maps per metric and compare layer, each beside its control."""
+    repo = store.zoo_repo()
+    parts = []
+    for metric, group in z.summary["groups"].items():
+        ds = _open(repo, z.snapshot, group)
+        kind = ds.attrs.get("kind", metric_kind(metric))
+        unit = metric + (" (radians)" if kind == "distance" else "")
+        for layer in ds["value"]["layer_a"].values:
+            figs = []
+            for var in ("value", "control"):
+                if var not in ds:
+                    continue
+                mat = ds[var].sel(layer_a=layer, layer_b=layer)
+                mat = mat.dropna("model_a", how="all").dropna("model_b", how="all")
+                name = f"zoo-{z.dataset}-{metric}-{layer}{'-control' if var == 'control' else ''}.png"
+                label = CONTROL_LABELS.get(ds.attrs.get("control"), "control")
+                title = (f"{metric}, layer {layer}" if var == "value" else
+                         f"control: {label} (n={ds.attrs.get('control_n')})")
+                files[name] = heatmap_png(mat, title, kind=kind, axis="model", unit=unit)
+                alt = (f"Heat map of {metric} between every pair of models at layer {layer} on {z.dataset}"
+                       if var == "value" else f"Heat map of the {metric} control ({label}) at layer {layer}")
+                cap = (f"{esc(metric)} between models at layer <code>{esc(layer)}</code>" if var == "value" else
+                       f"control ({esc(label)}): what {esc(metric)} reads for unrelated representations")
+                figs.append(figure(name, alt, cap, open_line=open_line(store.url, "zoo", group, z.snapshot)
+                                   if var == "value" else None))
+            parts.append((slug(f"zoo-{z.dataset}-{metric}-{layer}"), f"{metric}, {layer} ({z.dataset})", pair(*figs)))
+    return parts
+
+
+def revision_parts(store, z, files: dict) -> list[tuple[str, str, str]]:
+    """Similarity between consecutive checkpoints of each family, per layer, with its control."""
+    repo = store.zoo_repo()
+    parts = []
+    for family, per_metric in z.summary["families"].items():
+        for metric, info in per_metric.items():
+            ds = _open(repo, z.snapshot, info["group"])
+            value = ds["value"]
+            value.attrs["metric"] = metric
+            name = f"revisions-{z.dataset}-{slug_key(family, 32)}-{metric}.png"
+            files[name] = trend_png(value, f"{family}: {metric} between consecutive checkpoints")
+            rows = []
+            for step in value["step"].values:
+                for layer in value["layer"].values:
+                    c = float(ds["control"].sel(step=step, layer=layer)) if "control" in ds else None
+                    rows.append([esc(step), esc(layer), float(value.sel(step=step, layer=layer)),
+                                 c if c is not None else "–"])
+            html_ = figure(name, f"Line chart of {metric} between consecutive checkpoints of {family}",
+                           f"{esc(metric)} between consecutive checkpoints, one line per layer (x: checkpoint step)",
+                           open_line=open_line(store.url, "zoo", info["group"], z.snapshot)) + table(
+                ["step", "layer", metric, f"control ({CONTROL_LABELS.get(info.get('control_kind', 'shuffle'), 'control')})"],
+                rows)
+            parts.append((slug(f"rev-{z.dataset}-{family}-{metric}"), f"checkpoints: {family.replace('builtin:', '')}",
+                          html_))
+    return parts
+
+
+# -- history across nights ---------------------------------------------------------------------
+
+
+def _headlines_of(stages: dict, compare_layers: list[str]) -> dict[str, float]:
+    """Headline metrics from the commit summaries of one version's stages."""
+    out: dict[str, float] = {}
+    wga = [s["worst_group_accuracy"] for (stage, _), v in stages.items() if stage == "bias"
+           for s in (v.summary or {}).values() if isinstance(s, dict) and "worst_group_accuracy" in s]
+    if wga:
+        out["worst-group accuracy"] = min(wga)
+    for (stage, _), v in stages.items():
+        if stage != "factorize":
+            continue
+        ev = (v.summary or {}).get("explained_variance", {})
+        for layer in compare_layers:
+            val = ev.get(f"{layer}/pca")
+            if isinstance(val, (int, float)) and not math.isnan(val):
+                out.setdefault(f"PCA explained variance at k, {layer}", float(val))
+    return out
+
+
+def history_parts(store, audits, compare_layers: list[str], files: dict) -> list[tuple[str, str, str]]:
+    """One chart per headline metric: its value per model on each tagged night, and tonight (main)."""
+    per_model: dict[str, dict[str, dict[str, float]]] = {}
+    nights: set[str] = set()
+    for audit in audits:
+        if not audit.refs:
+            continue
+        repo = store.model_repo(audit.refs[0].model_key)
+        tags = sorted(repo.list_tags())[-HISTORY_NIGHTS:]
+        nights.update(tags)
+        per_model[audit.model] = {t: _headlines_of(versions.stages_at(repo, t), compare_layers) for t in tags}
+        per_model[audit.model]["tonight"] = _headlines_of(versions.stages_at(repo, None), compare_layers)
+    axis = sorted(nights)[-HISTORY_NIGHTS:] + ["tonight"]
+    metrics = sorted({m for by_night in per_model.values() for h in by_night.values() for m in h})
+    parts = []
+    for metric in metrics:
+        series = {model: [by_night.get(n, {}).get(metric) for n in axis] for model, by_night in per_model.items()}
+        series = {m: v for m, v in series.items() if any(x is not None for x in v)}
+        name = f"history-{slug(metric)}.png"
+        files[name] = history_png(axis, series, metric, f"{metric} across nights")
+        rows = [[esc(m.replace("builtin:", ""))] + [x if x is not None else "–" for x in v] for m, v in series.items()]
+        parts.append((slug(f"history-{metric}"), f"history: {metric}", figure(
+            name, f"Line chart of {metric} per model across the tagged nights",
+            f"{esc(metric)} per model on each tagged night (read from the tags' commit summaries) and tonight; "
+            "a gap: no result that night.") + table(["model"] + [n.removeprefix("nightly-") for n in axis], rows,
+                                                     sortable=True)))
+    return parts
+
+
+def zoo_parts(store, audits, zoo_results, compare_layers: list[str], files: dict) -> list[tuple[str, str, str]]:
+    """Every part of the zoo page, in order."""
+    parts = []
+    for z in zoo_results:
+        if z.stage == "zoo-similarity":
+            parts.extend(zoo_similarity_parts(store, z, files))
+    for z in zoo_results:
+        if z.stage == "revision-similarity":
+            parts.extend(revision_parts(store, z, files))
+    sweep = shortcut_sweep_section(audits, files)
+    if sweep:
+        parts.append(("shortcut-sweep", "shortcut sweep", "".join(sweep)))
+    parts.extend(history_parts(store, audits, compare_layers, files))
+    return parts
