@@ -187,8 +187,28 @@ def regressions_html(regs: list[dict]) -> str:
     return f"<p>Regression events fired tonight (<code>zooaudit.audit.regression</code>):</p><ul>{rows}</ul>"
 
 
-def changes_html(diff, *, full: bool = False, max_metrics: int = 6) -> str:
-    """``zooaudit diff <previous tag> main`` as HTML: changed stages, and the metrics that moved."""
+def _moved_items(c, limit: int) -> str:
+    items = "".join(
+        f"<li><code>{esc(n)}</code>: {fmt(a, 4)} → {fmt(b, 4)}"
+        + (f" <span class='ctl'>({b - a:+.3g})</span>" if a is not None and b is not None else "") + "</li>"
+        for n, (a, b) in list(c.metrics.items())[:limit])
+    if len(c.metrics) > limit:
+        items += f"<li class='ctl'>… {len(c.metrics) - limit} more</li>"
+    return items
+
+
+def _largest_move(c) -> str:
+    moved = [(abs(b - a), n, a, b) for n, (a, b) in c.metrics.items() if a is not None and b is not None]
+    if not moved:
+        return ""
+    _, n, a, b = max(moved)
+    return f"; largest: <code>{esc(n)}</code> {fmt(a)} → {fmt(b)}"
+
+
+def changes_html(diff, *, full: bool = False, limit: int = 40) -> str:
+    """``zooaudit diff <previous tag> main`` as HTML: changed stages and the metrics that moved.
+    Compact (the summary's cell: one line per stage, the list folded in a ``<details>``) unless
+    ``full`` (the model page: every moved metric, cache keys, arrays)."""
     if diff is None:
         return "<span class='ctl'>no earlier tag</span>"
     tag, d = diff
@@ -196,18 +216,18 @@ def changes_html(diff, *, full: bool = False, max_metrics: int = 6) -> str:
         return f"<span class='ctl'>no stage changed since {esc(tag)}</span>"
     items = []
     for c in d.stages:
-        moved = "" if c.status in ("added", "removed") else "".join(
-            f"<li><code>{esc(n)}</code>: {fmt(a, 4)} → {fmt(b, 4)}"
-            + (f" <span class='ctl'>({b - a:+.3g})</span>" if a is not None and b is not None else "") + "</li>"
-            for n, (a, b) in list(c.metrics.items())[:max_metrics if not full else 40])
-        more = len(c.metrics) - (max_metrics if not full else 40)
-        more = f"<li class='ctl'>… {more} more</li>" if more > 0 and c.status not in ("added", "removed") else ""
-        keys = f" <span class='ctl'>{esc(c.cache_key_a)} → {esc(c.cache_key_b)}</span>" if full else ""
-        items.append(f"<li><b>{esc(c.status)}</b> {esc(c.stage)} <span class='ctl'>{esc(c.dataset)}</span>{keys}"
-                     + (f"<ul class='changes'>{moved}{more}</ul>" if moved else "") + "</li>")
+        head = f"<b>{esc(c.status)}</b> {esc(c.stage)} <span class='ctl'>{esc(c.dataset)}</span>"
+        if c.status in ("added", "removed"):
+            items.append(f"<li>{head}</li>")
+        elif full:
+            keys = f" <span class='ctl'>{esc(c.cache_key_a)} → {esc(c.cache_key_b)}</span>"
+            items.append(f"<li>{head}{keys}<ul class='changes'>{_moved_items(c, limit)}</ul></li>")
+        else:
+            items.append(f"<li><details><summary>{head}: {len(c.metrics)} metrics moved{_largest_move(c)}"
+                         f"</summary><ul class='changes'>{_moved_items(c, limit)}</ul></details></li>")
     arrays = ""
     if full:
         arrays = "".join(f"<p class='ctl'>arrays {k}: {esc(', '.join(v[:12]))}{' …' if len(v) > 12 else ''}</p>"
                          for k, v in d.arrays.items() if v)
-    return (f"<div>since <code>{esc(tag)}</code> (<code>zooaudit diff MODEL {esc(tag)} main</code>):"
-            f"<ul class='changes'>{''.join(items)}</ul>{arrays}</div>")
+    return (f"<div>since <code>{esc(tag)}</code> <span class='ctl'>(<code>zooaudit diff MODEL {esc(tag)} main</code>)"
+            f"</span>:<ul class='changes'>{''.join(items)}</ul>{arrays}</div>")

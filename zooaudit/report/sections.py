@@ -25,7 +25,7 @@ from ..analysis.metrics import metric_kind
 from .bias import bias_section
 from .factorize import factorize_section
 from .figures import heatmap_png
-from .page import badge, esc, figure, fmt, open_line, pair, table
+from .page import badge, esc, figure, open_line, pair, table
 
 
 @dataclass
@@ -174,4 +174,4 @@ def register(section: Section, *, before: str | None = None) -> None:
     MODEL_SECTIONS.insert(at, section)
 
 
-__all__ = ["MODEL_SECTIONS", "ModelContext", "Section", "register", "fmt"]
+__all__ = ["MODEL_SECTIONS", "ModelContext", "Section", "register"]
