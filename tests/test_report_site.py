@@ -137,7 +137,7 @@ def test_site_pages_links_images_and_headlines(two_nights):
     drift = second.drift[colored.model]
     (ds_key, d), = drift.items()
     assert 0.99 < d["cka"]["embed"] <= 1 + 1e-9 and d["control"]["embed"] < 0.5
-    assert f"embed <span class='num'>{d['cka']['embed']:.3f}</span> <span class='ctl'>(control " \
+    assert f"embed <span class='num'>{d['cka']['embed']:.4f}</span> <span class='ctl'>(control " \
            f"{d['control']['embed']:.3f})" in index
     # the regression events of the night (threshold 1e-12: any change fires) as badges
     assert second.regressions and index.count("class='badge '") == len(second.regressions)

@@ -27,7 +27,7 @@ from ..store import Store
 from .headline import (Night, changes_html, diff_since_previous_tag, disparity_cell, drift_cell,
                        explained_variance_cell, largest_disparity, regression_badge, worst_group,
                        worst_group_cell)
-from .page import OPEN_IMPORT, esc, frame, slug, table
+from .page import OPEN_IMPORT, esc, frame, slug, table, with_image_sizes
 from .sections import MODEL_SECTIONS, ModelContext
 from .zoo_pages import zoo_parts
 
@@ -167,6 +167,8 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
                                                                           subtitle).encode()
     files["zoo.html"] = _zoo_page(store, audits, zoo_results, compare_layers, files, subtitle).encode()
     files["index.html"] = _summary_page(store, audits, zoo_results, night, run, subtitle).encode()
+    for name in [n for n in files if n.endswith(".html")]:
+        files[name] = with_image_sizes(files[name].decode(), files).encode()
     files["manifest.json"] = json.dumps(manifest, indent=2, default=str).encode()
     for name, data in files.items():
         with fs.open(f"{folder}/{name}", "wb") as fh:

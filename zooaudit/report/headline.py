@@ -140,7 +140,7 @@ def drift_cell(night: Night, model: str, refs, results) -> tuple[str, float]:
         for layer in layers:
             v, c = d["cka"][layer], (d.get("control") or {}).get(layer)
             low = min(low, v)
-            parts.append(f"{esc(layer)} <span class='num'>{fmt(v)}</span> <span class='ctl'>(control "
+            parts.append(f"{esc(layer)} <span class='num'>{fmt(v, 4)}</span> <span class='ctl'>(control "
                          f"{fmt(c)}) · {esc(ref.dataset.name)}</span>")
     return "<br>".join(parts) or "–", (low if math.isfinite(low) else 2.0)
 
@@ -170,7 +170,7 @@ def explained_variance_cell(night: Night, refs, results) -> tuple[str, float]:
 def regression_badge(reg: dict) -> str:
     p = reg.get("payload") or {}
     if p.get("kind") == "cka_drop":
-        text = f"CKA drop {p.get('layer')}: {p.get('cka', float('nan')):.3f}"
+        text = f"CKA drop {p.get('layer')}: {p.get('cka', float('nan')):.6f}"
     elif p.get("kind") == "bias":
         text = f"bias worse: {p.get('attribute')} {p.get('disparity')}"
     else:
@@ -181,8 +181,11 @@ def regression_badge(reg: dict) -> str:
 def regressions_html(regs: list[dict]) -> str:
     if not regs:
         return ""
+    def shown(k, v):   # snapshot ids cut to 12 characters, as elsewhere on the pages
+        return esc(str(v)[:12]) if "snapshot" in k and v else esc(v)
+
     rows = "".join(f"<li>{regression_badge(r)} <code>{esc(r['metric'])}</code> on {esc(r['dataset'])}: "
-                   + ", ".join(f"{esc(k)} {esc(v)}" for k, v in (r.get("payload") or {}).items()
+                   + ", ".join(f"{esc(k)} {shown(k, v)}" for k, v in (r.get("payload") or {}).items()
                                if k not in ("kind",)) + "</li>" for r in regs)
     return f"<p>Regression events fired tonight (<code>zooaudit.audit.regression</code>):</p><ul>{rows}</ul>"
 
@@ -217,13 +220,12 @@ def changes_html(diff, *, full: bool = False, limit: int = 40) -> str:
     items = []
     for c in d.stages:
         head = f"<b>{esc(c.status)}</b> {esc(c.stage)} <span class='ctl'>{esc(c.dataset)}</span>"
-        if c.status in ("added", "removed"):
-            items.append(f"<li>{head}</li>")
-        elif full:
-            keys = f" <span class='ctl'>{esc(c.cache_key_a)} → {esc(c.cache_key_b)}</span>"
-            items.append(f"<li>{head}{keys}<ul class='changes'>{_moved_items(c, limit)}</ul></li>")
+        keys = f" <span class='ctl'>{esc(c.cache_key_a)} → {esc(c.cache_key_b)}</span>" if full else ""
+        if c.status in ("added", "removed") or not c.metrics:
+            what = "" if c.status in ("added", "removed") else ": new result, no headline metric moved"
+            items.append(f"<li>{head}{what}{keys}</li>")
         else:
-            items.append(f"<li><details><summary>{head}: {len(c.metrics)} metrics moved{_largest_move(c)}"
+            items.append(f"<li><details><summary>{head}: {len(c.metrics)} metrics moved{_largest_move(c)}{keys}"
                          f"</summary><ul class='changes'>{_moved_items(c, limit)}</ul></details></li>")
     arrays = ""
     if full:

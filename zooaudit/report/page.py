@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 
 CSS = """
 :root{--fg:#1b1f24;--muted:#57606a;--line:#d0d7de;--bad:#b42318;--ok:#1a7f37;--warn:#9a6700;--bg2:#f6f8fa}
@@ -139,6 +140,24 @@ def open_line(store_url: str, repo: str, group: str, snapshot: str | None) -> st
 
 
 OPEN_IMPORT = "from zooaudit.store import Store, open_group"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of PNG bytes (from the IHDR chunk)."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def with_image_sizes(page: str, files: dict[str, bytes]) -> str:
+    """Give every ``<img src='NAME'`` of a page whose PNG is in ``files`` its width and height, so
+    the layout does not move while (lazy) images load and page heights are known before they do."""
+    def sized(m):
+        data = files.get(html.unescape(m.group(1)))
+        if data is None or data[:8] != b"\x89PNG\r\n\x1a\n":
+            return m.group(0)
+        w, h = png_size(data)
+        return f"{m.group(0)} width='{w}' height='{h}'"
+
+    return re.sub(r"<img src='([^']+)'", sized, page)
 
 
 def slug(text: str) -> str:

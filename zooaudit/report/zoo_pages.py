@@ -17,7 +17,7 @@ from ..keys import slug_key
 from .bias import shortcut_sweep_section
 from .figures import heatmap_png, history_png, trend_png
 from .page import esc, figure, open_line, pair, slug, table
-from .summary import CONTROL_LABELS
+from .summary import CONTROL_LABELS, _mean_offdiag
 
 HISTORY_NIGHTS = 30   # the history charts show the latest this many tags (and tonight)
 
@@ -94,6 +94,12 @@ def _headlines_of(stages: dict, compare_layers: list[str]) -> dict[str, float]:
            for s in (v.summary or {}).values() if isinstance(s, dict) and "worst_group_accuracy" in s]
     if wga:
         out["worst-group accuracy"] = min(wga)
+    flagged = [abs(d["difference"]) for (stage, _), v in stages.items() if stage == "bias"
+               for s in (v.summary or {}).values() if isinstance(s, dict)
+               for d in (s.get("disparities") or {}).values() if d.get("flagged")]
+    if any(isinstance(s, dict) and s.get("disparities") for (stage, _), v in stages.items() if stage == "bias"
+           for s in (v.summary or {}).values()):
+        out["largest significant disparity"] = max(flagged, default=0.0)
     for (stage, _), v in stages.items():
         if stage != "factorize":
             continue
@@ -105,8 +111,22 @@ def _headlines_of(stages: dict, compare_layers: list[str]) -> dict[str, float]:
     return out
 
 
+def _zoo_headlines_of(stages: dict) -> dict[str, float]:
+    """Mean off-diagonal model × model similarity per metric and compare layer (zoo-similarity summaries)."""
+    out = {}
+    for (stage, dataset), v in stages.items():
+        s = v.summary or {}
+        if stage != "zoo-similarity":
+            continue
+        for metric in s.get("groups", {}):
+            for layer, mat in (s.get(metric) or {}).items():
+                out[f"mean model × model {metric}, {layer} ({dataset.split('@')[0]})"] = _mean_offdiag(mat)
+    return out
+
+
 def history_parts(store, audits, compare_layers: list[str], files: dict) -> list[tuple[str, str, str]]:
-    """One chart per headline metric: its value per model on each tagged night, and tonight (main)."""
+    """One chart per headline metric: its value per model on each tagged night, and tonight (main);
+    the zoo's mean model × model similarity as the line "zoo"."""
     per_model: dict[str, dict[str, dict[str, float]]] = {}
     nights: set[str] = set()
     for audit in audits:
@@ -117,6 +137,11 @@ def history_parts(store, audits, compare_layers: list[str], files: dict) -> list
         nights.update(tags)
         per_model[audit.model] = {t: _headlines_of(versions.stages_at(repo, t), compare_layers) for t in tags}
         per_model[audit.model]["tonight"] = _headlines_of(versions.stages_at(repo, None), compare_layers)
+    zoo_repo = store.zoo_repo()
+    zoo_tags = sorted(zoo_repo.list_tags())[-HISTORY_NIGHTS:]
+    nights.update(zoo_tags)
+    per_model["zoo"] = {t: _zoo_headlines_of(versions.stages_at(zoo_repo, t)) for t in zoo_tags}
+    per_model["zoo"]["tonight"] = _zoo_headlines_of(versions.stages_at(zoo_repo, None))
     axis = sorted(nights)[-HISTORY_NIGHTS:] + ["tonight"]
     metrics = sorted({m for by_night in per_model.values() for h in by_night.values() for m in h})
     parts = []
@@ -126,11 +151,12 @@ def history_parts(store, audits, compare_layers: list[str], files: dict) -> list
         name = f"history-{slug(metric)}.png"
         files[name] = history_png(axis, series, metric, f"{metric} across nights")
         rows = [[esc(m.replace("builtin:", ""))] + [x if x is not None else "–" for x in v] for m, v in series.items()]
-        parts.append((slug(f"history-{metric}"), f"history: {metric}", figure(
+        zero = " (|difference| of the flagged disparity; 0: none significant)" if "disparity" in metric else ""
+        parts.append((slug(f"history-{metric}"), f"history: {metric}", pair(figure(
             name, f"Line chart of {metric} per model across the tagged nights",
-            f"{esc(metric)} per model on each tagged night (read from the tags' commit summaries) and tonight; "
-            "a gap: no result that night.") + table(["model"] + [n.removeprefix("nightly-") for n in axis], rows,
-                                                     sortable=True)))
+            f"{esc(metric)}{zero} per model on each tagged night (read from the tags' commit summaries) and "
+            "tonight; a gap: no result that night."),
+            table(["model"] + [n.removeprefix("nightly-") for n in axis], rows, sortable=True))))
     return parts
 
 
