@@ -42,6 +42,13 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 
 
 def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
+    """``a (h, w, ...)`` resized to ``(size, size, ...)``: ``order=0`` is exact nearest-neighbour
+    (output pixel i takes input pixel ``i * h // size``: an 8×8 input at 48 px is 6×6 blocks of
+    equal size — scipy's zoom gives the edge pixels half-blocks), ``order=1`` bilinear."""
+    if order == 0:
+        rows = np.arange(size) * a.shape[0] // size
+        cols = np.arange(size) * a.shape[1] // size
+        return a[rows][:, cols]
     from scipy.ndimage import zoom
 
     return zoom(a, (size / a.shape[0], size / a.shape[1]) + (1,) * (a.ndim - 2), order=order)
