@@ -28,7 +28,7 @@ from zooaudit.specs import AuditZooSpec
 from zooaudit.store import Store
 
 CHROMIUM = os.environ.get("ZOOAUDIT_CHROMIUM", "/usr/bin/chromium")
-MODELS = ["builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0"]
+MODELS = ["builtin:mlp-w32-s0@5", "builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0"]
 
 
 def _night(store_url, tag, **kw):
@@ -63,6 +63,8 @@ def _night(store_url, tag, **kw):
     zoo = [r for refs in by_ds.values() for st in stages.ZOO_STAGES
            for r in [stages.run_zoo_stage(st.name, refs, getattr(spec, st.spec_field),
                                           {o: getattr(spec, o) for o in st.options})] if r is not None]
+    # the backfill's checkpoint trend of the mlp family on digits (epoch 5 → final)
+    stages.run_checkpoint_trend([audits[0].refs[0], audits[1].refs[0]], spec.factorize, spec.bias)
     drift = activation_drift.fn(audits)
     regressions = find_regressions.fn(audits, spec.cka_drop_threshold, drift)
     report = build_report(store_url, spec.model_dump(mode="json"), audits, zoo, run_id=tag,
@@ -205,6 +207,10 @@ def test_site_pages_links_images_and_headlines(two_nights):
     zoo = pages["zoo.html"]
     assert "zoo-" in zoo and "-control.png" in zoo
     assert "history: worst-group accuracy" in zoo and "history: PCA explained variance at k, embed" in zoo
+    assert "history: mean model × model linear_cka, embed (digits)" in zoo
+    # checkpoints: similarity between consecutive checkpoints (beside its control), the backfill's trend
+    assert "checkpoints: mlp-w32-s0</h2>" in zoo and "checkpoints: mlp-w32-s0 trend</h2>" in zoo
+    assert "5→15" in zoo and "checkpoint-trend-" in zoo
 
 
 @pytest.mark.slow

@@ -84,6 +84,29 @@ def revision_parts(store, z, files: dict) -> list[tuple[str, str, str]]:
     return parts
 
 
+def checkpoint_trend_parts(store, files: dict) -> list[tuple[str, str, str]]:
+    """The latest committed checkpoint trend of each family × dataset (written by the backfill):
+    CKA to the final checkpoint, explained variance at k, worst-group accuracy per checkpoint."""
+    from .trend import trend_png as checkpoint_png
+
+    repo = store.zoo_repo()
+    parts = []
+    for (stage, dataset), v in sorted(versions.stages_at(repo, None).items()):
+        if stage != "checkpoint-trend" or "group" not in (v.summary or {}):
+            continue
+        family = v.summary.get("family", "?")
+        ds = _open(repo, v.snapshot, v.summary["group"])
+        name = f"checkpoint-trend-{slug_key(family, 32)}-{slug(dataset)}.png"
+        files[name] = checkpoint_png(ds, f"{family} on {dataset}: headline metrics against the checkpoint")
+        parts.append((slug(f"trend-{family}-{dataset}"), f"checkpoints: {family.replace('builtin:', '')} trend",
+                      figure(name, f"Line charts of CKA to the final checkpoint, explained variance and worst-group "
+                             f"accuracy against the checkpoint of {family}",
+                             "against the checkpoint (epoch): linear CKA to the final checkpoint, PCA explained "
+                             "variance at k, worst-group accuracy (fractions, 0–1); committed by the backfill",
+                             open_line=open_line(store.url, "zoo", v.summary["group"], v.snapshot))))
+    return parts
+
+
 # -- history across nights ---------------------------------------------------------------------
 
 
@@ -169,6 +192,7 @@ def zoo_parts(store, audits, zoo_results, compare_layers: list[str], files: dict
     for z in zoo_results:
         if z.stage == "revision-similarity":
             parts.extend(revision_parts(store, z, files))
+    parts.extend(checkpoint_trend_parts(store, files))
     sweep = shortcut_sweep_section(audits, files)
     if sweep:
         parts.append(("shortcut-sweep", "shortcut sweep", "".join(sweep)))
