@@ -38,7 +38,8 @@ def _night(store_url, tag, **kw):
 
     fields = dict(models=MODELS, store=store_url, shard_size=60, batch_size=32, task_runner="threads",
                   datasets=[{"name": "digits", "max_samples": 60}, {"name": "colored-digits", "max_samples": 60}],
-                  factorize={"k": 3, "max_iter": 60, "methods": ["pca", "nmf"]}, bias={"n_boot": 20},
+                  factorize={"k": 3, "max_iter": 60, "methods": ["pca", "nmf"]},
+                  bias={"n_boot": 20, "n_permutations": 200, "probe_cv": 2},
                   cka_drop_threshold=1e-12)
     spec = AuditZooSpec(**{**fields, **kw})
     audits = []
@@ -101,6 +102,21 @@ def test_a_stage_section_plugs_in_with_one_registration():
             "Attribution maps"
     finally:
         MODEL_SECTIONS[:] = before
+
+
+def test_a_headline_column_plugs_into_the_summary_with_one_registration():
+    from zooaudit.report.headline import SUMMARY_COLUMNS, SummaryColumn, register_column
+
+    before = list(SUMMARY_COLUMNS)
+    try:
+        register_column(SummaryColumn("background reliance", lambda audit, night: ("0.1", 0.1)))
+        titles = [c.title for c in SUMMARY_COLUMNS]
+        assert titles.index("background reliance") == titles.index("regressions tonight") - 1
+        register_column(SummaryColumn("background reliance", lambda audit, night: ("", 0)), before="nope")
+        assert [c.title for c in SUMMARY_COLUMNS].count("background reliance") == 1
+        assert SUMMARY_COLUMNS[-1].title == "background reliance"
+    finally:
+        SUMMARY_COLUMNS[:] = before
 
 
 def test_tables_have_header_cells_and_sort_values():

@@ -24,9 +24,7 @@ import json
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..store import Store
-from .headline import (Night, changes_html, diff_since_previous_tag, disparity_cell, drift_cell,
-                       explained_variance_cell, largest_disparity, regression_badge, worst_group,
-                       worst_group_cell)
+from .headline import SUMMARY_COLUMNS, Night, diff_since_previous_tag
 from .page import OPEN_IMPORT, esc, frame, slug, table, with_image_sizes
 from .sections import MODEL_SECTIONS, ModelContext
 from .zoo_pages import zoo_parts
@@ -36,8 +34,7 @@ def model_page_name(model_key: str) -> str:
     return f"model-{model_key}.html"
 
 
-def _links(audits) -> list[tuple[str, str]]:
-    return [("index.html", "summary"), ("zoo.html", "zoo")]
+LINKS = [("index.html", "summary"), ("zoo.html", "zoo")]   # every page's header
 
 
 def _model_page(store_url, audit, night, files, subtitle) -> str:
@@ -61,39 +58,17 @@ def _model_page(store_url, audit, night, files, subtitle) -> str:
     intro = (f"<p class='ctl'>Every figure shows the line that opens its data with xarray, after "
              f"<code>{esc(OPEN_IMPORT)}</code>.</p>")
     return frame(f"zooaudit: {audit.model}", intro + "".join(body), nav=nav, subtitle=subtitle,
-                 links=_links(None))
+                 links=LINKS)
 
 
-def _summary_rows(audit, night, store) -> list:
-    refs = audit.refs
-    bias = [(ref, next((r for r in audit.results if r.stage == "bias" and r.dataset == ref.ds_key), None))
-            for ref in refs]
-    repo = refs[0].repository if refs else None
-
-    def opener(res):
-        return lambda g: repo.open(g, res.snapshot).load()
-
-    wga = [(ref.dataset.name, w) for ref, res in bias if res is not None
-           for w in [worst_group(opener(res), ref, res)] if w]
-    disp = [(ref.dataset.name, largest_disparity(opener(res), ref, res)) for ref, res in bias if res is not None
-            if any(isinstance(s, dict) and s.get("disparities") for s in (res.summary or {}).values())]
-    regs = night.regressions_of(audit.model)
-    link = (f"<a href='{model_page_name(refs[0].model_key)}'>{esc(audit.model)}</a>" if refs
+def _summary_row(audit, night) -> list:
+    link = (f"<a href='{model_page_name(audit.refs[0].model_key)}'>{esc(audit.model)}</a>" if audit.refs
             else esc(audit.model))
-    return [(link, audit.model), worst_group_cell(wga), disparity_cell(disp),
-            drift_cell(night, audit.model, refs, audit.results), explained_variance_cell(night, refs, audit.results),
-            ("".join(regression_badge(r) for r in regs) or "<span class='badge ok'>none</span>", len(regs)),
-            (changes_html(night.diff_of(audit.model)), len((night.diff_of(audit.model) or (0, None))[1].stages)
-             if night.diff_of(audit.model) else 0)]
-
-
-SUMMARY_COLUMNS = ["model", "worst-group accuracy [CI]", "largest significant disparity [CI]",
-                   "linear CKA to previous night (control)", "explained variance at k", "regressions tonight",
-                   "changed since the previous tag"]
+    return [(link, audit.model)] + [column.cell(audit, night) for column in SUMMARY_COLUMNS]
 
 
 def _summary_page(store, audits, zoo_results, night, run, subtitle) -> str:
-    rows = [_summary_rows(a, night, store) for a in audits]
+    rows = [_summary_row(a, night) for a in audits]
     n_regs = len(night.regressions)
     lead = (f"<p><b>{n_regs} regression event{'s' if n_regs != 1 else ''} tonight</b> across {len(audits)} models"
             + ("" if n_regs else " — nothing fired") + ". Click a column header to sort; a model's name opens its "
@@ -105,9 +80,9 @@ def _summary_page(store, audits, zoo_results, night, run, subtitle) -> str:
               "extracted tonight; a cache hit is identical to the committed activations.</p>")
     zoo_links = "".join(f"<li><a href='zoo.html#{slug('zoo-' + z.dataset)}'>{esc(z.stage)} on {esc(z.dataset)}</a>"
                         f"{' (cache hit)' if z.skipped else ''}</li>" for z in zoo_results)
-    body = (lead + table(SUMMARY_COLUMNS, rows, sortable=True) + legend
+    body = (lead + table(["model"] + [c.title for c in SUMMARY_COLUMNS], rows, sortable=True) + legend
             + (f"<h2>Zoo</h2><ul>{zoo_links}</ul>" if zoo_links else ""))
-    return frame("zooaudit: tonight's audit", body, subtitle=subtitle, links=_links(audits))
+    return frame("zooaudit: tonight's audit", body, subtitle=subtitle, links=LINKS)
 
 
 def _zoo_page(store, audits, zoo_results, compare_layers, files, subtitle) -> str:
@@ -117,7 +92,7 @@ def _zoo_page(store, audits, zoo_results, compare_layers, files, subtitle) -> st
     anchors = "".join(f"<span id='{slug('zoo-' + z.dataset)}'></span>" for z in zoo_results
                       if z.stage == "zoo-similarity")
     return frame("zooaudit: the zoo", anchors + (body or "<p>No zoo-level results in this run.</p>"), nav=nav,
-                 subtitle=subtitle, links=_links(audits))
+                 subtitle=subtitle, links=LINKS)
 
 
 def night_of(store, audits, regressions=None, drift=None, compare_layers=()) -> Night:

@@ -233,3 +233,73 @@ def changes_html(diff, *, full: bool = False, limit: int = 40) -> str:
                          for k, v in d.arrays.items() if v)
     return (f"<div>since <code>{esc(tag)}</code> <span class='ctl'>(<code>zooaudit diff MODEL {esc(tag)} main</code>)"
             f"</span>:<ul class='changes'>{''.join(items)}</ul>{arrays}</div>")
+
+
+# -- the summary's columns -------------------------------------------------------------------------
+
+
+def _bias_results(audit):
+    return [(ref, next((r for r in audit.results if r.stage == "bias" and r.dataset == ref.ds_key), None))
+            for ref in audit.refs]
+
+
+def _opener(ref, res):
+    return lambda group: ref.repository.open(group, res.snapshot).load()
+
+
+def worst_group_column(audit, night: Night) -> tuple[str, float]:
+    return worst_group_cell([(ref.dataset.name, w) for ref, res in _bias_results(audit) if res is not None
+                             for w in [worst_group(_opener(ref, res), ref, res)] if w])
+
+
+def disparity_column(audit, night: Night) -> tuple[str, float]:
+    return disparity_cell([(ref.dataset.name, largest_disparity(_opener(ref, res), ref, res))
+                           for ref, res in _bias_results(audit) if res is not None
+                           if any(isinstance(s, dict) and s.get("disparities") for s in (res.summary or {}).values())])
+
+
+def drift_column(audit, night: Night) -> tuple[str, float]:
+    return drift_cell(night, audit.model, audit.refs, audit.results)
+
+
+def explained_variance_column(audit, night: Night) -> tuple[str, float]:
+    return explained_variance_cell(night, audit.refs, audit.results)
+
+
+def regressions_column(audit, night: Night) -> tuple[str, float]:
+    regs = night.regressions_of(audit.model)
+    return "".join(regression_badge(r) for r in regs) or "<span class='badge ok'>none</span>", len(regs)
+
+
+def changes_column(audit, night: Night) -> tuple[str, float]:
+    diff = night.diff_of(audit.model)
+    return changes_html(diff), (len(diff[1].stages) if diff else 0)
+
+
+@dataclass(frozen=True)
+class SummaryColumn:
+    """One column of the summary table: ``cell(audit, night) -> (html, sort value)``."""
+
+    title: str
+    cell: object
+
+
+# The summary's columns after the model's name, in order. A stage adds its headline with
+# register_column (e.g. background reliance, activation statistics).
+SUMMARY_COLUMNS: list[SummaryColumn] = [
+    SummaryColumn("worst-group accuracy [CI]", worst_group_column),
+    SummaryColumn("largest significant disparity [CI]", disparity_column),
+    SummaryColumn("linear CKA to previous night (control)", drift_column),
+    SummaryColumn("explained variance at k", explained_variance_column),
+    SummaryColumn("regressions tonight", regressions_column),
+    SummaryColumn("changed since the previous tag", changes_column),
+]
+
+
+def register_column(column: SummaryColumn, *, before: str | None = None) -> None:
+    """Add a headline column to the summary (before the column titled ``before``, else before the
+    regressions); registering a title twice replaces it."""
+    SUMMARY_COLUMNS[:] = [c for c in SUMMARY_COLUMNS if c.title != column.title]
+    before = before or "regressions tonight"
+    at = next((i for i, c in enumerate(SUMMARY_COLUMNS) if c.title == before), len(SUMMARY_COLUMNS))
+    SUMMARY_COLUMNS.insert(at, column)
