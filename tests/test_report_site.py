@@ -65,13 +65,13 @@ def _night(store_url, tag, **kw):
            for r in [stages.run_zoo_stage(st.name, refs, getattr(spec, st.spec_field),
                                           {o: getattr(spec, o) for o in st.options})] if r is not None]
     # the backfill's checkpoint trend of the mlp family on digits (epoch 5 → final)
-    stages.run_checkpoint_trend([audits[0].refs[0], audits[1].refs[0]], spec.factorize, spec.bias)
+    trend = stages.run_checkpoint_trend([audits[0].refs[0], audits[1].refs[0]], spec.factorize, spec.bias)
     drift = activation_drift.fn(audits)
     regressions = find_regressions.fn(audits, spec.cka_drop_threshold, drift)
     report = build_report(store_url, spec.model_dump(mode="json"), audits, zoo, run_id=tag,
                           regressions=regressions, drift=drift)
     versions.tag_repositories(Store.open(store_url), sorted({r.model_key for a in audits for r in a.refs}), tag)
-    return SimpleNamespace(report=report, audits=audits, zoo=zoo, regressions=regressions, drift=drift)
+    return SimpleNamespace(report=report, audits=audits, zoo=zoo, regressions=regressions, drift=drift, trend=trend)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +227,12 @@ def test_site_pages_links_images_and_headlines(two_nights):
     # checkpoints: similarity between consecutive checkpoints (beside its control), the backfill's trend
     assert "checkpoints: mlp-w32-s0</h2>" in zoo and "checkpoints: mlp-w32-s0 trend</h2>" in zoo
     assert "5→15" in zoo and "checkpoint-trend-" in zoo
+    # the backfill's own trend report has the same chrome: alt text, header cells, the open line
+    from zooaudit.report.trend import trend_report
+
+    trend_page = Path(trend_report(ref.store, [second.trend], {})).read_text()
+    assert re.search(r"<img src='trend-[^']+' width='\d+' height='\d+' alt='Line charts of CKA", trend_page)
+    assert "<th scope='col'>CKA embed</th>" in trend_page and "open_group(Store(" in trend_page
 
 
 @pytest.mark.slow
