@@ -221,7 +221,7 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
                                        if not isinstance(v, str)}
     out = []
     opened = {}
-    for tag, group in groups.items():
+    for tag, group in sorted(groups.items()):   # layer/method in a stable order
         try:
             opened[tag] = open_group(group)
         except (KeyError, FileNotFoundError):

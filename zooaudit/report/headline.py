@@ -229,8 +229,8 @@ def changes_html(diff, *, full: bool = False, limit: int = 40) -> str:
                          f"</summary><ul class='changes'>{_moved_items(c, limit)}</ul></details></li>")
     arrays = ""
     if full:
-        arrays = "".join(f"<p class='ctl'>arrays {k}: {esc(', '.join(v[:12]))}{' …' if len(v) > 12 else ''}</p>"
-                         for k, v in d.arrays.items() if v)
+        arrays = "".join(f"<details class='ctl'><summary>arrays {k}: {len(v)}</summary>{esc(', '.join(v[:40]))}"
+                         f"{' …' if len(v) > 40 else ''}</details>" for k, v in d.arrays.items() if v)
     return (f"<div>since <code>{esc(tag)}</code> <span class='ctl'>(<code>zooaudit diff MODEL {esc(tag)} main</code>)"
             f"</span>:<ul class='changes'>{''.join(items)}</ul>{arrays}</div>")
 
