@@ -82,14 +82,20 @@ def curves_png(curves: dict[str, np.ndarray], title: str) -> bytes:
     return _line_chart_png(fig, ax, title)
 
 
-def trend_png(value: xr.DataArray, title: str) -> bytes:
-    """Similarity between consecutive checkpoints: one line per layer over ``step``."""
+def trend_png(value: xr.DataArray, title: str, control: xr.DataArray | None = None) -> bytes:
+    """Similarity between consecutive checkpoints: one line per layer over ``step``; its
+    ``control`` (same dims), when given, dashed in the same colour beside it."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     steps = [str(s) for s in value["step"].values]
     for layer in value["layer"].values:
-        ax.plot(steps, value.sel(layer=layer).values, marker="o", label=str(layer))
+        line, = ax.plot(steps, value.sel(layer=layer).values, marker="o", label=str(layer))
+        if control is not None:
+            ax.plot(steps, control.sel(layer=layer).values, marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{layer} control")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel(str(value.attrs.get("metric", "similarity")))
+    if value.attrs.get("kind", "similarity") != "distance":
+        ax.set_ylim(min(0.0, float(np.nanmin(value.values))), 1.02)
     return _line_chart_png(fig, ax, title)
 
 

@@ -67,18 +67,21 @@ def revision_parts(store, z, files: dict) -> list[tuple[str, str, str]]:
             value = ds["value"]
             value.attrs["metric"] = metric
             name = f"revisions-{z.dataset}-{slug_key(family, 32)}-{metric}.png"
-            files[name] = trend_png(value, f"{family}: {metric} between consecutive checkpoints")
+            value.attrs["kind"] = metric_kind(metric)
+            files[name] = trend_png(value, f"{family}: {metric} between consecutive checkpoints",
+                                    ds["control"] if "control" in ds else None)
             rows = []
             for step in value["step"].values:
                 for layer in value["layer"].values:
                     c = float(ds["control"].sel(step=step, layer=layer)) if "control" in ds else None
                     rows.append([esc(step), esc(layer), float(value.sel(step=step, layer=layer)),
                                  c if c is not None else "–"])
-            html_ = figure(name, f"Line chart of {metric} between consecutive checkpoints of {family}",
-                           f"{esc(metric)} between consecutive checkpoints, one line per layer (x: checkpoint step)",
-                           open_line=open_line(store.url, "zoo", info["group"], z.snapshot)) + table(
+            html_ = pair(figure(name, f"Line chart of {metric} between consecutive checkpoints of {family}",
+                                f"{esc(metric)} between consecutive checkpoints, one line per layer (x: checkpoint "
+                                "step); dashed: its control",
+                                open_line=open_line(store.url, "zoo", info["group"], z.snapshot)), table(
                 ["step", "layer", metric, f"control ({CONTROL_LABELS.get(info.get('control_kind', 'shuffle'), 'control')})"],
-                rows)
+                rows))
             parts.append((slug(f"rev-{z.dataset}-{family}-{metric}"), f"checkpoints: {family.replace('builtin:', '')}",
                           html_))
     return parts
