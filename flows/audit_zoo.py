@@ -65,7 +65,7 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
     apply_s3_credentials()      # a Secret block's S3 keys, before the first read of the store
-    validate_zoo(spec)          # bad input fails here, before any commit
+    spec = validate_zoo(spec)   # bad input fails here, before any commit; compare layers resolved
     store = Store.open(spec.store)
     model_specs = [spec.model_spec(model) for model in spec.models]
     # A model whose every stage is committed gets its results from the cache check: no

@@ -17,7 +17,7 @@ def validate_model(spec):
 
 @task(name="validate-zoo", cache_policy=NO_CACHE)
 def validate_zoo(spec):
-    stages.validate_zoo(spec)
+    return stages.validate_zoo(spec)
 
 
 @task(name="plan-extraction", cache_policy=NO_CACHE)

@@ -221,3 +221,16 @@ def test_text_datasets_get_the_top_sentences_instead_of_a_gallery():
     (cell,) = _gallery(ds, images, "x.png", files, "layer/nmf: concepts")
     assert not files and "&lt;b&gt;bold&lt;/b&gt; claim" in cell and "the cat sat" in cell
     assert cell.index("bold") < cell.index("the cat sat") and "a dog ran" not in cell  # -inf = no sample
+
+
+def test_eigencam_commits_under_a_distributed_default_scheduler(tmp_path):
+    # Regression (issue 18): inside a Dask worker the default scheduler is the distributed
+    # client; the lazy Eigen-CAM maps were shipped to it with a local lambda and the writable
+    # Icechunk session ("Can't pickle local object", "opt-in to pickle writable sessions").
+    distributed = pytest.importorskip("distributed")
+    acts = planted()[0]
+    plan, _ = make_plan("file://" + str(tmp_path / "store"), {"conv": acts}, "dist")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
+        res = run_factorize(plan, FactorizeSpec(k=K, methods=["eigencam"], seeds=[0], k_sweep=[], top_n=3))
+    cam = opened(plan, res, "conv", "eigencam")
+    np.testing.assert_allclose(cam["heatmap"].values[3], eigencam(acts[3]), rtol=1e-5, atol=1e-6)

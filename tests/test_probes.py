@@ -103,6 +103,47 @@ def test_numpy_leace_matches_the_concept_erasure_package():
     np.testing.assert_allclose(f(f(X[300:])), f(X[300:]), atol=1e-8)
 
 
+def test_wide_layer_leace_fits_in_the_span_of_the_rows():
+    # d > n: fitted from an SVD of the rows, the eraser is the full d×d exact LEACE — checked
+    # against the package without shrinkage, on the training rows and on new rows
+    ce = pytest.importorskip("concept_erasure")
+    import torch
+
+    from zooaudit.analysis.probes import _resolve_backend
+
+    rng = np.random.default_rng(7)
+    X, a = _acts(rng, n=60, d=400, n_classes=3)
+    Z = np.eye(3)[a]
+    fitter = ce.LeaceFitter.fit(torch.from_numpy(X[:40]), torch.from_numpy(Z[:40]), shrinkage=False,
+                                constrain_cov_trace=False, svd_tol=1e-10)
+    f = leace_eraser(X[:40], a[:40], backend="numpy")
+    for rows in (X[:40], X[40:]):
+        np.testing.assert_allclose(f(rows), fitter.eraser(torch.from_numpy(rows)).numpy(), atol=1e-8)
+    # auto: the package for a tall matrix, the span fit for a wide one
+    assert _resolve_backend("auto", (500, 8)) == "concept-erasure"
+    assert _resolve_backend("auto", (40, 400)) == "numpy"
+    assert erasure_diagnostic(X, a, a, cv=3, random_state=0).attrs["backend"] == "numpy"
+
+
+def test_wide_probe_is_fitted_in_the_span_of_its_training_rows():
+    # d > n: the reduced fit predicts what the plain standardise + logistic pipeline predicts
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from zooaudit.analysis.probes import _fit_score
+
+    rng = np.random.default_rng(8)
+    for n, d in ((60, 2000), (90, 500)):
+        a = rng.integers(0, 3, n)
+        X = rng.normal(size=(n, d)) + 0.3 * a[:, None] * rng.normal(size=d)
+        tr, te = np.arange(2 * n // 3), np.arange(2 * n // 3, n)
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[tr], a[tr])
+        acc, pred = _fit_score(X, a, tr, te, 1.0, 1000)
+        np.testing.assert_array_equal(pred, ref.predict(X[te]))
+        assert acc == pytest.approx(np.mean(ref.predict(X[te]) == a[te]))
+
+
 def test_erasure_diagnostic_removes_a_shortcut():
     # y is weakly encoded; the attribute agrees with y 90% of the time and is strongly encoded,
     # so the readout leans on it and fails on the cells where they disagree.

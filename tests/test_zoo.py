@@ -71,3 +71,13 @@ def test_shortcut_sweep_worst_group_accuracy_rises_with_flip(store_url):
         wga.append(group_metrics(test.labels, pred, test.groups["colour"], n_boot=0).worst_group_accuracy)
     assert list(shortcut_sweep()) == sorted(shortcut_sweep()) and len(wga) >= 4
     assert np.all(np.diff(wga) > 0), wga
+
+
+def test_default_compare_layers_fall_back_to_the_deepest_shared_layer():
+    from zooaudit.stages.validate import default_compare_layers
+
+    assert default_compare_layers([["fc1", "embed", "head"], ["conv1", "embed"]]) == ["embed"]
+    # a zoo of file models has no 'embed': the deepest layer every model audits
+    assert default_compare_layers([["conv1", "conv2", "pool"], ["conv1", "pool", "fc"]]) == ["pool"]
+    assert default_compare_layers([["conv1", "conv2", "pool"]]) == ["pool"]
+    assert default_compare_layers([["a"], ["b"]]) == []

@@ -230,8 +230,9 @@ class AuditZooSpec(RunOptions):
         default_factory=_default_zoo,
         description="Model URIs of the zoo.",
     )
-    compare_layers: list[str] = Field(
-        ["embed"], description="Layers compared across models and across revisions (model × model matrices).")
+    compare_layers: list[str] | None = Field(
+        None, description="Layers compared across models (model × model matrices). Default: 'embed' when a "
+        "model audits it (the builtin zoo), else the deepest layer every zoo model audits.")
     tag: str | None = Field(
         None, description="Tag this version of every audited repository after the run; '{date}' becomes the "
         "run's scheduled date (YYYY-MM-DD). Runs of the nightly deployment are tagged 'nightly-{date}' "

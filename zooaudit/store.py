@@ -46,6 +46,7 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 from urllib.parse import urlparse
 
+import dask
 import icechunk
 import xarray as xr
 import zarr
@@ -486,4 +487,9 @@ def write_dataset(session: icechunk.Session, ds: xr.Dataset, group: str) -> None
     # Zarr metadata is strict JSON: NaN/Inf attributes (e.g. the explained
     # variance of a dead, constant layer) are stored as null.
     ds.attrs = json.loads(canonical_json(_finite_or_none(ds.attrs)))
-    ds.to_zarr(session.store, group=group, mode="w", consolidated=False, zarr_format=3)
+    # Lazy (Dask-backed) variables are computed here, block by block, on local threads: with a
+    # distributed client as the default scheduler (a stage running on a Dask worker), xarray
+    # would ship the writable session to other processes, which Icechunk refuses, and a
+    # half-written group would be left in the session.
+    with dask.config.set(scheduler="threads"):
+        ds.to_zarr(session.store, group=group, mode="w", consolidated=False, zarr_format=3)

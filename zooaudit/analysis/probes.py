@@ -89,13 +89,25 @@ def make_folds(strata, *, cv: int = 5, random_state: int = 0,
 
 
 def _fit_score(X, codes, train, test, C: float, max_iter: int):
+    """Standardise on the training rows, fit L2 logistic regression, score the test rows.
+
+    Wide features (d > training rows): the penalised weights lie in the span of the
+    standardised training rows (representer theorem; the intercept is not penalised), so
+    the model is fitted on the rows' coordinates in an orthonormal basis V ``(d, r)`` of
+    that span — the same optimum and predictions, with L-BFGS on r ≤ n instead of d
+    parameters (a 16 384-wide map: 1.5 s per fit before).
+    """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-    model.fit(X[train], codes[train])
-    pred = model.predict(X[test])
+    scaler = StandardScaler().fit(X[train])
+    Xtr, Xte = scaler.transform(X[train]), scaler.transform(X[test])
+    if Xtr.shape[1] > Xtr.shape[0]:
+        _, sv, vt = np.linalg.svd(Xtr, full_matrices=False)
+        basis = vt[sv > sv.max(initial=0.0) * max(Xtr.shape) * np.finfo(np.float64).eps].T
+        Xtr, Xte = Xtr @ basis, Xte @ basis
+    model = LogisticRegression(C=C, max_iter=max_iter).fit(Xtr, codes[train])
+    pred = model.predict(Xte)
     return float(np.mean(pred == codes[test])), pred
 
 
@@ -206,20 +218,34 @@ def _leace_numpy(X: np.ndarray, Z: np.ndarray) -> Callable[[np.ndarray], np.ndar
 
     W = Σ_xx^{-1/2} (pseudo-inverse square root: dropped null directions stay put),
     U = orthonormal basis of the column space of W Σ_xz.
+
+    Wide layers (d > n): Σ_xx, W and U all live in the span of the centred training rows
+    (rank ≤ n − 1), so the eraser is fitted in an orthonormal basis V ``(d, r)`` of that
+    span and applied as x − ((x − μ)V) M_r Vᵀ — the same map, from an SVD of the ``(n, d)``
+    rows instead of an eigendecomposition of the ``(d, d)`` covariance (a 16 384-wide
+    feature map: milliseconds instead of minutes).
     """
     n, d = X.shape
     mu = X.mean(0)
     Xc, Zc = X - mu, Z - Z.mean(0)
+    basis = None
+    if d > n:
+        _, sv, vt = np.linalg.svd(Xc, full_matrices=False)
+        basis = vt[sv > sv.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps].T   # (d, r)
+        Xc = Xc @ basis
+    r = Xc.shape[1]
     sigma = Xc.T @ Xc / (n - 1)
     L, V = np.linalg.eigh((sigma + sigma.T) / 2)
-    keep = L > L.max() * d * np.finfo(np.float64).eps
+    keep = L > L.max() * max(r, 1) * np.finfo(np.float64).eps
     W = (V[:, keep] / np.sqrt(L[keep])) @ V[:, keep].T
     W_inv = (V[:, keep] * np.sqrt(L[keep])) @ V[:, keep].T
     u, s, _ = np.linalg.svd(W @ (Xc.T @ Zc / (n - 1)), full_matrices=False)
-    u = u[:, s > s.max(initial=0.0) * max(Z.shape[1], d) * np.finfo(np.float64).eps]
+    u = u[:, s > s.max(initial=0.0) * max(Z.shape[1], r) * np.finfo(np.float64).eps]
     # row-vector form of x − W⁺UUᵀW(x − μ) (W and W⁺ are symmetric)
     M = W @ u @ u.T @ W_inv
-    return lambda x: x - (x - mu) @ M
+    if basis is None:
+        return lambda x: x - (x - mu) @ M
+    return lambda x: x - ((x - mu) @ basis) @ M @ basis.T
 
 
 def _leace_package(X: np.ndarray, Z: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -232,12 +258,20 @@ def _leace_package(X: np.ndarray, Z: np.ndarray) -> Callable[[np.ndarray], np.nd
     return lambda x: eraser(torch.from_numpy(np.asarray(x, np.float64))).numpy()
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str, shape: tuple[int, int] | None = None) -> str:
+    """The backend that fits an eraser on rows of ``shape`` ``(n, d)``.
+
+    ``auto``: the package when installed and ``d ≤ n``; a wide layer (``d > n``) uses the
+    exact NumPy LEACE in the span of the rows — the package eigendecomposes its shrunk
+    ``(d, d)`` covariance, O(d³): 52 minutes for one 16 384-wide map on 60 samples.
+    """
     if backend not in BACKENDS:
         raise ZooauditError(f"Unknown erasure backend {backend!r}. Allowed: {', '.join(BACKENDS)}.")
     if backend == "auto":
         import importlib.util
 
+        if shape is not None and shape[1] > shape[0]:
+            return "numpy"
         return "concept-erasure" if importlib.util.find_spec("concept_erasure") else "numpy"
     return backend
 
@@ -247,13 +281,14 @@ def leace_eraser(acts, attribute, *, backend: str = "auto") -> Callable[[np.ndar
 
     backend: "concept-erasure" (the package: float64, its defaults — optimal linear
     shrinkage of Σ_xx, trace constraint, svd_tol=0.01), "numpy" (exact LEACE from the
-    sample moments, no shrinkage), or "auto" (the package when installed).
+    sample moments, no shrinkage), or "auto" (the package when installed, except for
+    layers wider than their rows: see :func:`_resolve_backend`).
     """
     codes = _labels(attribute, "attribute")
     X = _features(acts, "acts", codes.size)
     if codes.max() < 1:
         raise ZooauditError("the attribute has a single value: there is nothing to erase.")
-    fit = _leace_package if _resolve_backend(backend) == "concept-erasure" else _leace_numpy
+    fit = _leace_package if _resolve_backend(backend, X.shape) == "concept-erasure" else _leace_numpy
     return fit(X, _one_hot(codes))
 
 
@@ -295,7 +330,8 @@ def erasure_diagnostic(acts, attribute, y, *, cv: int = 5, random_state: int = 0
     a = _labels(attribute, "attribute")
     yc = _labels(y, "y", a.size)
     X = _features(acts, "acts", a.size)
-    backend = _resolve_backend(backend)
+    # the fold's training rows decide a wide layer's backend (see _resolve_backend)
+    backend = _resolve_backend(backend, (X.shape[0] - X.shape[0] // max(cv, 1), X.shape[1]))
     # stratify on (attribute, label) so every fold sees every cell
     folds = make_folds(a * (yc.max() + 1) + yc, cv=cv, random_state=random_state, what="(attribute × label) cell")
     probe = {"before": [], "after": []}

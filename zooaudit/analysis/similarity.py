@@ -73,6 +73,7 @@ from .sim_cka import (
     rbf_cka,
 )
 from .sim_rsa import rdm, rsa
+from .sim_span import reducible, row_space
 from .sim_stream import JointGram
 from .sim_units import NeuronMatch, knn_indices, match_neurons, mutual_knn
 
@@ -246,6 +247,8 @@ def _streamed_block(metrics, params, keys_a, arrays_a, keys_b, arrays_b, same: b
                     device=None) -> dict[str, np.ndarray]:
     """One joint pass over the distinct arrays (by identity) of both sides → every streamed metric."""
     names, arrays, ia, ib = _distinct(keys_a, arrays_a, keys_b, arrays_b)
+    # layers wider than their rows enter through their row space (same values, n² not p² memory)
+    arrays = [row_space(a, k) if reducible(a, metrics) else a for k, a in zip(names, arrays)]
     moments = [m for m in metrics if _DECLARED[m].from_moments is not None]
     grams = [m for m in metrics if _DECLARED[m].from_moments is None]   # linear CKA: from the Gram statistics
     # CCA-type metrics invert covariances: accumulate in float64 GEMMs; linear CKA alone may use float32.

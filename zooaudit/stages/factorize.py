@@ -27,6 +27,8 @@ and nothing is committed.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -399,7 +401,10 @@ def _eigencam_dataset(layer: LayerData, sample_ids: np.ndarray) -> xr.Dataset:
     data = layer.acts.data
     if hasattr(data, "dask"):
         data = data.rechunk({1: -1, 2: -1, 3: -1})
-        maps = data.map_blocks(lambda b: fact_mod.eigencam(b, name=layer.name), drop_axis=1, dtype=np.float64)
+        # a partial of a module-level function, not a lambda: the graph must pickle when a
+        # distributed scheduler is the default one (the stage runs on a Dask worker)
+        maps = data.map_blocks(functools.partial(fact_mod.eigencam, name=layer.name), drop_axis=1,
+                               dtype=np.float64)
     else:
         maps = fact_mod.eigencam(np.asarray(data), name=layer.name)
     ds = xr.Dataset({"heatmap": (("sample", "y", "x"), maps)}, coords={"sample": sample_ids})
