@@ -41,7 +41,7 @@ def _night(store_url, tag, **kw):
                   factorize={"k": 3, "max_iter": 60, "methods": ["pca", "nmf"]},
                   bias={"n_boot": 20, "n_permutations": 200, "probe_cv": 2},
                   cka_drop_threshold=1e-12)
-    spec = AuditZooSpec(**{**fields, **kw})
+    spec = stages.validate_zoo(AuditZooSpec(**{**fields, **kw}))   # as the flow: compare layers resolved
     audits = []
     for model in MODELS:
         mspec = spec.model_spec(model)
