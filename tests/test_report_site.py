@@ -11,6 +11,7 @@ the test's tmp dir).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -203,6 +204,7 @@ def test_site_pages_links_images_and_headlines(two_nights):
     drift = second.drift[colored.model]
     (ds_key, d), = drift.items()
     assert 0.99 < d["cka"]["embed"] <= 1 + 1e-9 and d["control"]["embed"] < 0.5
+    assert json.loads((folder / "manifest.json").read_text())["cka_to_previous"] == second.drift
     assert f"embed <span class='num'>{d['cka']['embed']:.4f}</span> <span class='ctl'>(control " \
            f"{d['control']['embed']:.3f})" in index
     # the regression events of the night (threshold 1e-12: any change fires) as badges

@@ -130,7 +130,7 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
         raise ZooauditError(f"Report folder {folder} already exists; reports are never overwritten.")
     files: dict[str, bytes] = {}
     manifest = {"run": run, "flow_run_id": run_id, "spec": spec, "models": [], "zoo": [],
-                "regressions": list(regressions or [])}
+                "regressions": list(regressions or []), "cka_to_previous": dict(drift or {})}
     subtitle = (f"run {esc(run)} · {len(audits)} models · store <code>{esc(store.url)}</code>")
     for z in zoo_results:
         manifest["zoo"].append({"stage": z.stage, "dataset": z.dataset, "cache_key": z.cache_key,
