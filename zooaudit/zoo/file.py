@@ -197,9 +197,11 @@ class _Slot(torch.nn.Module):
 
 
 def _scope(node) -> tuple[str, ...]:
-    """Module path of an inlined TorchScript node: ``SELF(ResNet).layer1(Sequential).0(BasicBlock)`` → ``("layer1", "0")``."""
-    parts = [p.split("(")[0] for p in (node.getModuleHierarchy() or "").split(".")][1:]
-    return tuple(p for p in parts if p and p != "UNKNOWN_INSTANCE")
+    """Module path of an inlined TorchScript node, ``("layer1", "0")`` from either way torch writes it:
+    ``SELF(ResNet).layer1(Sequential).0(BasicBlock)`` (the program's own ``SELF`` first), or
+    ``layer1(Sequential).0(BasicBlock).SELF(BasicBlock)`` (torch ≥ 2.1x: the callee's ``SELF`` last)."""
+    parts = [p.split("(")[0] for p in (node.getModuleHierarchy() or "").split(".")]
+    return tuple(p for p in parts if p and p not in ("SELF", "UNKNOWN_INSTANCE"))
 
 
 def _capture_program(program, paths: list[str]):
