@@ -89,8 +89,11 @@ def audit_model(spec: AuditModelSpec) -> ModelAudit:
         ref, model_results = _model_stages(plan, spec, run_id, params)
         logger.info("activations %s: %s", "skipped (cached)" if model_results[0].skipped else "committed",
                     ref.snapshot)
-        futures = [array_stage.submit(stage.name, ref, getattr(spec, stage.spec_field), run_id)
-                   for stage in ARRAY_STAGES]
+        submitted: dict = {}
+        for stage in ARRAY_STAGES:   # a stage that reads another's results waits for it (registry: after)
+            submitted[stage.name] = array_stage.submit(stage.name, ref, stage.spec_of(spec), run_id,
+                                                       wait_for=[submitted[a] for a in stage.after])
+        futures = list(submitted.values())
         audit.refs.append(ref)
         audit.results.extend(model_results)
         audit.results.extend(r for r in (f.result() for f in futures) if r is not None)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
 from zooaudit import versions
@@ -30,7 +30,7 @@ from zooaudit_tasks.report import build_report, tag_repositories
 
 from .audit_model import ModelAudit, audit_model
 from .credentials import apply_s3_credentials
-from .events import emit_regressions, find_regressions
+from .events import activation_drift, emit_regressions, find_regressions
 from .runners import dask_cluster, task_runner
 
 
@@ -40,6 +40,11 @@ class ZooAudit:
     report: str
     models: list = field(default_factory=list)
     zoo_results: list = field(default_factory=list)
+
+
+def report_link(report: str) -> str:
+    """The report's summary page as a URL a browser opens (``file://`` for a local store)."""
+    return report if "://" in report else "file://" + os.path.abspath(report)
 
 
 def _run_tag(spec: AuditZooSpec) -> str | None:
@@ -87,15 +92,19 @@ def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
                                 {o: getattr(spec, o) for o in stage.options}, run_id=run_id)
                for refs in by_dataset.values() for stage in ZOO_STAGES]
     zoo_results = [r for r in (f.result() for f in futures) if r is not None]
-    regressions = find_regressions(audits, spec.cka_drop_threshold)
+    drift = activation_drift(audits)
+    regressions = find_regressions(audits, spec.cka_drop_threshold, drift)
     emit_regressions(regressions, {a.model: a.refs[0].model_key for a in audits if a.refs}, store.url)
     for reg in regressions:
         logger.warning("regression: %s %s on %s", reg["model"], reg["metric"], reg["dataset"])
-    report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id)
-    markdown = zoo_markdown(audits, zoo_results, report)
+    report = build_report(store.url, spec.model_dump(mode="json"), audits, zoo_results, run_id,
+                          regressions=regressions, drift=drift)
+    markdown = zoo_markdown(audits, zoo_results, report_link(report))
     if cached:   # their per-model artifacts are those of the run that committed their stages
         markdown += "\n\nServed from committed results (no audit-model run): " + ", ".join(f"`{m}`" for m in cached)
     create_markdown_artifact(markdown, description="zooaudit: zoo audit")
+    create_link_artifact(report_link(report), link_text="zooaudit report: summary (index.html)",
+                         description="zooaudit: report site")
     if rows := similarity_table(zoo_results):
         create_table_artifact(rows, description="zooaudit zoo similarity (value beside control)")
     if (tag := _run_tag(spec)) is not None:

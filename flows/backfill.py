@@ -83,7 +83,7 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
     """
     from zooaudit.zoo.builtin import BUILTIN_ZOO, CHECKPOINT_EPOCHS
 
-    builtin = [f"builtin:{n}@{e}" for n in BUILTIN_ZOO for e in CHECKPOINT_EPOCHS]
+    builtin = [f"builtin:{n}@{e}" for n, s in BUILTIN_ZOO.items() for e in s.epochs]
     out: list[str] = []
     for pat in patterns:
         if not any(c in pat for c in GLOB_CHARS):

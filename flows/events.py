@@ -28,9 +28,29 @@ from zooaudit.stages import drift_to_previous
 EVENT = "zooaudit.audit.regression"
 
 
+@task(name="activation-drift", cache_policy=NO_CACHE)
+def activation_drift(audits) -> dict:
+    """Linear CKA of the activations committed tonight to the model's previous ones, per layer, beside
+    its shuffled-sample control: ``{model: {dataset key: {"previous", "cka", "control"}}}`` (models and
+    datasets whose activations were a cache hit, or audited for the first time, are left out)."""
+    out: dict = {}
+    for audit in audits:
+        refs = {p.ds_key: p for p in audit.refs}
+        for r in audit.results:
+            if r.skipped or r.stage != "activations" or r.dataset not in refs:
+                continue
+            controls: dict = {}
+            drift = drift_to_previous(refs[r.dataset], r.snapshot, controls=controls)
+            if drift is not None:
+                out.setdefault(audit.model, {})[r.dataset] = {"previous": drift[0], "cka": drift[1],
+                                                              "control": controls}
+    return out
+
+
 @task(name="regression-check", cache_policy=NO_CACHE)
-def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
-    """Regressions of this run's newly committed results (plain dicts: model, metric, dataset, payload)."""
+def find_regressions(audits, cka_drop_threshold: float, drift: dict | None = None) -> list[dict]:
+    """Regressions of this run's newly committed results (plain dicts: model, metric, dataset, payload).
+    ``drift``: the output of :func:`activation_drift` for these audits (computed here when None)."""
     found = []
     for audit in audits:
         refs = {p.ds_key: p for p in audit.refs}
@@ -48,6 +68,11 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
                                                   "p_adjusted": info["disparities"][metric]["p_adjusted"],
                                                   "previous_snapshot": info.get("previous_snapshot"),
                                                   "snapshot": r.snapshot}})
+                    for metric in info.get("measure_regressions") or []:   # amplification:<measure>
+                        kind, measure = metric.split(":", 1)
+                        found.append({"model": audit.model, "dataset": r.dataset, "metric": f"bias:{attr}:{metric}",
+                                      "payload": {"kind": f"bias-{kind}", "attribute": attr, "measure": measure,
+                                                  **(info.get(kind) or {}).get(measure, {}), "snapshot": r.snapshot}})
             elif r.stage == "statistics":
                 for reg in (r.summary or {}).get("regressions") or []:
                     found.append({"model": audit.model, "dataset": r.dataset,
@@ -56,10 +81,16 @@ def find_regressions(audits, cka_drop_threshold: float) -> list[dict]:
                                               "previous_snapshot": r.summary.get("previous_snapshot"),
                                               "snapshot": r.snapshot}})
             elif r.stage == "activations" and r.dataset in refs:
-                drift = drift_to_previous(refs[r.dataset], r.snapshot)
-                if drift is None:
-                    continue
-                previous, per_layer = drift
+                if drift is not None:
+                    d = (drift.get(audit.model) or {}).get(r.dataset)
+                    if d is None:
+                        continue
+                    previous, per_layer = d["previous"], d["cka"]
+                else:
+                    got = drift_to_previous(refs[r.dataset], r.snapshot)
+                    if got is None:
+                        continue
+                    previous, per_layer = got
                 for layer, cka in per_layer.items():
                     if cka < 1.0 - cka_drop_threshold:
                         found.append({"model": audit.model, "dataset": r.dataset, "metric": f"cka_to_previous:{layer}",

@@ -87,7 +87,7 @@ def _spec_fields(args) -> dict:
     if args.datasets:
         out["datasets"] = [{"name": n.partition("=")[0], "path": n.partition("=")[2] or None,
                             "max_samples": args.max_samples} for n in args.datasets]
-    elif args.max_samples:
+    elif args.max_samples is not None:      # 0 is a value (refused by the spec), not "unset"
         out["datasets"] = [{"name": "digits", "max_samples": args.max_samples},
                            {"name": "colored-digits", "max_samples": args.max_samples}]
     if args.layers:
@@ -101,7 +101,7 @@ def _spec_fields(args) -> dict:
             out[name] = getattr(args, name)
     fact = {key: value for key, value in (("methods", getattr(args, "factorize_methods", None)),
                                           ("k", getattr(args, "k", None)), ("k_sweep", getattr(args, "k_sweep", None)))
-            if value}
+            if value is not None}                 # --k 0 reaches the spec's bound check
     if fact:
         out["factorize"] = fact
     return out
@@ -209,6 +209,9 @@ def cmd_versions(args) -> int:
         try:
             ds = open_group(repo, args.group, snapshot=snapshot)
             print(ds.load(scheduler="synchronous") if ds.nbytes < 1_000_000 else ds)   # values when small
+        except ValueError as err:      # zarr refuses '..' and '.' segments
+            raise ZooauditError(f"Bad group path {args.group!r}: {err} Allowed: a path inside the repository, "
+                                "e.g. digits-<hash>/acts/embed (see 'zooaudit show MODEL').") from None
         except (FileNotFoundError, KeyError) as err:
             raise ZooauditError(f"No group {args.group!r} at version {args.at or 'main'} ({snapshot}).") from err
     else:

@@ -9,8 +9,8 @@ from zooaudit.report import build_report as _build_report
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def build_report(store_url, spec, audits, zoo_results, run_id=None):
-    return _build_report(store_url, spec, audits, zoo_results, run_id)
+def build_report(store_url, spec, audits, zoo_results, run_id=None, regressions=None, drift=None):
+    return _build_report(store_url, spec, audits, zoo_results, run_id, regressions=regressions, drift=drift)
 
 
 @task(name="tag", cache_policy=NO_CACHE)

@@ -189,16 +189,21 @@ def test_report_shows_galleries_with_heat_maps_and_the_quality_curve(planted_run
     plan, _, res, *_ = planted_run
     audit = SimpleNamespace(model=plan.model_uri, refs=[plan], results=[res])
     index = build_report(plan.store, {"test": True}, [audit], [], run_id="fstage")
-    with open(index) as fh:
-        page = fh.read()
     folder = index.rsplit("/", 1)[0]
+    with open(index) as fh:   # the summary links to the model's page, where its figures are
+        assert f"href='model-{plan.model_key}.html'" in fh.read()
+    with open(f"{folder}/model-{plan.model_key}.html") as fh:
+        page = fh.read()
     base = f"{plan.model_key}-{plan.ds_key}"
     for name in (f"{base}-gallery-conv-nmf.png", f"{base}-gallery-pooled-nmf.png", f"{base}-sweep-nmf.png",
                  f"{base}-eigencam-conv.png", f"{base}-pca.png"):
         assert f"src='{name}'" in page
         with open(f"{folder}/{name}", "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "heat map of the concept overlaid" in page and "layer stored pooled" in page
+    # heat maps where positions exist; one note naming the pooled layers, whose galleries show images only
+    assert "heat map of the concept overlaid" in page and page.count("Layers stored pooled have no positions") == 1
+    note = page.split("Layers stored pooled have no positions", 1)[1].split("</p>", 1)[0]
+    assert "pooled" in note.split(":", 1)[1] and "conv" not in note
     assert "seed stability" in page and "skipped: minimum" in page
 
 

@@ -117,7 +117,11 @@ def test_audit_zoo_end_to_end_and_rerun_skips(prefect, store_url):
     assert rc.dims == rv.dims and float(rc.max()) < 0.2
     assert float(rv.sel(layer="embed").values[0]) == pytest.approx(float(emb.sel(model_a=MODELS[3], model_b=MODELS[0])),
                                                          abs=1e-12)
-    assert os.path.exists(result.report) and "<img" in Path(result.report).read_text()
+    # the report site: the summary links every model's page, whose figures are beside it
+    index = Path(result.report).read_text()
+    for audit in result.models:
+        page = Path(result.report).with_name(f"model-{audit.refs[0].model_key}.html")
+        assert f"href='{page.name}'" in index and "<img" in page.read_text()
 
     from prefect.client.orchestration import get_client
 

@@ -13,10 +13,12 @@ from zooaudit.stages import registry
 ROOT = Path(zooaudit.__file__).parent
 # Where the model may run: the extraction engine, the model sources, and the model stages.
 MODEL_SIDE = {"extract.py", "gradients.py", "stages/activations.py", "stages/controls.py", "stages/model.py",
-              "stages/validate.py", "stages/common.py", "stages/cached.py"}
+              "stages/validate.py", "stages/common.py", "stages/cached.py",
+              # attribution maps: the maps and the faithfulness curves run the model; their stage too
+              "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "stages/attribution.py"}
 # Names whose use means running (or building) the model.
 FORWARD = {"forward_batches", "load_model", "load_random_init", "resolve_model", "random_init", "layer_gradients",
-           "concept_sensitivity", "layer_shapes"}
+           "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "randomisation_maps"}
 
 
 def _modules():
@@ -59,8 +61,11 @@ def test_nothing_outside_the_model_stages_runs_the_model():
             continue
         imported = {m for m in _imported_modules(rel, tree)
                     if not m.startswith(("zooaudit.zoo.manifest", "zooaudit.zoo.catalog"))  # YAML; names only
-                    if m in ("zooaudit.extract", "zooaudit.zoo", "zooaudit.gradients")
-                    or m.startswith(("zooaudit.extract.", "zooaudit.zoo.", "zooaudit.gradients."))}
+                    if m in ("zooaudit.extract", "zooaudit.zoo", "zooaudit.gradients", "zooaudit.attribution_maps",
+                             "zooaudit.faithfulness", "zooaudit.sanity_checks")
+                    or m.startswith(("zooaudit.extract.", "zooaudit.zoo.", "zooaudit.gradients.",
+                                     "zooaudit.attribution_maps.", "zooaudit.faithfulness.",
+                                     "zooaudit.sanity_checks."))}
         bad = sorted(imported | (_calls(tree) & FORWARD))
         if bad:
             offenders[rel] = bad

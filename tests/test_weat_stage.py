@@ -156,7 +156,10 @@ def test_audit_model_flow_on_minilm_end_to_end(store_url):
     assert {"activations", "factorize", "similarity", "bias"} <= set(stages_done)
     assert len(stages_done["bias"].summary["weat"]) == 2 * 2 * 2
     report = build_report(store_url, spec.model_dump(mode="json"), [audit], [])
-    page = Store.open(store_url).fs.cat_file(report).decode()
+    # the bias section is on the model's page, which the summary links
+    model_page = report.rsplit("/", 1)[0] + f"/model-{audit.refs[0].model_key}.html"
+    assert f"href='{model_page.rsplit('/', 1)[1]}'" in Store.open(store_url).fs.cat_file(report).decode()
+    page = Store.open(store_url).fs.cat_file(model_page).decode()
     assert "Embedding association tests (WEAT / SEAT)" in page and "instruments-weapons" in page
 
 

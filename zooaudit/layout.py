@@ -11,6 +11,8 @@ Per dataset group ``<ds>``::
     <ds>/bias/<attribute>       per-group metrics with CIs
     <ds>/statistics/...         activation statistics: summary (layer), layers/<layer>, collapse,
                                 groups/<attribute>
+    <ds>/attribution/<layer>/<part>  attribution maps (sample, method, y, x), metrics, curves,
+                                reliance/<attribute>, agreement (zooaudit.stages.attribution)
     <ds>/controls/<kind>/...    controls extracted beside the activations, laid out like them
                                 (samples, acts/<layer>): random_init (a seeded random-initialised
                                 copy of the model), input_embeddings (text encoders)
@@ -75,6 +77,9 @@ def statistics_group(ds_key: str, part: str) -> str:
     """Activation statistics (:mod:`zooaudit.stages.statistics`): ``summary``, ``layers/<layer>``,
     ``collapse``, ``groups/<attribute>``."""
     return f"{ds_key}/statistics/{part}"
+def attribution_group(ds_key: str, layer: str, part: str) -> str:
+    """``<ds>/attribution/<layer>/<part>`` (part: maps, metrics, curves, reliance/<attr>, agreement)."""
+    return f"{ds_key}/attribution/{layer}/{part}"
 
 
 def controls_root(ds_key: str, kind: str) -> str:

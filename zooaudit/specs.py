@@ -47,7 +47,8 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("digits", description="Dataset name: 'digits' or 'colored-digits'.")
+    name: str = Field("digits", description="Dataset name: 'digits', 'colored-digits', 'scenes' "
+                      "(generated shapes on backgrounds, with masks), or a file-backed one.")
     split: Literal["train", "test", "all"] = Field("test", description="Which split of the data to audit on.")
     color_flip: float = Field(
         0.5, ge=0.0, le=1.0,
@@ -138,6 +139,32 @@ class BiasSpec(BaseModel):
         "shipped with zooaudit; empty/None = no association tests. Ignored for other models.")
     weat_permutations: int = Field(10_000, ge=1, description="Monte Carlo partitions per WEAT/SEAT test when exact "
                                    "enumeration is too large.")
+    measures: list[Literal["amplification", "contextual", "shortcut", "components"]] = Field(
+        ["amplification", "contextual", "shortcut", "components"],
+        description="Bias measures beyond group accuracy: bias amplification against the training data "
+        "(Zhao 2017, Wang & Russakovsky 2021, Zhao et al. 2023), contextual bias pairs (Singh et al. 2020), "
+        "shortcut reliance on counterfactual pairs (datasets that have them), and which factorization "
+        "components carry the group attribute and the errors (the bias-features stage, after factorize).")
+    train_split: Literal["auto", "model", "train", "test", "all"] | None = Field(
+        "auto", description="Training side of amplification and of the contextual pairs: 'model' = the training "
+        "data the model source records (builtin models), 'train'/'test'/'all' = that split of the audit dataset "
+        "(with train_options), 'auto' = the model's when it records one on the same dataset, else 'train'. "
+        "None: no training side (amplification and contextual bias are then not allowed in measures).")
+    train_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="DatasetSpec fields replaced on the training side of a split "
+        "(e.g. {'color_flip': 0.1}); the dataset's options go in 'options'.")
+    max_order: int = Field(2, ge=1, le=4, description="Largest label set of the multi-attribute amplification.")
+    contextual_top_k: int = Field(20, ge=1, description="Most biased (category, context) pairs kept.")
+
+    @model_validator(mode="after")
+    def _training_side(self) -> BiasSpec:
+        needs = [m for m in self.measures if m in ("amplification", "contextual")]
+        if needs and self.train_split is None:
+            raise ValueError(f"measures {needs} need a training side: set train_split ('auto', 'model', 'train', "
+                             "'test' or 'all') or drop them from measures")
+        if len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"bias measures listed twice: {sorted({m for m in self.measures if self.measures.count(m) > 1})}")
+        return self
 
 
 class SimilaritySpec(BaseModel):
@@ -177,6 +204,61 @@ class SimilaritySpec(BaseModel):
         return v
 
 
+def _attribution_methods() -> tuple[str, ...]:
+    """The attribution methods (declared in :mod:`zooaudit.analysis.attribution`, no torch)."""
+    from .analysis.attribution import METHODS
+
+    return METHODS
+
+
+class AttributionSpec(BaseModel):
+    """Attribution maps (a model stage, zooaudit.stages.attribution): CAMs and pixel maps per
+    model × dataset × layer, their faithfulness, localisation and background reliance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Compute attribution maps where they apply (classifiers on image "
+                          "datasets with a spatial layer).")
+    only_masked: bool = Field(True, description="Only on datasets with foreground masks (scenes, or image-folder / "
+                              "arrays given masks): there localisation and background reliance can be measured.")
+    layers: list[str] | None = Field(None, description="Spatial layers the CAMs read (default: the last of the "
+                                     "model's default layers whose output is (channel, y, x)).")
+    methods: list[str] = Field(["gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "grad_x_input",
+                                "integrated_gradients"], description="Attribution methods.",
+                               json_schema_extra=lambda schema: _allowed_items(schema, _attribution_methods()))
+    target: str = Field("predicted", description="Class explained: 'predicted', 'true', a class index or a class "
+                        "name of the dataset.")
+    max_samples: int = Field(128, ge=2, description="Maps of at most this many samples (a fixed random subset).")
+    batch_size: int = Field(32, ge=1, description="Samples per forward/backward (and masked or perturbed inputs "
+                            "per Score-CAM, IG and curve forward).")
+    ig_steps: int = Field(32, ge=1, description="Integrated Gradients midpoint steps (the completeness gap is "
+                          "stored per sample as ig_gap).")
+    ig_baseline: float = Field(0.0, description="Integrated Gradients baseline: a constant image of this value.")
+    curve_samples: int = Field(32, ge=0, description="Deletion/insertion curves on the first N of the mapped "
+                               "samples (0 = none).")
+    curve_steps: int = Field(10, ge=2, description="Steps of the deletion/insertion curves.")
+    curve_baseline: float = Field(0.0, description="Value that deleted pixels take (and insertion starts from).")
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU: map ≥ this fraction of its max vs mask.")
+    sanity_samples: int = Field(8, ge=0, description="Cascading-randomisation sanity check on the first N mapped "
+                                "samples (0 = off): every parameterised layer re-initialised from the top.")
+    sanity_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="A method is flagged when its maps' mean "
+                                    "Spearman with the trained model's stays ≥ this after randomising every layer.")
+    n_boot: int = Field(500, ge=0, description="Bootstrap resamples of the background-share CIs.")
+    n_permutations: int = Field(1000, ge=0, description="Permutations of the group-difference p-values.")
+    ci: float = Field(0.95, gt=0.0, lt=1.0)
+    correction: Literal["bh", "holm"] = Field("bh", description="Multiple-testing correction over the methods × "
+                                              "attributes of one run.")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    random_state: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        allowed = _attribution_methods()
+        bad = [m for m in v if m not in allowed]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"attribution methods must be distinct names from {', '.join(allowed)}; got {v}")
+        return v
 class StatisticsSpec(BaseModel):
     """Activation statistics per layer (:mod:`zooaudit.stages.statistics`): sparsity, dead and
     massive activations, the spectrum, and neural collapse on labelled datasets."""
@@ -228,6 +310,7 @@ class RunOptions(BaseModel):
     factorize: FactorizeSpec = Field(default_factory=FactorizeSpec)
     bias: BiasSpec = Field(default_factory=BiasSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
     statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
     store: str | None = Field(None, description="Store root URL; default $ZOOAUDIT_STORE or ./zooaudit-store.")
     task_runner: Literal["dask", "threads"] = Field(

@@ -116,3 +116,19 @@ def permutation_p_value(observed: float, null) -> float:
     if not np.isfinite(observed):
         return float("nan")
     return float((1 + np.count_nonzero(at_least(null, observed))) / (1 + null.size))
+
+
+def adjust_datasets(datasets: list, dim: str, *, method: str = "bh", alpha: float = 0.05, over: str = "") -> None:
+    """Adjust the ``p_value`` of several xarray Datasets (each along ``dim``) together, in place:
+    their ``p_adjusted`` and ``reject`` are replaced by the joint correction (``attrs["adjusted_over"]``
+    records ``over``). One family across, e.g., every group attribute of a run."""
+    if not datasets:
+        return
+    adj = adjust(np.concatenate([ds["p_value"].values for ds in datasets]), method=method, alpha=alpha)
+    start = 0
+    for ds in datasets:
+        m = ds.sizes[dim]
+        ds["p_adjusted"] = (dim, adj.p_adjusted[start:start + m])
+        ds["reject"] = (dim, adj.reject[start:start + m])
+        ds.attrs["adjusted_over"] = over
+        start += m

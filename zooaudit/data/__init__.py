@@ -6,7 +6,7 @@ float32, labels ``(sample,)``, sample ids ``(sample,)`` and group attributes
 """
 
 # The builtin loaders register themselves in .registry.DATASETS when imported.
-from . import arrays, digits, images, text  # noqa: F401
+from . import arrays, digits, images, scenes, text  # noqa: F401
 from .base import load_dataset
 from .registry import DATASETS
 from .shards import Shard, plan_shards

@@ -10,7 +10,10 @@ Arrays by name (options override the names):
   option names a second ``.npy`` file; absent: every label is 0;
 - ``sample_ids``: ``(sample,)`` unique integers (default: the row numbers);
 - ``group_<attr>``: one ``(sample,)`` array per group attribute (or option
-  ``groups``: a list of array names, each used as an attribute of that name).
+  ``groups``: a list of array names, each used as an attribute of that name);
+- ``masks`` (option ``masks``): optional ``(sample, y, x)`` foreground masks of image
+  inputs ``(sample, channel, y, x)``, non-zero = foreground; for a ``.npy`` file the
+  option names a second ``.npy`` file.
 
 ``hf-disk`` — ``DatasetSpec.path`` is a folder written by ``datasets``'
 ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose split is
@@ -41,7 +44,7 @@ from .images import (
     to_array,
 )
 
-ARRAY_OPTIONS = {"inputs", "labels", "groups"}
+ARRAY_OPTIONS = {"inputs", "labels", "groups", "masks"}
 HF_OPTIONS = {"inputs", "labels", "groups", "image_size", "mode"}
 HF_INPUT_COLUMNS = ("pixel_values", "image", "img", "inputs", "x")
 
@@ -56,7 +59,16 @@ def memory_mapped(a) -> bool:
     return False
 
 
-def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list], where: str) -> AuditDataset:
+def _nonfinite_rows(inputs: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Row numbers of samples with a non-finite value, read in blocks (a memory-mapped file
+    is paged through once, never copied whole)."""
+    flat = inputs.reshape(len(inputs), -1)
+    return np.concatenate([np.flatnonzero(~np.isfinite(flat[i:i + rows]).all(axis=1)) + i
+                           for i in range(0, len(flat), rows)] or [np.zeros(0, np.int64)])
+
+
+def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list], where: str,
+            masks=None) -> AuditDataset:
     """Validate lengths and dtypes; build the dataset."""
     inputs = np.asarray(inputs)
     n = len(inputs) if inputs.ndim else 0
@@ -64,6 +76,10 @@ def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list]
         raise ZooauditError(f"Dataset {name!r} at {where!r} is empty: it needs at least one sample.")
     if inputs.dtype.kind not in "fiub":
         raise ZooauditError(f"Dataset {name!r}: inputs at {where!r} have dtype {inputs.dtype}; numeric arrays only.")
+    if inputs.dtype.kind == "f" and (bad := _nonfinite_rows(inputs)).size:
+        raise ZooauditError(f"Dataset {name!r}: inputs at {where!r} hold NaN or ±Inf in {bad.size} sample(s) (rows "
+                            f"{', '.join(map(str, bad[:5]))}{' …' if bad.size > 5 else ''}); a model's activations on "
+                            "them would be meaningless. Allowed: finite inputs — drop or impute those samples.")
     labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
     for what, arr in [("labels", labels), ("sample_ids", ids), *[(f"group {k!r}", np.asarray(v))
@@ -78,7 +94,7 @@ def _finish(name: str, spec, inputs, labels, ids, group_columns: dict[str, list]
     groups, group_names = code_groups({k: list(v) for k, v in group_columns.items()})
     return AuditDataset(name=name, spec=spec.model_dump(), inputs=np.ascontiguousarray(inputs, np.float32),
                         labels=labels.astype(np.int64), sample_ids=ids.astype(np.int64), groups=groups,
-                        group_names=group_names)
+                        group_names=group_names, masks=masks)
 
 
 def _get(arrays, key: str, where: str, required: bool = True):
@@ -92,8 +108,13 @@ def _get(arrays, key: str, where: str, required: bool = True):
 
 def _np_load(path, mmap_mode=None):
     # allow_pickle=False: an object array would need unpickling, which can run code.
+    import zipfile
+
     try:
         return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ZooauditError(f"Cannot read {str(path)!r}: it is not a valid .npy / .npz file ({err}). Allowed: files "
+                            "written by numpy.save / numpy.savez, or a Zarr group folder.") from None
     except ValueError as err:
         raise ZooauditError(f"Cannot load {str(path)!r} without unpickling ({err}); store numeric arrays only.") from None
 
@@ -115,7 +136,8 @@ def load_arrays(spec) -> AuditDataset:
         # torch.from_numpy; _finish keeps the map unless the dtype or order needs converting.
         inputs = _np_load(path, mmap_mode="c")
         labels = _np_load(local_path(str(options["labels"]), "arrays")) if "labels" in options else None
-        return _finish("arrays", spec, inputs, labels, None, {}, where)
+        masks = _np_load(local_path(str(options["masks"]), "arrays")) if "masks" in options else None
+        return _finish("arrays", spec, inputs, labels, None, {}, where, masks)
     if path.suffix == ".npz":
         with _np_load(path) as z:
             arrays = {k: _npz_item(z, k, where) for k in z.files}
@@ -129,12 +151,13 @@ def load_arrays(spec) -> AuditDataset:
     inputs = _get(arrays, str(options.get("inputs", "inputs")), where)
     labels = _get(arrays, str(options.get("labels", "labels")), where, required="labels" in options)
     ids = _get(arrays, "sample_ids", where, required=False)
+    masks = _get(arrays, str(options.get("masks", "masks")), where, required="masks" in options)
     if "groups" in options:
         names = options["groups"] if isinstance(options["groups"], list) else [options["groups"]]
         cols = {g: _get(arrays, g, where) for g in names}
     else:
         cols = {k[len("group_"):]: np.asarray(v[...]) for k, v in arrays.items() if k.startswith("group_")}
-    return _finish("arrays", spec, inputs, labels, ids, cols, where)
+    return _finish("arrays", spec, inputs, labels, ids, cols, where, masks)
 
 
 def _hf_split(obj, split: str, where: str):

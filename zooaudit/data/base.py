@@ -22,4 +22,6 @@ def load_dataset(spec) -> AuditDataset:
         n = spec.max_samples
         ds.inputs, ds.labels, ds.sample_ids = ds.inputs[:n], ds.labels[:n], ds.sample_ids[:n]
         ds.groups = {k: v[:n] for k, v in ds.groups.items()}
+        if ds.masks is not None:
+            ds.masks = ds.masks[:n]
     return ds

@@ -5,7 +5,8 @@ Colored digits (Arjovsky et al. 2019, FIELD-NOTES.md): binary label
 flipped with probability ``color_flip``; the image is written into channel
 ``colour`` (0 = red, 1 = green) of a 2-channel input. ``color_flip=0.5`` makes
 colour independent of the label (a balanced test set); a small ``color_flip``
-makes colour a stronger shortcut than the digit shape.
+makes colour a stronger shortcut than the digit shape. Option ``swap_color: true`` gives the
+counterfactual set: the same samples, digits and labels, each written into the other colour.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def load_colored_digits(spec) -> AuditDataset:
     y = (target[idx] < 5).astype(np.int64)
     y = y ^ (rng.random(len(idx)) < spec.label_noise)
     colour = y ^ (rng.random(len(idx)) < spec.color_flip)
+    if spec.options.get("swap_color", False):   # the counterfactual set: same digits, the other colour
+        colour = 1 - colour
     x = np.zeros((len(idx), 2, 8, 8), np.float32)
     x[np.arange(len(idx)), colour] = images[idx]
     return AuditDataset(

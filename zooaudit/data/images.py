@@ -9,6 +9,10 @@ path or ``file://`` URL). Options (``DatasetSpec.options``):
 - ``on_error``: ``"fail"`` (default) or ``"skip"`` for files that cannot be decoded.
 - ``groups``: a CSV file (relative to the root; default ``groups.csv`` when present)
   with a ``path`` column (relative to the root) and one column per group attribute.
+- ``masks``: a folder (relative to the root, and then not a class) of foreground masks in
+  the same layout, ``<masks>/<class>/<image stem>.png``: one per image, any non-zero pixel
+  is foreground; resized with nearest neighbours to ``image_size``. Stored as
+  ``AuditDataset.masks`` ``(sample, y, x)`` bool.
 
 Labels are class indices in sorted order of the folder names; sample ids are the
 positions in sorted (class, file) order; inputs ``(sample, channel, y, x)``
@@ -32,7 +36,7 @@ from .types import AuditDataset
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-OPTIONS = {"image_size", "mode", "on_error", "groups"}
+OPTIONS = {"image_size", "mode", "on_error", "groups", "masks"}
 
 
 def local_path(path: str | None, dataset: str) -> Path:
@@ -130,6 +134,27 @@ def _read_groups(root: Path, spec_value, files: list[str]) -> tuple[dict, dict]:
     return code_groups({a: [by_path[f][a] for f in files] for a in attrs})
 
 
+def _read_masks(root: Path, folder: str, files: list[str], size: tuple[int, int] | None) -> np.ndarray:
+    """``(sample, y, x)`` bool masks of ``files`` (``<class>/<name>``) from ``root/folder``."""
+    from PIL import Image
+
+    base = root / folder
+    if not base.is_dir():
+        raise ZooauditError(f"Mask folder {str(base)!r} (options.masks) does not exist.")
+    out = []
+    for rel in files:
+        path = base / Path(rel).with_suffix(".png")
+        if not path.exists():
+            raise ZooauditError(f"Image {rel!r} has no mask {str(path)!r} (options.masks: one <class>/<stem>.png "
+                                "per image).")
+        with Image.open(path) as img:
+            img = img.convert("L")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.NEAREST)   # a mask stays binary
+            out.append(np.asarray(img) > 0)
+    return np.stack(out)
+
+
 @register("image-folder")
 def load_image_folder(spec) -> AuditDataset:
     from PIL import Image, UnidentifiedImageError
@@ -142,7 +167,9 @@ def load_image_folder(spec) -> AuditDataset:
     if on_error not in ("fail", "skip"):
         raise ZooauditError(f"Unknown on_error {on_error!r}. Allowed: fail, skip.")
     size = parse_size(options.get("image_size"))
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    mask_folder = options.get("masks")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and (mask_folder is None or d.resolve() != (root / str(mask_folder)).resolve()))
     if not classes:
         raise ZooauditError(f"Image folder {str(root)!r} has no class sub-folders (expected <root>/<class>/<image>).")
     arrays, labels, files, ids = [], [], [], []
@@ -168,12 +195,16 @@ def load_image_folder(spec) -> AuditDataset:
         raise ZooauditError(f"Image folder {str(root)!r} holds no readable images (suffixes: "
                             f"{', '.join(IMAGE_SUFFIXES)}).")
     groups, group_names = _read_groups(root, options.get("groups"), files)
+    inputs = stack_images(arrays, files, "image-folder")
+    masks = None if mask_folder is None else _read_masks(root, str(mask_folder), files, inputs.shape[-2:])
     return AuditDataset(
         name="image-folder",
         spec=spec.model_dump(),
-        inputs=stack_images(arrays, files, "image-folder"),
+        inputs=inputs,
         labels=np.array(labels, np.int64),
         sample_ids=np.array(ids, np.int64),
         groups=groups,
         group_names=group_names,
+        masks=masks,
+        class_names=classes,
     )

@@ -43,7 +43,13 @@ def example_texts_path() -> Path:
 def _records(path: Path) -> list[dict]:
     """Read a file into records ``{"text": str, ...}``."""
     suffix = path.suffix.lower()
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ZooauditError(f"Text dataset {str(path)!r} is not UTF-8: byte 0x{err.object[err.start]:02x} on line "
+                            f"{line} ({err.reason}). Allowed: UTF-8 text — re-save it as UTF-8, e.g. "
+                            "iconv -f latin1 -t utf-8.") from None
     if suffix == ".txt":
         return [{"text": line.strip()} for line in raw.splitlines() if line.strip() and not line.startswith("#")]
     if suffix == ".csv":

@@ -1,104 +1,124 @@
-"""The HTML report of a run: CKA heat maps, explained-variance curves, bias tables.
+"""The HTML report of a run: a small static site under ``<store>/reports/<run-id>/``.
 
-Written under ``<store>/reports/<run-id>/`` (``index.html``, PNG figures and a
-``manifest.json`` with the spec and every stage's cache key and snapshot).
-Reports are never overwritten: an existing run folder is an error. A run whose inputs
-are exactly those of an earlier report (same spec, every stage at the same cache key and
-snapshot — a warm nightly rerun with no zoo change) reuses that report and writes
-nothing: ``<store>/reports/by-key/<key>`` names the folder rendered for each input key.
+    index.html            summary: one row per model — headline numbers beside their controls and
+                          CIs, a badge per regression event fired tonight, what changed since the
+                          previous tag; sortable; links to the pages below
+    model-<key>.html      one per model: a left navigation by stage (``sections.MODEL_SECTIONS``)
+    zoo.html              model × model matrices with their control, checkpoint trends, the
+                          shortcut sweep, a cross-night history chart per headline metric
+    *.png, manifest.json  figures; the spec and every stage's cache key and snapshot
+
+Pages are plain HTML with one inline stylesheet and sort script: they open from ``file://``
+with nothing fetched from the network. Reports are never overwritten: an existing run folder
+is an error. A run whose inputs are exactly those of an earlier report (same spec, every stage
+at the same cache key and snapshot, the same regressions and tags — a warm nightly rerun with no
+zoo change) reuses that report and writes nothing: ``<store>/reports/by-key/<key>`` names the
+folder rendered for each input key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 
-import xarray as xr
-
-from .. import layout
-from ..analysis.metrics import metric_kind
 from ..errors import ZooauditError
-from ..keys import cache_key, slug_key
+from ..keys import cache_key
 from ..store import Store
-from .bias import bias_section, shortcut_sweep_section
-from .factorize import factorize_section
-from .statistics import statistics_section
-from .figures import heatmap_png, trend_png
-from .summary import CONTROL_LABELS
+from .headline import SUMMARY_COLUMNS, Night, diff_since_previous_tag
+from .page import OPEN_IMPORT, esc, frame, slug, table, with_image_sizes
+from . import stage_sections  # noqa: F401 — registers the attribution and bias-measures sections
+from .sections import MODEL_SECTIONS, ModelContext
+from .zoo_pages import zoo_parts
 
 
-def _open(repo, snapshot, group):
-    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False,
-                        zarr_format=3).load()
+def model_page_name(model_key: str) -> str:
+    return f"model-{model_key}.html"
 
 
-def _open_lazy(repo, snapshot, group):
-    """Like ``_open`` without loading: factorizations hold (sample, ...) codes and heat maps."""
-    return xr.open_zarr(repo.readonly_session(snapshot_id=snapshot).store, group=group, consolidated=False,
-                        zarr_format=3)
+LINKS = [("index.html", "summary"), ("zoo.html", "zoo")]   # every page's header
 
 
-def _layer_similarity_section(repo, plan, result, base: str, model: str, files: dict) -> list[str]:
-    """Heat maps of each metric's layer × layer matrix beside its control."""
-    out = []
-    metrics = [m for m in result.summary if isinstance(result.summary[m], dict)]
-    for metric in metrics:
-        ds = _open(repo, result.snapshot, layout.similarity_group(plan.ds_key, metric))
-        kind = ds.attrs.get("kind", metric_kind(metric))
-        name = f"{base}-{metric}.png"
-        files[name] = heatmap_png(ds["value"], f"layer × layer {metric} (n={ds.attrs.get('n')}) — {model}", kind=kind)
-        out.append(f"<img src='{name}'>")
-        if "control" in ds:
-            cname = f"{base}-{metric}-control.png"
-            files[cname] = heatmap_png(ds["control"], f"control ({ds.attrs.get('control')}, "
-                                       f"n={ds.attrs.get('control_n')}) — {metric}", kind=kind)
-            out.append(f"<img src='{cname}'>")
-    return out
+def _model_page(store_url, audit, night, files, subtitle) -> str:
+    """One model's page: a section per registered stage, a dataset heading inside each."""
+    nav, body = [], []
+    for section in MODEL_SECTIONS:
+        chunks = []
+        refs = audit.refs[:1] if not section.per_dataset else audit.refs
+        for ref in refs:
+            res = {r.stage: r for r in audit.results if r.dataset == ref.ds_key}
+            ctx = ModelContext(store_url, audit.model, ref, res, files, night, list(audit.results))
+            got = [h for h in section.render(ctx) if h]
+            if got and section.per_dataset:
+                chunks.append(f"<h3>{esc(ref.dataset.name)} <small class='ctl'>({esc(ref.ds_key)}, "
+                              f"{ref.n_samples} samples)</small></h3>")
+            chunks.extend(got)
+        if chunks:
+            anchor = slug(section.stage)
+            nav.append((f"#{anchor}", section.title))
+            body.append(f"<section id='{anchor}'><h2>{esc(section.title)}</h2>{''.join(chunks)}</section>")
+    intro = (f"<p class='ctl'>Every figure shows the line that opens its data with xarray, after "
+             f"<code>{esc(OPEN_IMPORT)}</code>.</p>")
+    return frame(f"zooaudit: {audit.model}", intro + "".join(body), nav=nav, subtitle=subtitle,
+                 links=LINKS)
 
 
-def _zoo_section(store, z, files: dict) -> list[str]:
-    """Model × model heat maps per compare layer, or revision trends per family."""
-    out = []
-    repo = store.zoo_repo()
-    if z.stage == "zoo-similarity":
-        for metric, group in z.summary["groups"].items():
-            ds = _open(repo, z.snapshot, group)
-            kind = ds.attrs.get("kind", metric_kind(metric))
-            for layer in ds["value"]["layer_a"].values:
-                imgs = []
-                for var in ("value", "control"):
-                    if var not in ds:
-                        continue
-                    mat = ds[var].sel(layer_a=layer, layer_b=layer)
-                    mat = mat.dropna("model_a", how="all").dropna("model_b", how="all")
-                    name = f"zoo-{z.dataset}-{metric}-{layer}{'-control' if var == 'control' else ''}.png"
-                    label = (f"model × model {metric} — layer {layer} on {z.dataset}" if var == "value" else
-                             f"control ({CONTROL_LABELS.get(ds.attrs.get('control'), 'control')}, "
-                             f"n={ds.attrs.get('control_n')}) — {metric}, layer {layer}")
-                    files[name] = heatmap_png(mat, label, kind=kind)
-                    imgs.append(f"<img src='{name}'>")
-                out.append(f"<h2>Zoo: model × model {html.escape(metric)}, layer {html.escape(str(layer))}, "
-                           f"on {html.escape(z.dataset)}</h2>" + "".join(imgs))
-    elif z.stage == "revision-similarity":
-        for family, per_metric in z.summary["families"].items():
-            for metric, info in per_metric.items():
-                value = _open(repo, z.snapshot, info["group"])["value"]
-                value.attrs["metric"] = metric
-                name = f"revisions-{z.dataset}-{slug_key(family, 32)}-{metric}.png"
-                files[name] = trend_png(value, f"{family}: {metric} between consecutive checkpoints")
-                out.append(f"<h2>Revisions of {html.escape(family)} ({html.escape(metric)})</h2><img src='{name}'>")
-    return out
+def _summary_row(audit, night) -> list:
+    link = (f"<a href='{model_page_name(audit.refs[0].model_key)}'>{esc(audit.model)}</a>" if audit.refs
+            else esc(audit.model))
+    return [(link, audit.model)] + [column.cell(audit, night) for column in SUMMARY_COLUMNS]
 
 
-def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | None = None) -> str:
-    """Render the run's report; return the path/URL of its ``index.html``.
+def _summary_page(store, audits, zoo_results, night, run, subtitle) -> str:
+    rows = [_summary_row(a, night) for a in audits]
+    n_regs = len(night.regressions)
+    lead = (f"<p><b>{n_regs} regression event{'s' if n_regs != 1 else ''} tonight</b> across {len(audits)} models"
+            + ("" if n_regs else " — nothing fired") + ". Click a column header to sort; a model's name opens its "
+            "page; the <a href='zoo.html'>zoo page</a> has the model × model matrices and the history across nights."
+            "</p>")
+    legend = ("<p class='ctl'>Brackets: bootstrap confidence interval. Control beside CKA: the same CKA with the "
+              "previous night's samples shuffled (unrelated representations). Disparities are significant after "
+              "the run's multiple-testing correction. CKA to the previous night is measured only for activations "
+              "extracted tonight; a cache hit is identical to the committed activations.</p>")
+    zoo_links = "".join(f"<li><a href='zoo.html#{slug('zoo-' + z.dataset)}'>{esc(z.stage)} on {esc(z.dataset)}</a>"
+                        f"{' (cache hit)' if z.skipped else ''}</li>" for z in zoo_results)
+    body = (lead + table(["model"] + [c.title for c in SUMMARY_COLUMNS], rows, sortable=True) + legend
+            + (f"<h2>Zoo</h2><ul>{zoo_links}</ul>" if zoo_links else ""))
+    return frame("zooaudit: tonight's audit", body, subtitle=subtitle, links=LINKS)
 
-    Reuses (and returns) an earlier report rendered from the same inputs instead of
-    rendering it again (see the module docstring)."""
+
+def _zoo_page(store, audits, zoo_results, compare_layers, files, subtitle) -> str:
+    parts = zoo_parts(store, audits, zoo_results, compare_layers, files)
+    nav = [(f"#{a}", t) for a, t, _ in parts]
+    body = "".join(f"<section id='{a}'><h2>{esc(t)}</h2>{h}</section>" for a, t, h in parts)
+    anchors = "".join(f"<span id='{slug('zoo-' + z.dataset)}'></span>" for z in zoo_results
+                      if z.stage == "zoo-similarity")
+    return frame("zooaudit: the zoo", anchors + (body or "<p>No zoo-level results in this run.</p>"), nav=nav,
+                 subtitle=subtitle, links=LINKS)
+
+
+def night_of(store, audits, regressions=None, drift=None, compare_layers=()) -> Night:
+    """The run's regressions and drift, and each model's changes since its previous tag."""
+    diffs = {}
+    for audit in audits:
+        if audit.refs:
+            diffs[audit.model] = diff_since_previous_tag(store.model_repo(audit.refs[0].model_key))
+    return Night(list(regressions or []), dict(drift or {}), diffs, list(compare_layers))
+
+
+def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | None = None, *,
+                 regressions: list | None = None, drift: dict | None = None) -> str:
+    """Render the run's report site; return the path/URL of its ``index.html`` (the summary).
+
+    ``regressions``: the run's regression events (``zooaudit_flows.events.find_regressions``);
+    ``drift``: CKA to the previous night per model, dataset and layer. Reuses (and returns) an
+    earlier report rendered from the same inputs instead of rendering it again (see the module
+    docstring)."""
     store = Store(store_url)
     fs = store.fs
-    inputs = report_key(spec, audits, zoo_results)
+    compare_layers = list(spec.get("compare_layers") or [])
+    night = night_of(store, audits, regressions, drift, compare_layers)
+    inputs = report_key(spec, audits, zoo_results, regressions=regressions, drift=drift,
+                        tags={m: d[0] for m, d in night.diffs.items() if d})
     marker = store.path("reports", "by-key", inputs)
     if fs.exists(marker):
         earlier = fs.cat_file(marker).decode().strip()
@@ -110,46 +130,21 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
     if fs.exists(folder):
         raise ZooauditError(f"Report folder {folder} already exists; reports are never overwritten.")
     files: dict[str, bytes] = {}
-    body: list[str] = []
-    manifest = {"run": run, "flow_run_id": run_id, "spec": spec, "models": [], "zoo": []}
-
+    manifest = {"run": run, "flow_run_id": run_id, "spec": spec, "models": [], "zoo": [],
+                "regressions": list(regressions or []), "cka_to_previous": dict(drift or {})}
+    subtitle = (f"run {esc(run)} · {len(audits)} models · store <code>{esc(store.url)}</code>")
     for z in zoo_results:
-        body.extend(_zoo_section(store, z, files))
         manifest["zoo"].append({"stage": z.stage, "dataset": z.dataset, "cache_key": z.cache_key,
                                 "snapshot": z.snapshot})
-
     for audit in audits:
-        repo = store.model_repo(audit.refs[0].model_key) if audit.refs else None
-        body.append(f"<h2>Model {html.escape(audit.model)}</h2>")
         manifest["models"].append({"model": audit.model, "stages": [r.to_dict() for r in audit.results]})
-        for plan in audit.refs:
-            res = {r.stage: r for r in audit.results if r.dataset == plan.ds_key}
-            body.append(f"<h3>{html.escape(plan.dataset.name)} <small>({plan.ds_key}, "
-                        f"{plan.n_samples} samples)</small></h3>")
-            base = f"{plan.model_key}-{plan.ds_key}"
-            if "similarity" in res:
-                body.extend(_layer_similarity_section(repo, plan, res["similarity"], base, audit.model, files))
-            if "factorize" in res:
-                body.extend(factorize_section(lambda g, _s=res["factorize"].snapshot, _r=repo: _open_lazy(_r, _s, g), plan,
-                                              res["factorize"], base, audit.model, files))
-            if "bias" in res:
-                body.extend(bias_section(lambda g, _s=res["bias"].snapshot, _r=repo: _open(_r, _s, g), plan,
-                                         res["bias"], base, files))
-            if "statistics" in res:
-                body.extend(statistics_section(lambda g, _s=res["statistics"].snapshot, _r=repo: _open(_r, _s, g),
-                                               plan, res["statistics"], base, files))
-
-    body.extend(shortcut_sweep_section(audits, files))
-
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>zooaudit report</title><style>"
-        "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:48%;margin:4px}"
-        "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
-        "tr.cell td{color:#555}</style></head><body>"
-        f"<h1>zooaudit report</h1><p>run {html.escape(run)} · {len(audits)} models</p>"
-        + "".join(body) + "</body></html>"
-    )
-    files["index.html"] = page.encode()
+        if audit.refs:
+            files[model_page_name(audit.refs[0].model_key)] = _model_page(store.url, audit, night, files,
+                                                                          subtitle).encode()
+    files["zoo.html"] = _zoo_page(store, audits, zoo_results, compare_layers, files, subtitle).encode()
+    files["index.html"] = _summary_page(store, audits, zoo_results, night, run, subtitle).encode()
+    for name in [n for n in files if n.endswith(".html")]:
+        files[name] = with_image_sizes(files[name].decode(), files).encode()
     files["manifest.json"] = json.dumps(manifest, indent=2, default=str).encode()
     for name, data in files.items():
         with fs.open(f"{folder}/{name}", "wb") as fh:
@@ -160,9 +155,11 @@ def build_report(store_url: str, spec: dict, audits, zoo_results, run_id: str | 
     return f"{folder}/index.html"
 
 
-def report_key(spec: dict, audits, zoo_results) -> str:
-    """Content key of a report's inputs: the spec and every (stage, dataset, cache key,
-    snapshot) it shows. Equal keys render equal reports (up to the run stamp)."""
+def report_key(spec: dict, audits, zoo_results, *, regressions=None, drift=None, tags=None) -> str:
+    """Content key of a report's inputs: the spec, every (stage, dataset, cache key, snapshot) it
+    shows, the regressions and drift of the run and the previous tag of each model. Equal keys
+    render equal reports (up to the run stamp)."""
     stages = [[a.model, r.stage, r.dataset, r.cache_key, r.snapshot] for a in audits for r in a.results]
     zoo = [[z.stage, z.dataset, z.cache_key, z.snapshot] for z in zoo_results]
-    return cache_key("report", spec=spec, stages=stages, zoo=zoo)
+    extra = {"regressions": regressions, "drift": drift, "tags": tags} if (regressions or drift or tags) else {}
+    return cache_key("report", spec=spec, stages=stages, zoo=zoo, **extra)

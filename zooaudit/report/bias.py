@@ -10,6 +10,7 @@ import xarray as xr
 
 from .. import layout
 from .figures import bars_png, sweep_png
+from .page import figure
 
 
 def _fmt(v) -> str:
@@ -31,15 +32,17 @@ def _rows(ds: xr.Dataset) -> list[str]:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(f"<th scope='col'>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, str) else _fmt(c)}</td>" for c in r) + "</tr>"
                    for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def bias_section(open_group, plan, result, base: str, files: dict) -> list[str]:
-    """HTML for one model's bias stage on one dataset."""
+def bias_section(open_group, plan, result, base: str, files: dict, *, open_line=None) -> list[str]:
+    """HTML for one model's bias stage on one dataset; ``open_line(group) -> str`` is the line that
+    opens a figure's data, shown under it."""
     out = []
+    line = open_line or (lambda group: None)
     for attr, s in (result.summary or {}).items():
         if attr == "weat":  # the association tests of text encoders, not a group attribute
             out.extend(weat_section(s))
@@ -53,12 +56,16 @@ def bias_section(open_group, plan, result, base: str, files: dict) -> list[str]:
             continue
         ds = open_group(layout.bias_group(plan.ds_key, attr))
         name = f"{base}-bias-{attr}.png"
-        files[name] = bars_png(ds, f"accuracy by {attr} (bootstrap {ds.attrs.get('ci', 0.95):.0%} CI)")
+        ci = f"bootstrap {ds.attrs.get('ci', 0.95):.0%} CI"
+        files[name] = bars_png(ds, f"accuracy by {attr} ({ci})")
         out.append(f"<h4>Bias: accuracy by {html.escape(attr)} — overall {_fmt(s['overall_accuracy'])}, "
                    f"worst-group {_fmt(s['worst_group_accuracy'])} ({html.escape(s['worst_group'])})</h4>"
-                   f"<img src='{name}'>")
-        out.append("<table><tr><th>group / cell</th><th>accuracy</th><th>bootstrap CI</th><th>n</th></tr>"
-                   + "".join(_rows(ds)) + "</table>")
+                   + figure(name, f"Bar chart of accuracy per {attr} group with {ci} error bars",
+                            f"accuracy (fraction correct) per {html.escape(attr)} group; error bars: {ci}.",
+                            open_line=line(layout.bias_group(plan.ds_key, attr))))
+        out.append("<table><thead><tr><th scope='col'>group / cell</th><th scope='col'>accuracy</th>"
+                   "<th scope='col'>bootstrap CI</th><th scope='col'>n</th></tr></thead><tbody>"
+                   + "".join(_rows(ds)) + "</tbody></table>")
         disp = s.get("disparities", {})
         if disp:
             out.append("<p>Disparities (permutation p-values, corrected across the run):</p>" + _table(
@@ -114,5 +121,8 @@ def shortcut_sweep_section(audits, files: dict) -> list[str]:
     points.sort()
     files["shortcut-sweep.png"] = sweep_png(points)
     rows = "".join(f"<tr><td>{f:.2f}</td><td>{_fmt(w)}</td><td>{_fmt(l)}</td></tr>" for f, w, l in points)
-    return ["<h2>Shortcut sweep (colored digits)</h2><img src='shortcut-sweep.png'><table><tr><th>colour flip in "
-            "training</th><th>worst-group accuracy</th><th>output leakage of colour</th></tr>" + rows + "</table>"]
+    return [figure("shortcut-sweep.png", "Worst-group accuracy and colour leakage against the training colour flip",
+                     "worst-group accuracy and output leakage of colour (fractions, 0–1) against the probability that "
+                     "a training image's colour disagrees with its label.")
+            + "<table><thead><tr><th scope='col'>colour flip in training</th><th scope='col'>worst-group accuracy</th>"
+            "<th scope='col'>output leakage of colour</th></tr></thead><tbody>" + rows + "</tbody></table>"]

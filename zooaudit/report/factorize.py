@@ -20,8 +20,9 @@ import numpy as np
 from .. import layout
 from ..data import load_dataset
 from .figures import _line_chart_png, curves_png, plt
+from .page import figure
 
-TILE = 48  # pixels per gallery tile side
+TILE = 48  # pixels per gallery tile side (8×8 inputs: 6× nearest-neighbour)
 ALPHA = 0.55  # heat-map opacity over the image
 
 
@@ -41,6 +42,13 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 
 
 def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
+    """``a (h, w, ...)`` resized to ``(size, size, ...)``: ``order=0`` is exact nearest-neighbour
+    (output pixel i takes input pixel ``i * h // size``: an 8×8 input at 48 px is 6×6 blocks of
+    equal size — scipy's zoom gives the edge pixels half-blocks), ``order=1`` bilinear."""
+    if order == 0:
+        rows = np.arange(size) * a.shape[0] // size
+        cols = np.arange(size) * a.shape[1] // size
+        return a[rows][:, cols]
     from scipy.ndimage import zoom
 
     return zoom(a, (size / a.shape[0], size / a.shape[1]) + (1,) * (a.ndim - 2), order=order)
@@ -49,9 +57,11 @@ def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
 def gallery_png(images: np.ndarray, heat: np.ndarray | None, scores: np.ndarray) -> bytes:
     """Mosaic of ``images (k, n, C, H, W)`` with optional ``heat (k, n, h, w)`` overlays.
 
-    Heat maps are bilinearly resized to the tile, clipped at 0 (only where the concept is
-    present is coloured) and divided by the row's maximum. ``scores (k, n)``: tiles with a
-    non-finite score (fewer samples than ``n``) stay blank.
+    Images are upsampled nearest-neighbour to ``TILE`` pixels (an 8×8 digit becomes 6×6
+    pixel blocks, not a blur); heat maps are bilinearly resized to the tile, clipped at 0
+    (only where the concept is present is coloured) and divided by the row's maximum.
+    ``scores (k, n)``: tiles with a non-finite score (fewer samples than ``n``) stay blank.
+    Rows are labelled with their component, the horizontal axis with the rank.
     """
     k, n = images.shape[:2]
     gap = 2
@@ -69,8 +79,21 @@ def gallery_png(images: np.ndarray, heat: np.ndarray | None, scores: np.ndarray)
                 tile = (1 - ALPHA * h[..., None]) * tile + ALPHA * h[..., None] * cmap(h)[..., :3]
             y, x = i * (TILE + gap), j * (TILE + gap)
             mosaic[y:y + TILE, x:x + TILE] = np.clip(tile, 0, 1)
+    dpi = 100
+    fig = plt.figure(figsize=((mosaic.shape[1] + 90) / dpi, (mosaic.shape[0] + 50) / dpi), dpi=dpi)
+    ax = fig.add_axes([70 / (mosaic.shape[1] + 90), 40 / (mosaic.shape[0] + 50),
+                       mosaic.shape[1] / (mosaic.shape[1] + 90), mosaic.shape[0] / (mosaic.shape[0] + 50)])
+    ax.imshow(mosaic, interpolation="nearest")
+    centre = TILE / 2
+    ax.set_yticks([i * (TILE + gap) + centre for i in range(k)], [f"c{i}" for i in range(k)], fontsize=8)
+    ax.set_xticks([j * (TILE + gap) + centre for j in range(n)], [str(j + 1) for j in range(n)], fontsize=8)
+    ax.set_ylabel("component", fontsize=8)
+    ax.set_xlabel("rank of the top-activating samples (1 = strongest)", fontsize=8)
+    for side in ax.spines.values():
+        side.set_visible(False)
     buf = io.BytesIO()
-    plt.imsave(buf, mosaic, format="png")
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -154,7 +177,7 @@ def _token_table(ds, caption: str) -> str:
             f"their sentence, best first (token, sample, code)</th></tr>{rows}</table>")
 
 
-def _gallery(ds, images: _Images, name: str, files: dict, caption: str) -> list[str]:
+def _gallery(ds, images: _Images, name: str, files: dict, caption: str, open_line: str | None = None) -> list[str]:
     tokens = [_token_table(ds, caption)] if "top_token_text" in ds else []
     ids = ds["top_sample"].values
     scores = ds["top_score"].values
@@ -175,23 +198,30 @@ def _gallery(ds, images: _Images, name: str, files: dict, caption: str) -> list[
                  "</table>")] + tokens
     heat = ds["top_heatmap"].values if "top_heatmap" in ds else None
     files[name] = gallery_png(imgs, heat, scores)
-    note = "heat map of the concept overlaid" if heat is not None else \
-        "layer stored pooled: no positions, images only (extract with pooling='none' for heat maps)"
-    return [(f"<figure><img src='{name}' style='max-width:96%'><figcaption>{html.escape(caption)}: rows = "
-             f"components 0–{len(ids) - 1}, top-activating samples left to right ({note}; score: "
-             f"{html.escape(str(ds.attrs.get('top_score', 'code')))}).</figcaption></figure>")]
+    what = "heat map of the concept overlaid (jet: warmer = stronger)" if heat is not None else "images only"
+    return [figure(name, f"Concept gallery {caption}: the top-activating images of each of {len(ids)} components",
+                   f"{html.escape(caption)}: rows = components c0–c{len(ids) - 1}, their top-activating samples "
+                   f"left to right, {what}; score: {html.escape(str(ds.attrs.get('top_score', 'code')))}.",
+                   open_line=open_line, pixelated=True)]
 
 
-def factorize_section(open_group, plan, result, base: str, model: str, files: dict) -> list[str]:
+POOLED_NOTE = ("Layers stored pooled have no positions, so their galleries show the images alone (no heat "
+               "map): {layers}. Extract with <code>--pooling none</code> for heat maps.")
+
+
+def factorize_section(open_group, plan, result, base: str, model: str, files: dict, *,
+                      open_line=None) -> list[str]:
     """HTML for one model × dataset's factorize commit. ``open_group(group) -> xr.Dataset`` (lazy:
-    only the small variables — top samples, sweep, curve — and attributes are read)."""
+    only the small variables — top samples, sweep, curve — and attributes are read);
+    ``open_line(group) -> str``: the line that opens a group's data, shown under its figures."""
+    line = open_line or (lambda group: None)
     summary = result.summary or {}
     groups = summary.get("groups") or {f"{t}": layout.factors_group(plan.ds_key, *t.split("/", 1))
                                        for t, v in summary.get("explained_variance", {}).items()
                                        if not isinstance(v, str)}
-    out = [f"<h4>Factorization — {html.escape(model)}</h4>"]
+    out = []
     opened = {}
-    for tag, group in groups.items():
+    for tag, group in sorted(groups.items()):   # layer/method in a stable order
         try:
             opened[tag] = open_group(group)
         except (KeyError, FileNotFoundError):
@@ -200,7 +230,11 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
               if t.endswith("/pca") and "explained_variance_curve" in ds}
     if curves:
         files[f"{base}-pca.png"] = curves_png(curves, f"PCA explained variance — {model}")
-        out.append(f"<img src='{base}-pca.png'>")
+        first = next(t for t in opened if t.endswith("/pca") and "explained_variance_curve" in opened[t])
+        out.append(figure(f"{base}-pca.png", f"Cumulative PCA explained variance against the number of components "
+                          f"for layers {', '.join(curves)}", "PCA: cumulative explained variance (fraction of the "
+                          "total variance, 0–1) against the number of components, one line per layer.",
+                          open_line=line(groups[first])))
     by_method: dict[str, dict] = {}
     for tag, ds in opened.items():
         if "k_sweep" in ds.coords:
@@ -210,7 +244,9 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
     for method, curves_k in by_method.items():
         name = f"{base}-sweep-{method}.png"
         files[name] = sweep_png(curves_k, f"{method}: quality over k — {model}")
-        out.append(f"<img src='{name}'>")
+        out.append(figure(name, f"{method} explained variance and seed stability against k",
+                          f"{html.escape(method)}: explained variance (solid, fraction 0–1) and seed stability "
+                          "(dashed, matched cosine 0–1) against k."))
     rows = []
     for tag, ds in opened.items():
         if ds.attrs.get("method") == "eigencam":
@@ -222,14 +258,20 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
     rows += [f"<tr><td>{html.escape(t)}</td><td colspan='{len(QUALITY_COLUMNS)}'>{html.escape(v)}</td></tr>"
              for t, v in skipped.items()]
     if rows:
-        out.append("<table><tr><th>layer/method</th>" + "".join(f"<th>{h}</th>" for _, h in QUALITY_COLUMNS)
-                   + "</tr>" + "".join(rows) + "</table>")
+        out.append("<table><thead><tr><th scope='col'>layer/method</th>" + "".join(
+            f"<th scope='col'>{h}</th>" for _, h in QUALITY_COLUMNS) + "</tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
     images = _Images(plan.dataset)
+    pooled = sorted({t.split("/")[0] for t, ds in opened.items() if "top_sample" in ds and "top_heatmap" not in ds})
+    galleries = []
     for tag, ds in opened.items():
         if "top_sample" not in ds:
             continue
         name = f"{base}-gallery-{tag.replace('/', '-')}.png"
-        out.extend(_gallery(ds, images, name, files, f"{tag}: concepts"))
+        galleries.extend(_gallery(ds, images, name, files, f"{tag}: concepts", line(groups[tag])))
+    if pooled and any(name.endswith(".png") for name in files if name.startswith(f"{base}-gallery-")):
+        out.append(f"<p class='note'>{POOLED_NOTE.format(layers=html.escape(', '.join(pooled)))}</p>")
+    out.extend(galleries)
     for tag, ds in opened.items():
         if ds.attrs.get("method") == "eigencam":
             name = f"{base}-eigencam-{tag.split('/')[0]}.png"
@@ -239,7 +281,8 @@ def factorize_section(open_group, plan, result, base: str, model: str, files: di
             if imgs is not None:
                 heat = ds["heatmap"][:n].values[None]
                 files[name] = gallery_png(imgs, heat, np.ones(ids.shape))
-                out.append(f"<figure><img src='{name}' style='max-width:96%'><figcaption>{html.escape(tag)}: "
-                           f"Eigen-CAM maps of the first {n} samples (first principal component of each "
-                           "image's map, no gradients).</figcaption></figure>")
+                out.append(figure(name, f"Eigen-CAM heat maps of the first {n} samples of layer {tag.split('/')[0]}",
+                                  f"{html.escape(tag)}: Eigen-CAM maps of the first {n} samples (first principal "
+                                  "component of each image's map, no gradients).", open_line=line(groups[tag]),
+                                  pixelated=True))
     return out

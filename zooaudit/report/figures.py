@@ -27,7 +27,14 @@ def _line_chart_png(fig, ax, title: str, *, legend_size: int = 7) -> bytes:
     return _png(fig)
 
 
-def heatmap_png(mat: xr.DataArray, title: str, *, kind: str | None = None) -> bytes:
+def _axis_label(dim: str) -> str:
+    """``layer_a`` → ``layer (a)``: the axis label of a matrix dimension."""
+    name, _, side = dim.rpartition("_")
+    return f"{name} ({side})" if name and side in ("a", "b") else dim
+
+
+def heatmap_png(mat: xr.DataArray, title: str, *, kind: str | None = None, axis: str | None = None,
+                unit: str | None = None) -> bytes:
     """A labelled heat map of a 2-D similarity DataArray.
 
     Colour range by ``kind`` (default: ``mat.attrs["kind"]``): a ``"distance"``
@@ -56,8 +63,11 @@ def heatmap_png(mat: xr.DataArray, title: str, *, kind: str | None = None) -> by
             dark = (v > vmin + 0.4 * (vmax - vmin)) if kind == "distance" else (v < mid)
             ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if dark else "black")
+    ax.set_xlabel(f"{axis} (b)" if axis else _axis_label(b), fontsize=8)
+    ax.set_ylabel(f"{axis} (a)" if axis else _axis_label(a), fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="radians" if kind == "distance" else None)
+    label = unit or ("radians" if kind == "distance" else mat.attrs.get("metric", "similarity"))
+    fig.colorbar(im, ax=ax, fraction=0.046, label=label)
     return _png(fig)
 
 
@@ -72,14 +82,20 @@ def curves_png(curves: dict[str, np.ndarray], title: str) -> bytes:
     return _line_chart_png(fig, ax, title)
 
 
-def trend_png(value: xr.DataArray, title: str) -> bytes:
-    """Similarity between consecutive checkpoints: one line per layer over ``step``."""
+def trend_png(value: xr.DataArray, title: str, control: xr.DataArray | None = None) -> bytes:
+    """Similarity between consecutive checkpoints: one line per layer over ``step``; its
+    ``control`` (same dims), when given, dashed in the same colour beside it."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     steps = [str(s) for s in value["step"].values]
     for layer in value["layer"].values:
-        ax.plot(steps, value.sel(layer=layer).values, marker="o", label=str(layer))
+        line, = ax.plot(steps, value.sel(layer=layer).values, marker="o", label=str(layer))
+        if control is not None:
+            ax.plot(steps, control.sel(layer=layer).values, marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{layer} control")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel(str(value.attrs.get("metric", "similarity")))
+    if value.attrs.get("kind", "similarity") != "distance":
+        ax.set_ylim(min(0.0, float(np.nanmin(value.values))), 1.02)
     return _line_chart_png(fig, ax, title)
 
 
@@ -94,7 +110,8 @@ def bars_png(ds: xr.Dataset, title: str) -> bytes:
     else:
         ax.bar(groups, acc, color="#4c78a8")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (fraction correct)")
+    ax.set_xlabel("group")
     ax.set_title(title, fontsize=9)
     return _png(fig)
 
@@ -109,3 +126,18 @@ def sweep_png(points: list[tuple[float, float, float | None]]) -> bytes:
     ax.set_xlabel("colour flip probability in training (smaller = stronger shortcut)")
     ax.set_ylim(0, 1.02)
     return _line_chart_png(fig, ax, "shortcut sweep")
+
+
+def history_png(nights: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> bytes:
+    """A headline metric across nights (the tags, oldest first): one line per model; a night
+    on which the model had no result is a gap."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = np.arange(len(nights))
+    for name, values in series.items():
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.plot(x, y, marker="o", label=name.replace("builtin:", ""))
+    ax.set_xticks(x, [n.removeprefix("nightly-") for n in nights], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("night (tag)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    return _line_chart_png(fig, ax, title)

@@ -16,6 +16,7 @@ from ..keys import slug_key
 from ..stages.refs import StageResult
 from ..store import Store
 from .figures import _png, plt
+from .page import figure, frame, open_line, table, with_image_sizes
 from .statistics import statistics_trend_section
 
 
@@ -57,20 +58,18 @@ def trend_report(store_url: str, results: list[StageResult], spec: dict, run_id:
                           consolidated=False, zarr_format=3).load()
         name = f"trend-{slug_key(r.model, 32)}-{r.dataset}.png"
         files[name] = trend_png(ds, f"{r.model} on {r.dataset}: headline metrics against the checkpoint")
-        rows = "".join(
-            f"<tr><td>{html.escape(str(c))}</td><td>{html.escape(str(e))}</td>"
-            + "".join(f"<td>{float(ds['cka'].sel(checkpoint=c, layer=l)):.4f}</td>" for l in ds["layer"].values)
-            + "</tr>" for c, e in zip(ds["checkpoint"].values, ds["epoch"].values))
-        head = "".join(f"<th>CKA {html.escape(str(l))}</th>" for l in ds["layer"].values)
-        body.append(f"<h2>{html.escape(r.model)} on {html.escape(r.dataset)}</h2><img src='{name}'>"
-                    f"<table><tr><th>checkpoint</th><th>epoch</th>{head}</tr>{rows}</table>")
+        rows = [[html.escape(str(c)), html.escape(str(e))] + [float(ds["cka"].sel(checkpoint=c, layer=l))
+                                                             for l in ds["layer"].values]
+                for c, e in zip(ds["checkpoint"].values, ds["epoch"].values)]
+        body.append(f"<h2>{html.escape(r.model)} on {html.escape(r.dataset)}</h2>" + figure(
+            name, f"Line charts of CKA to the final checkpoint, explained variance and worst-group accuracy against "
+            f"the checkpoint of {r.model}", "against the checkpoint (epoch): linear CKA to the final checkpoint, PCA "
+            "explained variance at k, worst-group accuracy (fractions, 0–1)",
+            open_line=open_line(store.url, "zoo", r.summary["group"], r.snapshot), lazy=False)
+            + table(["checkpoint", "epoch"] + [f"CKA {l}" for l in ds["layer"].values], rows, sortable=True))
         body.extend(statistics_trend_section(ds, name[:-4], files))
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>zooaudit backfill trend</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
-            f"</style></head><body><h1>zooaudit backfill: checkpoint trends</h1><p>run {html.escape(run)}</p>"
-            + "".join(body) + "</body></html>")
-    files["index.html"] = page.encode()
+    page = frame("zooaudit backfill: checkpoint trends", "".join(body), subtitle=f"run {html.escape(run)}")
+    files["index.html"] = with_image_sizes(page, files).encode()
     files["manifest.json"] = json.dumps({"run": run, "flow_run_id": run_id, "spec": spec,
                                          "trends": [r.to_dict() for r in results]}, indent=2, default=str).encode()
     for name, data in files.items():

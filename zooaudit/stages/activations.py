@@ -491,6 +491,9 @@ def publish_activations(plan: ExtractionPlan, staging: Staging, *, run_id: str |
         if count:
             log.warning("%s layer %s: %d NaN/Inf activation values on %s", plan.model_uri, layer, count,
                         plan.ds_key)
+    if not plan.layers:   # outputs only (counterfactual predictions): the publish commit records its key there
+        zarr.open_group(session.store, path=layout.outputs_group(plan.root), mode="r+").attrs[
+            "cache_key"] = plan.cache_key
     summary = {"layers": plan.layers, "n_samples": plan.n_samples, "shards": len(plan.shards),
                "nonfinite": nonfinite, "dtype": plan.dtype}
     if plan.provenance:

@@ -11,6 +11,9 @@ Written under ``<ds>/bias/``::
     output_leakage/<attr>  leakage of the attribute from the logits within each true label
     weat                   text encoders: WEAT/SEAT per (method, layer, test), Holm within (method, layer)
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
+    amplification/<attr>   bias amplification against the training side, contextual/<attr> the
+                           contextual-bias pairs (:mod:`.amplification`; ``BiasSpec.measures``)
+    shortcut/<attr>        accuracy and flip rate on counterfactual partners (:mod:`.shortcut`)
 
 Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset). An array
 stage: the random-init and input-embedding controls and the word-set embeddings are read
@@ -30,6 +33,8 @@ from ..analysis import bias as bias_mod
 from ..keys import cache_key
 from ..specs import BiasSpec
 from ..store import write_dataset
+from . import amplification as amp_stage
+from . import shortcut as shortcut_stage
 from . import weat as weat_stage
 from .common import commit_stage, control_rows, open_matrices, random_subset, shard_dataset, skipped
 from .refs import ActivationsRef, StageResult
@@ -152,8 +157,12 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
     outputs = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False).load() \
         if predictions else None
     groups_out: dict[str, xr.Dataset] = {}
-    reports, summary = {}, {}
-    for attr in (samples.attrs.get("group_attributes", []) if predictions else []):
+    reports, summary, amp_tables, cf_tables = {}, {}, {}, {}
+    attributes = samples.attrs.get("group_attributes", []) if predictions else []
+    train = amp_stage.training_side(ref, bspec)[0] if attributes and bspec.train_split is not None and \
+        {"amplification", "contextual", "shortcut"} & set(bspec.measures) else None
+    cf = shortcut_stage.counterfactual_outputs(ref) if attributes and "shortcut" in bspec.measures else None
+    for attr in attributes:
         rep = bias_mod.group_metrics(
             samples["label"].values, outputs["prediction"].values, samples[attr].values,
             n_boot=bspec.n_boot, random_state=bspec.random_state, ci=bspec.ci,
@@ -197,9 +206,30 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
                 ref.sample_layers, [round(float(v), 4) for v in
                               (rep_ds["erasure"]["worst_group_accuracy"].sel(stage="after")
                                - rep_ds["erasure"]["worst_group_accuracy"].sel(stage="before")).values]))
+        if cf is not None:
+            cf_tables[attr], _ = shortcut_stage.shortcut_table(samples, outputs, cf, attr, bspec, train)
+            groups_out[f"{layout.bias_group(ref.ds_key, 'shortcut')}/{attr}"] = cf_tables[attr]
+        if train is not None and {"amplification", "contextual"} & set(bspec.measures):
+            tables, extra = amp_stage.attribute_tables(ref, samples, outputs, attr, bspec, train)
+            summary[attr].update(extra)
+            for name, ds in tables.items():
+                groups_out[f"{layout.bias_group(ref.ds_key, name)}/{attr}"] = ds
+            if "amplification" in tables:
+                amp_tables[attr] = tables["amplification"]
         if worse:
             log.warning("%s on %s: disparities significantly worse than the previous audit: %s",
                         ref.model_uri, ref.ds_key, ", ".join(worse))
+    for attr, amp in amp_stage.adjust_amplification(amp_tables, bspec).items():
+        summary[attr]["amplification"] = amp
+        # the disparity rule on each measure: significant now and above the previous audit's interval
+        prev = previous_disparities(ref, f"amplification/{attr}", key)
+        worse = regressions(amp_stage.as_disparities(amp_tables[attr]), amp_stage.as_disparities(prev[1])) \
+            if prev else []
+        summary[attr]["measure_regressions"] = [f"amplification:{m}" for m in worse]
+        if worse:
+            log.warning("%s on %s: amplification of %s significantly worse than the previous audit: %s",
+                        ref.model_uri, ref.ds_key, attr, ", ".join(worse))
+    shortcut_stage.adjust_shortcut(cf_tables, summary, bspec)
     if reports:
         groups_out[layout.bias_group(ref.ds_key, "adjusted")] = bias_mod.adjust_run(
             reports, method=bspec.correction, alpha=bspec.alpha)

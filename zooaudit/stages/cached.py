@@ -33,7 +33,7 @@ def committed_audit(spec: AuditModelSpec) -> tuple[list[ActivationsRef], list[St
         ref, model_results = found
         repository = ref.repository
         for stage in ARRAY_STAGES:
-            key = stage.key(ref, getattr(spec, stage.spec_field))
+            key = stage.key(ref, stage.spec_of(spec))
             if key is None:
                 continue
             if (snap := repository.find(key)) is None:

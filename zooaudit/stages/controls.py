@@ -16,6 +16,9 @@ included), each into its own group under its own cache key:
 - ``wordsets`` (text encoders with ``BiasSpec.weat_sets``): the WEAT words and SEAT
   sentences of the word-set file embedded by every per-sample layer, pooled as the
   association tests use them → ``wordsets/<digest>/<method>/<layer>``. Read by WEAT/SEAT.
+- ``counterfactual`` (models with predictions, ``shortcut`` in ``BiasSpec.measures``, datasets
+  with counterfactual partners): the predictions on the partner set (same samples, the
+  shortcut swapped) → ``<ds>/controls/counterfactual/outputs``. Read by the shortcut measures.
 - ``tokens`` (all-tokens layers): every sample's tokens as the model's tokenizer emits
   them, with character spans → ``<ds>/controls/tokens``. Read by the factorize stage to
   name the top-activating tokens.
@@ -49,12 +52,14 @@ from ..store import commit_metadata, write_dataset
 from . import weat as weat_stage
 from .activations import ExtractionPlan
 from ..tokens import is_token_shape
-from .common import load_model, shard_dataset, skipped
+from ..analysis.shortcut import check_pairs
+from ..data.counterfactual import counterfactual_spec
+from .common import load_model, plan_dataset, shard_dataset, skipped
 from .refs import ControlRef, StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-KINDS = ("random_init", "input_embeddings", "wordsets", "tokens", "classifier")
+KINDS = ("random_init", "input_embeddings", "wordsets", "tokens", "counterfactual", "classifier")
 
 
 def _needs_random_init(plan: ExtractionPlan, spec: RunOptions) -> bool:
@@ -110,9 +115,33 @@ def input_embeddings_plan(plan: ExtractionPlan, spec: RunOptions) -> ExtractionP
         root=layout.controls_root(plan.ds_key, "input_embeddings"), provenance={})
 
 
+def counterfactual_plan(plan: ExtractionPlan, spec: RunOptions) -> ExtractionPlan | None:
+    """The plan of the counterfactual partners' predictions (``BiasSpec.measures`` has ``shortcut``,
+    the model predicts, the dataset has partners: :mod:`zooaudit.data.counterfactual`), or None.
+
+    The partner set is other inputs, so it is extracted on its own (not as a companion of the
+    activations' shards): outputs only, no layers, under ``<ds>/controls/counterfactual``
+    (``samples``, ``outputs``), with the audit's autocast so that each pair is predicted alike."""
+    if plan.n_outputs is None or "shortcut" not in spec.bias.measures:
+        return None
+    if (cf_spec := counterfactual_spec(plan.dataset)) is None:
+        return None
+    cf_data, cf_hash = plan_dataset(cf_spec)
+    base = shard_dataset(plan)
+    check_pairs(base.sample_ids, cf_data.sample_ids, base.labels, cf_data.labels)
+    key = cache_key("controls-counterfactual", model=plan.model_hash, dataset=cf_hash, pairs_of=plan.ds_hash,
+                    shard_size=plan.shard_size, autocast=plan.autocast)
+    return dataclasses.replace(
+        plan, dataset=cf_spec, ds_hash=cf_hash, layers=[], shapes={}, dtype="float32", token_rows=0,
+        cache_key=key, stage="controls/counterfactual", variant="model",
+        root=layout.controls_root(plan.ds_key, "counterfactual"), companions=[],
+        provenance={"dataset": cf_spec.model_dump(mode="json")})
+
+
 def control_plans(plan: ExtractionPlan, spec: RunOptions) -> list[ExtractionPlan]:
     """The sharded controls the audit of ``plan`` with ``spec`` reads (possibly none)."""
-    return [p for p in (random_init_plan(plan, spec), input_embeddings_plan(plan, spec)) if p is not None]
+    return [p for p in (random_init_plan(plan, spec), input_embeddings_plan(plan, spec),
+                        counterfactual_plan(plan, spec)) if p is not None]
 
 
 def control_ref(cplan: ExtractionPlan, result: StageResult) -> ControlRef:

@@ -1,4 +1,5 @@
-"""The model stages of one (model, dataset), end to end: activations, then the controls.
+"""The model stages of one (model, dataset), end to end: activations, the controls, then the
+attribution maps (:mod:`.attribution`, where they apply).
 
 This is the only place (with the modules it calls: :mod:`.activations`, :mod:`.controls`)
 where the model runs. Its product is the :class:`~.refs.ActivationsRef` every array
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from ..specs import RunOptions
 from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
+from .attribution import attribution_key, run_attribution
 from .common import skipped
 from .controls import (
     classifier_key,
@@ -39,7 +41,7 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
                      extract: Callable[[ExtractionPlan], StageResult] | None = None,
                      hit: Callable[[ExtractionPlan], StageResult | None] = cache_hit,
                      planner: Callable = control_plans, unsharded: Callable | None = None,
-                     ) -> tuple[ActivationsRef, list[StageResult]]:
+                     attribute: Callable | None = None) -> tuple[ActivationsRef, list[StageResult]]:
     """Activations of ``plan`` and every control ``spec`` needs, each a cache hit or a commit.
 
     Controls not committed yet are extracted in the same shards as the activations when those
@@ -49,15 +51,18 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
     The steps are parameters so that the flow runs each as a task: ``extract(plan) ->
     StageResult`` extracts one sharded product without a cache check (default: in this
     process), ``hit(plan)`` is its cache lookup, ``planner(plan, spec)`` plans the controls,
-    ``unsharded()`` computes the word-set embeddings and token text. Returns the reference
-    array stages take and the results of the activations (first) and of each control."""
+    ``unsharded()`` computes the word-set embeddings and token text, ``attribute()`` the
+    attribution stage (None where it does not apply). Returns the reference array stages take
+    and the results of the activations (first), of each control and of the attribution maps."""
     extract = extract or (lambda p: extract_product(p, run_id=run_id, params=params))
     unsharded = unsharded or (lambda: unsharded_controls(plan, spec, run_id))
+    attribute = attribute or (lambda: run_attribution(plan, spec.attribution, run_id))
     cplans = planner(plan, spec)
     acts = hit(plan)
     companions: list[ExtractionPlan] = []
     if acts is None:
-        companions = [c for c in cplans if hit(c) is None]
+        # companions run on the activations' inputs; a control on other inputs (counterfactuals) runs alone
+        companions = [c for c in cplans if hit(c) is None and c.dataset == plan.dataset]
         acts = extract(dataclasses.replace(plan, companions=companions))
     results, controls = [acts], {}
     for cplan in cplans:
@@ -72,6 +77,8 @@ def run_model_stages(plan: ExtractionPlan, spec: RunOptions, *, run_id: str | No
     for done, ref in unsharded():
         results.append(done)
         controls[ref.kind] = ref
+    if (maps := attribute()) is not None:
+        results.append(maps)
     return activations_ref(plan, acts.snapshot, controls), results
 
 
@@ -93,4 +100,8 @@ def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[Acti
     for done, ref in unsharded_controls(plan, spec):   # all committed: cache hits only
         results.append(done)
         controls[ref.kind] = ref
+    if (key := attribution_key(plan, spec.attribution)) is not None:
+        if (asnap := repository.find(key)) is None:
+            return None
+        results.append(skipped("attribution", plan, key, asnap))
     return activations_ref(plan, snap, controls), results

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import bias, factorize, similarity, statistics, zoo
+from . import bias, bias_features, factorize, similarity, statistics, zoo
 
 MODEL_STAGES = ("activations", "controls")
 
@@ -35,6 +35,9 @@ class ArrayStage:
         run: ``run(ref, spec, run_id=None) -> StageResult | None`` (None: nothing to do here).
         key: ``key(ref, spec) -> str | None``: its cache key (None: it does not apply to ``ref``).
         module: the module to read.
+        after: array stages whose committed results it reads (the flow runs it once they finished).
+        extra_specs: further :class:`~zooaudit.specs.RunOptions` fields it takes: its spec is then the
+            tuple ``(spec_field's spec, *extra specs)`` (:meth:`spec_of`).
     """
 
     name: str
@@ -42,6 +45,13 @@ class ArrayStage:
     run: Callable
     key: Callable
     module: str
+    after: tuple[str, ...] = ()
+    extra_specs: tuple[str, ...] = ()
+
+    def spec_of(self, options):
+        """The spec ``run`` and ``key`` take, from the run's options (an ``AuditModelSpec``/``RunOptions``)."""
+        spec = getattr(options, self.spec_field)
+        return (spec, *(getattr(options, f) for f in self.extra_specs)) if self.extra_specs else spec
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,8 @@ ARRAY_STAGES: tuple[ArrayStage, ...] = (
     ArrayStage("factorize", "factorize", factorize.run_factorize, factorize.factorize_key, factorize.__name__),
     ArrayStage("similarity", "similarity", similarity.run_similarity, similarity.similarity_key, similarity.__name__),
     ArrayStage("bias", "bias", bias.run_bias, bias.bias_key, bias.__name__),
+    ArrayStage("bias-features", "bias", bias_features.run_bias_features, bias_features.bias_features_key,
+               bias_features.__name__, after=("factorize",), extra_specs=("factorize",)),
     ArrayStage("statistics", "statistics", statistics.run_statistics, statistics.statistics_key,
                statistics.__name__),
 )

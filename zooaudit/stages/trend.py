@@ -173,12 +173,16 @@ def _rounded(da: xr.DataArray) -> dict:
             for c in da[col].values}
 
 
-def drift_to_previous(plan: ActivationsRef, snapshot: str | None = None) -> tuple[str, dict[str, float]] | None:
+def drift_to_previous(plan: ActivationsRef, snapshot: str | None = None, *,
+                      controls: dict[str, float] | None = None,
+                      random_state: int = 0) -> tuple[str, dict[str, float]] | None:
     """Per layer, linear CKA between the activations committed at ``snapshot`` and the most recent
     earlier activations of the same model on the same dataset (same sample ids and layer).
 
     Returns ``(previous snapshot, {layer: cka})``, or None when there is no earlier version
-    (a model's first audit) or its samples differ.
+    (a model's first audit) or its samples differ. When ``controls`` is a dict it receives, per
+    layer, the same CKA with the earlier activations' samples shuffled (seeded by
+    ``random_state``): what the number reads for unrelated representations of the same shape.
     """
     snapshot = snapshot or plan.snapshot
     repo = plan.repository.icechunk
@@ -192,6 +196,7 @@ def drift_to_previous(plan: ActivationsRef, snapshot: str | None = None) -> tupl
     if previous is None:
         return None
     out = {}
+    rng = np.random.default_rng(random_state)
     for layer in plan.layers:
         try:
             cur = layout.open_activations(repo.readonly_session(snapshot_id=snapshot).store, plan.ds_key, layer)
@@ -200,6 +205,9 @@ def drift_to_previous(plan: ActivationsRef, snapshot: str | None = None) -> tupl
             continue
         if not np.array_equal(cur["sample"].values, old["sample"].values) or cur.shape[1:] != old.shape[1:]:
             continue
-        out[layer] = float(linear_cka(np.asarray(layout.as_matrix(cur), dtype=np.float64),
-                                      np.asarray(layout.as_matrix(old), dtype=np.float64)))
+        a = np.asarray(layout.as_matrix(cur), dtype=np.float64)
+        b = np.asarray(layout.as_matrix(old), dtype=np.float64)
+        out[layer] = float(linear_cka(a, b))
+        if controls is not None:
+            controls[layer] = float(linear_cka(a, b[rng.permutation(len(b))]))
     return previous, out

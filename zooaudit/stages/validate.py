@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..devices import resolve_device
 from ..errors import ZooauditError
 from ..extract import select_layers
 from ..specs import AuditModelSpec, AuditZooSpec
@@ -14,6 +15,10 @@ from .common import load_model, plan_dataset
 def validate_model(spec: AuditModelSpec) -> LoadedModel:
     """Fail early, with one clear paragraph, on a bad model, layer, dataset or store."""
     store = Store.open(spec.store)
+    if spec.dask_address is None and spec.device not in ("auto", "cpu"):
+        # a local run extracts here: an absent CUDA device is an error now, not after planning
+        # (an external cluster's workers may have GPUs this process does not see)
+        resolve_device(spec.device, what=" for extraction")
     model = load_model(spec.model, store.url)
     select_layers(model.module, spec.layers or model.default_layers)
     fits = [d.name for d in spec.datasets if plan_dataset(d)[0].input_shape == tuple(model.input_shape)]

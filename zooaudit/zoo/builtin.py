@@ -1,4 +1,6 @@
-"""The builtin zoo: small MLP and CNN classifiers trained here on scikit-learn's digits.
+"""The builtin zoo: small MLP and CNN classifiers trained here on scikit-learn's digits, and
+small CNNs trained on the generated scenes (:mod:`zooaudit.data.scenes`) at several
+background–class agreements.
 
 Training is deterministic — one thread, seeded init and shuffling, a fixed
 split — so the same spec gives bitwise-identical weights and therefore the
@@ -24,9 +26,11 @@ from .catalog import (  # noqa: F401 — the catalog's names, re-exported
     BUILTIN_ZOO,
     CHECKPOINT_EPOCHS,
     DEFAULT_ZOO,
+    SCENES_SWEEP,
     SHORTCUT_SWEEP,
     BuiltinSpec,
     default_zoo,
+    scenes_sweep,
     shortcut_sweep,
 )
 from .types import LoadedModel, weights_hash
@@ -68,11 +72,39 @@ class CNN(nn.Module):
         return self.head(self.embed(self.fc(self.flatten(x))))
 
 
-DEFAULT_LAYERS = {"mlp": ["act1", "embed", "head"], "cnn": ["act1", "act2", "embed", "head"]}
+class SceneCNN(nn.Module):
+    """Four conv–BN–ReLU blocks (max-pooled by 2 between them), a global average pool and a
+    linear head: at 64×64 inputs ``act4`` is the ``(4·width, 8, 8)`` map CAM methods read,
+    ``embed`` the pooled ``(4·width,)`` features. Batch norm lets it learn the shapes from the
+    balanced scenes within a few epochs (without it the loss stays flat for most of them)."""
+
+    def __init__(self, in_channels: int, width: int, n_classes: int):
+        super().__init__()
+        chans = [in_channels, width, 2 * width, 2 * width, 4 * width]
+        for i in range(1, 5):
+            setattr(self, f"conv{i}", nn.Conv2d(chans[i - 1], chans[i], 3, padding=1))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(chans[i]))
+            setattr(self, f"act{i}", nn.ReLU())
+            if i < 4:
+                setattr(self, f"pool{i}", nn.MaxPool2d(2))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.embed = nn.Flatten()
+        self.head = nn.Linear(chans[-1], n_classes)
+
+    def forward(self, x):
+        for i in range(1, 5):
+            x = getattr(self, f"act{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            if i < 4:
+                x = getattr(self, f"pool{i}")(x)
+        return self.head(self.embed(self.gap(x)))
+
+
+DEFAULT_LAYERS = {"mlp": ["act1", "embed", "head"], "cnn": ["act1", "act2", "embed", "head"],
+                  "scene-cnn": ["act3", "act4", "embed", "head"]}
 
 
 def build(spec: BuiltinSpec) -> nn.Module:
-    cls = {"mlp": MLP, "cnn": CNN}[spec.arch]
+    cls = {"mlp": MLP, "cnn": CNN, "scene-cnn": SceneCNN}[spec.arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return cls(spec.in_channels, spec.width, spec.n_classes)
@@ -89,8 +121,9 @@ def _deterministic():
         torch.set_num_threads(threads)
 
 
-def train(spec: BuiltinSpec, epochs=CHECKPOINT_EPOCHS) -> dict[int, dict[str, torch.Tensor]]:
-    """Train from scratch; return ``{epoch: state_dict}`` at each checkpoint epoch."""
+def train(spec: BuiltinSpec, epochs=None) -> dict[int, dict[str, torch.Tensor]]:
+    """Train from scratch; return ``{epoch: state_dict}`` at each checkpoint epoch (default ``spec.epochs``)."""
+    epochs = spec.epochs if epochs is None else epochs
     from ..data import load_dataset
 
     data = load_dataset(spec.train_data)
@@ -117,12 +150,13 @@ def _parse(name: str) -> tuple[str, int]:
     base, _, epoch = name.partition("@")
     if base not in BUILTIN_ZOO:
         raise unknown("builtin model", base, BUILTIN_ZOO, hint="Use 'builtin:<name>' or 'builtin:<name>@<epoch>'.")
+    epochs = BUILTIN_ZOO[base].epochs
     if not epoch:
-        return base, max(CHECKPOINT_EPOCHS)
-    if not epoch.isdigit() or int(epoch) not in CHECKPOINT_EPOCHS:
+        return base, max(epochs)
+    if not epoch.isdigit() or int(epoch) not in epochs:
         raise ZooauditError(
             f"Unknown checkpoint epoch {epoch!r} of builtin model {base!r}. "
-            f"Allowed epochs: {', '.join(map(str, CHECKPOINT_EPOCHS))}."
+            f"Allowed epochs: {', '.join(map(str, epochs))}."
         )
     return base, int(epoch)
 
@@ -134,13 +168,14 @@ def weights_file(store, base: str, epoch: int) -> str:
 def ensure_weights(store, base: str) -> None:
     """Train ``base`` and save every checkpoint unless all are already in the store."""
     fs = store.fs
-    paths = {e: weights_file(store, base, e) for e in CHECKPOINT_EPOCHS}
+    epochs = BUILTIN_ZOO[base].epochs
+    paths = {e: weights_file(store, base, e) for e in epochs}
     if all(fs.exists(p) for p in paths.values()):
         return
     with store.lock(f"weights-{base}"):
         if all(fs.exists(p) for p in paths.values()):
             return
-        log.info("training builtin model %s (checkpoints at epochs %s)", base, CHECKPOINT_EPOCHS)
+        log.info("training builtin model %s (checkpoints at epochs %s)", base, epochs)
         for epoch, state in train(BUILTIN_ZOO[base]).items():
             tmp = paths[epoch] + ".tmp"
             with fs.open(tmp, "wb") as fh:
@@ -161,7 +196,7 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
         uri=uri,
         module=model,
         content_hash=weights_hash(state),
-        input_shape=(spec.in_channels, 8, 8),
+        input_shape=(spec.in_channels, spec.input_size, spec.input_size),
         default_layers=list(DEFAULT_LAYERS[spec.arch]),
         info={"arch": spec.arch, "width": spec.width, "seed": spec.seed, "epoch": epoch,
               "train_data": spec.train_data, "n_classes": spec.n_classes},
@@ -170,4 +205,5 @@ def load(name: str, *, store, uri: str) -> LoadedModel:
     )
 
 
-__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "SHORTCUT_SWEEP", "default_zoo", "load", "shortcut_sweep", "train"]
+__all__ = ["BUILTIN_ZOO", "CHECKPOINT_EPOCHS", "SCENES_SWEEP", "SHORTCUT_SWEEP", "default_zoo", "load", "scenes_sweep",
+           "shortcut_sweep", "train"]

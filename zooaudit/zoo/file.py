@@ -97,6 +97,10 @@ def load_checkpoint(data: bytes, location: str):
             raise ZooauditError(f"{location!r} looks like safetensors but cannot be read: {err}") from None
         n = int.from_bytes(data[:8], "little")
         return tensors, json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if len(data) >= 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") > len(data) - 8:
+        raise ZooauditError(f"{location!r} is a truncated safetensors file: its header says "
+                            f"{int.from_bytes(data[:8], 'little')} header bytes, the file has {len(data)} bytes "
+                            "in all. Copy or download it again.")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as err:

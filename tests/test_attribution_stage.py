@@ -1,0 +1,130 @@
+"""The attribution stage on the scenes dataset: the background-shortcut model puts significantly
+more of its attribution on the background than the balanced one; maps, metrics, curves and
+reliance are committed with a cache key; bad input commits nothing."""
+
+import numpy as np
+import pytest
+
+from zooaudit.analysis.attribution import compare_paired
+from zooaudit.errors import ZooauditError
+from zooaudit.specs import AttributionSpec, AuditModelSpec, DatasetSpec
+from zooaudit.stages.activations import plan_extraction
+from zooaudit.layout import attribution_group
+from zooaudit.stages.attribution import run_attribution
+from zooaudit.zoo.builtin import scenes_sweep
+
+SCENES = DatasetSpec(name="scenes", split="test")
+ASPEC = AttributionSpec(max_samples=64, ig_steps=8, curve_samples=8, curve_steps=5, n_boot=200, n_permutations=200,
+                        sanity_samples=4,
+                        batch_size=64)
+
+
+def _plan(uri, store):
+    spec = AuditModelSpec(model=uri, store=store, datasets=[SCENES])
+    return plan_extraction(spec, SCENES)
+
+
+@pytest.fixture(scope="module")
+def runs(shared_store):
+    sweep = scenes_sweep()
+    out = {}
+    for agreement in (0.95, 0.25):
+        plan = _plan(sweep[agreement], shared_store)
+        out[agreement] = (plan, run_attribution(plan, ASPEC))
+    return out
+
+
+def _metrics(plan, result):
+    return plan.repository.open(attribution_group(plan.ds_key, "act4", "metrics"), result.snapshot).load()
+
+
+def test_shortcut_model_looks_at_the_background(runs):
+    (p_short, r_short), (p_bal, r_bal) = runs[0.95], runs[0.25]
+    m_short, m_bal = _metrics(p_short, r_short), _metrics(p_bal, r_bal)
+    np.testing.assert_array_equal(m_short["sample"].values, m_bal["sample"].values)   # the same fixed subset
+    for method in ("gradcam", "layercam", "scorecam"):
+        a = m_short["background_share"].sel({"method": method}).values
+        b = m_bal["background_share"].sel({"method": method}).values
+        paired = compare_paired(a, b, n_boot=500, n_permutations=2000, random_state=0)
+        assert paired["difference"] > 0.1 and paired["ci_low"] > 0 and paired["p_value"] < 0.01, (method, paired)
+    # and the balanced model's maps point at the object more often
+    pg = {k: float(_metrics(*runs[k])["pointing_game"].sel({"method": "gradcam"}).mean()) for k in runs}
+    assert pg[0.25] > pg[0.95]
+
+
+def test_products_are_stored_with_their_conventions(runs):
+    plan, result = runs[0.25]
+    assert result.stage == "attribution" and not result.skipped and result.cache_key.startswith("attribution-")
+    repo = plan.repository
+    maps = repo.open(attribution_group(plan.ds_key, "act4", "maps"), result.snapshot)
+    assert maps["maps"].dims == ("sample", "method", "y", "x") and maps["maps"].dtype == np.float16
+    assert maps["maps"].shape == (64, 7, 64, 64) and list(maps["method"].values) == list(ASPEC.methods)
+    assert maps.attrs["normalise"] == "max" and "bilinear" in maps.attrs["upsampling"]
+    assert float(abs(maps["maps"]).max()) == 1.0
+    curves = repo.open(attribution_group(plan.ds_key, "act4", "curves"), result.snapshot).load()
+    assert curves["curves"].dims == ("sample", "order", "kind", "step")
+    assert list(curves["order"].values)[-1] == "random"
+    # a map that ranks pixels by evidence deletes the class faster than the random order
+    auc = curves["auc"].mean("sample")
+    assert float(auc.sel(order="gradcam", kind="deletion")) < float(auc.sel(order="random", kind="deletion"))
+    rel = repo.open(attribution_group(plan.ds_key, "act4", "reliance/agrees"), result.snapshot).load()
+    assert set(rel["group"].values) == {"agrees", "disagrees"} and "p_adjusted" in rel
+    assert (rel["ci_low"] <= rel["mean"]).all() and (rel["mean"] <= rel["ci_high"]).all()
+    agreement = repo.open(attribution_group(plan.ds_key, "act4", "agreement"), result.snapshot).load()
+    np.testing.assert_allclose(np.diag(agreement["cosine"].values), 1.0, atol=1e-6)
+    assert "background_share" in result.summary["act4"]
+    sanity = repo.open(attribution_group(plan.ds_key, "act4", "sanity"), result.snapshot).load()
+    assert sanity["spearman"].dims == ("step", "method") and "gradcam" not in sanity.attrs["flagged"]
+    assert set(result.summary["act4"]["sanity_spearman_all_random"]) == set(ASPEC.methods)
+    meta = repo.metadata(result.snapshot)
+    assert meta["stage"] == "attribution" and meta["cache_key"] == result.cache_key
+
+
+def test_rerun_is_a_cache_hit(runs):
+    plan, result = runs[0.25]
+    again = run_attribution(plan, ASPEC)
+    assert again.skipped and again.snapshot == result.snapshot and again.cache_key == result.cache_key
+
+
+def test_bad_input_commits_nothing(runs):
+    plan, _ = runs[0.25]
+    tip = plan.repository.find(runs[0.25][1].cache_key)
+    before = [c.id for c in plan.repository.ancestry()]
+    with pytest.raises(ZooauditError, match="out of range"):
+        run_attribution(plan, ASPEC.model_copy(update={"target": "9"}))
+    with pytest.raises(ZooauditError, match="Unknown attribution target 'hexagon'.*circle"):
+        run_attribution(plan, ASPEC.model_copy(update={"target": "hexagon"}))
+    with pytest.raises(ZooauditError, match="not spatial"):
+        run_attribution(plan, ASPEC.model_copy(update={"layers": ["embed"]}))
+    assert [c.id for c in plan.repository.ancestry()] == before and tip is not None
+
+
+def test_not_applicable_without_masks(shared_store):
+    digits = DatasetSpec(name="digits")
+    plan = plan_extraction(AuditModelSpec(model="builtin:cnn-w8-s0", store=shared_store, datasets=[digits]), digits)
+    assert run_attribution(plan, ASPEC) is None
+    assert run_attribution(plan, ASPEC.model_copy(update={"enabled": False})) is None
+
+
+def test_spec_refuses_unknown_methods():
+    with pytest.raises(ValueError, match="attribution methods"):
+        AttributionSpec(methods=["gradcam", "cf-cam"])
+
+
+def test_report_section_renders_from_committed_results(runs, tmp_path):
+    from PIL import Image
+
+    from zooaudit.report.attribution import attribution_section
+
+    plan, result = runs[0.95]
+    files: dict[str, bytes] = {}
+    html = attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result, "m-ds", files)
+    text = "".join(html)
+    assert "Attribution maps at act4" in text and "random order (control)" in text and "adjusted p" in text
+    assert {n for n in files} >= {"m-ds-attribution-act4-gallery.png", "m-ds-attribution-act4-reliance-agrees.png",
+                                  "m-ds-attribution-act4-deletion.png", "m-ds-attribution-act4-agreement.png",
+                                  "m-ds-attribution-act4-sanity.png"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert Image.open(tmp_path / name).size[0] > 100, name
+        assert name in text

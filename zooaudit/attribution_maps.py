@@ -1,0 +1,306 @@
+"""Model-side attribution maps: the CAM family and two pixel-space baselines, batched.
+
+This module runs the model (forward hooks, autograd), so it lives on the model side beside
+:mod:`zooaudit.extract` and :mod:`zooaudit.gradients`; the metrics on the stored maps are
+:mod:`zooaudit.analysis.attribution`, the model-running faithfulness curves
+:mod:`zooaudit.faithfulness`.
+
+Methods (``A`` the layer's output ``(c, h, w)`` for one sample, ``g = ∂ s / ∂ A`` the gradient
+of the target score ``s`` — the target class's logit, before any softmax):
+
+- ``gradcam`` (Selvaraju et al. 2017): ``ReLU(Σ_c mean_hw(g_c) A_c)``;
+- ``gradcam++`` (Chattopadhay et al. 2018, eq. 19 with the exponential-score closed form, as
+  pytorch-grad-cam): ``α = g² / (2 g² + Σ_hw A · g³ + 1e-6)`` (0 where ``g = 0``), channel
+  weights ``Σ_hw α ReLU(g)``, map ``ReLU(Σ_c w_c A_c)``;
+- ``layercam`` (Jiang et al. 2021): ``ReLU(Σ_c ReLU(g_c) ⊙ A_c)``;
+- ``scorecam`` (Wang et al. 2020): each channel upsampled to the input (bilinear,
+  ``align_corners=True``, as ``nn.UpsamplingBilinear2d``), min–max scaled to [0, 1] (``+1e-8``),
+  multiplied into the input; the target logits of those masked inputs, softmaxed over
+  channels, weight the channels: ``ReLU(Σ_c w_c A_c)``. All masked inputs of a batch are
+  scored in forward batches of ``batch_size``;
+- ``eigencam`` (Muhammad & Yeasin 2020): :func:`zooaudit.analysis.eigencam.eigencam` (first
+  principal component of the centred ``(h·w, c)`` map, sign fixed so its loadings sum > 0),
+  then ReLU. Gradient-free: it ignores the target;
+- ``grad_x_input`` (Shrikumar et al. 2016): ``Σ_channels x ⊙ ∂s/∂x`` — signed, no ReLU;
+- ``integrated_gradients`` (Sundararajan et al. 2017): ``Σ_channels (x − x₀) ⊙ mean_k
+  ∂s/∂x (x₀ + α_k (x − x₀))`` with the midpoint rule ``α_k = (k + ½) / steps``; baseline
+  ``x₀`` a constant image (``ig_baseline``, default 0 = black). Signed, no ReLU. Completeness:
+  the map sums to ``s(x) − s(x₀)`` up to the quadrature error.
+
+One forward and one backward per batch serve every gradient method (``gradcam``,
+``gradcam++``, ``layercam``, ``grad_x_input``: the backward takes the layer's and the input's
+gradients at once); Integrated Gradients backpropagates once per chunk of ``batch_size``
+interpolated inputs. Targets: ``"predicted"`` (the argmax of the logits, default), ``"true"``
+(the labels), or a class index.
+
+Maps are returned at the input's size ``(sample, method, y, x)``. CAM maps are computed at the
+layer's resolution, ReLU'd, then upsampled bilinearly (``align_corners=False``, which equals
+OpenCV's ``INTER_LINEAR`` used by pytorch-grad-cam). ``normalise``:
+
+- ``"max"`` (default): each map divided by its largest absolute value (a zero map stays 0):
+  rankings, signs and energy shares are unchanged, maps lie in [0, 1] (CAMs) or [−1, 1];
+- ``"minmax"``: pytorch-grad-cam's convention for CAMs: min–max scale (``+1e-7``) at the
+  layer's resolution, upsample, min–max scale again; pixel maps ``(a − min)/(max − min)``;
+- ``"none"``: the raw values (Integrated Gradients' completeness holds on these).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from .analysis.attribution import CAM_METHODS, METHODS, PIXEL_METHODS
+from .analysis.eigencam import eigencam
+from .errors import ZooauditError
+from .extract import _first_tensor
+
+__all__ = ["CAM_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS", "attribution_maps",
+           "resolve_targets"]
+
+GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "grad_x_input")  # served by the batch's one backward
+NORMALISATIONS = ("max", "minmax", "none")
+
+
+def resolve_targets(target, logits: torch.Tensor, labels) -> torch.Tensor:
+    """``(b,)`` int64 target classes of a batch: ``"predicted"``, ``"true"`` (``labels``) or a class index."""
+    n_classes = logits.shape[1]
+    if isinstance(target, str) and target == "predicted":
+        return logits.argmax(1)
+    if isinstance(target, str) and target == "true":
+        if labels is None:
+            raise ZooauditError("target='true' needs the samples' labels.")
+        t = torch.as_tensor(np.asarray(labels), dtype=torch.int64, device=logits.device)
+    elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        t = torch.full((logits.shape[0],), int(target), dtype=torch.int64, device=logits.device)
+    else:
+        raise ZooauditError(f"Unknown attribution target {target!r}. Allowed: 'predicted', 'true', or a class index "
+                            f"in [0, {n_classes}).")
+    if len(t) and (t.min() < 0 or t.max() >= n_classes):
+        bad = int(t[(t < 0) | (t >= n_classes)][0])
+        raise ZooauditError(f"Target class {bad} is out of range: the model has {n_classes} outputs "
+                            f"(allowed: 0 … {n_classes - 1}).")
+    return t
+
+
+def _logits(out) -> torch.Tensor:
+    logits = _first_tensor(out)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ZooauditError(f"Attribution maps need a classifier whose output is class scores (batch, n_classes); "
+                            f"this model's output is {shape}. Wrap the model so it returns logits.")
+    return logits
+
+
+def _check(methods, normalise, ig_steps) -> tuple[str, ...]:
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ZooauditError(f"Unknown attribution method(s) {bad or '(none given)'}. Allowed: {', '.join(METHODS)}.")
+    if normalise not in NORMALISATIONS:
+        raise ZooauditError(f"Unknown normalise {normalise!r}. Allowed: {', '.join(NORMALISATIONS)}.")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ZooauditError(f"ig_steps={ig_steps!r}: Integrated Gradients needs a positive integer step count.")
+    return methods
+
+
+def _minmax(m: torch.Tensor, eps: float) -> torch.Tensor:
+    flat = m.flatten(1)
+    lo, hi = flat.min(1).values, None
+    flat = flat - lo[:, None]
+    hi = flat.max(1).values
+    return (flat / (hi[:, None] + eps)).view_as(m)
+
+
+def _finish_cam(cam: torch.Tensor, size: tuple[int, int], normalise: str) -> torch.Tensor:
+    """``(b, h, w)`` layer-resolution CAM → ReLU'd ``(b, H, W)`` at the input size, normalised."""
+    cam = cam.clamp_min(0)
+    if normalise == "minmax":
+        cam = _minmax(cam, 1e-7)
+    up = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    if normalise == "minmax":
+        return _minmax(up.clamp_min(0), 1e-7)
+    return _scale_max(up) if normalise == "max" else up
+
+
+def _scale_max(m: torch.Tensor) -> torch.Tensor:
+    top = m.flatten(1).abs().max(1).values
+    return m / torch.where(top > 0, top, torch.ones_like(top))[:, None, None]
+
+
+def _finish_pixel(a: torch.Tensor, normalise: str) -> torch.Tensor:
+    if normalise == "minmax":
+        return _minmax(a, 1e-7)
+    return _scale_max(a) if normalise == "max" else a
+
+
+class _Hook:
+    """Keeps the layer's output of the last forward (graph attached)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.out = None
+        self.handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, _m, _i, out):
+        self.out = _first_tensor(out)
+
+
+def _layer(module: torch.nn.Module, layer: str) -> torch.nn.Module:
+    modules = dict(module.named_modules())
+    if layer not in modules:
+        raise ZooauditError(f"Layer {layer!r} is not in the model. Valid layers: {', '.join(n for n in modules if n)}.")
+    return modules[layer]
+
+
+def _spatial(a: torch.Tensor, layer: str) -> None:
+    if a is None or a.ndim != 4:
+        shape = None if a is None else tuple(a.shape)
+        raise ZooauditError(f"CAM methods need a spatial layer whose output is (batch, channel, y, x); layer {layer!r} "
+                            f"gives {shape}. Choose a convolutional layer (e.g. the last conv block's activation), "
+                            "or use only the pixel methods (grad_x_input, integrated_gradients).")
+
+
+def _gradient_cams(a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Grad-CAM, Grad-CAM++ and Layer-CAM ``(b, h, w)`` before their final ReLU, from ``A`` and ``g``."""
+    out = {"gradcam": (g.mean((2, 3), keepdim=True) * a).sum(1)}
+    g2 = g * g
+    alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    w = (alpha * g.clamp_min(0)).sum((2, 3), keepdim=True)
+    out["gradcam++"] = (w * a).sum(1)
+    out["layercam"] = (g.clamp_min(0) * a).sum(1)
+    return out
+
+
+def _scorecam(module, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Score-CAM ``(b, h, w)`` before its ReLU: every (sample, channel) masked input scored in batches."""
+    b, c = a.shape[:2]
+    up = F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=True)
+    flat = up.flatten(2)
+    lo, hi = flat.min(2).values[..., None, None], flat.max(2).values[..., None, None]
+    up = (up - lo) / (hi - lo + 1e-8)
+    scores = torch.empty(b * c, dtype=a.dtype, device=a.device)
+    rows = targets.repeat_interleave(c)
+    for start in range(0, b * c, batch_size):
+        idx = torch.arange(start, min(start + batch_size, b * c), device=a.device)
+        masked = x[idx // c] * up.flatten(0, 1)[idx][:, None]
+        scores[idx] = _logits(module(masked)).gather(1, rows[idx, None])[:, 0]
+    w = torch.softmax(scores.view(b, c), dim=1)
+    return (w[..., None, None] * a).sum(1)
+
+
+def _integrated_gradients(module, x: torch.Tensor, targets: torch.Tensor, steps: int, baseline: float,
+                          batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, H, W)`` Integrated Gradients summed over channels (midpoint rule, constant baseline),
+    and ``(b,)`` the target scores at the baseline."""
+    b = x.shape[0]
+    x0 = torch.full_like(x, float(baseline))
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
+    total = torch.zeros_like(x)
+    # rows of the (step, sample) grid, batch_size of them per forward and backward
+    grid = [(k, i) for k in range(steps) for i in range(b)]
+    for start in range(0, len(grid), batch_size):
+        part = grid[start:start + batch_size]
+        ks = torch.tensor([k for k, _ in part], device=x.device)
+        ids = torch.tensor([i for _, i in part], device=x.device)
+        z = (x0[ids] + alphas[ks].view(-1, 1, 1, 1) * (x[ids] - x0[ids])).requires_grad_(True)
+        score = _logits(module(z)).gather(1, targets[ids, None]).sum()
+        (gz,) = torch.autograd.grad(score, z)
+        total.index_add_(0, ids, gz)
+    with torch.no_grad():
+        at_baseline = _logits(module(x0)).gather(1, targets[:, None])[:, 0]
+    return ((x - x0) * total / steps).sum(1), at_baseline
+
+
+def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, methods=METHODS, target="predicted",
+                     labels=None, batch_size: int = 32, ig_steps: int = 64, ig_baseline: float = 0.0,
+                     normalise: str = "max", device: str | torch.device = "cpu") -> xr.Dataset:
+    """Attribution maps of ``methods`` for every input, with the targets and scores they explain.
+
+    Args:
+        module: a classifier (output ``(batch, n_classes)`` scores), in eval mode, on ``device``.
+        inputs: ``(n, channel, H, W)`` float array.
+        layer: module path of the spatial layer the CAM methods read (``(b, c, h, w)`` output);
+            may be None when only pixel methods are asked for.
+        target: ``"predicted"``, ``"true"`` (needs ``labels`` ``(n,)``) or a class index.
+        batch_size: samples per forward/backward; also the masked inputs per Score-CAM forward
+            and the interpolated inputs per Integrated Gradients forward.
+
+    Returns an ``xarray.Dataset`` with ``maps (sample, method, y, x)`` float32, ``target
+    (sample,)`` the class explained, ``predicted (sample,)``, ``logits (sample, class)``, and
+    with Integrated Gradients ``ig_gap (sample,)``: ``Σ IG − (s(x) − s(x₀))`` on the raw map;
+    attrs record the layer, the layer's map size, the upsampling, normalisation and IG settings.
+    """
+    methods = _check(methods, normalise, ig_steps)
+    x_all = np.asarray(inputs)
+    if x_all.ndim != 4:
+        raise ZooauditError(f"Attribution maps need image inputs (sample, channel, y, x); got shape {x_all.shape}.")
+    if labels is not None and len(labels) != len(x_all):
+        raise ZooauditError(f"labels has {len(labels)} values for {len(x_all)} inputs; one per input.")
+    cams = [m for m in methods if m in CAM_METHODS]
+    if cams and layer is None:
+        raise ZooauditError(f"CAM methods {cams} need a layer (a spatial layer of the model).")
+    hook = _Hook(_layer(module, layer)) if layer is not None else None
+    size = tuple(x_all.shape[-2:])
+    maps, targets, preds, logits_all, gaps, layer_hw = [], [], [], [], [], None
+    module.eval()
+    try:
+        for start in range(0, len(x_all), batch_size):
+            x = torch.as_tensor(np.ascontiguousarray(x_all[start:start + batch_size]), dtype=torch.float32,
+                                device=device)
+            lab = None if labels is None else np.asarray(labels)[start:start + batch_size]
+            need_grad = any(m in GRADIENT_METHODS for m in methods)
+            with torch.enable_grad():
+                x.requires_grad_("grad_x_input" in methods)
+                logits = _logits(module(x))
+                t = resolve_targets(target, logits, lab)
+                a = hook.out if hook is not None else None
+                if cams:
+                    _spatial(a, layer)
+                    layer_hw = tuple(a.shape[-2:])
+                out: dict[str, torch.Tensor] = {}
+                if need_grad:
+                    wrt = ([a] if any(m in ("gradcam", "gradcam++", "layercam") for m in methods) else []) + \
+                          ([x] if "grad_x_input" in methods else [])
+                    grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), wrt)
+                    if "grad_x_input" in methods:
+                        out["grad_x_input"] = _finish_pixel((x * grads[-1]).sum(1).detach(), normalise)
+                    if wrt and wrt[0] is a:
+                        for name, cam in _gradient_cams(a.detach(), grads[0]).items():
+                            if name in methods:
+                                out[name] = _finish_cam(cam, size, normalise)
+            with torch.no_grad():
+                xd = x.detach()
+                if "scorecam" in methods:
+                    out["scorecam"] = _finish_cam(_scorecam(module, xd, a.detach(), t, batch_size), size, normalise)
+                if "eigencam" in methods:
+                    ec = torch.as_tensor(eigencam(a.detach().cpu().numpy(), name=layer), dtype=torch.float32)
+                    out["eigencam"] = _finish_cam(ec.to(device), size, normalise)
+            if "integrated_gradients" in methods:
+                with torch.enable_grad():
+                    ig, at_baseline = _integrated_gradients(module, xd, t, ig_steps, ig_baseline, batch_size)
+                # completeness gap: Σ IG − (s(x) − s(x₀)), the quadrature error of this sample
+                gaps.append((ig.sum((1, 2)) - (logits.detach().gather(1, t[:, None])[:, 0] - at_baseline))
+                            .cpu().numpy())
+                out["integrated_gradients"] = _finish_pixel(ig.detach(), normalise)
+            maps.append(torch.stack([out[m] for m in methods], 1).float().cpu().numpy())
+            targets.append(t.cpu().numpy())
+            preds.append(logits.argmax(1).detach().cpu().numpy())
+            logits_all.append(logits.detach().float().cpu().numpy())
+    finally:
+        if hook is not None:
+            hook.handle.remove()
+    n = len(x_all)
+    extra = {"ig_gap": ("sample", np.concatenate(gaps).astype(np.float64))} if gaps else {}
+    return xr.Dataset(
+        {"maps": (("sample", "method", "y", "x"), np.concatenate(maps) if maps else np.zeros((0, len(methods), *size))),
+         "target": ("sample", np.concatenate(targets) if targets else np.zeros(0, np.int64)),
+         "predicted": ("sample", np.concatenate(preds) if preds else np.zeros(0, np.int64)),
+         "logits": (("sample", "class"), np.concatenate(logits_all) if logits_all else np.zeros((0, 0))), **extra},
+        coords={"sample": np.arange(n), "method": list(methods)},
+        attrs={"layer": layer or "", "layer_size": list(layer_hw or ()), "input_size": list(size),
+               "upsampling": "bilinear, align_corners=False (ReLU at the layer's resolution first)",
+               "normalise": normalise, "target": str(target), "ig_steps": ig_steps, "ig_baseline": float(ig_baseline),
+               "ig_rule": "midpoint Riemann sum", "pixel_maps": "summed over input channels, signed"},
+    )

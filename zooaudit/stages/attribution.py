@@ -1,0 +1,276 @@
+"""Attribution stage (a model stage): maps, faithfulness, localisation and background reliance.
+
+Runs per model × dataset × layer on the extraction placement (it needs the model:
+:mod:`zooaudit.attribution_maps`, :mod:`zooaudit.faithfulness`), after the activations, in
+:func:`zooaudit.stages.model.run_model_stages`. It applies to classifiers on image datasets
+(``(sample, channel, y, x)`` inputs) that have a spatial layer; with
+``AttributionSpec.only_masked`` (default) only to datasets with foreground masks.
+
+Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
+
+    maps       maps (sample, method, y, x) float16 at the input size (normalised by each map's
+               max |value|, see zooaudit.attribution_maps), label / target / predicted and the
+               group attributes per sample; coordinate sample = the dataset's sample ids
+    metrics    per (sample, method): energy_inside, background_share, pointing_game, iou;
+               ig_gap (sample) — Integrated Gradients' completeness gap
+    curves     deletion / insertion curves (sample, order, kind, step) and their auc
+               (sample, order, kind); order = the methods then ``random`` (the control)
+    reliance   per attribute and method: background share per group (mean, bootstrap CI, n), the
+               group difference, its permutation p-value and the run's corrected p (p_adjusted)
+    agreement  method × method: spearman, top_overlap, cosine (zooaudit.analysis.attribution)
+    sanity     cascading randomisation (zooaudit.sanity_checks): spearman, spearman_abs
+               (step, method) with the trained model's maps; attrs flagged = the methods whose maps
+               stay correlated (≥ sanity_threshold) once every layer is random
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import xarray as xr
+
+from ..analysis import attribution as metrics
+from ..analysis.attribution import CAM_METHODS
+from ..analysis.multitest import adjust
+from ..attribution_maps import attribution_maps
+from ..errors import ZooauditError
+from ..extract import layer_shapes
+from ..keys import cache_key
+from ..layout import attribution_group
+from ..specs import AttributionSpec
+from ..store import commit_metadata, write_dataset
+from .common import load_model, random_subset, shard_dataset, skipped
+from .refs import StageResult
+
+log = logging.getLogger("zooaudit.stages")
+
+__all__ = ["attribution_key", "attribution_layers", "run_attribution"]
+
+STAGE = "attribution"
+
+
+def attribution_layers(plan, aspec: AttributionSpec) -> list[str]:
+    """The layers the CAMs read: ``aspec.layers``, or the last of the plan's layers whose output is
+    a ``(channel, y, x)`` map (one dry forward); [] when there is none."""
+    model = load_model(plan.model_uri, plan.store)
+    candidates = list(aspec.layers) if aspec.layers else list(plan.layers)
+    shapes = layer_shapes(model.module, model.input_shape, candidates, "none")
+    spatial = [name for name in candidates if len(shapes[name]) == 3]
+    if aspec.layers:
+        if bad := [name for name in candidates if name not in spatial]:
+            raise ZooauditError(f"AttributionSpec.layers {bad} of {plan.model_uri!r} are not spatial: CAM methods "
+                                f"need a (channel, y, x) output; their shapes are "
+                                f"{ {n: shapes[n] for n in bad} }. Spatial layers here: {spatial or 'none'}.")
+        return spatial
+    return spatial[-1:]
+
+
+def _applies(plan, aspec: AttributionSpec) -> tuple[bool, str]:
+    if not aspec.enabled:
+        return False, "disabled"
+    if plan.n_outputs is None:
+        return False, "the model outputs no class scores"
+    data = shard_dataset(plan)
+    if data.inputs.ndim != 4:
+        return False, "the dataset's inputs are not images"
+    if aspec.only_masked and data.masks is None:
+        return False, "the dataset has no foreground masks (AttributionSpec.only_masked)"
+    return True, ""
+
+
+def attribution_key(plan, aspec: AttributionSpec) -> str | None:
+    """Cache key of the attribution stage of ``plan`` (None: it does not apply)."""
+    ok, _ = _applies(plan, aspec)
+    if not ok:
+        return None
+    layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []
+    if not layers and any(m in CAM_METHODS for m in aspec.methods):
+        return None
+    return cache_key(STAGE, model=plan.model_hash, dataset=plan.ds_hash, resolved_layers=layers,
+                     **aspec.model_dump())
+
+
+def _target(aspec: AttributionSpec, class_names: list[str], n_classes: int):
+    t = aspec.target
+    if t in ("predicted", "true"):
+        return t
+    if t.lstrip("-").isdigit():
+        return int(t)
+    if t in class_names:
+        return class_names.index(t)
+    raise ZooauditError(f"Unknown attribution target {t!r}. Allowed: 'predicted', 'true', a class index in "
+                        f"[0, {n_classes})" + (f", or a class name: {', '.join(class_names)}." if class_names else "."))
+
+
+def _device_module(module, device: str):
+    """The module on ``device``: the shared CPU copy itself, or a copy moved to the GPU
+    (the per-process model cache must stay on the CPU for the other stages)."""
+    from ..devices import resolve_device
+
+    dev = resolve_device(device, what=" for the attribution stage", missing_cuda="cpu")
+    return (module, dev) if dev.type == "cpu" else (copy.deepcopy(module).to(dev), dev)
+
+
+def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, target) -> dict[str, xr.Dataset]:
+    """The maps, metrics, curves and agreement of one layer (reliance is assembled across layers)."""
+    from ..faithfulness import faithfulness_curves
+    from ..sanity_checks import randomisation_maps
+
+    x, labels = data.inputs[idx], data.labels[idx]
+    ids = data.sample_ids[idx]
+    out = attribution_maps(module, x, layer, methods=aspec.methods, target=target, labels=labels,
+                           batch_size=aspec.batch_size, ig_steps=aspec.ig_steps, ig_baseline=aspec.ig_baseline,
+                           normalise="max", device=dev)
+    methods = list(aspec.methods)
+    maps = out["maps"].assign_coords(sample=ids)
+    per_sample = {"label": ("sample", labels), "target": ("sample", out["target"].values),
+                  "predicted": ("sample", out["predicted"].values),
+                  **{f"group_{k}": ("sample", v[idx]) for k, v in data.groups.items()}}
+    maps_ds = xr.Dataset({"maps": maps.astype(np.float16), **per_sample}, attrs=dict(out.attrs))
+    metric_vars: dict = {}
+    if "ig_gap" in out:
+        metric_vars["ig_gap"] = ("sample", out["ig_gap"].values)
+    if data.masks is not None:
+        masks = data.masks[idx]
+        values = maps.values
+        for name, fn in (("energy_inside", metrics.energy_inside), ("background_share", metrics.background_share),
+                         ("pointing_game", metrics.pointing_game),
+                         ("iou", lambda m, k: metrics.mask_iou(m, k, threshold=aspec.iou_threshold))):
+            metric_vars[name] = (("sample", "method"), np.stack([fn(values[:, j], masks) for j in range(len(methods))],
+                                                                1))
+    products = {"maps": maps_ds,
+                "metrics": xr.Dataset(metric_vars, coords={"sample": ids, "method": methods},
+                                      attrs={"energy": "positive part", "iou_threshold": aspec.iou_threshold}),
+                "agreement": metrics.agreement_matrix(maps)}
+    n_curve = min(aspec.curve_samples, len(idx))
+    if n_curve:
+        curves = faithfulness_curves(module, x[:n_curve], maps.isel(sample=slice(0, n_curve)),
+                                     out["target"].values[:n_curve], steps=aspec.curve_steps,
+                                     baseline=aspec.curve_baseline, batch_size=max(aspec.batch_size, 64),
+                                     random_state=aspec.random_state, device=dev)
+        curves = curves.assign_coords(sample=ids[:n_curve])
+        curves["auc"] = (("sample", "order", "kind"), metrics.auc(curves["curves"].values, curves["fraction"].values))
+        products["curves"] = curves
+    n_sanity = min(aspec.sanity_samples, len(idx))
+    if n_sanity:
+        sanity = randomisation_maps(module, x[:n_sanity], layer, methods=methods,
+                                    targets=out["target"].values[:n_sanity], seed=aspec.random_state, batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
+                                    ig_baseline=aspec.ig_baseline, device=dev)
+        final = sanity["spearman"].isel(step=-1)
+        sanity.attrs["flagged"] = [str(m) for m in final["method"].values
+                                   if float(final.sel({"method": m})) >= aspec.sanity_threshold]
+        sanity.attrs["threshold"] = aspec.sanity_threshold
+        products["sanity"] = sanity
+    return products
+
+
+def _reliance(metric_ds: xr.Dataset, data, idx, aspec: AttributionSpec) -> list[xr.Dataset]:
+    """Background share per group of each attribute, per method: one Dataset per attribute."""
+    out = []
+    share = metric_ds["background_share"].values
+    for attr, codes in sorted(data.groups.items()):
+        if len(np.unique(codes[idx])) < 2:   # one group in the mapped subset: nothing to compare
+            continue
+        rows = []
+        for j, method in enumerate(metric_ds["method"].values):
+            defined = np.isfinite(share[:, j])
+            if len(np.unique(codes[idx][defined])) < 2:
+                continue
+            cmp = metrics.compare_groups(share[:, j], codes[idx],
+                                         names=data.group_names.get(attr), n_boot=aspec.n_boot,
+                                         n_permutations=aspec.n_permutations, ci=aspec.ci,
+                                         random_state=aspec.random_state)
+            rows.append(cmp.assign(difference=cmp.attrs["difference"], p_value=cmp.attrs["p_value"],
+                                   difference_ci_low=cmp.attrs["difference_ci_low"],
+                                   difference_ci_high=cmp.attrs["difference_ci_high"]).expand_dims(method=[method]))
+        if rows:
+            ds = xr.concat(rows, dim="method", join="outer", combine_attrs="drop")
+            ds.attrs.update({"attribute": attr, "ci": aspec.ci, "test": rows[0].attrs.get("test", "")})
+            out.append(ds)
+    return out
+
+
+def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> StageResult | None:
+    """The attribution stage of one model on one dataset (every layer in one commit), or None
+    when it does not apply; a cache hit when its key is already on ``main``."""
+    ok, why = _applies(plan, aspec)
+    if not ok:
+        log.info("attribution of %s on %s: not applicable (%s)", plan.model_uri, plan.ds_key, why)
+        return None
+    if (key := attribution_key(plan, aspec)) is None:
+        log.info("attribution of %s on %s: no spatial layer for the CAM methods", plan.model_uri, plan.ds_key)
+        return None
+    repository = plan.repository
+    if (snap := repository.find(key)) is not None:
+        return skipped(STAGE, plan, key, snap)
+    model = load_model(plan.model_uri, plan.store)
+    data = shard_dataset(plan)
+    target = _target(aspec, data.class_names, plan.n_outputs)
+    idx = random_subset(len(data), aspec.max_samples, aspec.random_state)
+    module, dev = _device_module(model.module, plan.device)
+    cam_layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []
+    groups_out: dict[str, xr.Dataset] = {}
+    reliance_rows, summary = [], {}
+    for layer in cam_layers or [None]:
+        name = layer or "input"
+        products = _layer_products(module, dev, data, idx, layer, aspec, target)
+        for part, ds in products.items():
+            groups_out[attribution_group(plan.ds_key, name, part)] = ds
+        summary[name] = _layer_summary(products)
+        if "background_share" in products["metrics"]:
+            for ds in _reliance(products["metrics"], data, idx, aspec):
+                reliance_rows.append((name, ds))
+    # one correction over every (layer, attribute, method) comparison of the run
+    pvals = np.concatenate([ds["p_value"].values for _, ds in reliance_rows]) if reliance_rows else np.zeros(0)
+    if len(pvals):
+        adj = adjust(pvals, method=aspec.correction, alpha=aspec.alpha)
+        start = 0
+        for name, ds in reliance_rows:
+            k = ds.sizes["method"]
+            ds["p_adjusted"] = ("method", adj.p_adjusted[start:start + k])
+            ds["reject"] = ("method", adj.reject[start:start + k])
+            start += k
+            attr = ds.attrs["attribute"]
+            groups_out[attribution_group(plan.ds_key, name, f"reliance/{attr}")] = ds
+            summary[name].setdefault("background_share_by_group", {})[attr] = {
+                str(m): {**{str(g): round(float(ds["mean"].sel({"method": m, "group": g})), 4)
+                            for g in ds["group"].values},
+                         "difference": round(float(ds["difference"].sel({"method": m})), 4),
+                         "p_adjusted": round(float(ds["p_adjusted"].sel({"method": m})), 6)}
+                for m in ds["method"].values}
+
+    def write(session):
+        for group, ds in groups_out.items():
+            write_dataset(session, ds, group)
+
+    params = aspec.model_dump()
+    meta = commit_metadata(STAGE, key, params, model=plan.model_uri, model_hash=plan.model_hash,
+                           dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
+                           summary=summary, layers=cam_layers)
+    snap = repository.commit(write, message=f"{STAGE} {plan.model_uri} on {plan.dataset.name}", metadata=meta)
+    return StageResult(STAGE, plan.model_uri, plan.ds_key, key, snap, False, summary)
+
+
+def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
+    """Headline numbers of one layer for the commit metadata: per method, the mean of each metric
+    and the deletion / insertion AUC beside the random order's."""
+    out: dict = {}
+    m = products["metrics"]
+    for var in ("background_share", "pointing_game", "iou", "energy_inside"):
+        if var in m:
+            out[var] = {str(k): round(float(np.nanmean(m[var].sel({"method": k}).values)), 4)
+                        for k in m["method"].values}
+    if "ig_gap" in m:
+        out["ig_gap_mean_abs"] = round(float(np.abs(m["ig_gap"].values).mean()), 6)
+    if "sanity" in products:
+        final = products["sanity"]["spearman"].isel(step=-1)
+        out["sanity_spearman_all_random"] = {str(m): round(float(final.sel({"method": m})), 4)
+                                             for m in final["method"].values}
+        out["sanity_flagged"] = list(products["sanity"].attrs["flagged"])
+    if "curves" in products:
+        auc = products["curves"]["auc"].mean("sample")
+        out["auc"] = {kind: {str(o): round(float(auc.sel(kind=kind, order=o)), 4) for o in auc["order"].values}
+                      for kind in auc["kind"].values}
+    return out
