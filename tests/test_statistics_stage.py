@@ -250,3 +250,16 @@ def test_empty_classifier_product_skips_nc3(run):
                        ref.snapshot, (), {"module": "", "input_layer": ""})
     res = run_statistics(dataclasses.replace(ref, controls={"classifier": empty}), StatisticsSpec(top_k=4))
     assert "no classifier weights" in res.summary["notes"]["nc3"] and res.summary["collapse"]["nc3"]["embed"] is None
+
+
+def test_section_registered_on_the_model_pages(run):
+    import zooaudit.report  # noqa: F401 — registers the stage sections
+    from zooaudit.report.sections import MODEL_SECTIONS, ModelContext
+
+    ref, _, _, _, result = run
+    (section,) = [s for s in MODEL_SECTIONS if s.stage == "statistics"]
+    files: dict = {}
+    ctx = ModelContext(store_url=ref.store, model=ref.model_uri, ref=ref, results={"statistics": result}, files=files)
+    html = "".join(section.render(ctx))
+    assert "Massive activations" in html and f"{ctx.base}-statistics-spectrum.png" in files
+    assert section.render(ModelContext(ref.store, ref.model_uri, ref, {}, {})) == []
