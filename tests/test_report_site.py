@@ -55,7 +55,7 @@ def _night(store_url, tag, **kw):
             refs.append(ref)
             results.extend(res)
             for stage in stages.ARRAY_STAGES:
-                if (r := stages.run_array_stage(stage.name, ref, getattr(mspec, stage.spec_field))) is not None:
+                if (r := stages.run_array_stage(stage.name, ref, stage.spec_of(mspec))) is not None:
                     results.append(r)
         audits.append(SimpleNamespace(model=model, refs=refs, results=results))
     by_ds = defaultdict(list)
