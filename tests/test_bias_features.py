@@ -86,8 +86,11 @@ def test_bias_features_stage_after_factorize(shared_store):
     bias = stages.run_bias(ref, bspec)
     audit = SimpleNamespace(model=ref.model_uri, refs=[ref], results=[fact, bias, res])
     index = build_report(ref.store, {"test": "bias-measures"}, [audit], [], run_id="bfeat")
-    with open(index) as fh:
-        page = fh.read()
+    from pathlib import Path
+
+    from zooaudit.report import model_page_name
+
+    page = (Path(index).parent / model_page_name(ref.model_key)).read_text()   # the model's page of the site
     for text in ("Bias amplification of colour", "Contextual bias", "Shortcut reliance", "Components that carry",
                  "(gallery row ",
                  f"{ref.model_key}-{ref.ds_key}-shortcut-colour.png"):

@@ -154,6 +154,14 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
         curves["auc"] = (("sample", "order", "kind"), metrics.auc(curves["curves"].values, curves["fraction"].values))
         products["curves"] = curves
     n_sanity = min(aspec.sanity_samples, len(idx))
+    from ..sanity_checks import cascade_layers
+
+    if n_sanity and not cascade_layers(module):
+        # an exported or scripted program has no resettable layers to randomise: the check does
+        # not apply (recorded beside the maps), the rest of the stage does
+        for ds in products.values():
+            ds.attrs["sanity"] = "skipped: no layer with parameters and reset_parameters() to randomise"
+        n_sanity = 0
     if n_sanity:
         sanity = randomisation_maps(module, x[:n_sanity], layer, methods=methods,
                                     targets=out["target"].values[:n_sanity], seed=aspec.random_state, batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
