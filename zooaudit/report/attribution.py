@@ -133,7 +133,7 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
     files[name] = gallery_png(data.inputs[pos], maps["maps"].values[rows], None if data.masks is None
                               else data.masks[pos], methods, labels)
     out.append(f"<p>Most and least background-reliant samples (under {html.escape(methods[0])}), then random ones; "
-               f"maps normalised by their max, positive part shown, mask outlined.</p><img src='{name}'>")
+               f"maps normalised by their max, positive part shown, mask outlined.</p><img src='{name}' alt='Gallery: each sample's image, then one attribution map per method over it, mask outlined'>")
     auc = s.get("auc", {})
     header = ["method", "background share", "pointing game", "IoU"]
     if auc:
@@ -156,7 +156,7 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
         name = f"{base}-attribution-{layer}-reliance-{attr}.png"
         files[name] = _reliance_png(rel, attr)
         groups = [str(g) for g in rel["group"].values]
-        out.append(f"<img src='{name}'>" + _table(
+        out.append(f"<img src='{name}' alt='Background share of attribution energy per group with confidence intervals, per method'>" + _table(
             ["method", *groups, "difference", "adjusted p"],
             [[m, *(v.get(g) for g in groups), v.get("difference"), v.get("p_adjusted")] for m, v in by_method.items()]))
     if auc:
@@ -164,20 +164,20 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
         for kind in ("deletion", "insertion"):
             name = f"{base}-attribution-{layer}-{kind}.png"
             files[name] = _curves_png(curves, kind)
-            out.append(f"<img src='{name}'>")
+            out.append(f"<img src='{name}' alt='Deletion or insertion curve: model score against the fraction of pixels removed or added, beside the random order'>")
     if "sanity_flagged" in s:
         sanity = open_group(attribution_group(plan.ds_key, layer, "sanity"))
         name = f"{base}-attribution-{layer}-sanity.png"
         files[name] = _sanity_png(sanity)
         flagged = s["sanity_flagged"]
-        out.append(f"<img src='{name}'><p>Sanity check: "
+        out.append(f"<img src='{name}' alt='Sanity check: rank correlation of each method's maps with the trained model's as layers are randomised'><p>Sanity check: "
                    + (f"<b>flagged (maps barely change when the model is randomised):</b> "
                       f"{html.escape(', '.join(flagged))}" if flagged else "no method flagged") + ".</p>")
     agreement = open_group(attribution_group(plan.ds_key, layer, "agreement"))
     name = f"{base}-attribution-{layer}-agreement.png"
     files[name] = heatmap_png(agreement["spearman"],
                               "method agreement (pixel Spearman, mean over samples)")
-    out.append(f"<img src='{name}'>")
+    out.append(f"<img src='{name}' alt='Method by method agreement of the attribution maps (Spearman rank correlation)'>")
     return out
 
 

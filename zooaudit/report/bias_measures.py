@@ -80,7 +80,7 @@ def bias_measures_section(open_group, plan, bias_result, features_result, base: 
             out.append(f"<h4>Shortcut reliance ({html.escape(attr)} swapped): flip rate {_f(c['flip_rate'])}, "
                        f"accuracy {_f(c['accuracy'])} → {_f(c['cf_accuracy'])} on counterfactuals, worst uncommon "
                        f"setting {_f(c.get('worst_minority_counterfactual'))} "
-                       f"({html.escape(str(c.get('worst_minority_counterfactual_cell', '–')))})</h4><img src='{name}'>")
+                       f"({html.escape(str(c.get('worst_minority_counterfactual_cell', '–')))})</h4><img src='{name}' alt='Accuracy on original and counterfactual inputs per group, with confidence intervals'>")
     if features_result is not None and features_result.summary.get("top_components"):
         ds = open_group(layout.bias_group(plan.ds_key, "features"), features_result.snapshot)
         for target in ds["target"].values:
@@ -157,4 +157,4 @@ def measures_sweep_section(audits, files: dict) -> list[str]:
     ax.set_xlabel("colour flip probability in training (smaller = stronger shortcut)")
     files["bias-measures-sweep.png"] = _line_chart_png(fig, ax, "amplification and reliance vs shortcut strength")
     return ["<h2>Amplification and shortcut reliance against the shortcut strength</h2>"
-            "<img src='bias-measures-sweep.png'>"]
+            "<img src='bias-measures-sweep.png' alt='Bias measures across the zoo's shortcut-strength sweep'>"]

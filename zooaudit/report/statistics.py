@@ -101,7 +101,7 @@ def statistics_section(open_group, plan, result, base: str, files: dict) -> list
                + _table(["layer", "|a|", "× median", "sample", "unit", "massive"], rows))
     name = f"{base}-statistics-spectrum.png"
     files[name] = spectrum_png(layers, s, f"spectrum by layer — {plan.model_uri}")
-    out.append(f"<img src='{name}'>")
+    out.append(f"<img src='{name}' alt='Spectrum of each layer's representation: normalised eigenvalues against component index, log scale'>")
     out.append(_table(["layer", "effective rank", "participation ratio", "stable rank", "top-1 share", "top-10 share"],
                       [[n, *(s[v].sel(layer=n).item() for v in ("effective_rank", "participation_ratio",
                                                                 "stable_rank", "variance_top_1", "variance_top_10"))]
@@ -112,7 +112,7 @@ def statistics_section(open_group, plan, result, base: str, files: dict) -> list
         if c.sizes["nc_layer"] > 1:   # the layer-by-layer progression of collapse
             name = f"{base}-statistics-collapse.png"
             files[name] = collapse_png(c, f"neural collapse by layer — {plan.model_uri}")
-            out.append(f"<img src='{name}'>")
+            out.append(f"<img src='{name}' alt='Neural collapse NC1 to NC4 against the layer, from input side to output'>")
         out.append("<h4>Neural collapse (Papyan et al. 2020; NC1–NC3 → 0 and NC4 → 1 under collapse)</h4>" + _table(
             ["layer", "NC1 tr(Σ_W Σ_B⁺)/C", "NC2 equinorm CV", "NC2 equiangular", "NC3 self-duality",
              "NC4 NCC agreement"],
@@ -157,7 +157,7 @@ def statistics_trend_section(ds: xr.Dataset, base: str, files: dict) -> list[str
     fig.suptitle(f"{ds.attrs.get('family', '')}: activation statistics against the checkpoint", fontsize=9)
     name = f"{base}-statistics.png"
     files[name] = _png(fig)
-    out = [f"<img src='{name}'>"]
+    out = [f"<img src='{name}' alt='Activation statistics of the family against the checkpoint epoch: activation ratio, dead units, effective rank, NC1'>"]
     if "massive_first_epoch" in ds:
         out.append(_table(["layer", "first checkpoint with a massive activation"],
                           [[str(l), html.escape(str(e)) or "none"] for l, e in
