@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from zooaudit.errors import ZooauditError
+from zooaudit.errors import ZooauditError, problems
 
 EXIT_BAD_INPUT = 2
 
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zooaudit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        print(f"zooaudit: error: invalid parameters — {problems}.", file=sys.stderr)
+        print(f"zooaudit: error: invalid parameters — {problems(err)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
