@@ -209,9 +209,9 @@ def run_wordsets(plan: ExtractionPlan, bspec: BiasSpec, run_id: str | None = Non
     meta = commit_metadata("controls/wordsets", key, {"weat_sets": bspec.weat_sets}, model=plan.model_uri,
                            model_hash=plan.model_hash, dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash,
                            flow_run_id=run_id, summary=summary)
-    snap = repository.commit(write, message=f"word-set embeddings {plan.model_uri}", metadata=meta)
+    snap, new = repository.commit_once(write, message=f"word-set embeddings {plan.model_uri}", metadata=meta)
     log.info("%s: word-set embeddings of %s committed (%d layers)", plan.model_uri, path.name, len(layers))
-    return (StageResult("controls/wordsets", plan.model_uri, plan.ds_key, key, snap, False, summary),
+    return (StageResult("controls/wordsets", plan.model_uri, plan.ds_key, key, snap, not new, summary),
             ControlRef("wordsets", root, key, snap, tuple(layers), provenance))
 
 
@@ -278,9 +278,9 @@ def run_token_text(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
     meta = commit_metadata("controls/tokens", key, {}, model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
                            summary=summary)
-    snap = repository.commit(lambda s: write_dataset(s, ds, root), message=f"token text {plan.model_uri}",
-                             metadata=meta)
-    return (StageResult("controls/tokens", plan.model_uri, plan.ds_key, key, snap, False, summary),
+    snap, new = repository.commit_once(lambda s: write_dataset(s, ds, root), message=f"token text {plan.model_uri}",
+                                       metadata=meta)
+    return (StageResult("controls/tokens", plan.model_uri, plan.ds_key, key, snap, not new, summary),
             ControlRef("tokens", root, key, snap, ()))
 
 
@@ -365,7 +365,7 @@ def run_classifier(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
     meta = commit_metadata("controls/classifier", key, {}, model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
                            summary=summary)
-    snap = repository.commit(lambda s: write_dataset(s, ds, root), message=f"classifier weights {plan.model_uri}",
-                             metadata=meta)
-    return (StageResult("controls/classifier", plan.model_uri, plan.ds_key, key, snap, False, summary),
+    snap, new = repository.commit_once(lambda s: write_dataset(s, ds, root),
+                                       message=f"classifier weights {plan.model_uri}", metadata=meta)
+    return (StageResult("controls/classifier", plan.model_uri, plan.ds_key, key, snap, not new, summary),
             ControlRef("classifier", root, key, snap, (layer,) if layer else (), provenance))
