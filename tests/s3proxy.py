@@ -6,6 +6,7 @@ server that can delay, drop or fail requests, and stop/restart of one stack comp
         proxy.delay = 2.0                     # every request waits 2 s before it is forwarded
         proxy.drop = True                     # connections are accepted and closed at once (and live ones cut)
         proxy.fail_methods = {"PUT"}          # PUTs answered 507 InsufficientStorage ("volume full")
+        proxy.spare = ("/locks/",)            # ... except those to these paths
 
 Each forwarded request gets its own upstream connection (``Connection: close`` is added),
 so a fault switched on applies to the very next request, not only to new keep-alive
@@ -59,6 +60,7 @@ class LoopbackProxy:
         self.delay = 0.0
         self.drop = False
         self.fail_methods: set[str] = set()
+        self.spare: tuple[str, ...] = ()   # request paths containing one of these are never failed
         self.requests = self.failed = self.dropped = 0
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
@@ -86,7 +88,7 @@ class LoopbackProxy:
         self._thread.join(5)
 
     def heal(self) -> None:
-        self.delay, self.drop, self.fail_methods = 0.0, False, set()
+        self.delay, self.drop, self.fail_methods, self.spare = 0.0, False, set(), ()
 
     def cut(self) -> None:
         """Close every live connection (requests in flight see a reset)."""
@@ -122,8 +124,9 @@ class LoopbackProxy:
                 return
             head, rest = got
             self.requests += 1
-            method = head.split(b" ", 1)[0].decode(errors="replace")
-            if method in self.fail_methods:
+            method, target = (head.split(b" ", 2) + [b"", b""])[:2]
+            target = target.decode(errors="replace")
+            if method.decode(errors="replace") in self.fail_methods and not any(p in target for p in self.spare):
                 self.failed += 1
                 client.sendall(S3_FULL % (len(S3_FULL_BODY), S3_FULL_BODY))
                 return

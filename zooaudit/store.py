@@ -30,6 +30,7 @@ half-written version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -115,6 +116,16 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _store_failure(err: BaseException, url: str) -> bool:
+    """Whether a transport-type error is the store's: a plain ``OSError`` is, on S3 (s3fs raises
+    them for server errors) or for a full or failing disk; a missing file is not."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if type(err).__module__ == "builtins" and isinstance(err, OSError) and not isinstance(err, TimeoutError):
+        return url.startswith("s3://") or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    return True
+
+
 def outage(err: BaseException, what: str, url: str) -> StoreUnavailable | None:
     """A :class:`StoreUnavailable` explaining ``err`` (raised while doing ``what`` on the store
     ``url``) when it, or an exception it was raised from, is a store transport failure; else None."""
@@ -124,7 +135,7 @@ def outage(err: BaseException, what: str, url: str) -> StoreUnavailable | None:
         seen.add(id(cur))
         if isinstance(cur, ZooauditError):
             return None
-        if isinstance(cur, _transport_errors()) and not isinstance(cur, (FileNotFoundError, FileExistsError)):
+        if isinstance(cur, _transport_errors()) and _store_failure(cur, url):
             endpoint = s3_settings()["endpoint"] if url.startswith("s3://") else None
             where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")
             reason = " ".join(str(cur).split())[:300] or type(cur).__name__
@@ -217,6 +228,17 @@ class Store:
             from_env=True,   # credentials straight from the environment: never in our objects or logs
         )
 
+    def _config(self) -> icechunk.RepositoryConfig | None:
+        """On S3, Icechunk's own retries of a failing request span about :func:`retry_window`
+        (backoff doubling from 0.1 s to 4 s), so that an outage ends in :class:`StoreUnavailable`
+        after the same bounded time whichever layer meets it (not persisted in the repository)."""
+        if self.scheme == "file":
+            return None
+        window = retry_window()
+        tries = 6 + max(0, math.ceil((window - 6.3) / 4))   # 0.1+0.2+…+3.2 = 6.3 s, then 4 s each
+        retries = icechunk.StorageRetriesSettings(max_tries=tries, initial_backoff_ms=100, max_backoff_ms=4000)
+        return icechunk.RepositoryConfig(storage=icechunk.StorageSettings(retries=retries))
+
     def repo(self, *parts: str) -> icechunk.Repository:
         """Open (or create) the Icechunk repository at ``<root>/<parts...>``.
 
@@ -227,11 +249,11 @@ class Store:
         storage = self._storage(*parts)
         with self.lock("/".join(parts)):
             try:
-                return icechunk.Repository.open_or_create(storage)
+                return icechunk.Repository.open_or_create(storage, config=self._config())
             except icechunk.IcechunkError:
                 if not icechunk.Repository.exists(storage):
                     raise
-                return icechunk.Repository.open(storage)
+                return icechunk.Repository.open(storage, config=self._config())
 
     def model_repo(self, model_key: str) -> icechunk.Repository:
         return self.repo("models", model_key)
@@ -243,7 +265,7 @@ class Store:
             known = ", ".join(self.model_keys()) or "none"
             raise ZooauditError(f"No repository {'/'.join(parts)!r} in store {self.url}. Models in this store: "
                                 f"{known}.")
-        return icechunk.Repository.open(self._storage(*parts))
+        return icechunk.Repository.open(self._storage(*parts), config=self._config())
 
     def model_keys(self) -> list[str]:
         """Keys of the model repositories in this store."""
