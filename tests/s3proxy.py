@@ -191,11 +191,11 @@ def start_component(stack, name: str, healthy, timeout: float = 120.0) -> None:
     """Start component ``name`` again with its recorded command line and the stack's
     environment (recorded in stack.json, so ``down`` stops the new process), and wait until
     ``healthy()`` is true."""
-    from zooaudit_infra.stack import STATE_FILE, _spawn
+    from zooaudit_infra.stack import S3_SERVER_ENV, STATE_FILE, _spawn
 
     cfg = stack.config
     state = json.loads(Path(cfg.data_dir, STATE_FILE).read_text())
-    env = stack.env if name in ("runner", "dask-workers") else {}
+    env = stack.env if name in ("runner", "dask-workers") else S3_SERVER_ENV if name == "seaweedfs" else {}
     if name == "prefect-server":   # as infra.stack._start_prefect: the server points at no other server
         home = Path(cfg.data_dir, "prefect")
         env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": "",
