@@ -122,11 +122,11 @@ def test_a_result_another_run_committed_first_is_a_cache_hit_not_a_commit(tmp_pa
                                                                                                           False)
 
 
-@pytest.mark.slow
 SOAK_ONLY = pytest.mark.skipif(not SOAK, reason="soak variant: ZOOAUDIT_SOAK=1")
 
 
 # 2 on file:// only in the soak run: 4 covers it, and 2 on S3 runs in test_s3_store.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [pytest.param(2, marks=SOAK_ONLY), 4, pytest.param(8, marks=SOAK_ONLY)])
 def test_concurrent_audits_on_a_file_store(n, local_stack, tmp_path):
     store_url = "file://" + str(tmp_path / "store")
