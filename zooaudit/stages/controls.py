@@ -284,8 +284,9 @@ def _commit_product(plan: ExtractionPlan, stage: str, key: str, params: dict, wr
     meta = commit_metadata(stage, key, params, model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
                            summary=summary)
-    snap = plan.repository.commit(write, message=f"{what} {plan.model_uri}", metadata=meta)
-    return StageResult(stage, plan.model_uri, plan.ds_key, key, snap, False, summary)
+    snap, new = plan.repository.commit_once(write, message=f"{what} {plan.model_uri}", metadata=meta)
+    # not new: a concurrent run committed this key first; its result is a cache hit here
+    return StageResult(stage, plan.model_uri, plan.ds_key, key, snap, not new, summary)
 
 
 # -- classifier weights (neural collapse NC3) ------------------------------------------------------
