@@ -179,6 +179,9 @@ def test_bad_input_exits_2_names_the_problem_and_changes_nothing(case, seeded, c
 def render() -> str:
     rows = "\n".join(f"| {i} | `{cid}` | {what} | `zooaudit {' '.join(args)}` | {'; '.join(f'“{e}”' for e in exp)} |"
                      for i, (cid, what, args, exp) in enumerate(CASES, 1))
+    from test_spec_bounds import bound_rows
+
+    bounds = "\n".join(f"| `{field}` | {bound} | `{value}` | {message} |" for field, bound, value, message in bound_rows())
     return f"""# Reliability: bad input
 
 Generated from `tests/test_bad_input_table.py` (`.venv/bin/python tests/test_bad_input_table.py --write`);
@@ -193,14 +196,31 @@ never created.
 | # | case | what is wrong | command | the error says |
 | --- | --- | --- | --- | --- |
 {rows}
+
+### Spec fields at and beyond their bounds
+
+Generated from the specs' own declarations by `tests/test_spec_bounds.py`: every bounded numeric
+field of every spec validates at its bound, and one step beyond it is refused with the line below
+(what the CLI prints after `zooaudit: error: invalid parameters —`; a deployment run or a UI
+form gets the same validation). Sub-specs are validated inside the audit spec that carries them.
+
+| field | bound | value tried | the error says |
+| --- | --- | --- | --- |
+{bounds}
 """
 
 
+def _hand_written(text: str) -> str:
+    """The sections after the generated table (``## ...``: the fault-injection figures), kept by --write."""
+    return text[i:] if (i := text.find("\n## ")) >= 0 else ""
+
+
 def test_reliability_doc_is_generated_from_the_cases():
-    assert DOC.read_text() == render(), "regenerate: .venv/bin/python tests/test_bad_input_table.py --write"
+    text = DOC.read_text()
+    assert text == render() + _hand_written(text), "regenerate: .venv/bin/python tests/test_bad_input_table.py --write"
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
-        DOC.write_text(render())
+        DOC.write_text(render() + _hand_written(DOC.read_text()))
         print(f"wrote {os.path.relpath(DOC)}")
