@@ -137,6 +137,10 @@ def test_gram_route_equals_covariance_route_and_svd():
 
 def test_gram_route_chosen_and_refused():
     assert spectrum_route(100, 64, 4096)[0] == "covariance"
+    # within max_spectrum_width, a wide layer on few rows takes the (same, cheaper) Gram route
+    assert spectrum_route(40, 4096, 4096)[0] == "gram" and "cheaper" in spectrum_route(40, 4096, 4096)[1]
+    assert spectrum_route(3000, 4096, 4096)[0] == "covariance"        # more than half as many rows
+    assert spectrum_route(100, 1000, 4096)[0] == "covariance"         # narrower than GRAM_MIN_WIDTH
     route, why = spectrum_route(100, 8192, 4096)
     assert route == "gram" and "100×100 Gram" in why
     assert spectrum_route(10_000, 8192, 4096)[0] is None            # n ≥ p: no smaller Gram

@@ -88,16 +88,24 @@ def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENT
             "stable_rank": float(total / lam[0]), **out}
 
 
+GRAM_MIN_WIDTH = 1024   # narrower layers keep the covariance route whatever their row count
+
+
 def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTES) -> tuple[str | None, str]:
     """How a layer of ``n`` rows × ``p`` units gets its spectrum: ``("covariance" | "gram" | None, why)``.
 
     ``p ≤ max_width``: the streamed ``p × p`` covariance. Wider, with ``n < p`` and the rows
     within ``budget`` float64 bytes: the ``n × n`` Gram (:class:`ActivationStats` ``gram_rows``).
-    Otherwise none, with the reason."""
-    if p <= max_width:
-        return "covariance", ""
+    Otherwise none, with the reason. Within ``max_width`` too, a layer of at least
+    :data:`GRAM_MIN_WIDTH` units with at most half as many rows takes the Gram: the same nonzero
+    eigenvalues for ``O(n²p)`` instead of ``O(np² + p³)`` (a 4096-unit map on 40 samples: an
+    ``eigh`` of 40 × 40 instead of 4096 × 4096)."""
     if max_width == 0:
         return None, "skipped: max_spectrum_width=0"
+    if p <= max_width:
+        if p >= GRAM_MIN_WIDTH and 2 * n <= p and n * p * 8 <= budget:
+            return "gram", f"from the {n}×{n} Gram of the centred rows ({n} rows ≤ half of {p} units: cheaper)"
+        return "covariance", ""
     if n < p and n * p * 8 <= budget:
         return "gram", f"from the {n}×{n} Gram of the centred rows ({p} units > max_spectrum_width {max_width})"
     if n >= p:
