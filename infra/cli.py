@@ -6,7 +6,8 @@
     zooaudit layers MODEL              list a model's layers with output shapes
 
 Bad input exits with status 2 and one paragraph naming the bad value and what
-is allowed; nothing is committed. Installed as ``zooaudit_infra.cli`` (the console script
+is allowed; nothing is committed. Ctrl-C stops the run's Dask cluster and temporary Prefect
+server and exits with status 130, printing the command that resumes it. Installed as ``zooaudit_infra.cli`` (the console script
 ``zooaudit``); the flows (``zooaudit_flows``) and Prefect are imported only by the commands
 that run them, so ``zooaudit layers``/``history``/``down`` start without them.
 """
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 
 from zooaudit.errors import ZooauditError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _env_defaults() -> None:
@@ -282,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     except ZooauditError as err:
         print(f"zooaudit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C: the context managers above have unwound by now (the local Dask cluster and
+        # the temporary Prefect server are stopped); every commit is all-or-nothing, so what
+        # finished is kept and the same command picks up from it.
+        rerun = shlex.join(["zooaudit", *(sys.argv[1:] if argv is None else argv)])
+        print(f"zooaudit: interrupted. Nothing partial was committed; finished stages and extracted "
+              f"shards are kept. To resume, rerun:\n  {rerun}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         print(f"zooaudit: error: invalid parameters — {problems}.", file=sys.stderr)

@@ -58,6 +58,21 @@ log = logging.getLogger("zooaudit.store")
 
 DEFAULT_STORE = "./zooaudit-store"
 S3_LOCK_TTL = 300.0   # seconds after which an S3 lock left by a killed process is broken
+
+
+def s3_lock_ttl() -> float:
+    """:data:`S3_LOCK_TTL`, or ``$ZOOAUDIT_S3_LOCK_TTL`` seconds when set (the fault-injection
+    tests kill runs and need the lock they leave broken in seconds, not minutes)."""
+    raw = os.environ.get("ZOOAUDIT_S3_LOCK_TTL")
+    if not raw:
+        return S3_LOCK_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = 0.0
+    if not ttl > 0:
+        raise ZooauditError(f"ZOOAUDIT_S3_LOCK_TTL={raw!r}: must be a positive number of seconds.")
+    return ttl
 SCHEMES = ("file", "s3")
 MAIN = "main"
 
@@ -217,8 +232,9 @@ class Store:
     def _s3_lock(self, path: str, timeout: float = 900.0) -> Iterator[None]:
         """Hold the lock object ``path``: created with ``If-None-Match: *`` (the S3 server
         refuses a second creator), deleted on release. A lock older than
-        :data:`S3_LOCK_TTL` was left by a killed process and is broken."""
+        :func:`s3_lock_ttl` was left by a killed process and is broken."""
         fs = self.fs
+        ttl = s3_lock_ttl()
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         deadline = time.monotonic() + timeout
         delay = 0.05
@@ -232,7 +248,7 @@ class Store:
             fs.invalidate_cache(path)
             with contextlib.suppress(FileNotFoundError):
                 held = json.loads(fs.cat_file(path))
-                if time.time() - float(held.get("time", 0)) > S3_LOCK_TTL:
+                if time.time() - float(held.get("time", 0)) > ttl:
                     log.warning("breaking stale store lock %s (held since %.0fs)", path, time.time() - held["time"])
                     fs.rm_file(path)
                     continue
@@ -246,7 +262,7 @@ class Store:
         done = threading.Event()
 
         def beat() -> None:
-            while not done.wait(S3_LOCK_TTL / 4):
+            while not done.wait(ttl / 4):
                 with contextlib.suppress(Exception):
                     fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode())
 
