@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -32,6 +33,44 @@ def _env_defaults() -> None:
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
 
 
+def _detach_from_ctrl_c() -> None:
+    """In the temporary server's child, before exec: its own process group, so a terminal's
+    Ctrl-C (SIGINT to the foreground group) reaches the CLI and not the server — the CLI still
+    needs it to record the interrupted flow run, and stops it afterwards (a server killed
+    first left the engine retrying its state report for ~2 minutes and then raising a
+    ConnectError instead of the interrupt). Out of the CLI's group, the server dies with the
+    CLI (PR_SET_PDEATHSIG), so a CLI killed outright (SIGKILL to its group) leaves no server."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:   # the CLI died before prctl took effect
+            os._exit(1)
+
+
+def _temporary_server():
+    """Prefect's temporary server (``SubprocessASGIServer``), started detached from Ctrl-C."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _Server(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+
+            def detached(*args, **kwargs):
+                return popen(*args, preexec_fn=_detach_from_ctrl_c, **kwargs)
+
+            subprocess.Popen = detached
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    return _Server()
+
+
 @contextlib.contextmanager
 def prefect_api():
     """Use ``$PREFECT_API_URL`` when set; otherwise run a temporary local Prefect
@@ -40,10 +79,9 @@ def prefect_api():
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
+    server = _temporary_server()
     server.start(timeout=60)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import zarr
+import zarr.errors
 
 from zooaudit.errors import ZooauditError
 from zooaudit.store import MAIN, Store
@@ -36,6 +37,12 @@ def task_name(run_name: str) -> str:
     return re.sub(r"-([0-9a-f]{3}|\d+)$", "", name)
 
 
+def _terminal_signals() -> None:
+    """SIGINT as in a terminal: a test started from a background job inherits it ignored, and
+    Python then leaves it ignored (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class CliRun:
     """One ``zooaudit`` CLI subprocess in its own session; its output is collected line by line
     with the time each line arrived (seconds since start)."""
@@ -44,7 +51,8 @@ class CliRun:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "zooaudit_infra.cli", *args], env=env, cwd=cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_terminal_signals)
         self.pgid = self.proc.pid
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -156,7 +164,10 @@ def main_arrays(store: Store, name: str, *, tag: str | None = None) -> dict[str,
     repository ``name``, read in full: a chunk that a commit names but the store lacks raises."""
     repo = store.existing_repo(*name.split("/"))
     session = repo.readonly_session(tag=tag) if tag else repo.readonly_session(branch=MAIN)
-    root = zarr.open_group(session.store, mode="r")
+    try:
+        root = zarr.open_group(session.store, mode="r")
+    except zarr.errors.GroupNotFoundError:
+        return {}   # created, nothing committed yet (only the repository's initial snapshot)
     out = {}
     for path, node in root.members(max_depth=None):
         if isinstance(node, zarr.Array):
@@ -215,6 +226,8 @@ def s3_lock_objects(store_url: str) -> list[str]:
     prefix = store.path("locks")
     fs.invalidate_cache(prefix)
     try:
-        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False))
+        listed = [p.rstrip("/") for p in fs.ls(prefix, detail=False)]
     except FileNotFoundError:
         return []
+    # The listing may name the folder itself (its marker object): only the lock objects count.
+    return sorted(p.rsplit("/", 1)[-1] for p in listed if p and p != prefix.rstrip("/"))
