@@ -230,4 +230,4 @@ def s3_lock_objects(store_url: str) -> list[str]:
     except FileNotFoundError:
         return []
     # The listing may name the folder itself (its marker object): only the lock objects count.
-    return sorted(p.rsplit("/", 1)[-1] for p in listed if p and p != prefix.rstrip("/"))
+    return sorted(name for p in listed if (name := p.rsplit("/", 1)[-1]) and name != "locks")
