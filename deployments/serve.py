@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zooaudit_flows import audit_model, audit_zoo
 from zooaudit_flows.backfill import backfill
-from zooaudit.errors import ZooauditError
+from zooaudit.errors import ZooauditError, problems
 from zooaudit.specs import AuditModelSpec, AuditZooSpec, BackfillSpec
 
 SCHEDULES_FILE = Path(__file__).with_name("nightly.yaml")
@@ -72,13 +72,6 @@ class NightlySchedule(BaseModel):
         return v
 
 
-def _problems(err: Exception) -> str:
-    """One line per problem: ``field: reason`` (pydantic), else the message."""
-    if isinstance(err, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
-    return str(err)
-
-
 def nightly_schedules(path: str | os.PathLike | None = None) -> list:
     """The nightly deployment's schedules, each carrying its validated ``AuditZooSpec`` as parameters."""
     path = Path(path or os.environ.get("ZOOAUDIT_SCHEDULES") or SCHEDULES_FILE)
@@ -99,7 +92,7 @@ def nightly_schedules(path: str | os.PathLike | None = None) -> list:
             spec = AuditZooSpec(**entry.spec)
         except (ValidationError, ValueError, TypeError) as err:
             raise ZooauditError(f"{path}: schedule #{i + 1} ({(raw or {}).get('slug', '?')}) is invalid: "
-                                f"{_problems(err)}.") from err
+                                f"{problems(err)}.") from err
         out.append(Cron(entry.cron, timezone=tz, active=entry.active, slug=entry.slug,
                         parameters={"spec": spec.model_dump(mode="json")}))
     if not out:

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 
-from zooaudit.errors import ZooauditError
+from zooaudit.errors import ZooauditError, problems
 
 EXIT_BAD_INPUT = 2
+EXIT_STORE_UNAVAILABLE = 75   # sysexits EX_TEMPFAIL: the store's server failed; rerun when it is back
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
@@ -322,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_layers(args)
     except ZooauditError as err:
         print(f"zooaudit: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        from zooaudit.store import StoreUnavailable
+
+        return EXIT_STORE_UNAVAILABLE if isinstance(err, StoreUnavailable) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Ctrl-C: the context managers above have unwound by now (the local Dask cluster and
         # the temporary Prefect server are stopped); every commit is all-or-nothing, so what
@@ -332,9 +335,17 @@ def main(argv: list[str] | None = None) -> int:
               f"shards are kept. To resume, rerun:\n  {rerun}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        print(f"zooaudit: error: invalid parameters — {problems}.", file=sys.stderr)
+        print(f"zooaudit: error: invalid parameters — {problems(err)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:
+        # A store server that failed mid-read (inside a stage, a flow or the report): one paragraph, no traceback.
+        from zooaudit.store import outage, resolve_store_url
+
+        down = outage(err, f"running {args.command}", resolve_store_url(getattr(args, "store", None)))
+        if down is None:
+            raise
+        print(f"zooaudit: error: {down}", file=sys.stderr)
+        return EXIT_STORE_UNAVAILABLE
 
 
 if __name__ == "__main__":

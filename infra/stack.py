@@ -274,6 +274,12 @@ def _weed_binary() -> str:
     return found
 
 
+# Unset for SeaweedFS (an empty value unsets, see _spawn): given AWS keys in its environment (a
+# shell that sourced an earlier stack.env) it adds them as one more admin identity, so an old
+# key pair would be accepted, and it logs that access key.
+S3_SERVER_ENV = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""}
+
+
 def _start_s3(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
     data = Path(cfg.data_dir, "seaweedfs")
     data.mkdir(parents=True, exist_ok=True)
@@ -290,7 +296,7 @@ def _start_s3(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
             "-volume.max=100", "-volume.preStopSeconds=0", "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={cfg.s3_port}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={s3_config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false"]
-    _start(cfg, "seaweedfs", argv, {}, state, "SeaweedFS S3", lambda: _ensure_bucket(cfg, env))
+    _start(cfg, "seaweedfs", argv, S3_SERVER_ENV, state, "SeaweedFS S3", lambda: _ensure_bucket(cfg, env))
 
 
 def _ensure_bucket(cfg: StackConfig, env: dict[str, str]) -> bool:

@@ -49,12 +49,11 @@ def _executed(client, prefix: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
-def test_shards_run_on_the_gpu_worker_of_the_stack_cluster(tmp_path, store_url):
+def test_shards_run_on_the_gpu_worker_of_the_stack_cluster(local_stack, tmp_path, store_url):
     """The stack's Dask part (scheduler, one CPU worker, ``--gpu-workers 1``) as ``up`` starts it;
-    an audit with device ``auto`` runs every extract-shards task on the GPU worker."""
+    an audit with device ``auto`` runs every extract-shards task on the GPU worker. The flow reports
+    to the session stack's Prefect server (the stack's own Dask cluster has no GPU worker)."""
     from distributed import Client
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
     from stack import _free_port_block
 
     from zooaudit_flows.audit_model import run_audit_model
@@ -66,27 +65,28 @@ def test_shards_run_on_the_gpu_worker_of_the_stack_cluster(tmp_path, store_url):
                       timeout=240)
     state = {"config": {}, "processes": {}}
     (tmp_path / "stack").mkdir()
-    with prefect_test_harness(server_startup_timeout=90):
-        try:
-            # the workers report their task runs to this test's server
-            workers = _spawn_dask(cfg, {"PREFECT_API_URL": PREFECT_API_URL.value()}, state)
-            assert set(state["processes"]) == {"dask-scheduler", "dask-workers", "dask-gpu-worker-0"}
-            _wait_dask_workers(cfg, workers, state)
-            with Client(cfg.dask_address, timeout=30) as client:
-                info = client.scheduler_info(n_workers=-1)["workers"]
-                gpu_workers = {a for a, w in info.items() if w.get("resources", {}).get(GPU_RESOURCE)}
-                assert len(info) == 2 and len(gpu_workers) == 1
-                spec = AuditModelSpec(model="builtin:mlp-w32-s0", store=store_url, shard_size=30, batch_size=30,
-                                      device="auto", task_runner="dask", dask_address=cfg.dask_address,
-                                      datasets=[DatasetSpec(name="digits", max_samples=120)],
-                                      factorize={"k": 3, "methods": ["pca"]}, similarity={"control": "none"})
-                audit = run_audit_model(spec)
-                acts = next(r for r in audit.results if r.stage == "activations")
-                assert not acts.skipped and acts.summary["shards"] == 4
-                ran = _executed(client, "extract")
-                assert sum(len(k) for k in ran.values()) >= 2, ran    # the shard groups
-                assert {a for a, k in ran.items() if k} == gpu_workers, ran
-                # the analysis tasks are not pinned: the CPU worker ran some of them or could have
-                assert all(not r.skipped for r in audit.results)
-        finally:
-            down(cfg.data_dir)
+    try:
+        # the workers report their task runs to the stack's Prefect server
+        workers = _spawn_dask(cfg, {"PREFECT_API_URL": local_stack.env["PREFECT_API_URL"]}, state)
+        assert set(state["processes"]) == {"dask-scheduler", "dask-workers", "dask-gpu-worker-0"}
+        _wait_dask_workers(cfg, workers, state)
+        with Client(cfg.dask_address, timeout=30) as client:
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            gpu_workers = {a for a, w in info.items() if w.get("resources", {}).get(GPU_RESOURCE)}
+            assert len(info) == 2 and len(gpu_workers) == 1
+            spec = AuditModelSpec(model="builtin:mlp-w32-s0", store=store_url, shard_size=30, batch_size=30,
+                                  device="auto", task_runner="dask", dask_address=cfg.dask_address,
+                                  datasets=[DatasetSpec(name="digits", max_samples=120)],
+                                  factorize={"k": 3, "methods": ["pca"]}, similarity={"control": "none"},
+                                  # the placement is what is tested: the analyses run at their cheapest
+                                  bias={"n_boot": 0, "n_permutations": 50, "probes": False, "erasure": False})
+            audit = run_audit_model(spec)
+            acts = next(r for r in audit.results if r.stage == "activations")
+            assert not acts.skipped and acts.summary["shards"] == 4
+            ran = _executed(client, "extract")
+            assert sum(len(k) for k in ran.values()) >= 2, ran    # the shard groups
+            assert {a for a, k in ran.items() if k} == gpu_workers, ran
+            # the analysis tasks are not pinned: the CPU worker ran some of them or could have
+            assert all(not r.skipped for r in audit.results)
+    finally:
+        down(cfg.data_dir)

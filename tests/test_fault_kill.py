@@ -146,13 +146,13 @@ def test_s3_lock_ttl_from_the_environment(monkeypatch):
     from zooaudit.errors import ZooauditError
 
     monkeypatch.delenv("ZOOAUDIT_S3_LOCK_TTL", raising=False)
-    assert store.s3_lock_ttl() == store.S3_LOCK_TTL == 300.0
+    assert store.lock_ttl() == store.S3_LOCK_TTL == 300.0
     monkeypatch.setenv("ZOOAUDIT_S3_LOCK_TTL", "2.5")
-    assert store.s3_lock_ttl() == 2.5
+    assert store.lock_ttl() == 2.5
     for bad in ("0", "-1", "soon", "nan"):
         monkeypatch.setenv("ZOOAUDIT_S3_LOCK_TTL", bad)
         with pytest.raises(ZooauditError, match="ZOOAUDIT_S3_LOCK_TTL.*positive number"):
-            store.s3_lock_ttl()
+            store.lock_ttl()
 
 
 @pytest.mark.slow

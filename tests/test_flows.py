@@ -20,11 +20,10 @@ MODELS = ["builtin:mlp-w32-s0", "builtin:cnn-w8-s0", "builtin:cnn-colored-w16-s0
 
 
 @pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+def prefect(local_stack):
+    """The session stack's Prefect server: one server for the whole suite rather than a
+    temporary one per module (each costs ~15 s to start on the 2-core CI box)."""
+    yield local_stack
 
 
 def _spec(store_url, **kw):

@@ -18,3 +18,14 @@ def unknown(kind: str, value: object, allowed, hint: str = "") -> ZooauditError:
     if hint:
         msg += " " + hint
     return ZooauditError(msg)
+
+
+def problems(err: Exception) -> str:
+    """A spec's validation error as one line: ``field.path: reason`` per problem, joined by ``;``
+    (pydantic's message says what is allowed, e.g. "Input should be greater than or equal to 1");
+    any other error: its message. Shared by the CLI and the nightly schedules file."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+    return str(err)

@@ -30,6 +30,7 @@ half-written version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -57,22 +58,8 @@ from .keys import canonical_json
 log = logging.getLogger("zooaudit.store")
 
 DEFAULT_STORE = "./zooaudit-store"
-S3_LOCK_TTL = 300.0   # seconds after which an S3 lock left by a killed process is broken
-
-
-def s3_lock_ttl() -> float:
-    """:data:`S3_LOCK_TTL`, or ``$ZOOAUDIT_S3_LOCK_TTL`` seconds when set (the fault-injection
-    tests kill runs and need the lock they leave broken in seconds, not minutes)."""
-    raw = os.environ.get("ZOOAUDIT_S3_LOCK_TTL")
-    if not raw:
-        return S3_LOCK_TTL
-    try:
-        ttl = float(raw)
-    except ValueError:
-        ttl = 0.0
-    if not ttl > 0:
-        raise ZooauditError(f"ZOOAUDIT_S3_LOCK_TTL={raw!r}: must be a positive number of seconds.")
-    return ttl
+S3_LOCK_TTL = 300.0   # seconds after which an S3 lock left by a killed process is broken (default)
+S3_RETRY_WINDOW = 60.0   # seconds an unreachable S3 server is retried before the store gives up (default)
 SCHEMES = ("file", "s3")
 MAIN = "main"
 
@@ -80,6 +67,84 @@ MAIN = "main"
 # repository ourselves (see `Store.lock`), which is what the warning asks for.
 if hasattr(icechunk, "set_logs_filter") and "ICECHUNK_LOG" not in os.environ:
     icechunk.set_logs_filter("error")
+
+
+def _seconds(var: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``var`` (``default`` if unset)."""
+    raw = os.environ.get(var)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ZooauditError(f"Bad {var}={raw!r}: it must be a positive number of seconds (default {default:g}).")
+    return value
+
+
+def lock_ttl() -> float:
+    """Seconds after which an S3 lock object whose holder stopped refreshing it is broken:
+    ``$ZOOAUDIT_S3_LOCK_TTL``, default :data:`S3_LOCK_TTL`. The holder refreshes it every
+    quarter of this, so only a killed (or partitioned) holder's lock goes stale."""
+    return _seconds("ZOOAUDIT_S3_LOCK_TTL", S3_LOCK_TTL)
+
+
+def retry_window() -> float:
+    """Seconds the store keeps retrying an S3 server that does not answer (refused or
+    dropped connections, 5xx) before it raises :class:`StoreUnavailable`:
+    ``$ZOOAUDIT_S3_RETRY_S``, default :data:`S3_RETRY_WINDOW`."""
+    return _seconds("ZOOAUDIT_S3_RETRY_S", S3_RETRY_WINDOW)
+
+
+class StoreUnavailable(ZooauditError):
+    """The store's server could not be reached, or failed a write (outage, full volume).
+    Nothing half-written is on ``main``: a rerun skips what was committed."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of a failing store server or connection (not of bad input or conflicts)."""
+    found: list[type[BaseException]] = [OSError, icechunk.IcechunkError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions
+
+        found += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        found.append(aiohttp.ClientError)
+    return tuple(found)
+
+
+def _store_failure(err: BaseException, url: str) -> bool:
+    """Whether a transport-type error is the store's: a plain ``OSError`` is, on S3 (s3fs raises
+    them for server errors) or for a full or failing disk; a missing file is not."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if type(err).__module__ == "builtins" and isinstance(err, OSError) and not isinstance(err, TimeoutError):
+        return url.startswith("s3://") or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    return True
+
+
+def outage(err: BaseException, what: str, url: str) -> StoreUnavailable | None:
+    """A :class:`StoreUnavailable` explaining ``err`` (raised while doing ``what`` on the store
+    ``url``) when it, or an exception it was raised from, is a store transport failure; else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ZooauditError):
+            return None
+        if isinstance(cur, _transport_errors()) and _store_failure(cur, url):
+            endpoint = s3_settings()["endpoint"] if url.startswith("s3://") else None
+            where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")
+            reason = " ".join(str(cur).split())[:300] or type(cur).__name__
+            return StoreUnavailable(
+                f"The store {where} failed while {what}: {type(cur).__name__}: {reason}. Nothing half-written "
+                "is on main (commits are all or nothing); check that the store's server is up and has space, "
+                "then rerun — completed stages are skipped.")
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def resolve_store_url(url: str | None = None) -> str:
@@ -163,6 +228,17 @@ class Store:
             from_env=True,   # credentials straight from the environment: never in our objects or logs
         )
 
+    def _config(self) -> icechunk.RepositoryConfig | None:
+        """On S3, Icechunk's own retries of a failing request span about :func:`retry_window`
+        (backoff doubling from 0.1 s to 4 s), so that an outage ends in :class:`StoreUnavailable`
+        after the same bounded time whichever layer meets it (not persisted in the repository)."""
+        if self.scheme == "file":
+            return None
+        window = retry_window()
+        tries = 6 + max(0, math.ceil((window - 6.3) / 4))   # 0.1+0.2+…+3.2 = 6.3 s, then 4 s each
+        retries = icechunk.StorageRetriesSettings(max_tries=tries, initial_backoff_ms=100, max_backoff_ms=4000)
+        return icechunk.RepositoryConfig(storage=icechunk.StorageSettings(retries=retries))
+
     def repo(self, *parts: str) -> icechunk.Repository:
         """Open (or create) the Icechunk repository at ``<root>/<parts...>``.
 
@@ -173,11 +249,11 @@ class Store:
         storage = self._storage(*parts)
         with self.lock("/".join(parts)):
             try:
-                return icechunk.Repository.open_or_create(storage)
+                return icechunk.Repository.open_or_create(storage, config=self._config())
             except icechunk.IcechunkError:
                 if not icechunk.Repository.exists(storage):
                     raise
-                return icechunk.Repository.open(storage)
+                return icechunk.Repository.open(storage, config=self._config())
 
     def model_repo(self, model_key: str) -> icechunk.Repository:
         return self.repo("models", model_key)
@@ -189,7 +265,7 @@ class Store:
             known = ", ".join(self.model_keys()) or "none"
             raise ZooauditError(f"No repository {'/'.join(parts)!r} in store {self.url}. Models in this store: "
                                 f"{known}.")
-        return icechunk.Repository.open(self._storage(*parts))
+        return icechunk.Repository.open(self._storage(*parts), config=self._config())
 
     def model_keys(self) -> list[str]:
         """Keys of the model repositories in this store."""
@@ -231,26 +307,38 @@ class Store:
     @contextlib.contextmanager
     def _s3_lock(self, path: str, timeout: float = 900.0) -> Iterator[None]:
         """Hold the lock object ``path``: created with ``If-None-Match: *`` (the S3 server
-        refuses a second creator), deleted on release. A lock older than
-        :func:`s3_lock_ttl` was left by a killed process and is broken."""
+        refuses a second creator), deleted on release. A lock not refreshed for
+        :func:`lock_ttl` seconds was left by a killed process and is broken.
+
+        An S3 server that does not answer is retried for :func:`retry_window` seconds, then
+        :class:`StoreUnavailable` is raised (nothing was written). A release that cannot reach
+        the server is logged, not raised: the lock goes stale and is broken after the TTL."""
         fs = self.fs
-        ttl = s3_lock_ttl()
+        ttl, window = lock_ttl(), retry_window()
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         deadline = time.monotonic() + timeout
         delay = 0.05
+        down_since: float | None = None
         while True:
             try:
                 fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode(), mode="create")
                 break
-            except (FileExistsError, OSError) as err:
-                if not _lock_taken(err):
-                    raise
+            except _transport_errors() as err:
+                if not (isinstance(err, OSError) and _lock_taken(err)):
+                    if isinstance(err, PermissionError):
+                        raise outage(err, f"taking the commit lock {path}", self.url) from err
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > window:
+                        raise outage(err, f"taking the commit lock {path} (retried {window:.0f}s)",
+                                     self.url) from err
+                    log.warning("store lock %s: S3 server not answering (%s); retrying", path, type(err).__name__)
+                    time.sleep(min(1.0, window / 10))
+                    continue
+            down_since = None
             fs.invalidate_cache(path)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, *_transport_errors()):
                 held = json.loads(fs.cat_file(path))
-                if time.time() - float(held.get("time", 0)) > ttl:
-                    log.warning("breaking stale store lock %s (held since %.0fs)", path, time.time() - held["time"])
-                    fs.rm_file(path)
+                if time.time() - float(held.get("time", 0)) > ttl and self._break_stale(path, held):
                     continue
             if time.monotonic() > deadline:
                 raise ZooauditError(f"Timed out after {timeout:.0f}s waiting for the store lock {path}; if no "
@@ -273,10 +361,57 @@ class Store:
         finally:
             done.set()
             heart.join()
+            self._release(path, token, window)
+
+    def _break_stale(self, path: str, held: dict) -> bool:
+        """Delete the stale lock ``held`` read at ``path``. Two waiters may both see it stale:
+        a breaker object (itself created with ``If-None-Match``) lets one of them break it, and
+        the lock is read again under it, so a fresh lock that replaced the stale one meanwhile
+        is never deleted. Returns True when the lock was broken."""
+        fs = self.fs
+        breaker = path + ".break"
+        try:
+            fs.pipe_file(breaker, json.dumps({"time": time.time()}).encode(), mode="create")
+        except OSError as err:
+            if not _lock_taken(err):
+                raise
+            with contextlib.suppress(FileNotFoundError):   # a breaker that died: its object goes stale too
+                if time.time() - float(json.loads(fs.cat_file(breaker)).get("time", 0)) > lock_ttl():
+                    fs.rm_file(breaker)
+            return False
+        try:
             fs.invalidate_cache(path)
-            with contextlib.suppress(FileNotFoundError):
+            try:
+                now = json.loads(fs.cat_file(path))
+            except FileNotFoundError:
+                return True
+            if now.get("owner") != held.get("owner") or now.get("time") != held.get("time"):
+                return False   # refreshed or replaced since we read it
+            log.warning("breaking stale store lock %s (held by %s, not refreshed for %.0fs)", path,
+                        held.get("owner"), time.time() - float(held.get("time", 0)))
+            fs.rm_file(path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError, *_transport_errors()):
+                fs.rm_file(breaker)
+
+    def _release(self, path: str, token: str, window: float) -> None:
+        fs = self.fs
+        give_up = time.monotonic() + min(window, 30.0)
+        while True:
+            try:
+                fs.invalidate_cache(path)
                 if json.loads(fs.cat_file(path)).get("owner") == token:
                     fs.rm_file(path)
+                return
+            except FileNotFoundError:
+                return
+            except _transport_errors() as err:
+                if time.monotonic() > give_up:
+                    log.warning("could not release the store lock %s (%s: %s); it is broken after %.0fs",
+                                path, type(err).__name__, err, lock_ttl())
+                    return
+                time.sleep(0.5)
 
 
 def _lock_taken(err: OSError) -> bool:
@@ -355,8 +490,22 @@ def _current_result(repo: icechunk.Repository, metadata: dict[str, Any]) -> str 
 
 
 def _commit(store: Store, repo_name: str, repo: icechunk.Repository, write: Callable[[icechunk.Session], None],
-            *, message: str, metadata: dict[str, Any], attempts: int = 5) -> str:
-    """:meth:`Repository.commit` (see there)."""
+            *, message: str, metadata: dict[str, Any], attempts: int = 5) -> tuple[str, bool]:
+    """:meth:`Repository.commit_once` (see there)."""
+    try:
+        return _commit_attempts(store, repo_name, repo, write, message=message, metadata=metadata,
+                                attempts=attempts)
+    except ZooauditError:
+        raise
+    except Exception as err:
+        if (down := outage(err, f"committing {message!r} to {repo_name!r}", store.url)) is not None:
+            raise down from err
+        raise
+
+
+def _commit_attempts(store: Store, repo_name: str, repo: icechunk.Repository,
+                     write: Callable[[icechunk.Session], None], *, message: str, metadata: dict[str, Any],
+                     attempts: int) -> tuple[str, bool]:
     key = metadata.get("cache_key")
     for attempt in range(attempts):
         with store.lock(repo_name):
@@ -365,11 +514,11 @@ def _commit(store: Store, repo_name: str, repo: icechunk.Repository, write: Call
             if key and (snap := _current_result(repo, metadata)):
                 log.info("%s: cache key %s was committed by another run meanwhile (snapshot %s)",
                          repo_name, key, snap)
-                return snap
+                return snap, False
             session = repo.writable_session(MAIN)
             write(session)
             try:
-                return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector())
+                return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector()), True
             except (icechunk.ConflictError, icechunk.RebaseFailedError) as err:
                 log.warning("%s: commit %r conflicted with another run (%s); retrying on the new tip",
                             repo_name, message, type(err).__name__)
@@ -445,15 +594,23 @@ class Repository:
 
     def commit(self, write: Callable[[icechunk.Session], None], *, message: str, metadata: dict[str, Any],
                attempts: int = 5) -> str:
+        """The snapshot of :meth:`commit_once` (whichever run committed it)."""
+        return self.commit_once(write, message=message, metadata=metadata, attempts=attempts)[0]
+
+    def commit_once(self, write: Callable[[icechunk.Session], None], *, message: str, metadata: dict[str, Any],
+                    attempts: int = 5) -> tuple[str, bool]:
         """Open a session on ``main``, let ``write`` fill it, commit it: all or nothing.
+        Returns ``(snapshot, committed)``: ``committed`` is False when another run had
+        committed this cache key meanwhile and its snapshot is returned instead (a cache hit:
+        the caller reports it as skipped, not as its own commit).
 
         If ``write`` raises, nothing is committed. Commits to one repository are
         serialized by :meth:`Store.lock`; a writer that bypassed the lock is still
         caught by Icechunk's conflict detection: a commit touching other arrays is
         rebased onto it, one touching the same arrays is retried on the new tip. If
-        ``main`` already carries this commit's cache key (another run committed the
-        same result meanwhile), that snapshot is returned and nothing is written twice.
-        No commit is lost.
+        ``main`` already carries this commit's cache key, nothing is written twice.
+        No commit is lost. A store server that fails (unreachable, volume full) raises
+        :class:`StoreUnavailable`; ``main`` then holds either nothing of this commit or all of it.
         """
         return _commit(self.store, self.name, self.icechunk, write, message=message, metadata=metadata,
                        attempts=attempts)

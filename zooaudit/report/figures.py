@@ -141,3 +141,22 @@ def history_png(nights: list[str], series: dict[str, list[float | None]], ylabel
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     return _line_chart_png(fig, ax, title)
+
+
+def checkpoint_panels_png(ds: xr.Dataset, panels: list[tuple[str, str, str]], title: str, *,
+                          ylim: tuple[float, float] | None = None) -> bytes:
+    """One panel per ``(variable, line dimension, y label)`` against the checkpoint epoch (the
+    ``epoch`` dimension of a checkpoint trend), one line per value of the line dimension."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    x = [str(e) for e in ds["epoch"].values]
+    for ax, (var, col, label) in zip(axes[0], panels):
+        for c in ds[col].values:
+            ax.plot(x, ds[var].sel({col: c}).values, marker="o", label=str(c))
+        ax.set_xlabel("checkpoint (epoch)")
+        ax.set_ylabel(label, fontsize=8)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from .figures import _png, plt
+from .figures import _png, checkpoint_panels_png, plt
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -145,18 +145,9 @@ def statistics_trend_section(ds: xr.Dataset, base: str, files: dict) -> list[str
         ("dead_fraction", "layer", "dead-unit fraction"), ("effective_rank", "layer", "effective rank")) if v in ds]
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    x = [str(e) for e in ds["epoch"].values]
-    for ax, (var, col, label) in zip(axes[0], panels):
-        for c in ds[col].values:
-            ax.plot(x, ds[var].sel({col: c}).values, marker="o", label=str(c))
-        ax.set_xlabel("checkpoint (epoch)")
-        ax.set_ylabel(label, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{ds.attrs.get('family', '')}: activation statistics against the checkpoint", fontsize=9)
     name = f"{base}-statistics.png"
-    files[name] = _png(fig)
+    files[name] = checkpoint_panels_png(
+        ds, panels, f"{ds.attrs.get('family', '')}: activation statistics against the checkpoint")
     out = [f"<img src='{name}' alt='Activation statistics of the family against the checkpoint epoch: activation ratio, dead units, effective rank, NC1'>"]
     if "massive_first_epoch" in ds:
         out.append(_table(["layer", "first checkpoint with a massive activation"],

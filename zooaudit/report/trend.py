@@ -15,7 +15,7 @@ from ..errors import ZooauditError
 from ..keys import slug_key
 from ..stages.refs import StageResult
 from ..store import Store
-from .figures import _png, plt
+from .figures import checkpoint_panels_png
 from .page import figure, frame, open_line, table, with_image_sizes
 from .statistics import statistics_trend_section
 
@@ -27,18 +27,7 @@ def trend_png(ds: xr.Dataset, title: str) -> bytes:
               ("explained_variance", "layer", f"PCA explained variance (k={ds.attrs['k']})")]
     if "worst_group_accuracy" in ds:
         panels.append(("worst_group_accuracy", "attribute", "worst-group accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    x = [str(e) for e in ds["epoch"].values]
-    for ax, (var, col, label) in zip(axes[0], panels):
-        for c in ds[col].values:
-            ax.plot(x, ds[var].sel({col: c}).values, marker="o", label=str(c))
-        ax.set_xlabel("checkpoint (epoch)")
-        ax.set_ylabel(label, fontsize=8)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return checkpoint_panels_png(ds, panels, title, ylim=(0, 1.02))
 
 
 def trend_report(store_url: str, results: list[StageResult], spec: dict, run_id: str | None = None) -> str:

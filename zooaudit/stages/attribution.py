@@ -257,8 +257,9 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
     meta = commit_metadata(STAGE, key, params, model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
                            summary=summary, layers=cam_layers)
-    snap = repository.commit(write, message=f"{STAGE} {plan.model_uri} on {plan.dataset.name}", metadata=meta)
-    return StageResult(STAGE, plan.model_uri, plan.ds_key, key, snap, False, summary)
+    snap, new = repository.commit_once(write, message=f"{STAGE} {plan.model_uri} on {plan.dataset.name}",
+                                       metadata=meta)
+    return StageResult(STAGE, plan.model_uri, plan.ds_key, key, snap, not new, summary)
 
 
 def _layer_summary(products: dict[str, xr.Dataset]) -> dict:

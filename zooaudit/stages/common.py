@@ -116,7 +116,10 @@ def commit_stage(ref, stage: str, key: str, params: dict, write, summary: dict, 
     """Commit one array stage's result to the model's repository, with its provenance
     (cache key, parameters, model and dataset hashes, flow run) in the commit metadata."""
     meta = commit_metadata(stage, key, params, **ref.provenance(), flow_run_id=run_id, summary=summary)
-    snap = ref.repository.commit(write, message=f"{stage} {ref.model_uri} on {ref.dataset.name}", metadata=meta)
+    snap, new = ref.repository.commit_once(write, message=f"{stage} {ref.model_uri} on {ref.dataset.name}",
+                                           metadata=meta)
+    if not new:   # a concurrent run of the same stage committed this key first: report its result
+        return skipped(stage, ref, key, snap)
     return StageResult(stage, ref.model_uri, ref.ds_key, key, snap, False, summary)
 
 

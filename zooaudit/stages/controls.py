@@ -206,13 +206,10 @@ def run_wordsets(plan: ExtractionPlan, bspec: BiasSpec, run_id: str | None = Non
         for group, ds in out.items():
             write_dataset(s, ds, group)
 
-    meta = commit_metadata("controls/wordsets", key, {"weat_sets": bspec.weat_sets}, model=plan.model_uri,
-                           model_hash=plan.model_hash, dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash,
-                           flow_run_id=run_id, summary=summary)
-    snap = repository.commit(write, message=f"word-set embeddings {plan.model_uri}", metadata=meta)
+    result = _commit_product(plan, "controls/wordsets", key, {"weat_sets": bspec.weat_sets}, write, summary,
+                             "word-set embeddings", run_id)
     log.info("%s: word-set embeddings of %s committed (%d layers)", plan.model_uri, path.name, len(layers))
-    return (StageResult("controls/wordsets", plan.model_uri, plan.ds_key, key, snap, False, summary),
-            ControlRef("wordsets", root, key, snap, tuple(layers), provenance))
+    return result, ControlRef("wordsets", root, key, result.snapshot, tuple(layers), provenance)
 
 
 # -- token text of all-tokens layers ------------------------------------------------------------
@@ -275,13 +272,21 @@ def run_token_text(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
         coords={"sample": np.asarray(data.sample_ids)},
         attrs={"tokenizer": bool(counts.sum()) or not texts})
     summary = {"n_tokens": int(counts.sum())}
-    meta = commit_metadata("controls/tokens", key, {}, model=plan.model_uri, model_hash=plan.model_hash,
+    result = _commit_product(plan, "controls/tokens", key, {}, lambda s: write_dataset(s, ds, root), summary,
+                             "token text", run_id)
+    return result, ControlRef("tokens", root, key, result.snapshot, ())
+
+
+def _commit_product(plan: ExtractionPlan, stage: str, key: str, params: dict, write, summary: dict,
+                    what: str, run_id: str | None) -> StageResult:
+    """Commit one model-side product beside ``plan``'s activations, with the model and dataset
+    provenance in its metadata (the model-side twin of :func:`.common.commit_stage`)."""
+    meta = commit_metadata(stage, key, params, model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
                            summary=summary)
-    snap = repository.commit(lambda s: write_dataset(s, ds, root), message=f"token text {plan.model_uri}",
-                             metadata=meta)
-    return (StageResult("controls/tokens", plan.model_uri, plan.ds_key, key, snap, False, summary),
-            ControlRef("tokens", root, key, snap, ()))
+    snap, new = plan.repository.commit_once(write, message=f"{what} {plan.model_uri}", metadata=meta)
+    # not new: a concurrent run committed this key first; its result is a cache hit here
+    return StageResult(stage, plan.model_uri, plan.ds_key, key, snap, not new, summary)
 
 
 # -- classifier weights (neural collapse NC3) ------------------------------------------------------
@@ -362,10 +367,6 @@ def run_classifier(plan: ExtractionPlan, run_id: str | None = None) -> tuple[Sta
         shape = list(weight.shape)
     provenance = {"module": head or "", "input_layer": layer}
     summary = {"provenance": provenance, "shape": shape}
-    meta = commit_metadata("controls/classifier", key, {}, model=plan.model_uri, model_hash=plan.model_hash,
-                           dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,
-                           summary=summary)
-    snap = repository.commit(lambda s: write_dataset(s, ds, root), message=f"classifier weights {plan.model_uri}",
-                             metadata=meta)
-    return (StageResult("controls/classifier", plan.model_uri, plan.ds_key, key, snap, False, summary),
-            ControlRef("classifier", root, key, snap, (layer,) if layer else (), provenance))
+    result = _commit_product(plan, "controls/classifier", key, {}, lambda s: write_dataset(s, ds, root), summary,
+                             "classifier weights", run_id)
+    return result, ControlRef("classifier", root, key, result.snapshot, (layer,) if layer else (), provenance)

@@ -161,9 +161,9 @@ def run_checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspe
                                                      **with_stats},
                            dataset=final.dataset_meta, models=[p.model_uri for p in plans], flow_run_id=run_id,
                            summary=summary)
-    snap = repository.commit(lambda s: write_dataset(s, ds, group),
-                             message=f"checkpoint trend of {family} on {final.ds_key}", metadata=meta)
-    return StageResult("checkpoint-trend", family, final.ds_key, key, snap, False, summary)
+    snap, new = repository.commit_once(lambda s: write_dataset(s, ds, group),
+                                       message=f"checkpoint trend of {family} on {final.ds_key}", metadata=meta)
+    return StageResult("checkpoint-trend", family, final.ds_key, key, snap, not new, summary)
 
 
 def _rounded(da: xr.DataArray) -> dict:

@@ -84,8 +84,8 @@ def commit_zoo(repository: Repository, stage: str, key: str, params: dict, refs,
 
     meta = commit_metadata(stage, key, params, dataset=refs[0].dataset_meta, models=[p.model_uri for p in refs],
                            flow_run_id=run_id, summary=summary)
-    snap = repository.commit(write, message=f"{stage} on {refs[0].ds_key}", metadata=meta)
-    return StageResult(stage, "zoo", refs[0].ds_key, key, snap, False, summary)
+    snap, new = repository.commit_once(write, message=f"{stage} on {refs[0].ds_key}", metadata=meta)
+    return StageResult(stage, "zoo", refs[0].ds_key, key, snap, not new, summary)
 
 
 def cached_zoo(repository: Repository, stage: str, ds_key: str, key: str, model: str = "zoo") -> StageResult | None:
