@@ -120,6 +120,9 @@ def _kill_chain(store_url: str, env: dict[str, str], ref: dict, targets, store_d
             family = descendants(run.pgid) | {run.pgid}
             finished = run.proc.poll() is not None
             record["phase"] = "finished before the kill" if finished else _phase(run)
+            if finished:   # a resumed run that had nothing left to do at that point, or one that failed
+                record["rc"] = run.proc.returncode
+                record["tail"] = [line for _, line in run.lines if "error" in line.lower()][-3:]
             run.kill()
             assert not group_gone(run.pgid), "processes of the killed run's group are still alive"
             assert not descendants_gone(family), "a process the killed run started is still alive"
