@@ -5,7 +5,7 @@ effective rank, neural collapse on a simplex ETF; streamed in blocks equals one 
 import numpy as np
 import pytest
 
-from zooaudit.analysis.act_stats import ActivationStats, spectrum_stats
+from zooaudit.analysis.act_stats import ActivationStats, spectrum_route, spectrum_stats
 from zooaudit.analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agreement, nearest_centre
 from zooaudit.errors import ZooauditError
 
@@ -118,6 +118,36 @@ def test_spectrum_equals_svd_of_centred_data_offset_by_100():
     for k, v in ref.items():
         assert r[k] == pytest.approx(v, rel=1e-10), k
     assert r["variance_top_100"] == pytest.approx(1.0)
+
+
+def test_gram_route_equals_covariance_route_and_svd():
+    # n < p: the (n, n) centred Gram gives the covariance's nonzero eigenvalues, the rest are 0
+    rng = np.random.default_rng(8)
+    X = (rng.normal(size=(40, 12)) @ rng.normal(size=(12, 90)) + rng.normal(size=(40, 90)) * 0.1 + 50.0).astype(np.float32)
+    gram, cov = streamed(X, block=9, gram_rows=len(X)).result(), streamed(X, block=9).result()
+    assert gram["eigenvalues"].shape == cov["eigenvalues"].shape == (90,)
+    np.testing.assert_allclose(gram["eigenvalues"], cov["eigenvalues"], rtol=0, atol=1e-9 * cov["eigenvalues"][0])
+    _, lam = reference_spectrum(X.astype(np.float64))
+    np.testing.assert_allclose(gram["eigenvalues"][:40], lam, rtol=1e-9, atol=1e-10 * lam[0])
+    assert np.all(gram["eigenvalues"][39:] <= 1e-10 * lam[0])   # rank ≤ n − 1 after centring
+    for k in ("effective_rank", "participation_ratio", "stable_rank", "variance_top_10"):
+        assert gram[k] == pytest.approx(cov[k], rel=1e-7), k
+    assert gram["activation_ratio"] == cov["activation_ratio"]
+
+
+def test_gram_route_chosen_and_refused():
+    assert spectrum_route(100, 64, 4096)[0] == "covariance"
+    route, why = spectrum_route(100, 8192, 4096)
+    assert route == "gram" and "100×100 Gram" in why
+    assert spectrum_route(10_000, 8192, 4096)[0] is None            # n ≥ p: no smaller Gram
+    assert "GiB" in spectrum_route(1000, 8192, 4096, budget=1000 * 8192 * 8 - 1)[1]
+    assert spectrum_route(10, 8192, 0)[0] is None
+    acc = ActivationStats(5, gram_rows=4)
+    with pytest.raises(ZooauditError, match="gram_rows"):
+        acc.update(np.ones((6, 5)), 0)
+    acc = ActivationStats(5, gram_rows=4).update(np.ones((3, 5)), 0)
+    with pytest.raises(ZooauditError, match="saw 3 rows"):
+        acc.eigenvalues()
 
 
 def test_spectrum_known_values():

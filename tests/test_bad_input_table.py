@@ -179,6 +179,9 @@ def test_bad_input_exits_2_names_the_problem_and_changes_nothing(case, seeded, c
 def render() -> str:
     rows = "\n".join(f"| {i} | `{cid}` | {what} | `zooaudit {' '.join(args)}` | {'; '.join(f'“{e}”' for e in exp)} |"
                      for i, (cid, what, args, exp) in enumerate(CASES, 1))
+    from test_spec_bounds import bound_rows
+
+    bounds = "\n".join(f"| `{field}` | {bound} | `{value}` | {message} |" for field, bound, value, message in bound_rows())
     return f"""# Reliability: bad input
 
 Generated from `tests/test_bad_input_table.py` (`.venv/bin/python tests/test_bad_input_table.py --write`);
@@ -193,6 +196,17 @@ never created.
 | # | case | what is wrong | command | the error says |
 | --- | --- | --- | --- | --- |
 {rows}
+
+### Spec fields at and beyond their bounds
+
+Generated from the specs' own declarations by `tests/test_spec_bounds.py`: every bounded numeric
+field of every spec validates at its bound, and one step beyond it is refused with the line below
+(what the CLI prints after `zooaudit: error: invalid parameters —`; a deployment run or a UI
+form gets the same validation). Sub-specs are validated inside the audit spec that carries them.
+
+| field | bound | value tried | the error says |
+| --- | --- | --- | --- |
+{bounds}
 """
 
 

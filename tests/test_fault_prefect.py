@@ -48,7 +48,7 @@ def test_worker_killed_mid_shard_then_rerun_commits_each_stage_once(local_stack,
 
     store_url = "file://" + str(tmp_path / "store")
     spec = AuditModelSpec(model=MODEL, store=store_url, shard_size=10, batch_size=10,
-                          datasets=[{"name": "digits", "max_samples": 400}], factorize={"k": 3, "methods": ["pca"]},
+                          datasets=[{"name": "digits", "max_samples": 160}], factorize={"k": 3, "methods": ["pca"]},
                           similarity={"control": "none"}, task_runner="dask",
                           dask_address=local_stack.config.dask_address)
     killed: list = []
@@ -94,7 +94,7 @@ def test_prefect_server_restarted_mid_run_then_rerun_commits_each_stage_once(loc
     cfg = local_stack.config
     store_url = "file://" + str(tmp_path / "store")
     spec = AuditModelSpec(model=MODEL, store=store_url, shard_size=20, batch_size=20, task_runner="threads",
-                          datasets=[{"name": "digits", "max_samples": 400}], factorize={"k": 3, "methods": ["pca"]})
+                          datasets=[{"name": "digits", "max_samples": 160}], factorize={"k": 3, "methods": ["pca"]})
     restarted: list[float] = []
 
     def restart() -> None:

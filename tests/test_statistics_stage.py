@@ -263,3 +263,22 @@ def test_section_registered_on_the_model_pages(run):
     html = "".join(section.render(ctx))
     assert "Massive activations" in html and f"{ctx.base}-statistics-spectrum.png" in files
     assert section.render(ModelContext(ref.store, ref.model_uri, ref, {}, {})) == []
+
+
+def test_wide_layer_spectrum_from_the_gram(tmp_path):
+    # 64 units > max_spectrum_width 16 with 40 samples: the spectrum comes from the 40×40 Gram
+    rng = np.random.default_rng(2)
+    wide = (rng.normal(size=(40, 5)) @ rng.normal(size=(5, 64)) + 3.0).astype(np.float32)
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), {"wide": wide, "tall": rng.random((40, 20)).astype(np.float32)},
+                         "wide", dataset="digits", n=40, labels=np.zeros(40, np.int64), chunk=16)
+    result = run_statistics(ref, StatisticsSpec(max_spectrum_width=16))
+    notes = result.summary["notes"]
+    assert "40×40 Gram" in notes["wide/spectrum"] and "no smaller Gram" in notes["tall/spectrum"]
+    eig = opened(ref, result, "layers/wide")["eigenvalues"].values
+    Xc = wide.astype(np.float64) - wide.astype(np.float64).mean(axis=0)
+    lam = np.linalg.svd(Xc, compute_uv=False) ** 2 / 40
+    assert eig.shape == (64,)
+    np.testing.assert_allclose(eig[:40], lam, rtol=1e-6, atol=1e-9 * lam[0])
+    assert np.all(eig[5:] <= 1e-9 * lam[0])                                     # rank 5
+    assert "eigenvalues" not in opened(ref, result, "layers/tall")
+    assert result.summary["effective_rank"]["tall"] is None and result.summary["effective_rank"]["wide"] > 1

@@ -273,7 +273,9 @@ class StatisticsSpec(BaseModel):
     massive_ratio_threshold: float = Field(1000.0, gt=0.0, description="… and above this many times the "
                                            "layer's median |a|.")
     max_spectrum_width: int = Field(4096, ge=0, description="Layers wider than this (flattened units) get no "
-                                    "spectrum (a p×p covariance); the reason is recorded. 0 = no spectrum.")
+                                    "p×p covariance: their spectrum comes from the n×n Gram of the centred rows "
+                                    "when n < p and the rows fit in memory, else none; the route is recorded. "
+                                    "0 = no spectrum.")
     nc_layers: list[str] = Field(["penultimate"], description="Layers whose neural collapse (NC1–NC4) is computed "
                                  "on labelled datasets: names, 'penultimate' (the last per-sample layer before "
                                  "the output layer) or '*' (every per-sample layer); empty = none.")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ZooauditError
+from .sim_span import MAX_REDUCE_BYTES
 from .sim_stream import JointGram
 
 HIST_SHIFT = 17                      # float32 bits >> 17: sign dropped → 8 exponent + 6 mantissa bits
@@ -87,6 +88,24 @@ def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENT
             "stable_rank": float(total / lam[0]), **out}
 
 
+def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTES) -> tuple[str | None, str]:
+    """How a layer of ``n`` rows × ``p`` units gets its spectrum: ``("covariance" | "gram" | None, why)``.
+
+    ``p ≤ max_width``: the streamed ``p × p`` covariance. Wider, with ``n < p`` and the rows
+    within ``budget`` float64 bytes: the ``n × n`` Gram (:class:`ActivationStats` ``gram_rows``).
+    Otherwise none, with the reason."""
+    if p <= max_width:
+        return "covariance", ""
+    if max_width == 0:
+        return None, "skipped: max_spectrum_width=0"
+    if n < p and n * p * 8 <= budget:
+        return "gram", f"from the {n}×{n} Gram of the centred rows ({p} units > max_spectrum_width {max_width})"
+    if n >= p:
+        return None, f"skipped: {p} units > max_spectrum_width {max_width} and {n} rows ≥ {p} units (no smaller Gram)"
+    return None, (f"skipped: {p} units > max_spectrum_width {max_width}, and the rows ({n}×{p} float64) exceed "
+                  f"the {budget / 2**30:.1f} GiB Gram budget")
+
+
 class ActivationStats:
     """Streamed sparsity, massive-activation and spectrum statistics of one ``(n, p)`` layer.
 
@@ -94,6 +113,10 @@ class ActivationStats:
         width: ``p``, units per sample. eps: activity threshold (``|a| > eps``).
         top_k: how many of the largest ``|a|`` to keep with their positions.
         spectrum: also accumulate the covariance (``O(p²)`` memory).
+        gram_rows: with ``spectrum``, the layer's row count ``n < p``: keep the rows ``(n, p)``
+            float64 instead and take the spectrum from the ``(n, n)`` centred Gram ``Xc Xcᵀ``,
+            whose nonzero eigenvalues are the covariance's (``XcᵀXc`` and ``XcXcᵀ`` share them),
+            for layers too wide for a ``p × p`` covariance (see :func:`spectrum_route`).
         device: a torch device for the covariance GEMMs (:class:`~.sim_torch.TorchJointGram`, a GPU);
             None = NumPy on the CPU.
         groups: ``{attribute: number of codes}``; with per-row codes passed to :meth:`update`,
@@ -102,7 +125,8 @@ class ActivationStats:
     """
 
     def __init__(self, width: int, *, eps: float = 0.0, top_k: int = 16, spectrum: bool = True,
-                 groups: dict[str, int] | None = None, name: str = "layer", device=None):
+                 groups: dict[str, int] | None = None, name: str = "layer", device=None,
+                 gram_rows: int | None = None):
         if eps < 0:
             raise ZooauditError(f"eps must be ≥ 0 (|a| > eps counts as active); got {eps}.")
         self.p, self.eps, self.top_k, self.name = int(width), float(eps), int(top_k), name
@@ -120,6 +144,8 @@ class ActivationStats:
         self.gram: JointGram | None = None
         self.spectrum = spectrum
         self.device = device
+        # the Gram route: rows kept as they stream by (one read), centred at the end
+        self.rows = np.empty((int(gram_rows), self.p), np.float64) if spectrum and gram_rows is not None else None
 
     def update(self, block: np.ndarray, start: int, groups: dict[str, np.ndarray] | None = None) -> ActivationStats:
         """Add rows ``[start, start + b)``: ``block (b, p)`` (float32 or float64); ``groups``:
@@ -135,7 +161,12 @@ class ActivationStats:
             hi = min(b, lo + step)
             codes = {a: np.asarray(c[lo:hi], np.int64) for a, c in (groups or {}).items()}
             self._elementwise(block[lo:hi], start + lo, codes)
-        if self.spectrum:
+        if self.rows is not None:
+            if start + b > len(self.rows):
+                raise ZooauditError(f"Layer {self.name!r}: rows {start}..{start + b} exceed the gram_rows="
+                                    f"{len(self.rows)} it was opened with.")
+            self.rows[start:start + b] = block
+        elif self.spectrum:
             if self.gram is None:
                 self.gram = self._new_gram(block.dtype)
             self.gram.update([block], start)
@@ -215,7 +246,17 @@ class ActivationStats:
         return np.concatenate(self.sample_fraction) if self.sample_fraction else np.zeros(0)
 
     def eigenvalues(self) -> np.ndarray | None:
-        """``(p,)`` eigenvalues of the covariance (ddof 0), descending; None without a spectrum."""
+        """``(p,)`` eigenvalues of the covariance (ddof 0), descending; None without a spectrum.
+
+        On the Gram route the ``n`` eigenvalues of ``Xc Xcᵀ / n`` are padded with the ``p − n``
+        zeros the covariance has beyond its rank (≤ n − 1)."""
+        if self.rows is not None:
+            if self.n != len(self.rows):
+                raise ZooauditError(f"Layer {self.name!r}: saw {self.n} rows, opened with gram_rows={len(self.rows)}.")
+            self.rows -= self.rows.mean(0)   # in place, no second (n, p) copy; centring twice is a no-op
+            g = self.rows @ self.rows.T / self.n
+            eig = np.clip(np.linalg.eigvalsh((g + g.T) / 2), 0.0, None)
+            return np.concatenate([np.sort(eig)[::-1], np.zeros(max(self.p - len(eig), 0))])
         if self.gram is None:
             return None
         C = self.gram.centred() / self.n

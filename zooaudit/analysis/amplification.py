@@ -106,8 +106,11 @@ def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -
     if a.ndim == 1 and not multi_label:
         if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
             multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
-        values_u, index = np.unique(a, return_inverse=True)
-        return multi_hot(values_u.astype(np.int64), field, n_classes), index.ravel()
+        # a lookup table over the class codes instead of np.unique: no sorted copy or int64 inverse per sample
+        values_u = np.flatnonzero(np.bincount(a, minlength=n_classes))
+        lut = np.zeros(n_classes, np.int32)
+        lut[values_u] = np.arange(values_u.size, dtype=np.int32)
+        return multi_hot(values_u, field, n_classes), lut[a]
     mat = multi_hot(a, field, n_classes, multi_label=multi_label)
     table, index = np.unique(mat.astype(np.int8), axis=0, return_inverse=True)
     return table.astype(np.float64), index.ravel()
@@ -116,8 +119,24 @@ def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -
 def _pair_rows(pa, pt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct (attribute row, task row) pairs of a split: ``(attr rows, task rows, counts)``."""
     (ta, ia), (tt, it) = pa, pt
-    pair, count = np.unique(ia.astype(np.int64) * len(tt) + it, return_counts=True)
+    key = ia.astype(np.int64)
+    key *= len(tt)               # in place: one int64 array per sample
+    key += it
+    pair, count = _distinct(key, len(ta) * len(tt))
+    del key
     return ta[pair // len(tt)], tt[pair % len(tt)], count.astype(np.float64)
+
+
+_DENSE_CODES = 1 << 24     # codes below this are counted with bincount (no per-sample sort or inverse)
+
+
+def _distinct(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct codes, counts)`` of ``(n,)`` non-negative codes below ``n_codes``, as ``np.unique``."""
+    if n_codes <= _DENSE_CODES:
+        count = np.bincount(codes, minlength=n_codes)
+        cells = np.flatnonzero(count)
+        return cells, count[cells]
+    return np.unique(codes, return_counts=True)
 
 
 def label_sets(train_task: np.ndarray, test_task: np.ndarray, train_attr: np.ndarray, test_attr: np.ndarray,
@@ -239,9 +258,10 @@ class _Rows:
                                 "fewer labels or samples are needed.")
 
     def code(self, index: dict) -> np.ndarray:
-        c = np.zeros_like(index[self.order[0]], dtype=np.int64)
+        c = np.zeros(np.shape(index[self.order[0]]), dtype=np.int64)
         for s, size in zip(self.order, self.sizes):
-            c = c * size + index[s]
+            c *= size                # in place: one int64 array per sample, no temporaries
+            c += index[s]
         return c
 
     def multiplier(self, side: str) -> int:
@@ -264,6 +284,9 @@ class _Rows:
 
     def counts(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distinct codes of a ``(B, n)`` batch and their ``(B, k)`` counts."""
+        if codes.shape[0] == 1:     # the observed counts: no (n,) inverse needed
+            cells, w = _distinct(codes[0], int(np.prod(self.sizes, dtype=np.int64)))
+            return cells, w[None, :].astype(np.float64)
         cells, inv = np.unique(codes, return_inverse=True)
         B = codes.shape[0]
         w = np.bincount((inv.reshape(B, -1) + np.arange(B)[:, None] * len(cells)).ravel(),

@@ -24,7 +24,9 @@ Units of spatial maps (``pooling="none"``) are the flattened ``(channel, y, x)``
 All-tokens layers (``pooling="tokens"``) get sparsity, massive activations and the spectrum with
 every real token as a row (``token_active_fraction``, quantiles over tokens, ``top_position``),
 in a pass of their own; no per-group figures and no neural collapse (no row per sample). Layers wider than
-``max_spectrum_width`` get no spectrum (recorded). Neural collapse runs on the
+``max_spectrum_width`` with fewer rows than units take their spectrum from the ``n × n`` Gram of
+their centred rows (same nonzero eigenvalues, rows kept as the pass reads them, within
+``sim_span.MAX_REDUCE_BYTES`` over all such layers); otherwise they get none. Either is recorded. Neural collapse runs on the
 ``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
 layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
 unlabelled text set stores zeros) it is skipped and the reason recorded. NC4 needs the final
@@ -48,8 +50,9 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats
+from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats, spectrum_route
 from ..analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agreement
+from ..analysis.sim_span import MAX_REDUCE_BYTES
 from ..analysis.sim_stream import block_rows, iter_row_blocks
 from ..devices import moments_device
 from ..errors import ZooauditError
@@ -130,13 +133,9 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                             f"got {len(labels)} samples for {n_classes} classes. Audit on more samples or set "
                             "StatisticsSpec.nc_layers=[].")
     device = moments_device(ref.device)   # the covariance GEMMs on the run's GPU, when it has one
-    acc = {name: ActivationStats(_width(ref, name), eps=spec.eps, top_k=spec.top_k, name=name, groups=n_codes,
-                                 spectrum=_width(ref, name) <= spec.max_spectrum_width, device=device)
+    budget = [MAX_REDUCE_BYTES]   # the Gram route's rows, over all layers of the pass
+    acc = {name: _accumulator(name, len(ids), _width(ref, name), spec, device, notes, budget, groups=n_codes)
            for name in layers}
-    for name in layers:
-        if _width(ref, name) > spec.max_spectrum_width:
-            notes[f"{name}/spectrum"] = (f"skipped: {_width(ref, name)} units > max_spectrum_width "
-                                         f"{spec.max_spectrum_width}")
     nc = {name: ClassScatter(_width(ref, name), n_classes, name=name) for name in nc_names}
     nc_groups = {(name, a, g): ClassScatter(_width(ref, name), n_classes, name=f"{name} ({a}={g})")
                  for name in nc_names for a in attrs for g in range(n_codes[a])}
@@ -160,7 +159,7 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
     token_layers = [name for name in ref.layers if name not in layers]
     tokens = {}
     for name in token_layers:   # rows are tokens: a pass of their own (another row space)
-        results[name], tokens[name] = _token_layer(ref, session, name, spec, device)
+        results[name], tokens[name] = _token_layer(ref, session, name, spec, device, notes)
     all_layers = layers + token_layers
     out: dict[str, xr.Dataset] = {}
     summary_ds = xr.Dataset(
@@ -218,7 +217,20 @@ def _layer_dataset(name: str, r: dict, ids: np.ndarray) -> xr.Dataset:
     return ds
 
 
-def _token_layer(ref: ActivationsRef, session, name: str, spec: StatisticsSpec, device):
+def _accumulator(name: str, n: int, width: int, spec: StatisticsSpec, device, notes: dict, budget: list[int],
+                 groups: dict[str, int] | None = None) -> ActivationStats:
+    """An :class:`ActivationStats` for one layer, its spectrum routed by :func:`spectrum_route`
+    (the route noted unless plain); ``budget[0]``: Gram-route bytes left, spent here."""
+    route, why = spectrum_route(n, width, spec.max_spectrum_width, budget[0])
+    if route == "gram":
+        budget[0] -= n * width * 8
+    if why:
+        notes[f"{name}/spectrum"] = why
+    return ActivationStats(width, eps=spec.eps, top_k=spec.top_k, name=name, groups=groups, device=device,
+                           spectrum=route is not None, gram_rows=n if route == "gram" else None)
+
+
+def _token_layer(ref: ActivationsRef, session, name: str, spec: StatisticsSpec, device, notes: dict):
     """``(result, TokenIndex)`` of an all-tokens layer: every real token is a row (the per-row
     fractions and their quantiles are over tokens)."""
     from ..analysis.blocks import iter_blocks
@@ -226,8 +238,7 @@ def _token_layer(ref: ActivationsRef, session, name: str, spec: StatisticsSpec, 
 
     matrix, index = open_token_layer(session.store, ref.ds_key, name)
     width = int(matrix.shape[1])
-    acc = ActivationStats(width, eps=spec.eps, top_k=spec.top_k, name=name, device=device,
-                          spectrum=width <= spec.max_spectrum_width)
+    acc = _accumulator(name, int(matrix.shape[0]), width, spec, device, notes, [MAX_REDUCE_BYTES])
     for start, _, block in iter_blocks(matrix):
         acc.update(block, start)
     return acc.result(spec.massive_abs_threshold, spec.massive_ratio_threshold), index
