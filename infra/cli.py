@@ -6,7 +6,8 @@
     zooaudit layers MODEL              list a model's layers with output shapes
 
 Bad input exits with status 2 and one paragraph naming the bad value and what
-is allowed; nothing is committed. Installed as ``zooaudit_infra.cli`` (the console script
+is allowed; nothing is committed. Ctrl-C stops the run's Dask cluster and temporary Prefect
+server and exits with status 130, printing the command that resumes it. Installed as ``zooaudit_infra.cli`` (the console script
 ``zooaudit``); the flows (``zooaudit_flows``) and Prefect are imported only by the commands
 that run them, so ``zooaudit layers``/``history``/``down`` start without them.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
+import subprocess
 import sys
 import time
 
@@ -23,11 +26,50 @@ from zooaudit.errors import ZooauditError, problems
 
 EXIT_BAD_INPUT = 2
 EXIT_STORE_UNAVAILABLE = 75   # sysexits EX_TEMPFAIL: the store's server failed; rerun when it is back
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _env_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+
+
+def _detach_from_ctrl_c() -> None:
+    """In the temporary server's child, before exec: its own process group, so a terminal's
+    Ctrl-C (SIGINT to the foreground group) reaches the CLI and not the server — the CLI still
+    needs it to record the interrupted flow run, and stops it afterwards (a server killed
+    first left the engine retrying its state report for ~2 minutes and then raising a
+    ConnectError instead of the interrupt). Out of the CLI's group, the server dies with the
+    CLI (PR_SET_PDEATHSIG), so a CLI killed outright (SIGKILL to its group) leaves no server."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:   # the CLI died before prctl took effect
+            os._exit(1)
+
+
+def _temporary_server():
+    """Prefect's temporary server (``SubprocessASGIServer``), started detached from Ctrl-C."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _Server(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+
+            def detached(*args, **kwargs):
+                return popen(*args, preexec_fn=_detach_from_ctrl_c, **kwargs)
+
+            subprocess.Popen = detached
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    return _Server()
 
 
 @contextlib.contextmanager
@@ -38,10 +80,9 @@ def prefect_api():
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
+    server = _temporary_server()
     server.start(timeout=60)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -285,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         from zooaudit.store import StoreUnavailable
 
         return EXIT_STORE_UNAVAILABLE if isinstance(err, StoreUnavailable) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C: the context managers above have unwound by now (the local Dask cluster and
+        # the temporary Prefect server are stopped); every commit is all-or-nothing, so what
+        # finished is kept and the same command picks up from it.
+        rerun = shlex.join(["zooaudit", *(sys.argv[1:] if argv is None else argv)])
+        print(f"zooaudit: interrupted. Nothing partial was committed; finished stages and extracted "
+              f"shards are kept. To resume, rerun:\n  {rerun}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ValidationError as err:
         print(f"zooaudit: error: invalid parameters — {problems(err)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
