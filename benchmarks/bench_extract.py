@@ -111,7 +111,7 @@ def zooaudit_stage(spec, ds_spec, commits: list[int] | None = None) -> tuple[flo
     t = timed(lambda: out.setdefault("res", stages.run_activations(plan)))
     assert not out["res"].skipped and out["res"].summary["n_samples"] == plan.n_samples
     if commits is not None:
-        repo = stages.common._repo(plan)[2]
+        repo = plan.repository.icechunk
         commits.append(sum((i.metadata or {}).get("stage") == "shard" and i.metadata.get("for") == plan.cache_key
                            for i in repo.ancestry(snapshot_id=out["res"].snapshot)))
     return t
