@@ -34,22 +34,33 @@ def _env_defaults() -> None:
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
 
 
-def _detach_from_ctrl_c() -> None:
-    """In the temporary server's child, before exec: its own process group, so a terminal's
-    Ctrl-C (SIGINT to the foreground group) reaches the CLI and not the server — the CLI still
-    needs it to record the interrupted flow run, and stops it afterwards (a server killed
-    first left the engine retrying its state report for ~2 minutes and then raising a
-    ConnectError instead of the interrupt). Out of the CLI's group, the server dies with the
-    CLI (PR_SET_PDEATHSIG), so a CLI killed outright (SIGKILL to its group) leaves no server."""
-    os.setpgid(0, 0)
+def _ctrl_c_detacher():
+    """The ``preexec_fn`` of the temporary server's child, built in the parent: its own process
+    group, so a terminal's Ctrl-C (SIGINT to the foreground group) reaches the CLI and not the
+    server — the CLI still needs it to record the interrupted flow run, and stops it afterwards
+    (a server killed first left the engine retrying its state report for ~2 minutes and then
+    raising a ConnectError instead of the interrupt). Out of the CLI's group, the server dies with
+    the CLI (PR_SET_PDEATHSIG), so a CLI killed outright (SIGKILL to its group) leaves no server.
+
+    ``prctl`` is looked up here, before the fork: the child of a multi-threaded parent (torch,
+    OpenMP) must not import or ``dlopen`` between fork and exec."""
+    import signal
+
+    parent = os.getpid()
+    prctl = None
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:   # the CLI died before prctl took effect
-            os._exit(1)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def detach() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+            if os.getppid() != parent:   # the CLI died before prctl took effect
+                os._exit(1)
+
+    return detach
 
 
 def _temporary_server():
@@ -58,10 +69,10 @@ def _temporary_server():
 
     class _Server(SubprocessASGIServer):
         def _run_uvicorn_command(self):
-            popen = subprocess.Popen
+            popen, detach = subprocess.Popen, _ctrl_c_detacher()
 
             def detached(*args, **kwargs):
-                return popen(*args, preexec_fn=_detach_from_ctrl_c, **kwargs)
+                return popen(*args, preexec_fn=detach, **kwargs)
 
             subprocess.Popen = detached
             try:

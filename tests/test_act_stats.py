@@ -141,6 +141,9 @@ def test_gram_route_chosen_and_refused():
     assert spectrum_route(40, 4096, 4096)[0] == "gram" and "cheaper" in spectrum_route(40, 4096, 4096)[1]
     assert spectrum_route(3000, 4096, 4096)[0] == "covariance"        # more than half as many rows
     assert spectrum_route(100, 1000, 4096)[0] == "covariance"         # narrower than GRAM_MIN_WIDTH
+    # too many rows for a cheap n×n eigh (the cap max_spectrum_width stands for): skipped, said why
+    route, why = spectrum_route(16_384, 16_385, 4096, budget=2**40)
+    assert route is None and "4096" in why and "rows" in why
     route, why = spectrum_route(100, 8192, 4096)
     assert route == "gram" and "100×100 Gram" in why
     assert spectrum_route(10_000, 8192, 4096)[0] is None            # n ≥ p: no smaller Gram

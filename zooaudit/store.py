@@ -69,8 +69,9 @@ if hasattr(icechunk, "set_logs_filter") and "ICECHUNK_LOG" not in os.environ:
     icechunk.set_logs_filter("error")
 
 
-def _seconds(var: str, default: float) -> float:
-    """A positive number of seconds from the environment variable ``var`` (``default`` if unset)."""
+def _seconds(var: str, default: float, minimum: float = 0.0) -> float:
+    """A positive number of seconds, at least ``minimum``, from the environment variable ``var``
+    (``default`` if unset)."""
     raw = os.environ.get(var)
     if raw in (None, ""):
         return default
@@ -78,8 +79,10 @@ def _seconds(var: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise ZooauditError(f"Bad {var}={raw!r}: it must be a positive number of seconds (default {default:g}).")
+    if not (math.isfinite(value) and value > 0 and value >= minimum):
+        at_least = f", at least {minimum:g}" if minimum else ""
+        raise ZooauditError(f"Bad {var}={raw!r}: it must be a positive number of seconds{at_least} "
+                            f"(default {default:g}).")
     return value
 
 
@@ -87,7 +90,8 @@ def lock_ttl() -> float:
     """Seconds after which an S3 lock object whose holder stopped refreshing it is broken:
     ``$ZOOAUDIT_S3_LOCK_TTL``, default :data:`S3_LOCK_TTL`. The holder refreshes it every
     quarter of this, so only a killed (or partitioned) holder's lock goes stale."""
-    return _seconds("ZOOAUDIT_S3_LOCK_TTL", S3_LOCK_TTL)
+    # at least 1 s: the holder refreshes every TTL/4, and a lock must outlive a PUT's round trip
+    return _seconds("ZOOAUDIT_S3_LOCK_TTL", S3_LOCK_TTL, minimum=1.0)
 
 
 def retry_window() -> float:
@@ -325,12 +329,16 @@ class Store:
                 break
             except _transport_errors() as err:
                 if not (isinstance(err, OSError) and _lock_taken(err)):
+                    if isinstance(err, FileNotFoundError):   # no such bucket: retrying cannot help
+                        raise ZooauditError(f"Cannot write the commit lock {path} of the store {self.url}: "
+                                            f"{err}. Check that the bucket exists (`zooaudit up` creates "
+                                            "its own) and the store URL is spelled right.") from err
                     if isinstance(err, PermissionError):
-                        raise outage(err, f"taking the commit lock {path}", self.url) from err
+                        raise (outage(err, f"taking the commit lock {path}", self.url) or err) from err
                     down_since = down_since or time.monotonic()
                     if time.monotonic() - down_since > window:
-                        raise outage(err, f"taking the commit lock {path} (retried {window:.0f}s)",
-                                     self.url) from err
+                        raise (outage(err, f"taking the commit lock {path} (retried {window:.0f}s)",
+                                      self.url) or err) from err
                     log.warning("store lock %s: S3 server not answering (%s); retrying", path, type(err).__name__)
                     time.sleep(min(1.0, window / 10))
                     continue
@@ -338,6 +346,10 @@ class Store:
             fs.invalidate_cache(path)
             with contextlib.suppress(FileNotFoundError, *_transport_errors()):
                 held = json.loads(fs.cat_file(path))
+                if held.get("owner") == token:
+                    # our own create went through but its answer was lost and the retry got a 412:
+                    # the lock is ours, not another run's
+                    break
                 if time.time() - float(held.get("time", 0)) > ttl and self._break_stale(path, held):
                     continue
             if time.monotonic() > deadline:

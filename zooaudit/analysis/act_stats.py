@@ -89,6 +89,7 @@ def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENT
 
 
 GRAM_MIN_WIDTH = 1024   # narrower layers keep the covariance route whatever their row count
+GRAM_MAX_ROWS = 4096    # beyond this many rows the Gram's n×n eigh is no cheap substitute
 
 
 def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTES) -> tuple[str | None, str]:
@@ -106,10 +107,13 @@ def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTE
         if p >= GRAM_MIN_WIDTH and 2 * n <= p and n * p * 8 <= budget:
             return "gram", f"from the {n}×{n} Gram of the centred rows ({n} rows ≤ half of {p} units: cheaper)"
         return "covariance", ""
-    if n < p and n * p * 8 <= budget:
-        return "gram", f"from the {n}×{n} Gram of the centred rows ({p} units > max_spectrum_width {max_width})"
     if n >= p:
         return None, f"skipped: {p} units > max_spectrum_width {max_width} and {n} rows ≥ {p} units (no smaller Gram)"
+    if n > GRAM_MAX_ROWS:   # the n×n eigh would be the very cost max_spectrum_width caps
+        return None, (f"skipped: {p} units > max_spectrum_width {max_width}, and its {n} rows exceed the "
+                      f"{GRAM_MAX_ROWS} of the Gram route")
+    if n * p * 8 <= budget:
+        return "gram", f"from the {n}×{n} Gram of the centred rows ({p} units > max_spectrum_width {max_width})"
     return None, (f"skipped: {p} units > max_spectrum_width {max_width}, and the rows ({n}×{p} float64) exceed "
                   f"the {budget / 2**30:.1f} GiB Gram budget")
 
