@@ -120,14 +120,20 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+_STORE_CLIENTS = {"botocore", "aiobotocore", "aiohttp", "s3fs", "icechunk", "fsspec"}
+
+
 def _store_failure(err: BaseException, url: str) -> bool:
     """Whether a transport-type error is the store's: a plain ``OSError`` is, on S3 (s3fs raises
     them for server errors) or for a full or failing disk; a missing file is not."""
     if isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
         return False
-    if type(err).__module__ == "builtins" and isinstance(err, OSError) and not isinstance(err, TimeoutError):
+    module = type(err).__module__
+    if module == "builtins" and isinstance(err, OSError) and not isinstance(err, TimeoutError):
         return url.startswith("s3://") or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
-    return True
+    # other libraries' OSError subclasses (requests and the Hugging Face Hub, PIL, ssl, gzip) are
+    # not the store's: only the store's own client stack is
+    return module == "builtins" or module.split(".")[0] in _STORE_CLIENTS
 
 
 def outage(err: BaseException, what: str, url: str) -> StoreUnavailable | None:
@@ -147,7 +153,7 @@ def outage(err: BaseException, what: str, url: str) -> StoreUnavailable | None:
                 f"The store {where} failed while {what}: {type(cur).__name__}: {reason}. Nothing half-written "
                 "is on main (commits are all or nothing); check that the store's server is up and has space, "
                 "then rerun — completed stages are skipped.")
-        cur = cur.__cause__ or cur.__context__
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return None
 
 
