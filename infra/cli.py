@@ -315,9 +315,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_message(argv: list[str] | None) -> int:
+    """Ctrl-C: the context managers have unwound by now (the local Dask cluster and the temporary
+    Prefect server are stopped); every commit is all-or-nothing, so what finished is kept and the
+    same command picks up from it."""
+    rerun = shlex.join(["zooaudit", *(sys.argv[1:] if argv is None else argv)])
+    print(f"zooaudit: interrupted. Nothing partial was committed; finished stages and extracted "
+          f"shards are kept. To resume, rerun:\n  {rerun}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     _env_defaults()
     args = build_parser().parse_args(argv)
+    interrupted = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            # recorded: a KeyboardInterrupt raised inside a library's callback can reach us
+            # wrapped in another error (e.g. pydantic's PydanticSerializationError from Prefect)
+            interrupted.set()
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return _main(args, argv, interrupted)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(args, argv: list[str] | None, interrupted) -> int:
     from pydantic import ValidationError
 
     try:
@@ -338,17 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return EXIT_STORE_UNAVAILABLE if isinstance(err, StoreUnavailable) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        # Ctrl-C: the context managers above have unwound by now (the local Dask cluster and
-        # the temporary Prefect server are stopped); every commit is all-or-nothing, so what
-        # finished is kept and the same command picks up from it.
-        rerun = shlex.join(["zooaudit", *(sys.argv[1:] if argv is None else argv)])
-        print(f"zooaudit: interrupted. Nothing partial was committed; finished stages and extracted "
-              f"shards are kept. To resume, rerun:\n  {rerun}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _resume_message(argv)
     except ValidationError as err:
         print(f"zooaudit: error: invalid parameters — {problems(err)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:
+        if interrupted.is_set():   # the Ctrl-C, wrapped by a library on its way up
+            return _resume_message(argv)
         # A store server that failed mid-read (inside a stage, a flow or the report): one paragraph, no traceback.
         from zooaudit.store import outage, resolve_store_url
 

@@ -316,9 +316,10 @@ def _ensure_bucket(cfg: StackConfig, env: dict[str, str]) -> bool:
     return client.get_object(Bucket=cfg.bucket, Key=".zooaudit-health")["Body"].read() == b"ok"
 
 
-def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
+def prefect_server_env(cfg: StackConfig, env: dict[str, str]) -> dict[str, str]:
+    """The Prefect server's own environment (also what a restart of it must use): its home and
+    database under the data folder, the UI pointed at this server's API, no upstream server."""
     home = Path(cfg.data_dir, "prefect")
-    home.mkdir(parents=True, exist_ok=True)
     server_env = {
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
@@ -329,6 +330,12 @@ def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
     }
     if "PREFECT_API_AUTH_STRING" in env:
         server_env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
+    return server_env
+
+
+def _start_prefect(cfg: StackConfig, env: dict[str, str], state: dict) -> None:
+    Path(cfg.data_dir, "prefect").mkdir(parents=True, exist_ok=True)
+    server_env = prefect_server_env(cfg, env)
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port",
             str(cfg.prefect_port), "--analytics-off", "--no-background"]
     auth = env.get("PREFECT_API_AUTH_STRING")

@@ -191,17 +191,13 @@ def start_component(stack, name: str, healthy, timeout: float = 120.0) -> None:
     """Start component ``name`` again with its recorded command line and the stack's
     environment (recorded in stack.json, so ``down`` stops the new process), and wait until
     ``healthy()`` is true."""
-    from zooaudit_infra.stack import S3_SERVER_ENV, STATE_FILE, _spawn
+    from zooaudit_infra.stack import S3_SERVER_ENV, STATE_FILE, _spawn, prefect_server_env
 
     cfg = stack.config
     state = json.loads(Path(cfg.data_dir, STATE_FILE).read_text())
     env = stack.env if name in ("runner", "dask-workers") else S3_SERVER_ENV if name == "seaweedfs" else {}
-    if name == "prefect-server":   # as infra.stack._start_prefect: the server points at no other server
-        home = Path(cfg.data_dir, "prefect")
-        env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": "",
-               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
-        if "PREFECT_API_AUTH_STRING" in stack.env:
-            env["PREFECT_SERVER_API_AUTH_STRING"] = stack.env["PREFECT_API_AUTH_STRING"]
+    if name == "prefect-server":   # the environment `up` gave it: its UI must point at its own API
+        env = prefect_server_env(cfg, stack.env)
     _spawn(cfg, name, state["processes"][name]["argv"], env, state)
     stack.processes[name] = state["processes"][name]
     deadline = time.monotonic() + timeout
