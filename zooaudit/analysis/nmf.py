@@ -28,7 +28,6 @@ import concurrent.futures
 import functools
 import itertools
 import os
-import time
 
 import numpy as np
 import torch
@@ -115,63 +114,34 @@ def _solve_sym(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def _codes_rhs(x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``H xᵀ (k, b)``, contiguous, computed as ``(x Hᵀ)ᵀ``; in the full-batch loop
-    (:func:`data_products`) :class:`Fastest` times it, on a column-major copy of the data where
-    one is made, against ``H @ x.T`` (which is faster depends on the machine)."""
+    """``H xᵀ (k, b)``, contiguous, computed as ``(x Hᵀ)ᵀ``."""
     return (x @ H.T).T.contiguous()
-
-
-class Fastest:
-    """Pick the fastest of equivalent ways to compute one product, on this machine and these shapes.
-
-    The skinny GEMMs of HALS (``N·D·k`` with small ``k``) run at different speeds depending on
-    which operand BLAS sees transposed, and which is faster differs between machines and
-    thread counts (measured here: ±10–20 % either way). The first ``2 × len(ways)`` calls cycle
-    through the ways and time them (their results are used, nothing is computed twice);
-    afterwards the way with the smallest time is used. On a GPU (asynchronous, timing would
-    need a sync) the first way is always used.
-    """
-
-    def __init__(self, *ways, device: torch.device):
-        self.ways = ways
-        self.times = [float("inf")] * len(ways)
-        self.calls = 0
-        self.timed = device.type == "cpu" and len(ways) > 1
-        self.best = 0
-
-    def __call__(self, *args):
-        if not self.timed or self.calls >= 2 * len(self.ways):
-            return self.ways[self.best](*args)
-        i = self.calls % len(self.ways)
-        self.calls += 1
-        t = time.perf_counter()
-        out = self.ways[i](*args)
-        self.times[i] = min(self.times[i], time.perf_counter() - t)
-        self.best = int(np.argmin(self.times))
-        return out
 
 
 LAYOUT_COPY_BYTES = 1 << 30  # largest column-major copy of the data the CPU full-batch loop makes
 
 
 def data_products(X: torch.Tensor):
-    """The two data products of an alternating iteration on ``X (N, D)``, as two :class:`Fastest`:
+    """The two data products of an alternating iteration on ``X (N, D)``, as two functions:
     ``rhs_w(H) = H Xᵀ (k, N)`` and ``rhs_h(Wt) = Wt X (k, D)``, both contiguous.
 
-    On the CPU (copy ≤ ``LAYOUT_COPY_BYTES``) one column-major copy of ``X`` is made and each
-    product is timed in a layout of it against the best row-major layout: BLAS runs these skinny
-    GEMMs (k ≪ D ≪ N) with different kernels per layout, and on the 2-core dev box (MKL) ``X Hᵀ``
-    from the column-major copy took 66 ms against 96 ms at 200k × 512, k = 16, 1 thread (40 vs
-    59 ms at 2 threads) — 30 ms saved per iteration for a one-off 0.4 s transposing copy.
-    The cost is memory: one more ``N × D`` array while the fit runs. Without the copy (GPU, or
-    larger data) the two row-major layouts of each product are timed against each other.
+    On the CPU (copy ≤ ``LAYOUT_COPY_BYTES``) both products are computed from one column-major
+    copy of ``X``: BLAS runs these skinny GEMMs (k ≪ D ≪ N) with different kernels per layout,
+    and on the 2-core dev box (MKL, 100k × 512, k = 16) the column-major layout took 22 / 21 ms
+    against 34 / 28 ms for the best row-major one at 2 threads (39 / 35 against 48 / 36 at 1
+    thread) — 20 ms saved per iteration for a one-off transposing copy. The cost is memory: one
+    more ``N × D`` array while the fit runs. Without the copy (GPU, or larger data) the row-major
+    products are used.
+
+    The layout is chosen by this fixed rule, never by timing: the layouts are mathematically
+    equal but not bitwise (a few ulps apart), and a resumed audit must reproduce the arrays of an
+    uninterrupted one bit for bit (an earlier version timed the layouts against each other and
+    picked the faster, so machine noise changed the committed codes).
     """
-    Xc = X  # the second layout of each product: from a column-major copy when one is made
     if X.device.type == "cpu" and X.numel() * X.element_size() <= LAYOUT_COPY_BYTES:
         Xc = X.T.contiguous().T  # (N, D) view of column-major storage
-    rhs_w = Fastest(lambda H: _codes_rhs(Xc, H), lambda H: H @ X.T, device=X.device)
-    rhs_h = Fastest(lambda Wt: Wt @ X, lambda Wt: (Xc.T @ Wt.T).T.contiguous(), device=X.device)
-    return rhs_w, rhs_h
+        return (lambda H: _codes_rhs(Xc, H)), (lambda Wt: (Xc.T @ Wt.T).T.contiguous())
+    return (lambda H: _codes_rhs(X, H)), (lambda Wt: Wt @ X)
 
 
 def solve_codes(x: torch.Tensor, H: torch.Tensor, *, max_iter: int, tol: float = 0.0) -> torch.Tensor:
