@@ -231,3 +231,38 @@ def s3_lock_objects(store_url: str) -> list[str]:
         return []
     # The listing may name the folder itself (its marker object): only the lock objects count.
     return sorted(name for p in listed if (name := p.rsplit("/", 1)[-1]) and name != "locks")
+
+
+def store_tags(store_url: str) -> dict[str, dict[str, str]]:
+    """``{repository: {tag: snapshot}}`` of every repository of the store (repositories without tags omitted)."""
+    store = Store.open(store_url)
+    out = {}
+    for name in _existing(store):
+        repo = store.existing_repo(*name.split("/"))
+        if tags := {t: repo.lookup_tag(t) for t in repo.list_tags()}:
+            out[name] = tags
+    return out
+
+
+def tagged_on_main(store_url: str, name: str) -> dict[str, bool]:
+    """For each tag of repository ``name``: whether its snapshot is on ``main``'s ancestry."""
+    repo = Store.open(store_url).existing_repo(*name.split("/"))
+    on_main = {i.id for i in repo.ancestry(branch=MAIN)}
+    return {t: repo.lookup_tag(t) in on_main for t in repo.list_tags()}
+
+
+def published_reports(store_url: str) -> dict[str, list[str]]:
+    """``{by-key marker: sorted file names of the report folder it points to}``: the reports a
+    run published (the marker is written after every file of its report)."""
+    store = Store.open(store_url)
+    fs = store.fs
+    prefix = store.path("reports", "by-key")
+    fs.invalidate_cache(store.path("reports"))
+    if not fs.exists(prefix):
+        return {}
+    out = {}
+    for marker in sorted(fs.ls(prefix, detail=False)):
+        index = fs.cat_file(marker).decode().strip()
+        folder = index.rsplit("/", 1)[0]
+        out[marker.rsplit("/", 1)[-1]] = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    return out

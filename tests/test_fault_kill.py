@@ -31,8 +31,11 @@ from faults import (
     descendants_gone,
     file_locks_held,
     group_gone,
+    published_reports,
     s3_lock_objects,
     store_arrays,
+    store_tags,
+    tagged_on_main,
 )
 
 SOAK = os.environ.get("ZOOAUDIT_SOAK") == "1"
@@ -41,6 +44,9 @@ SOAK = os.environ.get("ZOOAUDIT_SOAK") == "1"
 KILLS = int(os.environ.get("ZOOAUDIT_FAULT_KILLS") or (30 if SOAK else 2))
 MODEL = "builtin:mlp-w32-s0"
 ARGS = ["audit-model", MODEL, "--threads", "--dataset", "digits", "--max-samples", "40"]
+# The zoo flow of the same model writes the report and then tags every repository it audited.
+ZOO_ARGS = ["audit-zoo", "--models", MODEL, "--threads", "--dataset", "digits", "--max-samples", "40",
+            "--tag", "kill-test"]
 LOCK_TTL = 3.0          # seconds: ZOOAUDIT_S3_LOCK_TTL of the runs, so a killed run's lock is broken fast
 RUN_TIMEOUT = 600.0
 
@@ -52,24 +58,32 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _reference(store_url: str, env: dict[str, str]) -> tuple[list[tuple[float, str]], dict]:
-    """An uninterrupted run: its task-run markers (time, name) and the arrays it committed."""
-    run = CliRun([*ARGS, "--store", store_url], env)
+def _reference(store_url: str, env: dict[str, str], args: list[str] = ARGS) -> tuple[list[tuple[float, str]], dict]:
+    """An uninterrupted run: its task-run markers (time, name), the arrays it committed, its tags
+    and its report's file names."""
+    run = CliRun([*args, "--store", store_url], env)
     rc = run.wait(RUN_TIMEOUT)
     assert rc == 0, run.output[-3000:]
     assert not group_gone(run.pgid)
     markers = run.markers()
     assert markers, run.output[-3000:]
-    return markers, {"arrays": store_arrays(store_url), "stages": committed_stages(store_url)}
+    return markers, {"arrays": store_arrays(store_url), "stages": committed_stages(store_url),
+                     "tags": {r: sorted(t) for r, t in store_tags(store_url).items()},
+                     "reports": list(published_reports(store_url).values())}
+
+
+def _gaps(markers: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    """(marker, seconds to the next marker of the reference run), ``"start"`` first."""
+    points = [(0.0, "start"), *markers]
+    return [(name, max(0.05, points[i + 1][0] - t) if i + 1 < len(points) else 1.0)
+            for i, (t, name) in enumerate(points)]
 
 
 def _targets(markers: list[tuple[float, str]], n: int, rng: random.Random) -> list[tuple[str, float]]:
     """``n`` kill points: (marker to wait for, delay past it). ``"start"`` is the process start
     (planning, validation, server start-up). The delay is drawn within the gap to the next marker
     of the reference run, so the kill lands inside the task that follows the marker."""
-    points = [(0.0, "start"), *markers]
-    gaps = [(name, max(0.05, points[i + 1][0] - t) if i + 1 < len(points) else 1.0)
-            for i, (t, name) in enumerate(points)]
+    gaps = _gaps(markers)
     if n <= 3 and not SOAK:
         # Spread over the run: evenly spaced markers, each visited once, in run order.
         picks = sorted({round(i * (len(gaps) - 1) / max(1, n - 1)) for i in range(n)})
@@ -87,6 +101,17 @@ def _phase(run: CliRun) -> str:
 
 def _check_after_kill(store_url: str, ref: dict, store_dir) -> list[str]:
     """The invariants of the store after a kill; returns the S3 lock objects left (to be broken)."""
+    # A report is published by its by-key marker, written after every file of the report: each
+    # published report has all the files of the reference's (a kill mid-render leaves an
+    # unpublished folder, which the rerun does not reuse).
+    for marker, names in published_reports(store_url).items():
+        assert names in ref["reports"], f"published report {marker} is incomplete: {names}"
+    # A tag names a complete version: every tagged snapshot is on main, and tagging is idempotent
+    # (a rerun re-tags the same snapshot under the same name, never a name-2).
+    for repo, tags in store_tags(store_url).items():
+        assert set(tags) <= set(ref["tags"].get(repo, [])), f"{repo}: tags {sorted(tags)}"
+        on_main = tagged_on_main(store_url, repo)
+        assert all(on_main[t] for t in tags), f"{repo}: a tag names a snapshot that is not on main"
     arrays = store_arrays(store_url)
     for repo, paths in arrays.items():
         assert repo in ref["arrays"], f"repository {repo} is not one the reference run made"
@@ -102,12 +127,13 @@ def _check_after_kill(store_url: str, ref: dict, store_dir) -> list[str]:
     return s3_lock_objects(store_url)
 
 
-def _kill_chain(store_url: str, env: dict[str, str], ref: dict, targets, store_dir=None) -> list[dict]:
-    """Run ``ARGS`` on ``store_url`` once per target, killing each run at its point; then rerun
+def _kill_chain(store_url: str, env: dict[str, str], ref: dict, targets, store_dir=None,
+                args: list[str] = ARGS) -> list[dict]:
+    """Run ``args`` on ``store_url`` once per target, killing each run at its point; then rerun
     to completion and compare with the reference. Returns one record per run."""
     records = []
     for name, delay in [*targets, (None, 0.0)]:
-        run = CliRun([*ARGS, "--store", store_url], env)
+        run = CliRun([*args, "--store", store_url], env)
         record = {"target": name, "delay_s": round(delay, 3)}
         if name is None:
             rc = run.wait(RUN_TIMEOUT)
@@ -132,6 +158,8 @@ def _kill_chain(store_url: str, env: dict[str, str], ref: dict, targets, store_d
     assert store_arrays(store_url) == ref["arrays"], "the resumed run's arrays differ from the reference"
     assert {r: set(k) for r, k in committed_stages(store_url).items()} == \
         {r: set(k) for r, k in ref["stages"].items()}
+    assert {r: sorted(t) for r, t in store_tags(store_url).items()} == ref["tags"], "tags differ from the reference"
+    assert len(published_reports(store_url)) == len(ref["reports"]), "the rerun published another report"
     return records
 
 
@@ -189,3 +217,24 @@ def test_kill_anywhere_s3_store(small_stack):
     targets = _targets(markers, KILLS, rng)
     records = _kill_chain(f"s3://{bucket}/killed-{uuid.uuid4().hex[:6]}", env, ref, targets)
     _report("s3", records)
+
+
+@pytest.mark.slow
+def test_kill_during_report_and_tag_file_store(tmp_path):
+    """``audit-zoo --tag``: killed inside the report (after the regression check), then inside the
+    tagging (after the report); each time only complete reports are published and every tag names
+    a snapshot on main; the rerun publishes one report and the reference's tags, no ``name-2``."""
+    rng = random.Random(21)
+    env = {k: v for k, v in _env({"PREFECT_API_URL": ""}).items() if v != ""}
+    markers, ref = _reference("file://" + str(tmp_path / "ref"), env, ZOO_ARGS)
+    assert len(ref["reports"]) == 1 and ref["tags"], (ref["reports"], ref["tags"])
+    gaps = dict(_gaps(markers))
+    targets = [("regression-check", rng.uniform(0.0, gaps["regression-check"])),
+               ("report", rng.uniform(0.0, gaps["report"]))]
+    if SOAK:
+        targets += _targets(markers, KILLS, rng)
+    store_dir = tmp_path / "killed"
+    records = _kill_chain("file://" + str(store_dir), env, ref, targets, store_dir=store_dir, args=ZOO_ARGS)
+    _report("zoo-file", records)
+    assert records[0]["phase"] == "after regression-check", records[0]   # the kill landed in the report
+    assert records[1]["phase"] in ("after report", "after tag"), records[1]
