@@ -188,14 +188,16 @@ def test_s3_lock_ttl_from_the_environment(monkeypatch):
 
 @pytest.mark.slow
 def test_kill_anywhere_file_store(tmp_path):
-    rng = random.Random(18)
+    """``audit-zoo --tag`` of one model on file://, killed at spread-out points of the audit
+    (start-up, then inside a model stage), then inside the report (after the regression check)
+    and inside the tagging (after the report): after each, only complete reports are published
+    and every tag names a snapshot on main; the rerun publishes one report and the reference's
+    tags, no ``name-2``. One chain for all four points (one reference run, one final rerun)."""
     env = _env({"PREFECT_API_URL": ""})   # the CLI starts (and must not leave) its own Prefect server
     env = {k: v for k, v in env.items() if v != ""}
-    markers, ref = _reference("file://" + str(tmp_path / "ref"), env)
-    targets = _targets(markers, KILLS, rng)
     store_dir = tmp_path / "killed"
-    records = _kill_chain("file://" + str(store_dir), env, ref, targets, store_dir=store_dir)
-    _report("file", records)
+    _kill_report_and_tag("file", "file://" + str(tmp_path / "ref"), "file://" + str(store_dir), env,
+                         random.Random(18), store_dir)
 
 
 @pytest.fixture(scope="module")
@@ -219,29 +221,24 @@ def test_kill_anywhere_s3_store(small_stack):
     _report("s3", records)
 
 
-@pytest.mark.slow
-def test_kill_during_report_and_tag_file_store(tmp_path):
-    """``audit-zoo --tag``: killed inside the report (after the regression check), then inside the
-    tagging (after the report); each time only complete reports are published and every tag names
-    a snapshot on main; the rerun publishes one report and the reference's tags, no ``name-2``."""
-    env = {k: v for k, v in _env({"PREFECT_API_URL": ""}).items() if v != ""}
-    store_dir = tmp_path / "killed"
-    _kill_report_and_tag("zoo-file", "file://" + str(tmp_path / "ref"), "file://" + str(store_dir), env,
-                         random.Random(21), store_dir)
-
-
 def _kill_report_and_tag(label: str, ref_url: str, url: str, env: dict[str, str], rng, store_dir=None) -> None:
+    """Kill ``audit-zoo --tag`` first at ``KILLS`` points of the audit before its report (spread
+    out in CI, random in the soak), then inside the report and inside the tagging."""
     markers, ref = _reference(ref_url, env, ZOO_ARGS)
     assert len(ref["reports"]) == 1 and ref["tags"], (ref["reports"], ref["tags"])
+    names = [name for _, name in markers]
+    # The spread-out kills land in the model's audit (start-up .. its last stage), as the
+    # audit-model variant's do; the zoo stages, report and tag follow.
+    audit = markers[:names.index("revision-similarity" if "revision-similarity" in names else "regression-check")]
     gaps = dict(_gaps(markers))
-    targets = [("regression-check", rng.uniform(0.0, gaps["regression-check"])),
-               ("report", rng.uniform(0.0, gaps["report"]))]
-    if SOAK:
-        targets += _targets(markers, KILLS, rng)
-    records = _kill_chain(url, env, ref, targets, store_dir=store_dir, args=ZOO_ARGS)
+    tail = [("regression-check", rng.uniform(0.0, gaps["regression-check"])),
+            ("report", rng.uniform(0.0, gaps["report"]))]
+    records = _kill_chain(url, env, ref, [*_targets(audit, KILLS, rng), *tail], store_dir=store_dir,
+                          args=ZOO_ARGS)
     _report(label, records)
-    assert records[0]["phase"] == "after regression-check", records[0]   # the kill landed in the report
-    assert records[1]["phase"] in ("after report", "after tag"), records[1]
+    report_kill, tag_kill = records[-3], records[-2]
+    assert report_kill["phase"] == "after regression-check", report_kill   # the kill landed in the report
+    assert tag_kill["phase"] in ("after report", "after tag"), tag_kill
 
 
 @pytest.mark.slow
