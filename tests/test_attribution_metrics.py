@@ -136,6 +136,9 @@ def test_agreement_matrix_kendall_against_scipy_and_undefined_means_without_warn
     np.testing.assert_allclose(out["kendall"].sel({"method": "a", "method_other": "b"}), np.mean(ref), atol=1e-12)
     np.testing.assert_allclose(out["kendall"].values, out["kendall"].values.T)
     assert int(out["n_kendall"].sel({"method": "a", "method_other": "b"})) == 4
+    rho = [stats.spearmanr(m[i, 0].ravel(), m[i, 1].ravel()).statistic for i in range(1, 5)]
+    np.testing.assert_allclose(out["spearman"].sel({"method": "a", "method_other": "b"}), np.mean(rho), atol=1e-12)
+    assert int(out["n_spearman"].sel({"method": "b", "method_other": "b"})) == 4   # its constant map left out
     assert float(out["kendall"].sel({"method": "a", "method_other": "a"})) == 1.0
     for name in ("kendall", "spearman", "cosine"):
         assert np.isnan(out[name].sel({"method": "z"})).all() and (out[f"n_{name}"].sel({"method": "z"}) == 0).all()

@@ -209,9 +209,13 @@ def spearman_maps(a, b) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
     if a.shape != b.shape:
         raise ZooauditError(f"spearman_maps needs two map sets of the same shape; got {a.shape}, {b.shape}.")
-    ra, rb = _ranks(a), _ranks(b)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
+    return _spearman_ranked(_ranks(a), _ranks(b))
+
+
+def _spearman_ranked(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """``(B,)`` Pearson correlation of average ranks ``(B, P)`` (NaN where a row is constant)."""
+    ra = ra - ra.mean(1, keepdims=True)
+    rb = rb - rb.mean(1, keepdims=True)
     den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1), np.nan)
@@ -225,15 +229,22 @@ def _tied_pairs(s: np.ndarray) -> np.ndarray:
     return (idx - np.maximum.accumulate(start, axis=1)).sum(1)
 
 
-def _dense_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(B, P)`` int64 dense ranks along the last axis (0 for the smallest; ties share a rank) and
-    ``(B,)`` the number of tied pairs."""
+def _dense_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of ``x (B, P)`` along the last axis: int64 dense ranks (0 for the smallest; ties share a
+    rank), ``(B,)`` the number of tied pairs, and the average ranks (1-based, ties share their
+    mean: SciPy's ``rankdata``)."""
     order = np.argsort(x, axis=1, kind="stable")
     s = np.take_along_axis(x, order, axis=1)
-    r = np.concatenate([np.zeros((len(x), 1), np.int64), np.cumsum(np.diff(s, axis=1) > 0, axis=1)], axis=1)
-    ranks = np.empty_like(r)
+    new = np.diff(s, axis=1) > 0
+    r = np.concatenate([np.zeros((len(x), 1), np.int64), np.cumsum(new, axis=1)], axis=1)
+    idx = np.arange(x.shape[1])
+    first = np.maximum.accumulate(np.where(np.concatenate([np.ones((len(x), 1), bool), new], 1), idx, 0), axis=1)
+    last = np.minimum.accumulate(np.where(np.concatenate([new, np.ones((len(x), 1), bool)], 1), idx,
+                                          x.shape[1])[:, ::-1], axis=1)[:, ::-1]
+    ranks, average = np.empty_like(r), np.empty(x.shape, np.float64)
     np.put_along_axis(ranks, order, r, axis=1)
-    return ranks, _tied_pairs(r)
+    np.put_along_axis(average, order, (first + last) / 2 + 1, axis=1)
+    return ranks, (idx - first).sum(1), average
 
 
 def _inversions(y: np.ndarray, top: int) -> np.ndarray:
@@ -280,7 +291,7 @@ def kendall_maps(a, b) -> np.ndarray:
         raise ZooauditError(f"kendall_maps needs two map sets of the same shape; got {a.shape}, {b.shape}.")
     if len(a) == 0:
         return np.zeros(0)
-    return _kendall_ranked(*_dense_ranks(a), *_dense_ranks(b))
+    return _kendall_ranked(*_dense_ranks(a)[:2], *_dense_ranks(b)[:2])
 
 
 def defined_mean(values) -> tuple[float, int]:
@@ -313,18 +324,26 @@ def agreement_matrix(maps: xr.DataArray, *, top_fraction: float = 0.1) -> xr.Dat
     hot = np.zeros(flat.shape, bool)
     np.put_along_axis(hot, top, True, axis=-1)
     norms = np.linalg.norm(flat, axis=-1)
-    ranked = [_dense_ranks(flat[:, i]) for i in range(m)] if n else []
+    ranked = [_dense_ranks(flat[:, i]) for i in range(m)] if n else []      # once per method
     names = ("spearman", "kendall", "top_overlap", "cosine")
     out = {name: np.full((m, m), np.nan) for name in names}
     count = {name: np.zeros((m, m), np.int64) for name in ("spearman", "kendall", "cosine")}
     for i in range(m):
+        # the diagonal: 1 on every sample whose map is not constant (τ-b and ρ of a map with itself)
+        if n:
+            self_defined = np.where(ranked[i][0].max(1) > 0, 1.0, np.nan)
         for j in range(i, m):
             with np.errstate(invalid="ignore", divide="ignore"):
                 cos = np.where(norms[:, i] * norms[:, j] > 0,
                                (flat[:, i] * flat[:, j]).sum(-1) / (norms[:, i] * norms[:, j]), np.nan)
-            per_sample = {"spearman": spearman_maps(flat[:, i], flat[:, j]),
-                          "kendall": _kendall_ranked(*ranked[i], *ranked[j]) if n else np.zeros(0),
-                          "cosine": cos}
+            if not n:
+                rho = tau = np.zeros(0)
+            elif i == j:
+                rho = tau = self_defined
+            else:
+                rho = _spearman_ranked(ranked[i][2], ranked[j][2])
+                tau = _kendall_ranked(*ranked[i][:2], *ranked[j][:2])
+            per_sample = {"spearman": rho, "kendall": tau, "cosine": cos}
             for name, v in per_sample.items():   # symmetric measures: one pair, both cells
                 out[name][i, j], count[name][i, j] = out[name][j, i], count[name][j, i] = defined_mean(v)
             out["top_overlap"][i, j] = out["top_overlap"][j, i] = (
