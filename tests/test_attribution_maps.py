@@ -268,3 +268,32 @@ def test_cascading_randomisation_changes_the_gradient_maps_and_not_the_model(sce
     again = randomisation_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam", "grad_x_input"],
                                targets=targets, batch_size=6)
     np.testing.assert_array_equal(again["spearman"].values, out["spearman"].values)   # seeded
+    np.testing.assert_array_equal(again["ssim"].values, out["ssim"].values)
+    # SSIM beside the rank correlation: 1 for the trained model, lower once the model is random
+    assert out["ssim"].dims == ("step", "method") and out.attrs["ssim_window"] == 11
+    np.testing.assert_allclose(out[["ssim", "ssim_abs"]].isel(step=0).to_array(), 1.0)
+    assert not (out["ssim"].isel(step=-1) >= 0.9).any()
+    assert float(out["ssim"].sel({"method": "gradcam"}).min()) < 0.5
+
+
+def test_a_method_whose_maps_do_not_change_is_flagged_by_both_statistics(scene_cnn, scenes):
+    """Randomising only the head leaves the gradient-free Eigen-CAM of the layer below exactly as
+    it was (Spearman and SSIM 1: flagged by both), while Grad-CAM's maps follow the head."""
+    from zooaudit.sanity_checks import randomisation_maps
+    from zooaudit.stages.attribution import sanity_flags
+
+    targets = attribution_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam"]).target.values
+    out = randomisation_maps(scene_cnn, scenes.inputs[:6], "act4", methods=["gradcam", "eigencam"], targets=targets,
+                             batch_size=6, max_steps=1)
+    assert list(out["step"].values) == ["none", "head"]
+    np.testing.assert_allclose(out[["spearman", "ssim"]].sel({"method": "eigencam"}).isel(step=1).to_array(), 1.0,
+                               atol=1e-6)
+    assert float(out["ssim"].sel({"method": "gradcam"}).isel(step=1)) < 1.0 - 1e-3
+    flagged = sanity_flags(out, 0.5, 0.5)
+    assert "eigencam" in flagged.attrs["flagged"]
+    assert bool(flagged["flag_spearman"].sel({"method": "eigencam"}))
+    assert bool(flagged["flag_ssim"].sel({"method": "eigencam"}))
+    # the two statistics flag independently: a threshold only SSIM passes
+    only_ssim = sanity_flags(out, 1.0, -1.0)
+    assert set(only_ssim.attrs["flagged"]) == {"gradcam", "eigencam"} and not only_ssim["flag_spearman"].sel(
+        {"method": "gradcam"})

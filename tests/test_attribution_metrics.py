@@ -99,6 +99,52 @@ def test_spearman_maps_equals_scipy():
     assert np.isnan(A.spearman_maps(np.ones((1, 3, 3)), a[:1, :3, :3]))[0]
 
 
+def test_kendall_maps_equals_scipy_tau_b():
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 4, (8, 5, 7)).astype(float)          # many ties in both
+    b = a + rng.integers(-2, 3, a.shape)
+    b[1] = rng.random((5, 7))                                 # no ties in b
+    a[2] = -b[2]                                              # reversed: τ = −1 where untied
+    ours = A.kendall_maps(a, b)
+    ref = [stats.kendalltau(a[i].ravel(), b[i].ravel(), variant="b").statistic for i in range(8)]
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    big_a, big_b = rng.random((3, 64, 64)), rng.random((3, 64, 64))
+    big_a[:, :20] = 0.0                                       # a CAM's ReLU'd zeros: one large tie
+    big_b = np.round(big_a + big_b, 1)
+    np.testing.assert_allclose(A.kendall_maps(big_a, big_b),
+                               [stats.kendalltau(big_a[i].ravel(), big_b[i].ravel()).statistic for i in range(3)],
+                               atol=1e-12)
+    # by hand: (1, 2, 3) against (1, 3, 2): 2 concordant, 1 discordant pair, no ties → 1/3
+    np.testing.assert_allclose(A.kendall_maps([[[1, 2, 3]]], [[[1, 3, 2]]]), [1 / 3])
+    assert np.isnan(A.kendall_maps(np.ones((1, 3, 3)), a[:1, :3, :3]))[0]
+    with pytest.raises(ZooauditError, match="same shape"):
+        A.kendall_maps(a, b[:, :4])
+
+
+def test_agreement_matrix_kendall_against_scipy_and_undefined_means_without_warnings():
+    import warnings
+
+    rng = np.random.default_rng(8)
+    m = np.round(rng.random((5, 3, 6, 6)), 1)
+    m[:, 2] = 0.0                                              # an all-zero method: nothing defined
+    m[0, 1] = 1.0                                              # one constant map: that sample is left out
+    maps = xr.DataArray(m, dims=("sample", "method", "y", "x"), coords={"method": ["a", "b", "z"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # no "Mean of empty slice"
+        out = A.agreement_matrix(maps)
+    ref = [stats.kendalltau(m[i, 0].ravel(), m[i, 1].ravel()).statistic for i in range(1, 5)]
+    np.testing.assert_allclose(out["kendall"].sel({"method": "a", "method_other": "b"}), np.mean(ref), atol=1e-12)
+    np.testing.assert_allclose(out["kendall"].values, out["kendall"].values.T)
+    assert int(out["n_kendall"].sel({"method": "a", "method_other": "b"})) == 4
+    rho = [stats.spearmanr(m[i, 0].ravel(), m[i, 1].ravel()).statistic for i in range(1, 5)]
+    np.testing.assert_allclose(out["spearman"].sel({"method": "a", "method_other": "b"}), np.mean(rho), atol=1e-12)
+    assert int(out["n_spearman"].sel({"method": "b", "method_other": "b"})) == 4   # its constant map left out
+    assert float(out["kendall"].sel({"method": "a", "method_other": "a"})) == 1.0
+    for name in ("kendall", "spearman", "cosine"):
+        assert np.isnan(out[name].sel({"method": "z"})).all() and (out[f"n_{name}"].sel({"method": "z"}) == 0).all()
+    assert "n_<measure> = 0" in out.attrs["undefined"]
+
+
 def test_agreement_matrix_properties_and_by_hand():
     rng = np.random.default_rng(4)
     m = rng.random((4, 3, 6, 6))
@@ -109,6 +155,8 @@ def test_agreement_matrix_properties_and_by_hand():
     np.testing.assert_allclose(np.diag(out["spearman"].values), 1.0)
     np.testing.assert_allclose(out["spearman"].sel({"method": "a", "method_other": "b"}), 1.0)
     np.testing.assert_allclose(out["spearman"].sel({"method": "a", "method_other": "c"}), -1.0)
+    np.testing.assert_allclose(out["kendall"].sel({"method": "a", "method_other": "b"}), 1.0)
+    np.testing.assert_allclose(out["kendall"].sel({"method": "a", "method_other": "c"}), -1.0)
     np.testing.assert_allclose(out["top_overlap"].sel({"method": "a", "method_other": "b"}), 1.0)
     assert float(out["top_overlap"].sel({"method": "a", "method_other": "c"})) == 0.0   # 9 of 36 px: disjoint ends
     np.testing.assert_allclose(out["cosine"].values, out["cosine"].values.T)

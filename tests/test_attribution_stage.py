@@ -86,9 +86,28 @@ def test_products_are_stored_with_their_conventions(balanced):
     agreement = repo.open(attribution_group(plan.ds_key, "act4", "agreement"), result.snapshot).load()
     np.testing.assert_allclose(np.diag(agreement["cosine"].values), 1.0, atol=1e-6)
     assert "background_share" in result.summary["act4"]
+    conf = repo.open(attribution_group(plan.ds_key, "act4", "confidence"), result.snapshot).load()
+    assert conf["masked"].dims == ("sample", "method") and conf.sizes["sample"] == ASPEC.max_samples
+    np.testing.assert_array_equal(conf["sample"].values, maps["sample"].values)
+    full, masked = conf["full"].values[:, None], conf["masked"].values
+    np.testing.assert_allclose(conf["average_drop"].values, 100 * (np.maximum(0, full - masked) / full).mean(0),
+                               rtol=1e-5)
+    for m in ASPEC.methods:
+        assert result.summary["act4"]["average_drop"][m] == round(float(conf["average_drop"].sel({"method": m})), 4)
+        assert 0 <= result.summary["act4"]["increase_in_confidence"][m] <= 100
     sanity = repo.open(attribution_group(plan.ds_key, "act4", "sanity"), result.snapshot).load()
     assert sanity["spearman"].dims == ("step", "method") and "gradcam" not in sanity.attrs["flagged"]
     assert set(result.summary["act4"]["sanity_spearman_all_random"]) == set(ASPEC.methods)
+    assert sanity["ssim"].dims == ("step", "method") and sanity.attrs["ssim_window"] == 11
+    np.testing.assert_allclose(sanity["ssim"].isel(step=0), 1.0)
+    last = sanity.isel(step=-1)
+    assert sanity.attrs["flagged"] == [m for m in ASPEC.methods
+                                       if last["spearman"].sel({"method": m}) >= ASPEC.sanity_threshold
+                                       or last["ssim"].sel({"method": m}) >= ASPEC.sanity_ssim_threshold]
+    assert set(result.summary["act4"]["sanity_ssim_all_random"]) == set(ASPEC.methods)
+    assert set(result.summary["act4"]["sanity_flagged_by"]) == set(sanity.attrs["flagged"])
+    np.testing.assert_allclose(np.diag(agreement["kendall"].values), 1.0)
+    assert set(result.summary["act4"]["agreement_kendall"]) == set(ASPEC.methods)
     meta = repo.metadata(result.snapshot)
     assert meta["stage"] == "attribution" and meta["cache_key"] == result.cache_key
 
@@ -134,6 +153,7 @@ def test_report_section_renders_from_committed_results(balanced, tmp_path):
     html = attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result, "m-ds", files)
     text = "".join(html)
     assert "Attribution maps at act4" in text and "random order (control)" in text and "adjusted p" in text
+    assert "average drop %" in text and "Kendall" in text
     assert {n for n in files} >= {"m-ds-attribution-act4-gallery.png", "m-ds-attribution-act4-reliance-agrees.png",
                                   "m-ds-attribution-act4-deletion.png", "m-ds-attribution-act4-agreement.png",
                                   "m-ds-attribution-act4-sanity.png"}

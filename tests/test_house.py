@@ -18,7 +18,8 @@ MODEL_SIDE = {"extract.py", "gradients.py", "stages/activations.py", "stages/con
               "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "stages/attribution.py"}
 # Names whose use means running (or building) the model.
 FORWARD = {"forward_batches", "load_model", "load_random_init", "resolve_model", "random_init", "layer_gradients",
-           "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "randomisation_maps"}
+           "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "confidence_change",
+           "randomisation_maps"}
 
 
 def _modules():

@@ -11,6 +11,10 @@ the random order. All perturbed inputs are scored in forward batches of ``batch_
 The baseline is a constant image (default 0, black); black patches are out of distribution
 for most models (the ROAD critique), so the curves are compared with the random control
 computed on the same perturbations, never read alone. AUCs: :func:`zooaudit.analysis.attribution.auc`.
+
+Average drop and increase in confidence (Chattopadhyay et al. 2018, the Grad-CAM++ paper):
+:func:`confidence_change` scores each sample once whole and once multiplied by each method's
+explanation map (:func:`confidence_change` states the conventions).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import xarray as xr
 from .attribution_maps import _logits
 from .errors import ZooauditError
 
-__all__ = ["faithfulness_curves"]
+__all__ = ["confidence_change", "explanation_masks", "faithfulness_curves"]
 
 
 def _orders(maps: np.ndarray, rng) -> np.ndarray:
@@ -83,4 +87,89 @@ def faithfulness_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, tar
                 "fraction": ("step", fractions)},
         attrs={"baseline": float(baseline), "steps": steps, "score": "softmax probability of the target class",
                "random_state": random_state, "ties": "by pixel position (stable sort)"},
+    )
+
+
+def explanation_masks(maps) -> np.ndarray:
+    """``(..., y, x)`` maps → the explanation masks ``E`` in [0, 1] of :func:`confidence_change`:
+    the positive part divided by its maximum (a map with no positive value gives ``E = 0``)."""
+    pos = np.maximum(np.asarray(maps, dtype=np.float32), 0)
+    top = pos.max(axis=(-2, -1), keepdims=True)
+    return np.where(top > 0, pos / np.where(top > 0, top, 1), np.float32(0)).astype(np.float32)
+
+
+def confidence_change(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *, batch_size: int = 64,
+                      device: str | torch.device = "cpu") -> xr.Dataset:
+    """Average drop and increase in confidence (Chattopadhyay et al. 2018) of every method's maps.
+
+    Conventions: the explanation ``E`` of a map is its positive part scaled to [0, 1] by its
+    maximum (:func:`explanation_masks`; the CAMs are non-negative, so for them this is the
+    max-normalised map; a signed pixel map keeps only its evidence *for* the target; a map
+    with no positive value gives ``E = 0``, a black image). The maps are at the input's size
+    already (:func:`zooaudit.attribution_maps.attribution_maps` upsamples the CAMs
+    bilinearly). ``E`` multiplies every channel of the input: ``x ⊙ E``. Confidence is the
+    **softmax probability** of the sample's **own target class** ``targets[i]`` (the class the
+    map explains): ``Y`` on the full image, ``O`` on ``x ⊙ E``.
+
+    - average drop ``= 100 · mean_i max(0, Y_i − O_i) / Y_i`` (lower is better);
+    - increase in confidence ``= 100 · mean_i [O_i > Y_i]`` (higher is better).
+
+    Args:
+        inputs: ``(n, channel, H, W)``; ``maps``: ``(sample, method, y, x)`` at ``(H, W)``;
+        targets: ``(n,)`` class indices.
+
+    Returns a Dataset with ``full (sample)`` = Y, ``masked (sample, method)`` = O,
+    ``drop (sample, method)`` = ``max(0, Y − O) / Y`` (NaN where Y underflows to 0, left out of
+    the means), ``average_drop (method)`` and ``increase_in_confidence (method)`` in percent.
+    The ``n · method`` masked inputs are scored in forward batches of ``batch_size``.
+    """
+    x_all = np.asarray(inputs, dtype=np.float32)
+    if tuple(maps.dims) != ("sample", "method", "y", "x"):
+        raise ZooauditError(f"confidence_change needs maps with dims (sample, method, y, x); got {maps.dims}.")
+    if x_all.ndim != 4 or maps.shape[0] != len(x_all) or maps.shape[2:] != x_all.shape[2:]:
+        raise ZooauditError(f"maps {maps.shape} do not match inputs {x_all.shape}: one map per input, at its size.")
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.shape != (len(x_all),):
+        raise ZooauditError(f"targets has shape {targets.shape}; expected ({len(x_all)},), one class per input.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ZooauditError(f"batch_size={batch_size!r}: a positive integer.")
+    n, m = maps.shape[:2]
+    masks = explanation_masks(maps.values)                                  # (n, m, H, W)
+
+    def probs(batch: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        z = torch.as_tensor(batch, device=device)
+        p = torch.softmax(_logits(module(z)).float(), 1)
+        if int(targets.max(initial=0)) >= p.shape[1] or int(targets.min(initial=0)) < 0:
+            raise ZooauditError(f"targets must be class indices in [0, {p.shape[1]}); got "
+                                f"{int(targets.min())} … {int(targets.max())}.")
+        return p[torch.arange(len(rows)), torch.as_tensor(targets[rows], device=p.device)].cpu().numpy()
+
+    module.eval()
+    full = np.empty(n, np.float32)
+    masked = np.empty(n * m, np.float32)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            full[rows] = probs(x_all[rows], rows)
+        for start in range(0, n * m, batch_size):   # flat (sample, method) index, sample-major
+            flat = np.arange(start, min(start + batch_size, n * m))
+            i, j = np.divmod(flat, m)
+            masked[flat] = probs(x_all[i] * masks[i, j][:, None], i)
+    masked = masked.reshape(n, m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        drop = np.where(full[:, None] > 0, np.maximum(0.0, full[:, None] - masked) / full[:, None], np.nan)
+    increase = masked > full[:, None]
+    defined = np.isfinite(drop).sum(0)
+    average_drop = np.where(defined > 0, 100.0 * np.where(np.isfinite(drop), drop, 0).sum(0) / np.maximum(defined, 1),
+                            np.nan)
+    return xr.Dataset(
+        {"full": ("sample", full), "masked": (("sample", "method"), masked), "drop": (("sample", "method"), drop),
+         "increase": (("sample", "method"), increase),
+         "average_drop": ("method", average_drop),
+         "increase_in_confidence": ("method", 100.0 * increase.mean(0) if n else np.full(m, np.nan))},
+        coords={"method": [str(v) for v in maps["method"].values]},
+        attrs={"score": "softmax probability of each sample's target class",
+               "explanation": "positive part of the map divided by its max, multiplied into every channel",
+               "average_drop": "100 · mean max(0, Y − O) / Y", "increase_in_confidence": "100 · mean [O > Y]",
+               "reference": "Chattopadhyay et al. 2018 (Grad-CAM++), section 5.1"},
     )

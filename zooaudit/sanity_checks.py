@@ -8,8 +8,12 @@ with the trained maps staying high) explains the input, not the model: it is fla
 
 Re-initialisation calls each layer's own ``reset_parameters()`` under a fixed torch seed
 (batch-norm layers also reset their running statistics), on a deep copy; the trained model
-is never modified. Rank correlations: :func:`zooaudit.analysis.attribution.spearman_maps` on
-the raw maps and on their absolute values (Adebayo et al. report both).
+is never modified. Two similarities with the trained maps, each on the raw maps and on their
+absolute values (Adebayo et al. report both): the pixel rank correlation
+(:func:`zooaudit.analysis.attribution.spearman_maps`) and the structural similarity
+(:func:`zooaudit.analysis.ssim.ssim_maps`: each map min–max scaled to [0, 1], data range 1,
+11 × 11 gaussian window σ = 1.5 — shrunk to the largest odd size that fits maps smaller than
+11 px, recorded as ``ssim_window`` — K₁ = 0.01, K₂ = 0.03).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import xarray as xr
 
 from .analysis.attribution import spearman_maps
+from .analysis.ssim import ssim_maps
 from .attribution_maps import attribution_maps
 from .errors import ZooauditError
 
@@ -44,11 +49,12 @@ def _mean(values: np.ndarray) -> float:
 
 def randomisation_maps(module: torch.nn.Module, inputs, layer: str | None, *, methods, targets, seed: int = 0,
                        max_steps: int | None = None, **map_options) -> xr.Dataset:
-    """Spearman correlation of each method's maps between the trained model and its cascading
-    randomisations: ``spearman``, ``spearman_abs`` ``(step, method)`` means over the samples.
+    """Spearman correlation and SSIM of each method's maps between the trained model and its
+    cascading randomisations: ``spearman``, ``spearman_abs``, ``ssim``, ``ssim_abs``
+    ``(step, method)``, means over the samples.
 
     ``targets (n,)``: the classes explained (the trained model's, kept fixed). ``step`` is labelled
-    by the top-most randomised layer; step 0 (``none``) is the trained model itself (correlation 1).
+    by the top-most randomised layer; step 0 (``none``) is the trained model itself (1 for both).
     NaN where every randomised map of a method is constant (never flagged: nothing is left).
     ``map_options`` go to :func:`zooaudit.attribution_maps.attribution_maps` (batch size, IG steps…).
     """
@@ -72,8 +78,9 @@ def randomisation_maps(module: torch.nn.Module, inputs, layer: str | None, *, me
         return full
 
     trained = maps_of(module)
-    rho = np.ones((len(layers) + 1, len(methods)))
-    rho_abs = np.ones_like(rho)
+    win = min(11, (min(trained.shape[2:]) - 1) // 2 * 2 + 1)
+    stats = {name: np.ones((len(layers) + 1, len(methods))) for name in ("spearman", "spearman_abs", "ssim",
+                                                                          "ssim_abs")}
     copy_ = copy.deepcopy(module).eval()
     named = dict(copy_.named_modules())
     with torch.random.fork_rng(devices=[]):
@@ -84,11 +91,16 @@ def randomisation_maps(module: torch.nn.Module, inputs, layer: str | None, *, me
                 named[name].reset_running_stats()
             randomised = maps_of(copy_)
             for j in range(len(methods)):
-                rho[k, j] = _mean(spearman_maps(trained[:, j], randomised[:, j]))
-                rho_abs[k, j] = _mean(spearman_maps(np.abs(trained[:, j]), np.abs(randomised[:, j])))
+                t, r = trained[:, j], randomised[:, j]
+                stats["spearman"][k, j] = _mean(spearman_maps(t, r))
+                stats["spearman_abs"][k, j] = _mean(spearman_maps(np.abs(t), np.abs(r)))
+                stats["ssim"][k, j] = _mean(ssim_maps(t, r, win_size=win))
+                stats["ssim_abs"][k, j] = _mean(ssim_maps(np.abs(t), np.abs(r), win_size=win))
     return xr.Dataset(
-        {"spearman": (("step", "method"), rho), "spearman_abs": (("step", "method"), rho_abs)},
+        {name: (("step", "method"), v) for name, v in stats.items()},
         coords={"step": ["none", *layers], "method": list(methods)},
         attrs={"seed": seed, "order": "cascading from the top (head first), cumulative",
-               "statistic": "pixel Spearman with the trained model's maps, mean over samples"},
+               "statistic": "pixel Spearman and SSIM with the trained model's maps, mean over samples",
+               "ssim": "maps min-max scaled to [0, 1], data range 1, gaussian window sigma 1.5, K1 0.01, K2 0.03",
+               "ssim_window": win},
     )

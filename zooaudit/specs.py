@@ -243,6 +243,8 @@ class AttributionSpec(BaseModel):
                                 "samples (0 = off): every parameterised layer re-initialised from the top.")
     sanity_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="A method is flagged when its maps' mean "
                                     "Spearman with the trained model's stays ≥ this after randomising every layer.")
+    sanity_ssim_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="… or when their mean SSIM with the "
+                                         "trained model's (maps min-max scaled to [0, 1]) stays ≥ this.")
     n_boot: int = Field(500, ge=0, description="Bootstrap resamples of the background-share CIs.")
     n_permutations: int = Field(1000, ge=0, description="Permutations of the group-difference p-values.")
     ci: float = Field(0.95, gt=0.0, lt=1.0)

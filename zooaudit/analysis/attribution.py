@@ -36,8 +36,9 @@ CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
 PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
 METHODS = CAM_METHODS + PIXEL_METHODS
 
-__all__ = ["CAM_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc", "background_share", "compare_groups", "compare_paired", "energy_inside",
-           "mask_iou", "pointing_game", "spearman_maps"]
+__all__ = ["CAM_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc", "background_share", "compare_groups",
+           "compare_paired", "defined_mean", "energy_inside", "kendall_maps", "mask_iou", "pointing_game",
+           "spearman_maps"]
 
 
 def _pair(maps, masks, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -208,20 +209,108 @@ def spearman_maps(a, b) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
     if a.shape != b.shape:
         raise ZooauditError(f"spearman_maps needs two map sets of the same shape; got {a.shape}, {b.shape}.")
-    ra, rb = _ranks(a), _ranks(b)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
+    return _spearman_ranked(_ranks(a), _ranks(b))
+
+
+def _spearman_ranked(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """``(B,)`` Pearson correlation of average ranks ``(B, P)`` (NaN where a row is constant)."""
+    ra = ra - ra.mean(1, keepdims=True)
+    rb = rb - rb.mean(1, keepdims=True)
     den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1), np.nan)
 
 
+def _tied_pairs(s: np.ndarray) -> np.ndarray:
+    """``(B,)`` number of pairs with equal values, ``Σ_groups t(t − 1)/2``, of ``s (B, P)`` sorted
+    along the last axis: each element counts its predecessors in its run of ties."""
+    idx = np.arange(s.shape[1])
+    start = np.where(np.concatenate([np.ones((len(s), 1), bool), np.diff(s, axis=1) != 0], axis=1), idx, 0)
+    return (idx - np.maximum.accumulate(start, axis=1)).sum(1)
+
+
+def _dense_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of ``x (B, P)`` along the last axis: int64 dense ranks (0 for the smallest; ties share a
+    rank), ``(B,)`` the number of tied pairs, and the average ranks (1-based, ties share their
+    mean: SciPy's ``rankdata``)."""
+    order = np.argsort(x, axis=1, kind="stable")
+    s = np.take_along_axis(x, order, axis=1)
+    new = np.diff(s, axis=1) > 0
+    r = np.concatenate([np.zeros((len(x), 1), np.int64), np.cumsum(new, axis=1)], axis=1)
+    idx = np.arange(x.shape[1])
+    first = np.maximum.accumulate(np.where(np.concatenate([np.ones((len(x), 1), bool), new], 1), idx, 0), axis=1)
+    last = np.minimum.accumulate(np.where(np.concatenate([new, np.ones((len(x), 1), bool)], 1), idx,
+                                          x.shape[1])[:, ::-1], axis=1)[:, ::-1]
+    ranks, average = np.empty_like(r), np.empty(x.shape, np.float64)
+    np.put_along_axis(ranks, order, r, axis=1)
+    np.put_along_axis(average, order, (first + last) / 2 + 1, axis=1)
+    return ranks, (idx - first).sum(1), average
+
+
+def _inversions(y: np.ndarray, top: int) -> np.ndarray:
+    """``(B,)`` number of pairs ``i < j`` with ``y_i > y_j`` of ``y (B, P)`` int in [0, top), by a
+    bottom-up merge sort vectorised over the rows: at each level every right half counts, with one
+    ``searchsorted``, the elements of its (sorted) left half above each of its own."""
+    b, p = y.shape
+    size = 1 << max(p - 1, 1).bit_length()
+    arr = np.concatenate([y, np.full((b, size - p), top, y.dtype)], axis=1)   # padding: larger, last: no pairs
+    total = np.zeros(b, np.int64)
+    h = 1
+    while h < size:
+        blocks = arr.reshape(b * size // (2 * h), 2, h)
+        bid = np.arange(len(blocks), dtype=np.int64)[:, None] * (top + 1)
+        keys = (bid + blocks[:, 0]).ravel()                    # left halves, sorted, offset per block
+        at_most = np.searchsorted(keys, (bid + blocks[:, 1]).ravel(), side="right").reshape(-1, h)
+        above = h - (at_most - (bid // (top + 1)) * h)
+        total += above.reshape(b, -1).sum(1)
+        arr = np.sort(blocks.reshape(b, size // (2 * h), 2 * h), axis=-1).reshape(b, size)
+        h *= 2
+    return total
+
+
+def _kendall_ranked(ra, n1, rb, n2) -> np.ndarray:
+    """τ-b of rows from their dense ranks ``(B, P)`` and tied-pair counts ``(B,)``."""
+    p = ra.shape[1]
+    joint = np.sort(ra * p + rb, axis=1)            # ordered by (a, b)
+    n0 = p * (p - 1) // 2
+    s = (n0 - n1 - n2 + _tied_pairs(joint) - 2 * _inversions(joint % p, p)).astype(np.float64)
+    den = np.sqrt((n0 - n1).astype(np.float64) * (n0 - n2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, s / np.where(den > 0, den, 1), np.nan)
+
+
+def kendall_maps(a, b) -> np.ndarray:
+    """``(sample,)`` Kendall τ-b between two map sets ``(sample, y, x)``, pixel-wise (NaN where a
+    map is constant): ``(n_c − n_d) / √((n₀ − n₁)(n₀ − n₂))`` with ``n₀ = P(P − 1)/2`` pairs of the
+    ``P`` pixels, ``n₁``, ``n₂`` the pairs tied in ``a``, in ``b``. Knight's O(P log P) algorithm,
+    vectorised over the samples: ``n_c − n_d = n₀ − n₁ − n₂ + n₃ − 2 n_d`` (``n₃``: tied in both),
+    ``n_d`` the inversions of ``b`` in the order of ``(a, b)``."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise ZooauditError(f"kendall_maps needs two map sets of the same shape; got {a.shape}, {b.shape}.")
+    if len(a) == 0:
+        return np.zeros(0)
+    return _kendall_ranked(*_dense_ranks(a)[:2], *_dense_ranks(b)[:2])
+
+
+def defined_mean(values) -> tuple[float, int]:
+    """Mean of the finite ``values`` and how many there are: ``(NaN, 0)`` — no warning — when
+    none is (every sample's value undefined, e.g. constant or all-zero maps)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return (float(v.mean()), int(v.size)) if v.size else (float("nan"), 0)
+
+
 def agreement_matrix(maps: xr.DataArray, *, top_fraction: float = 0.1) -> xr.Dataset:
     """Method × method agreement of ``maps (sample, method, y, x)``, averaged over samples.
 
-    ``spearman``: pixel-wise rank correlation; ``top_overlap``: |top-k ∩ top-k| / k with
+    ``spearman``: pixel-wise rank correlation; ``kendall``: pixel-wise Kendall τ-b
+    (:func:`kendall_maps`; ties count as in τ-b); ``top_overlap``: |top-k ∩ top-k| / k with
     ``k = top_fraction`` of the pixels (ties broken by position); ``cosine`` of the flattened maps.
-    Means ignore samples where a value is undefined (constant or zero maps).
+    Means ignore samples where a value is undefined (constant maps have no ranking, zero maps no
+    direction); ``n_spearman``, ``n_kendall``, ``n_cosine`` count the samples each mean is over,
+    and a mean over none is NaN.
     """
     if tuple(maps.dims) != ("sample", "method", "y", "x"):
         raise ZooauditError(f"agreement_matrix needs maps with dims (sample, method, y, x); got {maps.dims}.")
@@ -235,14 +324,35 @@ def agreement_matrix(maps: xr.DataArray, *, top_fraction: float = 0.1) -> xr.Dat
     hot = np.zeros(flat.shape, bool)
     np.put_along_axis(hot, top, True, axis=-1)
     norms = np.linalg.norm(flat, axis=-1)
-    out = {name: np.full((m, m), np.nan) for name in ("spearman", "top_overlap", "cosine")}
+    ranked = [_dense_ranks(flat[:, i]) for i in range(m)] if n else []      # once per method
+    names = ("spearman", "kendall", "top_overlap", "cosine")
+    out = {name: np.full((m, m), np.nan) for name in names}
+    count = {name: np.zeros((m, m), np.int64) for name in ("spearman", "kendall", "cosine")}
     for i in range(m):
-        for j in range(m):
-            out["spearman"][i, j] = np.nanmean(spearman_maps(flat[:, i], flat[:, j])) if n else np.nan
-            out["top_overlap"][i, j] = (hot[:, i] & hot[:, j]).sum(-1).mean() / k
+        # the diagonal: 1 on every sample whose map is not constant (τ-b and ρ of a map with itself)
+        if n:
+            self_defined = np.where(ranked[i][0].max(1) > 0, 1.0, np.nan)
+        for j in range(i, m):
             with np.errstate(invalid="ignore", divide="ignore"):
-                cos = (flat[:, i] * flat[:, j]).sum(-1) / (norms[:, i] * norms[:, j])
-            out["cosine"][i, j] = np.nanmean(np.where(norms[:, i] * norms[:, j] > 0, cos, np.nan))
+                cos = np.where(norms[:, i] * norms[:, j] > 0,
+                               (flat[:, i] * flat[:, j]).sum(-1) / (norms[:, i] * norms[:, j]), np.nan)
+            if not n:
+                rho = tau = np.zeros(0)
+            elif i == j:
+                rho = tau = self_defined
+            else:
+                rho = _spearman_ranked(ranked[i][2], ranked[j][2])
+                tau = _kendall_ranked(*ranked[i][:2], *ranked[j][:2])
+            per_sample = {"spearman": rho, "kendall": tau, "cosine": cos}
+            for name, v in per_sample.items():   # symmetric measures: one pair, both cells
+                out[name][i, j], count[name][i, j] = out[name][j, i], count[name][j, i] = defined_mean(v)
+            out["top_overlap"][i, j] = out["top_overlap"][j, i] = (
+                (hot[:, i] & hot[:, j]).sum(-1).mean() / k if n else np.nan)
     methods = list(maps["method"].values)
-    return xr.Dataset({name: (("method", "method_other"), v) for name, v in out.items()},
-                      coords={"method": methods, "method_other": methods}, attrs={"top_fraction": top_fraction})
+    dims = ("method", "method_other")
+    return xr.Dataset({**{name: (dims, v) for name, v in out.items()},
+                       **{f"n_{name}": (dims, v) for name, v in count.items()}},
+                      coords={"method": methods, "method_other": methods},
+                      attrs={"top_fraction": top_fraction, "kendall": "tau-b",
+                             "undefined": "NaN where no sample has the value defined (n_<measure> = 0): a constant "
+                                          "map has no ranking, an all-zero map no direction"})

@@ -98,17 +98,20 @@ def _reliance_png(rel: xr.Dataset, attr: str) -> bytes:
 
 
 def _sanity_png(sanity: xr.Dataset) -> bytes:
-    fig, ax = plt.subplots(figsize=(5, 3))
+    stats = [("spearman", "Spearman", "threshold"), ("ssim", "SSIM", "ssim_threshold")]
+    stats = [st for st in stats if st[0] in sanity]
+    fig, axes = plt.subplots(1, len(stats), figsize=(5 * len(stats), 3), squeeze=False)
     steps = [str(v) for v in sanity["step"].values]
-    for m in sanity["method"].values:
-        ax.plot(range(len(steps)), sanity["spearman"].sel({"method": m}).values, marker="o", ms=3, label=str(m))
-    ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=6)
-    ax.axhline(sanity.attrs.get("threshold", 0.5), color="grey", linestyle=":", linewidth=1)
-    ax.set_ylabel("Spearman with trained maps")
-    ax.set_xlabel("randomised down to layer (cascading from the top)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax.set_title("sanity check: cascading randomisation", fontsize=9)
+    for ax, (var, label, threshold) in zip(axes[0], stats):
+        for m in sanity["method"].values:
+            ax.plot(range(len(steps)), sanity[var].sel({"method": m}).values, marker="o", ms=3, label=str(m))
+        ax.set_xticks(range(len(steps)), steps, rotation=45, fontsize=6)
+        ax.axhline(sanity.attrs.get(threshold, 0.5), color="grey", linestyle=":", linewidth=1)
+        ax.set_ylabel(f"{label} with trained maps")
+        ax.set_xlabel("randomised down to layer (cascading from the top)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(f"sanity check: cascading randomisation ({label})", fontsize=9)
     return _png(fig)
 
 
@@ -170,14 +173,21 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
         name = f"{base}-attribution-{layer}-sanity.png"
         files[name] = _sanity_png(sanity)
         flagged = s["sanity_flagged"]
-        out.append(f"<img src='{name}' alt='Sanity check: rank correlation of each method's maps with the trained model's as layers are randomised'><p>Sanity check: "
+        by = s.get("sanity_flagged_by", {})
+        listed = ", ".join(f"{m} ({' and '.join(by[m])})" if by.get(m) else m for m in flagged)
+        out.append(f"<img src='{name}' alt='Sanity check: rank correlation and SSIM of each method's maps with the trained model's as layers are randomised'><p>Sanity check: "
                    + (f"<b>flagged (maps barely change when the model is randomised):</b> "
-                      f"{html.escape(', '.join(flagged))}" if flagged else "no method flagged") + ".</p>")
+                      f"{html.escape(listed)}" if flagged else "no method flagged") + ".</p>")
+    if "average_drop" in s:
+        out.append("<p>Confidence on the image multiplied by the map (Chattopadhyay et al. 2018; softmax of the "
+                   "target class):</p>" + _table(
+                       ["method", "average drop %", "increase in confidence %"],
+                       [[m, v, s["increase_in_confidence"].get(m)] for m, v in s["average_drop"].items()]))
     agreement = open_group(attribution_group(plan.ds_key, layer, "agreement"))
     name = f"{base}-attribution-{layer}-agreement.png"
-    files[name] = heatmap_png(agreement["spearman"],
-                              "method agreement (pixel Spearman, mean over samples)")
-    out.append(f"<img src='{name}' alt='Method by method agreement of the attribution maps (Spearman rank correlation)'>")
+    measure, label = ("kendall", "Kendall τ-b") if "kendall" in agreement else ("spearman", "Spearman")
+    files[name] = heatmap_png(agreement[measure], f"method agreement (pixel {label}, mean over samples)")
+    out.append(f"<img src='{name}' alt='Method by method agreement of the attribution maps ({label} rank correlation)'>")
     return out
 
 

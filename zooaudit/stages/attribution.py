@@ -17,10 +17,14 @@ Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
                (sample, order, kind); order = the methods then ``random`` (the control)
     reliance   per attribute and method: background share per group (mean, bootstrap CI, n), the
                group difference, its permutation p-value and the run's corrected p (p_adjusted)
+    confidence average drop and increase in confidence (Chattopadhyay et al. 2018) per method,
+               with the per-sample softmax probabilities full (sample) and masked (sample, method)
+               (zooaudit.faithfulness.confidence_change), on every mapped sample
     agreement  method × method: spearman, top_overlap, cosine (zooaudit.analysis.attribution)
-    sanity     cascading randomisation (zooaudit.sanity_checks): spearman, spearman_abs
-               (step, method) with the trained model's maps; attrs flagged = the methods whose maps
-               stay correlated (≥ sanity_threshold) once every layer is random
+    sanity     cascading randomisation (zooaudit.sanity_checks): spearman, spearman_abs, ssim,
+               ssim_abs (step, method) with the trained model's maps; flag_spearman, flag_ssim
+               (method): the maps stay correlated (≥ sanity_threshold) / structurally similar
+               (≥ sanity_ssim_threshold) once every layer is random; attrs flagged = either
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-__all__ = ["attribution_key", "attribution_layers", "run_attribution"]
+__all__ = ["attribution_key", "attribution_layers", "run_attribution", "sanity_flags"]
 
 STAGE = "attribution"
 
@@ -115,7 +119,7 @@ def _device_module(module, device: str):
 
 def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, target) -> dict[str, xr.Dataset]:
     """The maps, metrics, curves and agreement of one layer (reliance is assembled across layers)."""
-    from ..faithfulness import faithfulness_curves
+    from ..faithfulness import confidence_change, faithfulness_curves
     from ..sanity_checks import randomisation_maps
 
     x, labels = data.inputs[idx], data.labels[idx]
@@ -143,7 +147,10 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
     products = {"maps": maps_ds,
                 "metrics": xr.Dataset(metric_vars, coords={"sample": ids, "method": methods},
                                       attrs={"energy": "positive part", "iou_threshold": aspec.iou_threshold}),
-                "agreement": metrics.agreement_matrix(maps)}
+                "agreement": metrics.agreement_matrix(maps),
+                "confidence": confidence_change(module, x, maps, out["target"].values,
+                                                batch_size=max(aspec.batch_size, 64), device=dev).assign_coords(
+                                                    sample=ids)}
     n_curve = min(aspec.curve_samples, len(idx))
     if n_curve:
         curves = faithfulness_curves(module, x[:n_curve], maps.isel(sample=slice(0, n_curve)),
@@ -166,12 +173,23 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
         sanity = randomisation_maps(module, x[:n_sanity], layer, methods=methods,
                                     targets=out["target"].values[:n_sanity], seed=aspec.random_state, batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
                                     ig_baseline=aspec.ig_baseline, device=dev)
-        final = sanity["spearman"].isel(step=-1)
-        sanity.attrs["flagged"] = [str(m) for m in final["method"].values
-                                   if float(final.sel({"method": m})) >= aspec.sanity_threshold]
-        sanity.attrs["threshold"] = aspec.sanity_threshold
-        products["sanity"] = sanity
+        products["sanity"] = sanity_flags(sanity, aspec.sanity_threshold, aspec.sanity_ssim_threshold)
     return products
+
+
+def sanity_flags(sanity: xr.Dataset, spearman_threshold: float, ssim_threshold: float) -> xr.Dataset:
+    """``sanity`` with the flags of the methods whose maps do not change once every layer is random:
+    ``flag_spearman``, ``flag_ssim`` ``(method)`` — the mean Spearman, the mean SSIM with the trained
+    maps still ≥ its threshold at the last step — and ``attrs["flagged"]``, the methods flagged by
+    either (a NaN, every randomised map constant, flags nothing: no ranking or structure is left)."""
+    final = sanity.isel(step=-1)
+    with np.errstate(invalid="ignore"):
+        out = sanity.assign(flag_spearman=final["spearman"] >= spearman_threshold,
+                            flag_ssim=final["ssim"] >= ssim_threshold)
+    either = out["flag_spearman"] | out["flag_ssim"]
+    out.attrs.update({"flagged": [str(m) for m in out["method"].values[either.values]],
+                      "threshold": spearman_threshold, "ssim_threshold": ssim_threshold})
+    return out
 
 
 def _reliance(metric_ds: xr.Dataset, data, idx, aspec: AttributionSpec) -> list[xr.Dataset]:
@@ -262,22 +280,51 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
     return StageResult(STAGE, plan.model_uri, plan.ds_key, key, snap, not new, summary)
 
 
+def _rounded(value, digits: int = 4) -> float | None:
+    """A summary number: rounded, or None (JSON null) where it is undefined (NaN)."""
+    value = float(value)
+    return round(value, digits) if np.isfinite(value) else None
+
+
 def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
     """Headline numbers of one layer for the commit metadata: per method, the mean of each metric
     and the deletion / insertion AUC beside the random order's."""
     out: dict = {}
     m = products["metrics"]
+    undefined: dict = {}
     for var in ("background_share", "pointing_game", "iou", "energy_inside"):
         if var in m:
-            out[var] = {str(k): round(float(np.nanmean(m[var].sel({"method": k}).values)), 4)
-                        for k in m["method"].values}
+            out[var] = {}
+            for k in m["method"].values:
+                mean, n = metrics.defined_mean(m[var].sel({"method": k}).values)
+                out[var][str(k)] = round(mean, 4) if n else None
+                if not n:
+                    undefined.setdefault(var, {})[str(k)] = "no sample's map has positive energy (or a maximum > 0)"
     if "ig_gap" in m:
         out["ig_gap_mean_abs"] = round(float(np.abs(m["ig_gap"].values).mean()), 6)
+    conf = products["confidence"]
+    for var in ("average_drop", "increase_in_confidence"):
+        out[var] = {str(k): _rounded(conf[var].sel({"method": k})) for k in conf["method"].values}
+    agreement = products["agreement"]
+    out["agreement_kendall"] = {}   # each method's mean τ-b with the other methods
+    for k in agreement["method"].values:
+        others = agreement["kendall"].sel({"method": k}).drop_sel({"method_other": k}).values
+        mean, n = metrics.defined_mean(others)
+        out["agreement_kendall"][str(k)] = round(mean, 4) if n else None
+        if not n:
+            undefined.setdefault("agreement_kendall", {})[str(k)] = "constant maps: no ranking to compare"
     if "sanity" in products:
         final = products["sanity"]["spearman"].isel(step=-1)
-        out["sanity_spearman_all_random"] = {str(m): round(float(final.sel({"method": m})), 4)
+        out["sanity_spearman_all_random"] = {str(m): _rounded(final.sel({"method": m}))
                                              for m in final["method"].values}
+        out["sanity_ssim_all_random"] = {str(m): _rounded(products["sanity"]["ssim"].isel(step=-1).sel({"method": m}))
+                                         for m in final["method"].values}
         out["sanity_flagged"] = list(products["sanity"].attrs["flagged"])
+        out["sanity_flagged_by"] = {str(m): [s for s in ("spearman", "ssim")
+                                             if bool(products["sanity"][f"flag_{s}"].sel({"method": m}))]
+                                    for m in out["sanity_flagged"]}
+    if undefined:
+        out["undefined"] = undefined
     if "curves" in products:
         auc = products["curves"]["auc"].mean("sample")
         out["auc"] = {kind: {str(o): round(float(auc.sel(kind=kind, order=o)), 4) for o in auc["order"].values}
