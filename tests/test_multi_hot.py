@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from zooaudit.data import AuditDataset, load_dataset
 from zooaudit.errors import ZooauditError
@@ -192,3 +193,117 @@ def test_hf_disk_list_and_vector_columns(tmp_path):
         load_dataset(DatasetSpec(**bspec, options={"inputs": "x", "label_sets": "codes"}))
     with pytest.raises(ZooauditError, match=r"has feature .*a multi-hot column holds a list per sample"):
         load_dataset(DatasetSpec(**{**spec, "options": {"inputs": "x", "multi_groups": ["site"]}}))
+
+
+# --- through the bias stage -------------------------------------------------------------------------------
+
+MODEL = "builtin:mlp-w32-s0"     # digits (1, 8, 8) → 10 logits; multi-label predictions: sigmoid ≥ 0.5
+CTX = ["kitchen", "street", "park"]
+
+
+def _multi_label_split(path, split: str, seed: int, strength: float):
+    """Digits as a multi-label set: each image has its digit and, in its context, the label 'next digit';
+    a set-valued context attribute (kitchen/street/park) that goes with even digits at ``strength``."""
+    d = load_dataset(DatasetSpec(name="digits", split=split))
+    rng = np.random.default_rng(seed)
+    n = len(d)
+    sets = np.zeros((n, 10), np.uint8)
+    sets[np.arange(n), d.labels] = 1
+    even = d.labels % 2 == 0
+    kitchen = np.where(rng.random(n) < strength, even, ~even)
+    ctx = np.stack([kitchen, ~kitchen, rng.random(n) < 0.3], axis=1).astype(np.uint8)
+    nxt = (d.labels + 1) % 10
+    add = kitchen & (rng.random(n) < 0.6)
+    sets[np.flatnonzero(add), nxt[add]] = 1
+    np.savez(path, inputs=d.inputs, labels=d.labels, label_sets=sets,
+             names_label_sets=np.array([f"d{i}" for i in range(10)]), multi_context=ctx,
+             names_multi_context=np.array(CTX), group_site=np.where(rng.random(n) < 0.5, "a", "b"))
+    return np.load(path)
+
+
+def _hand_directional_at(tr_a, tr_t, a, t, p):
+    """Wang & Russakovsky's BiasAmp→ (A→T) straight from its definition, pair by pair."""
+    total, count = 0.0, 0
+    for i in range(a.shape[1]):
+        for j in range(t.shape[1]):
+            y = np.mean(tr_a[:, i] * tr_t[:, j]) > np.mean(tr_a[:, i]) * np.mean(tr_t[:, j])
+            has = a[:, i] == 1
+            if not has.any():
+                continue
+            delta = p[has, j].mean() - t[has, j].mean()
+            total += delta if y else -delta
+            count += 1
+    return total / count
+
+
+def test_multi_label_amplification_through_the_stage_equals_the_analysis(shared_store, tmp_path):
+    from zooaudit import layout, stages
+    from zooaudit.analysis.amplification import bias_amplification
+    from zooaudit.specs import AuditModelSpec, BiasSpec
+    from zooaudit.stages.amplification import task_side
+    from zooaudit.stages.bias import bias_key
+    from zooaudit.store import Store
+
+    test = _multi_label_split(tmp_path / "test.npz", "test", 1, 0.8)
+    train = _multi_label_split(tmp_path / "train.npz", "train", 2, 0.9)
+    bias = {"n_boot": 30, "n_permutations": 50, "probes": False, "measures": ["amplification", "contextual"],
+            "train_options": {"path": str(tmp_path / "train.npz")}}
+    spec = AuditModelSpec(model=MODEL, store=shared_store, shard_size=200,
+                          datasets=[DatasetSpec(name="arrays", path=str(tmp_path / "test.npz"))], bias=bias)
+    ref = stages.run_model_stages(stages.plan_extraction(spec, spec.datasets[0]), spec)[0]
+    assert ref.has_group_sets
+    res = stages.run_bias(ref, spec.bias)
+    snap = Store(ref.store).model_repo(ref.model_key).readonly_session(snapshot_id=res.snapshot).store
+    samples = xr.open_zarr(snap, group=layout.samples_group(ref.ds_key), consolidated=False)
+    assert samples["label_sets"].dims == ("sample", "class") and samples.attrs["multi_hot_attributes"] == ["context"]
+    assert samples["multi_context"].dims == ("sample", "context_value")
+    np.testing.assert_array_equal(samples["label_sets"].values, test["label_sets"])
+    assert list(samples["context_value"].values) == CTX
+    logits = xr.open_zarr(snap, group=layout.outputs_group(ref.ds_key), consolidated=False)["logits"].values
+    pred = (logits >= 0).astype(np.uint8)     # sigmoid(z) ≥ 0.5 ⇔ z ≥ 0
+    assert 0 < pred.sum() < pred.size
+    kw = dict(max_order=2, n_boot=30, n_permutations=50, ci=0.95, random_state=0, correction="bh", alpha=0.05,
+              multi_label=True)
+    for attr, tr_a, a in [("context", train["multi_context"], test["multi_context"]),
+                          ("site", np.eye(2, dtype=np.uint8)[(train["group_site"] == "b").astype(int)],
+                           np.eye(2, dtype=np.uint8)[(test["group_site"] == "b").astype(int)])]:
+        got = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'amplification')}/{attr}",
+                           consolidated=False).load()
+        want = bias_amplification(tr_a, train["label_sets"], a, test["label_sets"], pred, **kw)
+        for var in ("value", "value_ci", "variance", "signed", "p_value"):
+            np.testing.assert_allclose(got[var].values, want[var].values, rtol=1e-12, equal_nan=True, err_msg=var)
+        np.testing.assert_allclose(got["pairs_mals"].values, want["pairs_mals"].values, rtol=1e-12)
+        assert got.attrs["multi_label"] and got.attrs["multi_label_threshold"] == 0.5
+        assert list(got["task"].values) == [f"d{i}" for i in range(10)]
+        hand = _hand_directional_at(tr_a, train["label_sets"], a, test["label_sets"], pred)
+        assert float(got["value"].sel(measure="directional_at")) == pytest.approx(hand, abs=1e-12)
+    assert list(got["attribute"].values) == ["a", "b"]
+    ctx_amp = res.summary["context"]["amplification"]
+    assert res.summary["context"]["multi_hot"] and ctx_amp["mals"]["value"] is not None
+    assert "contextual" in res.summary["context"] and "overall_accuracy" in res.summary["site"]
+    ctx = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'contextual')}/context", consolidated=False)
+    assert set(ctx["context"].values) <= set(CTX) and ctx.attrs["multi_label"]
+
+    # single labels when asked (or for a dataset without label sets): the run's one-hot path, another key
+    single = stages.run_bias(ref, BiasSpec(**{**bias, "multi_label": False}))
+    assert single.cache_key != res.cache_key and single.summary["context"]["amplification"]["mals"] != ctx_amp["mals"]
+    # bad input: a training side without the label sets — an error, nothing committed
+    np.savez(tmp_path / "nosets.npz", **{k: train[k] for k in train.files if k not in ("label_sets",
+                                                                                      "names_label_sets")})
+    bspec = BiasSpec(**{**bias, "train_options": {"path": str(tmp_path / "nosets.npz")}})
+    with pytest.raises(ZooauditError, match="training side .* has no multi-hot label_sets.*BiasSpec.train_split"):
+        stages.run_bias(ref, bspec)
+    assert ref.repository.find(bias_key(ref, bspec)) is None
+    renamed = {**{k: train[k] for k in train.files}, "names_label_sets": np.array([f"e{i}" for i in range(10)])}
+    np.savez(tmp_path / "renamed.npz", **renamed)
+    with pytest.raises(ZooauditError, match=r"training side's label_sets has the name\(s\) \['e0'"):
+        stages.run_bias(ref, BiasSpec(**{**bias, "train_options": {"path": str(tmp_path / "renamed.npz")}}))
+    # multi-label asked of single labels; label sets that do not match the model's outputs
+    plain = samples.load().drop_vars(["label_sets", "class"])
+    outputs = xr.open_zarr(snap, group=layout.outputs_group(ref.ds_key), consolidated=False).load()
+    train_ds = load_dataset(DatasetSpec(name="arrays", path=str(tmp_path / "train.npz")))
+    with pytest.raises(ZooauditError, match=r"multi_label=True, but the audit dataset has no multi-hot label sets"):
+        task_side(plain, outputs, BiasSpec(multi_label=True), train_ds)
+    assert not task_side(plain, outputs, BiasSpec(), train_ds).multi_label
+    with pytest.raises(ZooauditError, match="label_sets have 9 labels but the model has 10 outputs"):
+        task_side(samples.load().isel({"class": slice(0, 9)}), outputs, BiasSpec(), train_ds)
