@@ -307,3 +307,21 @@ def test_multi_label_amplification_through_the_stage_equals_the_analysis(shared_
     assert not task_side(plain, outputs, BiasSpec(), train_ds).multi_label
     with pytest.raises(ZooauditError, match="label_sets have 9 labels but the model has 10 outputs"):
         task_side(samples.load().isel({"class": slice(0, 9)}), outputs, BiasSpec(), train_ds)
+
+
+def test_bias_key_unchanged_at_the_new_defaults_and_set_attributes_make_the_stage_apply():
+    from types import SimpleNamespace
+
+    from zooaudit.keys import cache_key
+    from zooaudit.specs import BiasSpec
+    from zooaudit.stages.bias import applies, bias_key
+
+    target = SimpleNamespace(has_groups=True, n_outputs=10, cache_key="activations-x", model_info={},
+                             sample_layers=["fc"])
+    old = {k: v for k, v in BiasSpec().model_dump().items() if k not in ("multi_label", "multi_label_threshold")}
+    assert bias_key(target, BiasSpec()) == cache_key("bias", activations="activations-x", **old)
+    assert bias_key(target, BiasSpec(multi_label=True)) != bias_key(target, BiasSpec())
+    assert bias_key(target, BiasSpec(multi_label_threshold=0.7)) != bias_key(target, BiasSpec())
+    only_sets = SimpleNamespace(**{**target.__dict__, "has_groups": False, "has_group_sets": True})
+    assert applies(only_sets, BiasSpec()) and not applies(SimpleNamespace(**{**only_sets.__dict__,
+                                                                             "has_group_sets": False}), BiasSpec())
