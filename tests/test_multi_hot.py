@@ -284,6 +284,19 @@ def test_multi_label_amplification_through_the_stage_equals_the_analysis(shared_
     ctx = xr.open_zarr(snap, group=f"{layout.bias_group(ref.ds_key, 'contextual')}/context", consolidated=False)
     assert set(ctx["context"].values) <= set(CTX) and ctx.attrs["multi_label"]
 
+    # the report: the set-valued attribute has its amplification table, no group-accuracy section
+    from zooaudit.report.bias import bias_section
+    from zooaudit.report.bias_measures import bias_measures_section
+
+    def opened(group, snapshot=res.snapshot):
+        return xr.open_zarr(Store(ref.store).model_repo(ref.model_key).readonly_session(snapshot_id=snapshot).store,
+                            group=group, consolidated=False)
+
+    files: dict = {}
+    html = "".join(bias_section(opened, ref, res, "m", files) + bias_measures_section(opened, ref, res, None, "m",
+                                                                                      files))
+    assert "Bias amplification of context" in html and "accuracy by site" in html
+    assert "accuracy by context" not in html and "probe accuracy of context" not in html
     # single labels when asked (or for a dataset without label sets): the run's one-hot path, another key
     single = stages.run_bias(ref, BiasSpec(**{**bias, "multi_label": False}))
     assert single.cache_key != res.cache_key and single.summary["context"]["amplification"]["mals"] != ctx_amp["mals"]
