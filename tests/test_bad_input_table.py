@@ -59,6 +59,9 @@ CASES: list[tuple[str, str, list[str], list[str]]] = [
      ["is empty"]),
     ("dataset-label-length", "labels of another length than the inputs",
      ["audit-zoo", "--models", M, "--dataset", "arrays={d}/short.npz"], ["labels has shape (19,); expected (20,)"]),
+    ("dataset-not-multi-hot", "multi-hot label sets that hold a value other than 0/1",
+     ["audit-zoo", "--models", M, "--dataset", "arrays={d}/sets.npz"],
+     ["label_sets is not multi-hot: row 1, column 1 holds 2", "0 or 1 only"]),
     ("dataset-object-array", "arrays that need unpickling",
      ["audit-zoo", "--models", M, "--dataset", "arrays={d}/obj.npy"], ["without unpickling"]),
     ("dataset-non-utf8", "text file that is not UTF-8", ["audit-zoo", "--models", M, "--dataset", "text={d}/latin1.txt"],
@@ -106,6 +109,7 @@ def make_bad_files(d: Path) -> None:
     x = rng.random((20, 1, 8, 8), dtype=np.float32)
     np.savez(d / "nan.npz", inputs=np.full_like(x, np.nan), labels=np.arange(20) % 3)
     np.savez(d / "short.npz", inputs=x, labels=np.arange(19) % 3)
+    np.savez(d / "sets.npz", inputs=x, label_sets=np.eye(3, dtype=np.int64)[np.arange(20) % 3] * [[1, 2, 1]])
     np.savez(d / "empty.npz", inputs=x[:0])
     np.savez(d / "wide.npz", inputs=rng.random((20, 3, 32, 32), dtype=np.float32))
     np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)

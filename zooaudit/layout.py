@@ -2,7 +2,9 @@
 
 Per dataset group ``<ds>``::
 
-    <ds>/samples                sample (coord: sample id), label, group attributes
+    <ds>/samples                sample (coord: sample id), label, group attributes; multi-hot
+                                datasets also label_sets (sample, class) and multi_<attr>
+                                (sample, <attr>_value), 0/1 with the names as coordinates
     <ds>/acts/<layer>           activations (sample, unit) | (sample, channel, y, x)
                                 | all tokens: (token, unit) + token_start, token_count (sample,)
     <ds>/outputs                logits (sample, class), prediction (sample)
@@ -100,14 +102,34 @@ def dims_for(ndim: int) -> tuple[str, ...]:
     )
 
 
+def multi_hot_var(attr: str) -> str:
+    """Name of a set-valued attribute's ``(sample, <attr>_value)`` 0/1 array in the samples table."""
+    return f"multi_{attr}"
+
+
+def multi_hot_dim(attr: str) -> str:
+    return f"{attr}_value"
+
+
 def samples_dataset(dataset) -> xr.Dataset:
-    """The ``samples`` table of a dataset: ids, labels and group attributes."""
+    """The ``samples`` table of a dataset: ids, labels and group attributes; where the dataset has
+    them, the multi-hot label sets ``label_sets`` (sample, class) and set-valued attributes
+    ``multi_<attr>`` (sample, <attr>_value), uint8 0/1, their names the ``class`` / ``<attr>_value``
+    coordinates (a dataset without them has the table it always had)."""
     coords = {"sample": ("sample", dataset.sample_ids)}
     data = {"label": ("sample", dataset.labels)}
     data.update({name: ("sample", codes) for name, codes in dataset.groups.items()})
+    if getattr(dataset, "label_sets", None) is not None:
+        data["label_sets"] = (("sample", "class"), dataset.label_sets)
+        coords["class"] = ("class", np.array(dataset.label_set_names, dtype=object))   # Zarr v3: vlen strings
+    for attr, sets in getattr(dataset, "group_sets", {}).items():
+        data[multi_hot_var(attr)] = (("sample", multi_hot_dim(attr)), sets)
+        coords[multi_hot_dim(attr)] = (multi_hot_dim(attr), np.array(dataset.group_set_names[attr], dtype=object))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update({"dataset": dataset.name, "group_names": dataset.group_names,
                      "group_attributes": sorted(dataset.groups)})
+    if getattr(dataset, "group_sets", None):
+        ds.attrs["multi_hot_attributes"] = sorted(dataset.group_sets)
     return ds
 
 

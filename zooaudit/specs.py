@@ -155,6 +155,14 @@ class BiasSpec(BaseModel):
         "(e.g. {'color_flip': 0.1}); the dataset's options go in 'options'.")
     max_order: int = Field(2, ge=1, le=4, description="Largest label set of the multi-attribute amplification.")
     contextual_top_k: int = Field(20, ge=1, description="Most biased (category, context) pairs kept.")
+    multi_label: bool | None = Field(
+        None, description="Task side of amplification and contextual bias: True = the dataset's multi-hot label "
+        "sets (label_sets; an error when the audit or training side has none), False = the single labels, "
+        "None = the label sets when the audit dataset has them. Multi-label predictions are the outputs whose "
+        "sigmoid reaches multi_label_threshold.")
+    multi_label_threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Multi-label: a label is predicted when the sigmoid of its logit is at "
+        "least this (0.5 = logit ≥ 0); the sigmoids are the scores of the contextual bias.")
 
     @model_validator(mode="after")
     def _training_side(self) -> BiasSpec:

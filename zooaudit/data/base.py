@@ -19,9 +19,5 @@ def load_dataset(spec) -> AuditDataset:
         spec = DatasetSpec(**spec)
     ds = DATASETS[spec.name](spec)
     if spec.max_samples is not None and spec.max_samples < len(ds):
-        n = spec.max_samples
-        ds.inputs, ds.labels, ds.sample_ids = ds.inputs[:n], ds.labels[:n], ds.sample_ids[:n]
-        ds.groups = {k: v[:n] for k, v in ds.groups.items()}
-        if ds.masks is not None:
-            ds.masks = ds.masks[:n]
+        ds.take(spec.max_samples)
     return ds

@@ -13,6 +13,16 @@ path or ``file://`` URL). Options (``DatasetSpec.options``):
   the same layout, ``<masks>/<class>/<image stem>.png``: one per image, any non-zero pixel
   is foreground; resized with nearest neighbours to ``image_size``. Stored as
   ``AuditDataset.masks`` ``(sample, y, x)`` bool.
+- ``label_sets``: multi-label data, a sidecar file (relative to the root; default
+  ``label_sets.csv`` or ``label_sets.json`` when present) giving each image its set of label
+  names — CSV: columns ``path`` and ``labels``, the names separated by ``;`` (empty: no label);
+  JSON: ``{"<class>/<image>": ["name", ...]}``. Stored as ``AuditDataset.label_sets``
+  ``(sample, label)`` 0/1; the folder's class stays the single label.
+- ``label_set_names``: the allowed label names, in column order (default: the sorted names seen).
+- ``multi_groups``: set-valued attributes, a sidecar file (default ``multi_groups.csv`` /
+  ``.json`` when present) — CSV: a ``path`` column and one column per attribute, names separated
+  by ``;``; JSON: ``{"<class>/<image>": {"<attr>": ["name", ...]}}``. Stored as
+  ``AuditDataset.group_sets`` ``(sample, value)`` 0/1, value names in sorted order.
 
 Labels are class indices in sorted order of the folder names; sample ids are the
 positions in sorted (class, file) order; inputs ``(sample, channel, y, x)``
@@ -23,6 +33,7 @@ string form, the names kept in ``group_names`` (the text datasets' convention).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,13 +41,15 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import ZooauditError
+from .multihot import from_names
 from .registry import register
 from .types import AuditDataset
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-OPTIONS = {"image_size", "mode", "on_error", "groups", "masks"}
+OPTIONS = {"image_size", "mode", "on_error", "groups", "masks", "label_sets", "label_set_names", "multi_groups"}
+SET_SEPARATOR = ";"     # between the names of one cell of a multi-hot sidecar CSV
 
 
 def local_path(path: str | None, dataset: str) -> Path:
@@ -134,6 +147,67 @@ def _read_groups(root: Path, spec_value, files: list[str]) -> tuple[dict, dict]:
     return code_groups({a: [by_path[f][a] for f in files] for a in attrs})
 
 
+def _sidecar(root: Path, option: str, spec_value, files: list[str], labels: bool) -> dict[str, list[list[str]]] | None:
+    """``{column: per-file lists of names}`` from a multi-hot sidecar (``options.<option>``), or None when
+    there is none. ``labels``: the one column is ``labels`` (a JSON value is then the list itself)."""
+    if spec_value:
+        path = root / str(spec_value)
+        if not path.exists():
+            raise ZooauditError(f"Sidecar file {str(path)!r} (options.{option}) does not exist.")
+    else:
+        path = next((p for p in (root / f"{option}.csv", root / f"{option}.json") if p.exists()), None)
+        if path is None:
+            return None
+    where = f"{str(path)!r} (options.{option})"
+    if path.suffix.lower() == ".json":
+        try:
+            by_path = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ZooauditError(f"Sidecar file {where} is not valid JSON: {err}.") from None
+        if not isinstance(by_path, dict):
+            raise ZooauditError(f"Sidecar file {where} must hold an object keyed by image path (<class>/<image>).")
+        if labels:
+            by_path = {k: {"labels": v} for k, v in by_path.items()}
+        elif not all(isinstance(v, dict) for v in by_path.values()):
+            raise ZooauditError(f"Sidecar file {where}: each image maps to an object {{attribute: [names]}}.")
+        columns = sorted({c for v in by_path.values() for c in v})
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        columns = [c for c in (rows[0] if rows else []) if c != "path"]
+        if not rows or "path" not in rows[0] or not columns or (labels and columns != ["labels"]):
+            want = "'path' and 'labels'" if labels else "'path' and one per set-valued attribute"
+            raise ZooauditError(f"Sidecar file {where} needs a header with the columns {want}.")
+        by_path = {r["path"]: {c: [v.strip() for v in (r[c] or "").split(SET_SEPARATOR) if v.strip()]
+                               for c in columns} for r in rows}
+    else:
+        raise ZooauditError(f"Sidecar file {where} must be a .csv or a .json file.")
+    missing = [f for f in files if f not in by_path]
+    if missing:
+        raise ZooauditError(f"Sidecar file {where} has no entry for {len(missing)} image(s), e.g. {missing[:3]}.")
+    return {c: [by_path[f].get(c, []) for f in files] for c in columns}
+
+
+def _read_sets(root: Path, options: dict, files: list[str]) -> dict:
+    """The multi-hot columns (``label_sets``, ``group_sets``) of an image folder's sidecars."""
+    out: dict = {}
+    vocabulary = options.get("label_set_names")
+    if vocabulary is not None and not (isinstance(vocabulary, list) and all(isinstance(v, str) for v in vocabulary)):
+        raise ZooauditError(f"options.label_set_names must be a list of label names; got {vocabulary!r}.")
+    if (cols := _sidecar(root, "label_sets", options.get("label_sets"), files, labels=True)) is not None:
+        out["label_sets"], out["label_set_names"] = from_names(cols["labels"], "label_sets", "image-folder",
+                                                               vocabulary)
+    elif vocabulary is not None:
+        raise ZooauditError("options.label_set_names needs label sets (options.label_sets or a label_sets.csv / "
+                            ".json sidecar in the root).")
+    if (cols := _sidecar(root, "multi_groups", options.get("multi_groups"), files, labels=False)) is not None:
+        for attr, rows in cols.items():
+            matrix, names = from_names(rows, f"multi_groups[{attr!r}]", "image-folder")
+            out.setdefault("group_sets", {})[attr] = matrix
+            out.setdefault("group_set_names", {})[attr] = names
+    return out
+
+
 def _read_masks(root: Path, folder: str, files: list[str], size: tuple[int, int] | None) -> np.ndarray:
     """``(sample, y, x)`` bool masks of ``files`` (``<class>/<name>``) from ``root/folder``."""
     from PIL import Image
@@ -207,4 +281,5 @@ def load_image_folder(spec) -> AuditDataset:
         group_names=group_names,
         masks=masks,
         class_names=classes,
+        **_read_sets(root, options, files),
     )

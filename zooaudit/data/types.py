@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import ZooauditError
 from ..keys import canonical_json, short_hash
+from .multihot import check_multi_hot, check_names
 
 __all__ = ["AuditDataset", "check_masks"]
 
@@ -47,6 +48,13 @@ class AuditDataset:
         masks: ``(sample, y, x)`` bool foreground masks (True on the object), or None: datasets with
             ground-truth segmentation (``scenes``; ``image-folder`` / ``arrays`` given masks).
         class_names: the name of each label code, where the dataset has them (else empty).
+        label_sets: ``(sample, label)`` uint8 0/1 multi-hot label sets, or None — multi-label data
+            (a sample may carry several labels). Extra to ``labels``, which stays the single label.
+        label_set_names: the name of each column of ``label_sets``.
+        group_sets: set-valued attributes, each ``(sample, value)`` uint8 0/1 (a sample may have
+            several values, e.g. the objects in its context); extra to the single-coded ``groups``,
+            and no name is both.
+        group_set_names: for each of ``group_sets``, the name of each column.
     """
 
     name: str
@@ -58,10 +66,49 @@ class AuditDataset:
     group_names: dict[str, list[str]] = field(default_factory=dict)
     masks: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
+    label_sets: np.ndarray | None = None
+    label_set_names: list[str] = field(default_factory=list)
+    group_sets: dict[str, np.ndarray] = field(default_factory=dict)
+    group_set_names: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.masks is not None:
             self.masks = check_masks(self.masks, self.inputs.shape, self.name)
+        n = len(self)
+        if self.label_sets is not None:
+            self.label_sets = check_multi_hot(self.label_sets, "label_sets", n, self.name)
+            self.label_set_names = check_names(self.label_set_names, self.label_sets.shape[1], "label_sets",
+                                               self.name)
+        elif self.label_set_names:
+            raise ZooauditError(f"Dataset {self.name!r}: label_set_names given without label_sets.")
+        both = sorted(set(self.groups) & set(self.group_sets))
+        if both:
+            raise ZooauditError(f"Dataset {self.name!r}: attribute(s) {both} are both single-valued groups and "
+                                "multi-hot group_sets; give each attribute one form.")
+        extra = sorted(set(self.group_set_names) - set(self.group_sets))
+        if extra:
+            raise ZooauditError(f"Dataset {self.name!r}: group_set_names for {extra}, which are not group_sets "
+                                f"(those are: {sorted(self.group_sets) or 'none'}).")
+        for attr in list(self.group_sets):
+            what = f"group_sets[{attr!r}]"
+            self.group_sets[attr] = check_multi_hot(self.group_sets[attr], what, n, self.name)
+            self.group_set_names[attr] = check_names(self.group_set_names.get(attr, []),
+                                                     self.group_sets[attr].shape[1], what, self.name)
+
+    def take(self, n: int) -> None:
+        """Keep only the first ``n`` samples (every per-sample column), in place."""
+        self.inputs, self.labels, self.sample_ids = self.inputs[:n], self.labels[:n], self.sample_ids[:n]
+        self.groups = {k: v[:n] for k, v in self.groups.items()}
+        if self.masks is not None:
+            self.masks = self.masks[:n]
+        if self.label_sets is not None:
+            self.label_sets = self.label_sets[:n]
+        self.group_sets = {k: v[:n] for k, v in self.group_sets.items()}
+
+    @property
+    def multi_hot(self) -> bool:
+        """Whether the dataset carries multi-hot columns (label sets or set-valued attributes)."""
+        return self.label_sets is not None or bool(self.group_sets)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -83,4 +130,9 @@ class AuditDataset:
         for arr in (self.inputs, self.labels, self.sample_ids, *[self.groups[k] for k in sorted(self.groups)], *masks):
             # The array's own bytes (the same digest as .tobytes()), without a whole copy of the inputs.
             h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        if self.multi_hot:   # absent: the digests of datasets without multi-hot columns are unchanged
+            h.update(canonical_json({"label_sets": self.label_set_names, "group_sets": self.group_set_names}).encode())
+            sets = () if self.label_sets is None else (self.label_sets,)
+            for arr in (*sets, *[self.group_sets[k] for k in sorted(self.group_sets)]):
+                h.update(np.ascontiguousarray(arr, np.uint8).reshape(-1))
         return h.hexdigest()

@@ -47,6 +47,8 @@ def bias_section(open_group, plan, result, base: str, files: dict, *, open_line=
         if attr == "weat":  # the association tests of text encoders, not a group attribute
             out.extend(weat_section(s))
             continue
+        if "overall_accuracy" not in s and "probe_accuracy" not in s:   # a set-valued attribute: amplification
+            continue                                                       # only (bias_measures_section)
         if "overall_accuracy" not in s:  # an encoder: no predictions, representation probes only
             probes = s.get("probe_accuracy") or {}
             layers = list(next(iter(probes.values()), {}))

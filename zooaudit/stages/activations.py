@@ -87,6 +87,7 @@ class ExtractionPlan:
     cache_key: str
     has_groups: bool
     model_info: dict = field(default_factory=dict)
+    has_group_sets: bool = False  # set-valued (multi-hot) attributes: the bias stage's amplification applies
     dtype: str = "float32"      # stored activations: float32 | float16
     autocast: str = "none"      # forward precision: none | bf16 | fp16 (torch.autocast)
     token_rows: int = 0         # all-tokens layers: token rows reserved per shard (zooaudit.tokens)
@@ -124,7 +125,8 @@ def activations_ref(plan: ExtractionPlan, snapshot: str, controls: dict[str, Con
         dataset=plan.dataset, ds_key=plan.ds_key, ds_hash=plan.ds_hash, snapshot=snapshot,
         cache_key=plan.cache_key, layers=list(plan.layers), shapes=dict(plan.shapes), pooling=plan.pooling,
         n_samples=plan.n_samples, n_outputs=plan.n_outputs, has_groups=plan.has_groups,
-        model_info=dict(plan.model_info), device=plan.device, controls=dict(controls or {}))
+        has_group_sets=plan.has_group_sets, model_info=dict(plan.model_info), device=plan.device,
+        controls=dict(controls or {}))
 # Finished shards waiting for the writer: bounded (in count and in bytes) so a slow
 # store applies back-pressure instead of piling activations up in memory. The writer
 # takes all that wait, up to these bounds, into one commit.
@@ -165,7 +167,8 @@ def plan_extraction(spec: AuditModelSpec, ds_spec: DatasetSpec) -> ExtractionPla
         dataset=ds_spec, ds_key=dataset.key, ds_hash=ds_hash, n_samples=len(dataset),
         layers=layers, shapes=shapes, n_outputs=n_outputs, pooling=spec.pooling, batch_size=spec.batch_size,
         device=spec.device, shard_size=spec.shard_size, shards=plan_shards(len(dataset), spec.shard_size),
-        cache_key=key, has_groups=bool(dataset.groups), model_info=dict(model.info), dtype=dtype, autocast=autocast,
+        cache_key=key, has_groups=bool(dataset.groups), has_group_sets=bool(dataset.group_sets),
+        model_info=dict(model.info), dtype=dtype, autocast=autocast,
         token_rows=token_rows,
     )
 

@@ -2,7 +2,13 @@
 
 Called by :mod:`.bias` for every group attribute of a dataset with predictions. The training
 side is a dataset split (``BiasSpec.train_split``, :func:`training_side`), loaded by the data
-loaders — labels and group attributes only are read; no model runs. Written under ``<ds>/bias/``::
+loaders — labels and group attributes only are read; no model runs. Multi-hot datasets
+(:class:`~zooaudit.data.types.AuditDataset` ``label_sets`` / ``group_sets``, committed in the samples
+table as ``label_sets`` (sample, class) and ``multi_<attr>``): the task side is the label sets when
+``BiasSpec.multi_label`` asks for them (None: when the dataset has them), the predictions the outputs
+whose sigmoid reaches ``multi_label_threshold`` (:func:`task_side`); a set-valued attribute is a
+multi-hot attribute side (:func:`attribute_sides`). The training side must carry the same columns
+(matched by name). Written under ``<ds>/bias/``::
 
     amplification/<attr>   per measure (value, CI, variance, p, BH/Holm across the run's
                            attributes × measures), per-pair tables (attribute × task / label set)
@@ -12,6 +18,8 @@ loaders — labels and group attributes only are read; no model runs. Written un
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import xarray as xr
 from pydantic import ValidationError
@@ -20,6 +28,7 @@ from ..analysis.amplification import bias_amplification, multi_hot
 from ..analysis.contextual import contextual_bias
 from ..analysis.multitest import adjust_datasets
 from ..errors import ZooauditError
+from ..layout import multi_hot_var
 from ..specs import BiasSpec, DatasetSpec
 from .common import plan_dataset
 
@@ -56,36 +65,124 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def attribute_tables(ref, samples: xr.Dataset, outputs: xr.Dataset, attr: str, bspec: BiasSpec, train
-                     ) -> tuple[dict[str, xr.Dataset], dict]:
-    """``({"amplification": ds, "contextual": ds}, summary)`` of one group attribute (those asked for)."""
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float64)))   # = 1 / (1 + e^-x), without overflow
+
+
+@dataclass
+class TaskSide:
+    """The task side of amplification and contextual bias.
+
+    ``train`` ``(m,)`` codes or ``(m, T)`` 0/1; ``test`` and ``pred`` ``(n,)`` / ``(n, T)``; ``scores``
+    ``(n, T)`` (softmax, or sigmoid for multi-label); ``names`` (T,)."""
+
+    train: np.ndarray
+    test: np.ndarray
+    pred: np.ndarray
+    scores: np.ndarray
+    names: list[str]
+    multi_label: bool
+
+
+def _align(matrix: np.ndarray, names: list[str], target: list[str], field: str) -> np.ndarray:
+    """``(m, len(target))``: the columns of ``matrix`` (named ``names``) placed under ``target``, 0 where a
+    target name is missing; a name outside ``target`` is an error."""
+    index = {v: j for j, v in enumerate(target)}
+    unknown = [v for v in names if v not in index]
+    if unknown:
+        raise ZooauditError(f"The training side's {field} has the name(s) {unknown}, which the audit dataset's "
+                            f"{field} does not have (allowed: {target}); both sides need the same columns.")
+    out = np.zeros((matrix.shape[0], len(target)), np.uint8)
+    out[:, [index[v] for v in names]] = matrix
+    return out
+
+
+def _describe(train) -> str:
+    return f"The training side ({train.name}, split {train.spec.get('split')!r})"
+
+
+def task_side(samples: xr.Dataset, outputs: xr.Dataset, bspec: BiasSpec, train) -> TaskSide:
+    """Single labels (one-hot, argmax predictions, softmax scores) or multi-hot label sets (predictions:
+    sigmoid ≥ ``multi_label_threshold``), as ``BiasSpec.multi_label`` asks (None: label sets when present)."""
+    logits = outputs["logits"].values
+    T = int(logits.shape[1])
+    has_sets = "label_sets" in samples
+    multi = has_sets if bspec.multi_label is None else bspec.multi_label
+    if not multi:
+        names = [str(t) for t in (train.class_names or range(T))][:T]
+        names += [str(t) for t in range(len(names), T)]
+        return TaskSide(multi_hot(np.asarray(train.labels), "training labels", T),
+                        multi_hot(samples["label"].values, "labels", T),
+                        multi_hot(outputs["prediction"].values, "predictions", T), _softmax(logits), names, False)
+    if not has_sets:
+        raise ZooauditError("BiasSpec.multi_label=True, but the audit dataset has no multi-hot label sets (its labels "
+                            "are single class codes). Allowed: a dataset with label_sets (see the README's "
+                            "multi-hot columns), or multi_label=None/False for single labels.")
+    names = [str(v) for v in samples["class"].values]
+    if len(names) != T:
+        raise ZooauditError(f"The audit dataset's label_sets have {len(names)} labels but the model has {T} outputs; "
+                            "multi-label amplification needs one output per label, in the label_sets' order.")
+    if train.label_sets is None:
+        raise ZooauditError(f"{_describe(train)} has no multi-hot label_sets, but the audit side is multi-label; "
+                            "set BiasSpec.train_split (or train_options) to a split that carries the same label "
+                            "sets, or multi_label=False.")
+    scores = _sigmoid(logits)
+    return TaskSide(_align(train.label_sets, train.label_set_names, names, "label_sets"),
+                    samples["label_sets"].values.astype(np.uint8),
+                    (scores >= bspec.multi_label_threshold).astype(np.uint8), scores, names, True)
+
+
+def attribute_sides(samples: xr.Dataset, attr: str, train) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(train (m, G), test (n, G), names)`` 0/1 of a group attribute: single-coded (one-hot) or set-valued
+    (multi-hot, the columns of both sides matched by name: the audit side's names, then the training side's
+    others)."""
+    if attr in samples.attrs.get("multi_hot_attributes", []):
+        var = samples[multi_hot_var(attr)]
+        names = [str(v) for v in var[var.dims[1]].values]
+        if attr not in train.group_sets:
+            raise ZooauditError(f"{_describe(train)} has no set-valued attribute {attr!r} (it has: "
+                                f"{', '.join(sorted(train.group_sets)) or 'none'}); set BiasSpec.train_split to a "
+                                "split that carries the same multi-hot attribute columns.")
+        train_names = train.group_set_names[attr]
+        names = names + [v for v in train_names if v not in names]
+        test = np.zeros((var.shape[0], len(names)), np.uint8)
+        test[:, :var.shape[1]] = var.values
+        return _align(train.group_sets[attr], train_names, names, f"attribute {attr!r}"), test, names
     if attr not in train.groups:
-        raise ZooauditError(f"The training side ({train.name}, {train.spec.get('split')}) has no group attribute "
-                            f"{attr!r} (it has: {', '.join(sorted(train.groups)) or 'none'}); set "
-                            "BiasSpec.train_split to a split that carries it.")
+        raise ZooauditError(f"{_describe(train)} has no group attribute {attr!r} (it has: "
+                            f"{', '.join(sorted(train.groups)) or 'none'}); set BiasSpec.train_split to a split "
+                            "that carries it.")
     names = samples.attrs["group_names"].get(attr) or [str(v) for v in np.unique(samples[attr].values)]
-    G, T = len(names), int(outputs["logits"].shape[1])
-    labels, pred = samples["label"].values, outputs["prediction"].values
-    attr_tr, attr_te = (multi_hot(np.asarray(v), f"group attribute {attr!r}", G)
-                        for v in (train.groups[attr], samples[attr].values))
-    task_tr = multi_hot(np.asarray(train.labels), "training labels", T)
-    task_te, pred_te = multi_hot(labels, "labels", T), multi_hot(pred, "predictions", T)
-    task_names = [str(t) for t in (train.class_names or range(T))][:T]
-    task_names += [str(t) for t in range(len(task_names), T)]
+    G = len(names)
+    tr, te = (multi_hot(np.asarray(v), f"group attribute {attr!r}", G)
+              for v in (train.groups[attr], samples[attr].values))
+    return tr, te, names
+
+
+def attribute_tables(ref, samples: xr.Dataset, outputs: xr.Dataset, attr: str, bspec: BiasSpec, train,
+                     tasks: TaskSide | None = None) -> tuple[dict[str, xr.Dataset], dict]:
+    """``({"amplification": ds, "contextual": ds}, summary)`` of one group attribute (those asked for);
+    ``tasks``: the run's :func:`task_side` (computed here when not given)."""
+    tasks = tasks or task_side(samples, outputs, bspec, train)
+    attr_tr, attr_te, names = attribute_sides(samples, attr, train)
+    provenance = {"attribute": attr, "train_dataset": train.key, "multi_label": tasks.multi_label,
+                  "multi_hot_attribute": attr in samples.attrs.get("multi_hot_attributes", [])}
+    if tasks.multi_label:
+        provenance["multi_label_threshold"] = bspec.multi_label_threshold
     out, summary = {}, {}
     if "amplification" in bspec.measures:
-        amp = bias_amplification(attr_tr, task_tr, attr_te, task_te, pred_te, attr_names=names,
-                                 task_names=task_names, max_order=bspec.max_order, n_boot=bspec.n_boot,
+        amp = bias_amplification(attr_tr, tasks.train, attr_te, tasks.test, tasks.pred, attr_names=names,
+                                 task_names=tasks.names, max_order=bspec.max_order, n_boot=bspec.n_boot,
                                  n_permutations=bspec.n_permutations, ci=bspec.ci, random_state=bspec.random_state,
-                                 correction=bspec.correction, alpha=bspec.alpha)
-        amp.attrs.update(attribute=attr, train_dataset=train.key)
+                                 correction=bspec.correction, alpha=bspec.alpha, multi_label=tasks.multi_label)
+        amp.attrs.update(provenance)
         out["amplification"] = amp
     if "contextual" in bspec.measures:
-        ctx = contextual_bias(task_tr, attr_tr, task_te, attr_te, pred_te, _softmax(outputs["logits"].values),
-                              category_names=task_names, context_names=names, min_group_size=bspec.min_group_size,
+        ctx = contextual_bias(tasks.train, attr_tr, tasks.test, attr_te, tasks.pred, tasks.scores,
+                              category_names=tasks.names, context_names=names, min_group_size=bspec.min_group_size,
                               n_boot=bspec.n_boot, ci=bspec.ci, random_state=bspec.random_state,
                               top_k=bspec.contextual_top_k)
-        ctx.attrs.update(attribute=attr, train_dataset=train.key)
+        ctx.attrs.update(provenance)
         out["contextual"] = ctx
         summary["contextual"] = [
             {"category": str(p["category"].values), "context": str(p["context"].values),

@@ -12,7 +12,9 @@ Written under ``<ds>/bias/``::
     weat                   text encoders: WEAT/SEAT per (method, layer, test), Holm within (method, layer)
     erasure/<attr>         LEACE erasure per (layer, stage): probe accuracy and worst-group accuracy
     amplification/<attr>   bias amplification against the training side, contextual/<attr> the
-                           contextual-bias pairs (:mod:`.amplification`; ``BiasSpec.measures``)
+                           contextual-bias pairs (:mod:`.amplification`; ``BiasSpec.measures``), for
+                           every group attribute and every set-valued (multi-hot) attribute; on
+                           multi-label datasets over the label sets (``BiasSpec.multi_label``)
     shortcut/<attr>        accuracy and flip rate on counterfactual partners (:mod:`.shortcut`)
 
 Probes and erasure run on at most ``probe_max_samples`` samples (a fixed subset). An array
@@ -125,7 +127,7 @@ def _bias_parts(target, bspec: BiasSpec) -> tuple[bool, bool, bool]:
     """Which parts of the bias stage apply: (association tests, prediction-level audit, encoder probes).
     ``target``: an extraction plan or an activations reference (both carry these fields)."""
     association = weat_stage.applies(target, bspec)
-    predictions = target.has_groups and target.n_outputs is not None
+    predictions = (target.has_groups or getattr(target, "has_group_sets", False)) and target.n_outputs is not None
     encoder_probes = target.has_groups and target.n_outputs is None and bspec.probes and bool(target.sample_layers)
     return association, predictions, encoder_probes
 
@@ -139,8 +141,11 @@ def bias_key(target, bspec: BiasSpec) -> str | None:
     """Cache key of the bias stage of ``target`` with ``bspec``; None when the stage does not apply."""
     if not applies(target, bspec):
         return None
-    return cache_key("bias", activations=target.cache_key, **bspec.model_dump(),
-                     **weat_stage.key_params(target, bspec))
+    params = bspec.model_dump()
+    for name in ("multi_label", "multi_label_threshold"):   # at their defaults: the keys they had before
+        if params[name] == BiasSpec.model_fields[name].default:
+            del params[name]
+    return cache_key("bias", activations=target.cache_key, **params, **weat_stage.key_params(target, bspec))
 
 
 def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) -> StageResult | None:
@@ -159,8 +164,11 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
     groups_out: dict[str, xr.Dataset] = {}
     reports, summary, amp_tables, cf_tables = {}, {}, {}, {}
     attributes = samples.attrs.get("group_attributes", []) if predictions else []
-    train = amp_stage.training_side(ref, bspec)[0] if attributes and bspec.train_split is not None and \
-        {"amplification", "contextual", "shortcut"} & set(bspec.measures) else None
+    set_attributes = samples.attrs.get("multi_hot_attributes", []) if predictions else []
+    train = amp_stage.training_side(ref, bspec)[0] if (attributes or set_attributes) and \
+        bspec.train_split is not None and {"amplification", "contextual", "shortcut"} & set(bspec.measures) else None
+    tasks = amp_stage.task_side(samples, outputs, bspec, train) \
+        if train is not None and {"amplification", "contextual"} & set(bspec.measures) else None
     cf = shortcut_stage.counterfactual_outputs(ref) if attributes and "shortcut" in bspec.measures else None
     for attr in attributes:
         rep = bias_mod.group_metrics(
@@ -210,7 +218,7 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
             cf_tables[attr], _ = shortcut_stage.shortcut_table(samples, outputs, cf, attr, bspec, train)
             groups_out[f"{layout.bias_group(ref.ds_key, 'shortcut')}/{attr}"] = cf_tables[attr]
         if train is not None and {"amplification", "contextual"} & set(bspec.measures):
-            tables, extra = amp_stage.attribute_tables(ref, samples, outputs, attr, bspec, train)
+            tables, extra = amp_stage.attribute_tables(ref, samples, outputs, attr, bspec, train, tasks)
             summary[attr].update(extra)
             for name, ds in tables.items():
                 groups_out[f"{layout.bias_group(ref.ds_key, name)}/{attr}"] = ds
@@ -219,6 +227,14 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
         if worse:
             log.warning("%s on %s: disparities significantly worse than the previous audit: %s",
                         ref.model_uri, ref.ds_key, ", ".join(worse))
+    for attr in set_attributes if tasks is not None else []:
+        # set-valued attributes: amplification and contextual bias only (the group metrics need one group a sample)
+        tables, summary[attr] = amp_stage.attribute_tables(ref, samples, outputs, attr, bspec, train, tasks)
+        summary[attr]["multi_hot"] = True
+        for name, ds in tables.items():
+            groups_out[f"{layout.bias_group(ref.ds_key, name)}/{attr}"] = ds
+        if "amplification" in tables:
+            amp_tables[attr] = tables["amplification"]
     for attr, amp in amp_stage.adjust_amplification(amp_tables, bspec).items():
         summary[attr]["amplification"] = amp
         # the disparity rule on each measure: significant now and above the previous audit's interval

@@ -70,6 +70,7 @@ class ActivationsRef:
     has_groups: bool
     model_info: dict = field(default_factory=dict)
     device: str = "cpu"
+    has_group_sets: bool = False                   # set-valued (multi-hot) attributes in the samples table
     controls: dict = field(default_factory=dict)   # {kind: ControlRef}
 
     @property
