@@ -34,6 +34,8 @@ from ..keys import cache_key, slug_key
 from ..specs import BiasSpec, FactorizeSpec, StatisticsSpec
 from ..store import Repository, commit_metadata, write_dataset
 from .refs import ActivationsRef, StageResult
+from .bias import bias_key
+from .factorize import factorize_key
 
 
 def trend_group(ds_key: str, family: str) -> str:
@@ -108,7 +110,7 @@ def checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspec: B
             x = ref if p is final else _matrix(p, layer)
             cka[i, j] = linear_cka(x, ref)
     for i, p in enumerate(plans):
-        fac = _stage_summary(repos[p.model_uri], cache_key("factorize", activations=p.cache_key, **fspec.model_dump()),
+        fac = _stage_summary(repos[p.model_uri], factorize_key(p, fspec),
                              "factorization", p.model_uri).get("explained_variance", {})
         for j, layer in enumerate(layers):
             v = fac.get(f"{layer}/pca")
@@ -117,7 +119,7 @@ def checkpoint_trend(plans: list[ActivationsRef], fspec: FactorizeSpec, bspec: B
               "layer": layers}
     data = {"cka": (("checkpoint", "layer"), cka), "explained_variance": (("checkpoint", "layer"), ev)}
     if final.has_groups and final.n_outputs is not None:
-        per = [_stage_summary(repos[p.model_uri], cache_key("bias", activations=p.cache_key, **bspec.model_dump()), "bias audit",
+        per = [_stage_summary(repos[p.model_uri], bias_key(p, bspec), "bias audit",
                               p.model_uri) for p in plans]
         attrs = sorted({a for s in per for a in s})
         coords["attribute"] = attrs
