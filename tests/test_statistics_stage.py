@@ -282,3 +282,34 @@ def test_wide_layer_spectrum_from_the_gram(tmp_path):
     assert np.all(eig[5:] <= 1e-9 * lam[0])                                     # rank 5
     assert "eigenvalues" not in opened(ref, result, "layers/tall")
     assert result.summary["effective_rank"]["tall"] is None and result.summary["effective_rank"]["wide"] > 1
+
+
+def test_another_spectrum_rule_is_not_a_cache_hit(tmp_path, monkeypatch):
+    """The same activations and spec under another routing rule (here: the Gram route's row cap
+    below the layer's 40 rows, as a zooaudit before or after that cap would route it) must not be
+    served the other rule's committed result: the key differs, the stage recomputes, and the
+    spectrum follows the rule in force."""
+    import zooaudit.analysis.act_stats as act_stats
+    from zooaudit.stages.statistics import statistics_key
+
+    rng = np.random.default_rng(3)
+    wide = (rng.normal(size=(40, 5)) @ rng.normal(size=(5, 64))).astype(np.float32)
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), {"wide": wide}, "rule", dataset="digits", n=40,
+                         labels=np.zeros(40, np.int64), chunk=16)
+    spec = StatisticsSpec(max_spectrum_width=16)
+    gram = run_statistics(ref, spec)
+    assert "40×40 Gram" in gram.summary["notes"]["wide/spectrum"]
+    assert "eigenvalues" in opened(ref, gram, "layers/wide")
+    key_gram = statistics_key(ref, spec)
+
+    monkeypatch.setattr(act_stats, "GRAM_MAX_ROWS", 32)   # 40 rows: no Gram route under this rule
+    assert statistics_key(ref, spec) != key_gram
+    capped = run_statistics(ref, spec)
+    assert not capped.skipped and capped.snapshot != gram.snapshot
+    assert "exceed the 32 of the Gram route" in capped.summary["notes"]["wide/spectrum"]
+    assert "eigenvalues" not in opened(ref, capped, "layers/wide")
+    assert capped.summary["effective_rank"]["wide"] is None
+
+    monkeypatch.undo()   # back to the rule the first run used: its commit is the cache hit
+    again = run_statistics(ref, spec)
+    assert again.skipped and again.snapshot == gram.snapshot

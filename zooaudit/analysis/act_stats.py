@@ -90,6 +90,16 @@ def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENT
 
 GRAM_MIN_WIDTH = 1024   # narrower layers keep the covariance route whatever their row count
 GRAM_MAX_ROWS = 4096    # beyond this many rows the Gram's n×n eigh is no cheap substitute
+SPECTRUM_ROUTE_RULE = 3   # bump when spectrum_route's logic changes (3: the row cap of fbb105f)
+
+
+def spectrum_routing(budget: int = MAX_REDUCE_BYTES) -> dict[str, int]:
+    """What :func:`spectrum_route` decides by besides a layer's shape and ``max_width``: its rule
+    version and thresholds. Part of the statistics stage's cache key, so that a result computed
+    under other routes (another zooaudit's rule: a layer skipped there, from the Gram here) is
+    never served as this one's."""
+    return {"rule": SPECTRUM_ROUTE_RULE, "gram_min_width": GRAM_MIN_WIDTH, "gram_max_rows": GRAM_MAX_ROWS,
+            "gram_budget_bytes": int(budget)}
 
 
 def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTES) -> tuple[str | None, str]:

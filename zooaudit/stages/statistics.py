@@ -50,7 +50,7 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats, spectrum_route
+from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats, spectrum_route, spectrum_routing
 from ..analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agreement
 from ..analysis.sim_span import MAX_REDUCE_BYTES
 from ..analysis.sim_stream import block_rows, iter_row_blocks
@@ -353,12 +353,15 @@ def regressions(current: dict, previous: dict, spec: StatisticsSpec) -> list[dic
 
 def statistics_key(target, spec: StatisticsSpec) -> str | None:
     """Cache key of the statistics stage of ``target`` (plan or reference); None when disabled or
-    when ``target`` has no layer."""
+    when ``target`` has no layer. Beside the activations and the spec it holds the spectrum
+    routing rule (:func:`~zooaudit.analysis.act_stats.spectrum_routing`): the same activations
+    and spec give the same routes only under the same rule."""
     if not spec.enabled or not target.layers:
         return None
     controls = getattr(target, "controls", {}) or {}
     classifier = controls["classifier"].cache_key if "classifier" in controls else None
-    return cache_key("statistics", activations=target.cache_key, classifier=classifier, **spec.model_dump())
+    return cache_key("statistics", activations=target.cache_key, classifier=classifier,
+                     spectrum_routing=spectrum_routing(MAX_REDUCE_BYTES), **spec.model_dump())
 
 
 def run_statistics(ref: ActivationsRef, spec: StatisticsSpec, run_id: str | None = None) -> StageResult | None:
