@@ -26,7 +26,8 @@ every real token as a row (``token_active_fraction``, quantiles over tokens, ``t
 in a pass of their own; no per-group figures and no neural collapse (no row per sample). Layers wider than
 ``max_spectrum_width`` with fewer rows than units take their spectrum from the ``n × n`` Gram of
 their centred rows (same nonzero eigenvalues, rows kept as the pass reads them, within
-``sim_span.MAX_REDUCE_BYTES`` over all such layers); otherwise they get none. Either is recorded. Neural collapse runs on the
+``sim_span.MAX_REDUCE_BYTES`` over all such layers of a pass: the per-sample pass, then each
+all-tokens layer's own, one at a time); otherwise they get none. Either is recorded. Neural collapse runs on the
 ``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
 layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
 unlabelled text set stores zeros) it is skipped and the reason recorded. NC4 needs the final
@@ -156,6 +157,10 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                             nc_groups[(name, a, g)].update(block[rows_g], y[rows_g])
 
     results = {name: acc[name].result(spec.massive_abs_threshold, spec.massive_ratio_threshold) for name in layers}
+    # The results are copies: free the per-sample layers' Gram rows and covariances before the
+    # token passes, each of which may spend a whole MAX_REDUCE_BYTES of Gram rows of its own
+    # (kept, the peak was twice the budget).
+    acc.clear()
     token_layers = [name for name in ref.layers if name not in layers]
     tokens = {}
     for name in token_layers:   # rows are tokens: a pass of their own (another row space)
