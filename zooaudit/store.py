@@ -396,7 +396,8 @@ class Store:
             done.set()
             # A beat stuck in a request to a hung server must not hang the commit: wait a bounded
             # time, then release anyway (the thread is a daemon; its conditional write, if it
-            # ever lands, is refused once the lock object is gone — see _refresh).
+            # ever lands, is refused once the lock object is gone — see _refresh. Without an ETag
+            # a write already in flight can re-create the object: it then goes stale after the TTL).
             heart.join(HEARTBEAT_JOIN_S)
             if heart.is_alive():
                 log.warning("store lock %s: the heartbeat did not stop within %.0fs (a request to the "
