@@ -182,6 +182,35 @@ def test_bad_input():
     assert set(MEASURES) >= {"mals", "directional_at", "directional_ta", "multi_mals", "multi_gm", "multi_mg"}
 
 
+def test_empty_input_is_a_clear_result_or_error():
+    """``np.array([])`` is float64, which ``np.bincount`` refuses: an empty split gives no patterns
+    (the pattern helpers) or a ZooauditError naming the empty fields (the public call) — never
+    NumPy's cast or zero-size-reduction error."""
+    from zooaudit.analysis.amplification import _distinct, patterns
+
+    for empty in (np.array([]), np.array([], np.int64), np.zeros(0, np.float32)):
+        cells, counts = _distinct(empty, 4)
+        assert cells.dtype == counts.dtype == np.int64 and cells.size == counts.size == 0
+        table, index = patterns(empty, "task", 3)
+        assert table.shape == (0, 3) and index.size == 0
+    # non-empty codes: as np.unique, dense and sparse
+    codes = np.array([3, 1, 3, 0, 3])
+    for n_codes in (4, 1 << 30):
+        cells, counts = _distinct(codes, n_codes)
+        assert cells.tolist() == [0, 1, 3] and counts.tolist() == [1, 1, 3]
+    with pytest.raises(ZooauditError, match="integers"):
+        _distinct(np.array([1.0, 2.0]), 4)
+    a = np.array([0, 1, 0, 1])
+    t = np.array([0, 0, 1, 1])
+    e = np.array([])
+    with pytest.raises(ZooauditError, match=r"train_attr, train_task \(training side\) are empty"):
+        bias_amplification(e, e, a, t, t)
+    with pytest.raises(ZooauditError, match=r"attr, task, task_pred \(test side\) are empty"):
+        bias_amplification(a, t, e, e, e)
+    with pytest.raises(ZooauditError, match=r"task_pred \(test side\) is empty"):
+        bias_amplification(a, t, a, t, e)
+
+
 def test_contextual_bias_hand_case():
     # Training: label 0 is red in 8 of 10 samples, label 1 green in 8 of 10 (both colours > 10%: candidates).
     tr_y = np.array([0] * 10 + [1] * 10)

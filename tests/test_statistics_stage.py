@@ -282,3 +282,99 @@ def test_wide_layer_spectrum_from_the_gram(tmp_path):
     assert np.all(eig[5:] <= 1e-9 * lam[0])                                     # rank 5
     assert "eigenvalues" not in opened(ref, result, "layers/tall")
     assert result.summary["effective_rank"]["tall"] is None and result.summary["effective_rank"]["wide"] > 1
+
+
+def test_another_spectrum_rule_is_not_a_cache_hit(tmp_path, monkeypatch):
+    """The same activations and spec under another routing rule (here: the Gram route's row cap
+    below the layer's 40 rows, as a zooaudit before or after that cap would route it) must not be
+    served the other rule's committed result: the key differs, the stage recomputes, and the
+    spectrum follows the rule in force."""
+    import zooaudit.analysis.act_stats as act_stats
+    from zooaudit.stages.statistics import statistics_key
+
+    rng = np.random.default_rng(3)
+    wide = (rng.normal(size=(40, 5)) @ rng.normal(size=(5, 64))).astype(np.float32)
+    ref, _ = commit_acts("file://" + str(tmp_path / "s"), {"wide": wide}, "rule", dataset="digits", n=40,
+                         labels=np.zeros(40, np.int64), chunk=16)
+    spec = StatisticsSpec(max_spectrum_width=16)
+    gram = run_statistics(ref, spec)
+    assert "40×40 Gram" in gram.summary["notes"]["wide/spectrum"]
+    assert "eigenvalues" in opened(ref, gram, "layers/wide")
+    key_gram = statistics_key(ref, spec)
+
+    monkeypatch.setattr(act_stats, "GRAM_MAX_ROWS", 32)   # 40 rows: no Gram route under this rule
+    assert statistics_key(ref, spec) != key_gram
+    capped = run_statistics(ref, spec)
+    assert not capped.skipped and capped.snapshot != gram.snapshot
+    assert "exceed the 32 of the Gram route" in capped.summary["notes"]["wide/spectrum"]
+    assert "eigenvalues" not in opened(ref, capped, "layers/wide")
+    assert capped.summary["effective_rank"]["wide"] is None
+
+    monkeypatch.undo()   # back to the rule the first run used: its commit is the cache hit
+    again = run_statistics(ref, spec)
+    assert again.skipped and again.snapshot == gram.snapshot
+
+
+def test_gram_rows_held_at_once_stay_within_the_budget(tmp_path, monkeypatch):
+    """A per-sample layer and an all-tokens layer, both on the Gram route (wider than
+    max_spectrum_width, fewer rows than units), each within the budget alone but not together:
+    the rows held at any moment of the stage never exceed ``MAX_REDUCE_BYTES`` (the token pass
+    used to run with the per-sample layers' rows still held), and both still get their spectrum."""
+    import weakref
+
+    import zooaudit.analysis.act_stats as act_stats
+    import zooaudit.stages.statistics as stats_stage
+    from zooaudit.stages.statistics import statistics
+    from zooaudit.tokens import TokenRows
+
+    n, p, chunk = 24, 4096, 8
+    rng = np.random.default_rng(5)
+    data = load_dataset(DatasetSpec(name="digits", max_samples=n))
+    counts = rng.integers(2, 5, size=n)
+    sample = rng.normal(size=(n, p)).astype(np.float32)
+    tokens = rng.normal(size=(int(counts.sum()), p)).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    store = Store.open("file://" + str(tmp_path / "s"))
+    shapes = {"pooled": (p,), "tok": (-1, p)}
+    per_shard = max(int(counts[s:s + chunk].sum()) for s in range(0, n, chunk))
+
+    def write(session):
+        layout.create_activation_arrays(session.store, data, data.key, shapes, None, chunk, token_rows=per_shard)
+        for s in range(0, n, chunk):
+            rows = TokenRows(tokens[starts[s]:starts[s + chunk]], counts[s:s + chunk])
+            layout.write_shard(session.store, data.key, s, {"pooled": sample[s:s + chunk], "tok": rows}, None)
+
+    snap = store.model_repository("test-budget").commit(write, message="activations",
+                                                        metadata=commit_metadata("activations", "acts-budget", {}))
+    ref = ActivationsRef(store=store.url, model_uri="test:budget", model_key="test-budget", model_hash="0",
+                         dataset=DatasetSpec(name="digits", max_samples=n), ds_key=data.key,
+                         ds_hash=data.content_hash, snapshot=snap, cache_key="acts-budget", layers=list(shapes),
+                         shapes=shapes, pooling="tokens", n_samples=n, n_outputs=None, has_groups=False)
+    sample_bytes, token_bytes = n * p * 8, len(tokens) * p * 8
+    budget = max(sample_bytes, token_bytes) + 1024          # each alone fits; both together do not
+    assert sample_bytes + token_bytes > budget
+    monkeypatch.setattr(stats_stage, "MAX_REDUCE_BYTES", budget)
+
+    live: list[weakref.ref] = []
+    peak = [0]
+    real_init, real_update = act_stats.ActivationStats.__init__, act_stats.ActivationStats.update
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        live.append(weakref.ref(self))
+
+    def update(self, *args, **kwargs):
+        held = sum(a.rows.nbytes for r in live if (a := r()) is not None and a.rows is not None)
+        peak[0] = max(peak[0], held)
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(act_stats.ActivationStats, "__init__", init)
+    monkeypatch.setattr(act_stats.ActivationStats, "update", update)
+    out, summary = statistics(ref, StatisticsSpec(max_spectrum_width=16, nc_layers=[]))
+    assert all("Gram" in summary["notes"][f"{name}/spectrum"] for name in ("pooled", "tok"))
+    assert peak[0] <= budget, f"{peak[0]} bytes of Gram rows held at once, budget {budget}"
+    for name, X in (("pooled", sample), ("tok", tokens)):
+        eig = out[layout.statistics_group(ref.ds_key, f"layers/{name}")]["eigenvalues"].values
+        Xc = X.astype(np.float64) - X.astype(np.float64).mean(axis=0)
+        lam = np.linalg.svd(Xc, compute_uv=False) ** 2 / len(X)
+        np.testing.assert_allclose(eig[:len(lam)], lam, rtol=1e-6, atol=1e-9 * lam[0])

@@ -297,28 +297,34 @@ class Store:
         return Repository.zoo(self)
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> Iterator[LockHold]:
         """Serialize commits to one repository across processes: ``fcntl`` on a local
-        filesystem, a conditionally written lock object on S3 (across machines)."""
+        filesystem, a conditionally written lock object on S3 (across machines). Yields a
+        :class:`LockHold`, whose ``lost`` says whether the lock was broken or taken meanwhile
+        (never, for ``fcntl``: the kernel holds it until we close it)."""
         if self.scheme != "file":
-            with self._s3_lock(self.path("locks", name.replace("/", "__") + ".lock")):
-                yield
+            with self._s3_lock(self.path("locks", name.replace("/", "__") + ".lock")) as hold:
+                yield hold
             return
         path = self.path("locks", name.replace("/", "__") + ".lock")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
+                yield LockHold(path)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-
     @contextlib.contextmanager
-    def _s3_lock(self, path: str, timeout: float = 900.0) -> Iterator[None]:
+    def _s3_lock(self, path: str, timeout: float = 900.0) -> Iterator[LockHold]:
         """Hold the lock object ``path``: created with ``If-None-Match: *`` (the S3 server
-        refuses a second creator), deleted on release. A lock not refreshed for
-        :func:`lock_ttl` seconds was left by a killed process and is broken.
+        refuses a second creator), deleted on release. The object records its holder's TTL
+        (:func:`lock_ttl` of the holder's environment); a lock not refreshed for that long was
+        left by a killed process and is broken (a lock written without one: our own TTL).
+
+        While held, a heartbeat refreshes it every quarter of the TTL — only while it is still
+        ours (see :meth:`_refresh`); if it was broken or taken, the heartbeat stops and the
+        yielded :class:`LockHold` says so (``lost``), so a commit is not made under it.
 
         An S3 server that does not answer is retried for :func:`retry_window` seconds, then
         :class:`StoreUnavailable` is raised (nothing was written). A release that cannot reach
@@ -329,9 +335,10 @@ class Store:
         deadline = time.monotonic() + timeout
         delay = 0.05
         down_since: float | None = None
+        etag: str | None = None
         while True:
             try:
-                fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode(), mode="create")
+                etag = _etag(fs.pipe_file(path, _lock_record(token, ttl), mode="create"))
                 break
             except _transport_errors() as err:
                 if not (isinstance(err, OSError) and _lock_taken(err)):
@@ -354,9 +361,9 @@ class Store:
                 held = json.loads(fs.cat_file(path))
                 if held.get("owner") == token:
                     # our own create went through but its answer was lost and the retry got a 412:
-                    # the lock is ours, not another run's
+                    # the lock is ours, not another run's (no ETag: the first refresh is unconditional)
                     break
-                if time.time() - float(held.get("time", 0)) > ttl and self._break_stale(path, held):
+                if _is_stale(held, ttl) and self._break_stale(path, held, ttl):
                     continue
             if time.monotonic() > deadline:
                 raise ZooauditError(f"Timed out after {timeout:.0f}s waiting for the store lock {path}; if no "
@@ -365,36 +372,86 @@ class Store:
             delay = min(delay * 1.5, 1.0)
         # Heartbeat: a lock held longer than the TTL (a long extraction) is refreshed,
         # so only a lock whose holder died goes stale.
+        hold = LockHold(path)
         done = threading.Event()
 
         def beat() -> None:
+            tag = etag
             while not done.wait(ttl / 4):
-                with contextlib.suppress(Exception):
-                    fs.pipe_file(path, json.dumps({"owner": token, "time": time.time()}).encode())
+                try:
+                    tag = self._refresh(path, token, ttl, tag, done)
+                except LockLost as lost:
+                    hold.lose(str(lost))
+                    log.error("store lock %s: %s; stopped refreshing it (a commit under it is not made)",
+                              path, lost)
+                    return
+                except Exception as err:  # noqa: BLE001 — an outage: the next beat tries again
+                    log.warning("store lock %s: refresh failed (%s: %s); retrying", path, type(err).__name__, err)
 
         heart = threading.Thread(target=beat, name="zooaudit-lock-heartbeat", daemon=True)
         heart.start()
         try:
-            yield
+            yield hold
         finally:
             done.set()
-            heart.join()
+            # A beat stuck in a request to a hung server must not hang the commit: wait a bounded
+            # time, then release anyway (the thread is a daemon; its conditional write, if it
+            # ever lands, is refused once the lock object is gone — see _refresh. Without an ETag
+            # a write already in flight can re-create the object: it then goes stale after the TTL).
+            heart.join(HEARTBEAT_JOIN_S)
+            if heart.is_alive():
+                log.warning("store lock %s: the heartbeat did not stop within %.0fs (a request to the "
+                            "server hangs); releasing the lock anyway", path, HEARTBEAT_JOIN_S)
+            if hold.lost:
+                log.error("store lock %s was lost while held: %s", path, hold.reason)
             self._release(path, token, window)
 
-    def _break_stale(self, path: str, held: dict) -> bool:
+    def _refresh(self, path: str, token: str, ttl: float, etag: str | None, done: threading.Event) -> str | None:
+        """Rewrite our lock object ``path`` with a fresh time, only if it is still ours; returns
+        its new ETag (None where the backend gives none). Raises :class:`LockLost` when the
+        object is gone (broken as stale) or names another owner.
+
+        With the ETag of our last write, the rewrite is a conditional put (``If-Match``, which
+        SeaweedFS and AWS enforce): a lock broken and re-created by another run since then is
+        refused (412), never overwritten. Without one (a local filesystem, or a create whose
+        answer was lost) it is read-compare-write: the owner is checked first, and a lock broken
+        and re-created between that read and our write would be overwritten — a window of one
+        round trip, once per quarter TTL."""
+        fs = self.fs
+        fs.invalidate_cache(path)
+        try:
+            held = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            raise LockLost("the lock object is gone (broken as stale by another run)") from None
+        if held.get("owner") != token:
+            raise LockLost(f"the lock object now names another owner ({held.get('owner')})")
+        if done.is_set():   # released meanwhile: do not re-create what the release deletes
+            return etag
+        try:
+            out = fs.pipe_file(path, _lock_record(token, ttl), **({"IfMatch": etag} if etag else {}))
+        except OSError as err:
+            if etag and (_lock_taken(err) or isinstance(err, FileNotFoundError)):
+                raise LockLost("the lock object changed since our last refresh (the conditional "
+                               "write was refused): broken or taken by another run") from None
+            raise
+        return _etag(out)
+
+    def _break_stale(self, path: str, held: dict, ttl: float | None = None) -> bool:
         """Delete the stale lock ``held`` read at ``path``. Two waiters may both see it stale:
         a breaker object (itself created with ``If-None-Match``) lets one of them break it, and
         the lock is read again under it, so a fresh lock that replaced the stale one meanwhile
-        is never deleted. Returns True when the lock was broken."""
+        is never deleted. ``ttl``: ours (the breaker records it as the lock does). Returns True
+        when the lock was broken."""
         fs = self.fs
+        ttl = lock_ttl() if ttl is None else ttl
         breaker = path + ".break"
         try:
-            fs.pipe_file(breaker, json.dumps({"time": time.time()}).encode(), mode="create")
+            fs.pipe_file(breaker, json.dumps({"time": time.time(), "ttl": ttl}).encode(), mode="create")
         except OSError as err:
             if not _lock_taken(err):
                 raise
             with contextlib.suppress(FileNotFoundError):   # a breaker that died: its object goes stale too
-                if time.time() - float(json.loads(fs.cat_file(breaker)).get("time", 0)) > lock_ttl():
+                if _is_stale(json.loads(fs.cat_file(breaker)), ttl):
                     fs.rm_file(breaker)
             return False
         try:
@@ -405,8 +462,8 @@ class Store:
                 return True
             if now.get("owner") != held.get("owner") or now.get("time") != held.get("time"):
                 return False   # refreshed or replaced since we read it
-            log.warning("breaking stale store lock %s (held by %s, not refreshed for %.0fs)", path,
-                        held.get("owner"), time.time() - float(held.get("time", 0)))
+            log.warning("breaking stale store lock %s (held by %s, not refreshed for %.0fs, its TTL %.0fs)", path,
+                        held.get("owner"), time.time() - float(held.get("time", 0)), _held_ttl(held, ttl))
             fs.rm_file(path)
             return True
         finally:
@@ -430,6 +487,61 @@ class Store:
                                 path, type(err).__name__, err, lock_ttl())
                     return
                 time.sleep(0.5)
+
+
+HEARTBEAT_JOIN_S = 5.0   # seconds a release waits for a lock heartbeat stuck in a request
+
+
+class LockLost(ZooauditError):
+    """The commit lock was broken (as stale) or taken by another run while we held it."""
+
+
+class LockHold:
+    """What the holder of a commit lock knows while inside it: ``lost`` (and its ``reason``)
+    once the heartbeat found the lock broken or taken by another run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reason: str | None = None
+        self._lost = threading.Event()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def lose(self, reason: str) -> None:
+        self.reason = reason
+        self._lost.set()
+
+
+def _lock_record(token: str, ttl: float) -> bytes:
+    """The lock object's content: its owner, when it was last refreshed, and the holder's TTL
+    (so that a waiter with another ``$ZOOAUDIT_S3_LOCK_TTL`` judges it by the holder's)."""
+    return json.dumps({"owner": token, "time": time.time(), "ttl": ttl}).encode()
+
+
+def _held_ttl(held: dict, default: float) -> float:
+    """The TTL a lock (or breaker) object records; ``default`` where it records none (written by
+    an older zooaudit) or no positive finite number."""
+    try:
+        ttl = float(held["ttl"])
+    except (KeyError, TypeError, ValueError):
+        return default
+    return ttl if math.isfinite(ttl) and ttl > 0 else default
+
+
+def _is_stale(held: dict, default_ttl: float) -> bool:
+    """Whether the lock object ``held`` went unrefreshed for longer than its own TTL."""
+    try:
+        since = time.time() - float(held.get("time", 0))
+    except (TypeError, ValueError):
+        return True   # no readable time: not a lock any live holder writes
+    return since > _held_ttl(held, default_ttl)
+
+
+def _etag(put_answer: Any) -> str | None:
+    """The ETag of an S3 put's answer (s3fs returns the ``PutObject`` response); None elsewhere."""
+    return put_answer.get("ETag") if isinstance(put_answer, dict) else None
 
 
 def _lock_taken(err: OSError) -> bool:
@@ -526,7 +638,7 @@ def _commit_attempts(store: Store, repo_name: str, repo: icechunk.Repository,
                      attempts: int) -> tuple[str, bool]:
     key = metadata.get("cache_key")
     for attempt in range(attempts):
-        with store.lock(repo_name):
+        with store.lock(repo_name) as hold:
             # Checked under the lock: a concurrent run of the same stage may have committed
             # this very result since our caller's cache lookup; committing it twice adds nothing.
             if key and (snap := _current_result(repo, metadata)):
@@ -535,13 +647,22 @@ def _commit_attempts(store: Store, repo_name: str, repo: icechunk.Repository,
                 return snap, False
             session = repo.writable_session(MAIN)
             write(session)
+            if hold.lost:
+                # Another run broke our lock (our heartbeat stalled past the TTL) and may be
+                # committing now: do not commit under a lock that is not ours; take it again.
+                # (Icechunk's conflict detection would still catch a clash; this keeps commits
+                # serialized as the lock promises. A loss between here and the commit is caught
+                # by that detection only.)
+                log.warning("%s: commit %r not made: the lock was lost (%s); retrying under a new one",
+                            repo_name, message, hold.reason)
+                continue
             try:
                 return session.commit(message, metadata=metadata, rebase_with=icechunk.ConflictDetector()), True
             except (icechunk.ConflictError, icechunk.RebaseFailedError) as err:
                 log.warning("%s: commit %r conflicted with another run (%s); retrying on the new tip",
                             repo_name, message, type(err).__name__)
         time.sleep(0.1 * (attempt + 1))
-    raise ZooauditError(f"Could not commit {message!r} to {repo_name!r}: it conflicted with other runs "
+    raise ZooauditError(f"Could not commit {message!r} to {repo_name!r}: it conflicted with other runs (or lost its lock) "
                         f"{attempts} times.")
 
 

@@ -90,6 +90,16 @@ def spectrum_stats(eigenvalues: np.ndarray, top: tuple[int, ...] = TOP_COMPONENT
 
 GRAM_MIN_WIDTH = 1024   # narrower layers keep the covariance route whatever their row count
 GRAM_MAX_ROWS = 4096    # beyond this many rows the Gram's n×n eigh is no cheap substitute
+SPECTRUM_ROUTE_RULE = 3   # bump when spectrum_route's logic changes (3: the row cap of fbb105f)
+
+
+def spectrum_routing(budget: int = MAX_REDUCE_BYTES) -> dict[str, int]:
+    """What :func:`spectrum_route` decides by besides a layer's shape and ``max_width``: its rule
+    version and thresholds. Part of the statistics stage's cache key, so that a result computed
+    under other routes (another zooaudit's rule: a layer skipped there, from the Gram here) is
+    never served as this one's."""
+    return {"rule": SPECTRUM_ROUTE_RULE, "gram_min_width": GRAM_MIN_WIDTH, "gram_max_rows": GRAM_MAX_ROWS,
+            "gram_budget_bytes": int(budget)}
 
 
 def spectrum_route(n: int, p: int, max_width: int, budget: int = MAX_REDUCE_BYTES) -> tuple[str | None, str]:
@@ -266,8 +276,11 @@ class ActivationStats:
             if self.n != len(self.rows):
                 raise ZooauditError(f"Layer {self.name!r}: saw {self.n} rows, opened with gram_rows={len(self.rows)}.")
             self.rows -= self.rows.mean(0)   # in place, no second (n, p) copy; centring twice is a no-op
-            g = self.rows @ self.rows.T / self.n
-            eig = np.clip(np.linalg.eigvalsh((g + g.T) / 2), 0.0, None)
+            # one (n, n) array: scaled in place, and eigvalsh reads one triangle (no symmetrised
+            # copy) — n reaches ~11 600 within the budget when max_width is raised (1 GiB each)
+            g = self.rows @ self.rows.T
+            g /= self.n
+            eig = np.clip(np.linalg.eigvalsh(g), 0.0, None)
             return np.concatenate([np.sort(eig)[::-1], np.zeros(max(self.p - len(eig), 0))])
         if self.gram is None:
             return None

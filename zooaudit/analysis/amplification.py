@@ -104,6 +104,8 @@ def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -
     sample's row, without building the ``(n, C)`` matrix for class codes (memory O(n) ints, not O(n·C) floats)."""
     a = np.asarray(values)
     if a.ndim == 1 and not multi_label:
+        if a.size == 0:
+            a = a.astype(np.int64)   # no samples: no codes, whatever dtype the empty array got
         if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
             multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
         # a lookup table over the class codes instead of np.unique: no sorted copy or int64 inverse per sample
@@ -131,7 +133,14 @@ _DENSE_CODES = 1 << 24     # codes below this are counted with bincount (no per-
 
 
 def _distinct(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(distinct codes, counts)`` of ``(n,)`` non-negative codes below ``n_codes``, as ``np.unique``."""
+    """``(distinct codes, counts)`` of ``(n,)`` non-negative integer codes below ``n_codes``, as
+    ``np.unique``; both ``(0,)`` int64 for no codes (an empty array of any dtype: ``np.array([])``
+    is float64, which ``np.bincount`` refuses)."""
+    codes = np.asarray(codes)
+    if codes.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ZooauditError(f"pattern codes must be integers; got dtype {codes.dtype}.")
     if n_codes <= _DENSE_CODES:
         count = np.bincount(codes, minlength=n_codes)
         cells = np.flatnonzero(count)
@@ -333,6 +342,12 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
     for name, v in (("n_boot", n_boot), ("n_permutations", n_permutations)):
         if not isinstance(v, (int, np.integer)) or v < 0:
             raise ZooauditError(f"{name} must be an integer ≥ 0; got {v!r}.")
+    # before any max over the labels: an empty split would fail there with NumPy's own message
+    for side, fields in (("training", {"train_attr": train_attr, "train_task": train_task}),
+                         ("test", {"attr": attr, "task": task, "task_pred": task_pred})):
+        if empty := [name for name, v in fields.items() if np.asarray(v).size == 0]:
+            raise ZooauditError(f"bias_amplification needs samples on both the training and the test side; "
+                                f"{', '.join(empty)} ({side} side) {'is' if len(empty) == 1 else 'are'} empty.")
     G = int(max(np.max(np.asarray(train_attr)) + 1, np.max(np.asarray(attr)) + 1)) \
         if np.asarray(attr).ndim == 1 else np.asarray(attr).shape[1]
     T = int(max(np.max(np.asarray(train_task)), np.max(np.asarray(task)), np.max(np.asarray(task_pred))) + 1) \

@@ -26,7 +26,8 @@ every real token as a row (``token_active_fraction``, quantiles over tokens, ``t
 in a pass of their own; no per-group figures and no neural collapse (no row per sample). Layers wider than
 ``max_spectrum_width`` with fewer rows than units take their spectrum from the ``n × n`` Gram of
 their centred rows (same nonzero eigenvalues, rows kept as the pass reads them, within
-``sim_span.MAX_REDUCE_BYTES`` over all such layers); otherwise they get none. Either is recorded. Neural collapse runs on the
+``sim_span.MAX_REDUCE_BYTES`` over all such layers of a pass: the per-sample pass, then each
+all-tokens layer's own, one at a time); otherwise they get none. Either is recorded. Neural collapse runs on the
 ``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
 layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
 unlabelled text set stores zeros) it is skipped and the reason recorded. NC4 needs the final
@@ -50,7 +51,7 @@ import numpy as np
 import xarray as xr
 
 from .. import layout
-from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats, spectrum_route
+from ..analysis.act_stats import TOP_COMPONENTS, ActivationStats, spectrum_route, spectrum_routing
 from ..analysis.neural_collapse import ClassScatter, nc_metrics, ncc_agreement
 from ..analysis.sim_span import MAX_REDUCE_BYTES
 from ..analysis.sim_stream import block_rows, iter_row_blocks
@@ -156,6 +157,10 @@ def statistics(ref: ActivationsRef, spec: StatisticsSpec) -> tuple[dict[str, xr.
                             nc_groups[(name, a, g)].update(block[rows_g], y[rows_g])
 
     results = {name: acc[name].result(spec.massive_abs_threshold, spec.massive_ratio_threshold) for name in layers}
+    # The results are copies: free the per-sample layers' Gram rows and covariances before the
+    # token passes, each of which may spend a whole MAX_REDUCE_BYTES of Gram rows of its own
+    # (kept, the peak was twice the budget).
+    acc.clear()
     token_layers = [name for name in ref.layers if name not in layers]
     tokens = {}
     for name in token_layers:   # rows are tokens: a pass of their own (another row space)
@@ -353,12 +358,15 @@ def regressions(current: dict, previous: dict, spec: StatisticsSpec) -> list[dic
 
 def statistics_key(target, spec: StatisticsSpec) -> str | None:
     """Cache key of the statistics stage of ``target`` (plan or reference); None when disabled or
-    when ``target`` has no layer."""
+    when ``target`` has no layer. Beside the activations and the spec it holds the spectrum
+    routing rule (:func:`~zooaudit.analysis.act_stats.spectrum_routing`): the same activations
+    and spec give the same routes only under the same rule."""
     if not spec.enabled or not target.layers:
         return None
     controls = getattr(target, "controls", {}) or {}
     classifier = controls["classifier"].cache_key if "classifier" in controls else None
-    return cache_key("statistics", activations=target.cache_key, classifier=classifier, **spec.model_dump())
+    return cache_key("statistics", activations=target.cache_key, classifier=classifier,
+                     spectrum_routing=spectrum_routing(MAX_REDUCE_BYTES), **spec.model_dump())
 
 
 def run_statistics(ref: ActivationsRef, spec: StatisticsSpec, run_id: str | None = None) -> StageResult | None:
