@@ -235,8 +235,9 @@ def test_nightly_while_a_backfill_audits_the_same_family(local_stack, tmp_path):
     # The nightly tagged every model repository at a snapshot on main.
     tags = {name: tagged_on_main(store_url, name) for name in stages if name != "zoo"}
     assert all(len(t) == 1 and all(t.values()) for t in tags.values()), tags
-    nightly_runs = [r for r, run_rows in rows.items() if r not in result.runs.values()]
+    nightly_runs = [r for r in rows if r not in result.runs.values()]
+    by_nightly = sum(status == "committed" for r in nightly_runs for *_, status, _ in rows[r])
     print(f"nightly + backfill of {FAMILY}@* ({len(uris)} checkpoints) at once: {wall:.0f}s "
           f"(backfill {backfill_wall:.0f}s); {len(rows)} audit-model runs ({len(nightly_runs)} of the nightly); "
-          f"{model_commits} model-stage commits, {len(stages['zoo'])} zoo commits, "
+          f"{model_commits} model-stage commits ({by_nightly} by the nightly), {len(stages['zoo'])} zoo commits, "
           f"{sum(len(r) for r in rows.values()) - model_commits} cache hits; 0 lost, 0 duplicates")
