@@ -13,6 +13,8 @@ The flow parameters are the pydantic specs, so the Prefect UI renders a validate
 (descriptions and defaults from the specs); the server rejects a run whose parameters do
 not match the schema (``enforce_parameter_schema``), and the flow validates again at start.
 ``ZOOAUDIT_RUN_LIMIT`` caps the flow runs this process executes at once (default 4).
+Each run records its process (``infrastructure_pid``, flows/liveness.py); on start, the runs an earlier
+runner left ``Running`` when it was killed are marked Crashed (``deployments/orphans.py``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import yaml
 from prefect.schedules import Cron
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from zooaudit_deployments.orphans import crash_orphaned_runs
 from zooaudit_flows import audit_model, audit_zoo
 from zooaudit_flows.backfill import backfill
 from zooaudit.errors import ZooauditError, problems
 from zooaudit.specs import AuditModelSpec, AuditZooSpec, BackfillSpec
 
 SCHEDULES_FILE = Path(__file__).with_name("nightly.yaml")
+DEPLOYMENT_NAMES = ["audit-zoo/nightly", "audit-model/on-demand", "backfill/on-demand"]
 DEFAULT_CRON = "0 2 * * *"
 
 
@@ -129,9 +133,11 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+    deployments = build_deployments()
+    crash_orphaned_runs(DEPLOYMENT_NAMES)   # runs a killed runner left Running: Crashed, before serving again
     # Stopping the runner must not change the server's state (pause_on_shutdown would pause the
     # nightly schedule until someone resumes it).
-    serve(*build_deployments(), limit=int(os.environ.get("ZOOAUDIT_RUN_LIMIT", "4")), pause_on_shutdown=False)
+    serve(*deployments, limit=int(os.environ.get("ZOOAUDIT_RUN_LIMIT", "4")), pause_on_shutdown=False)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from zooaudit_tasks.extract import (
     validate_model,
 )
 
+from .liveness import record_process
 from .runners import dask_cluster, extraction_placement, task_runner
 
 
@@ -74,7 +75,7 @@ def _model_stages(plan, spec, run_id, params):
                                 planner=plan_controls, unsharded=unsharded)
 
 
-@flow(name="audit-model", flow_run_name="audit-model-{spec.model}")
+@flow(name="audit-model", flow_run_name="audit-model-{spec.model}", on_running=[record_process])
 def audit_model(spec: AuditModelSpec) -> ModelAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None

@@ -30,6 +30,7 @@ from zooaudit_tasks.report import build_report, tag_repositories
 
 from .audit_model import ModelAudit, audit_model
 from .credentials import apply_s3_credentials
+from .liveness import record_process
 from .events import activation_drift, emit_regressions, find_regressions
 from .runners import dask_cluster, task_runner
 
@@ -60,7 +61,7 @@ def _run_tag(spec: AuditZooSpec) -> str | None:
     return template.replace("{date}", when.date().isoformat())
 
 
-@flow(name="audit-zoo")
+@flow(name="audit-zoo", on_running=[record_process])
 def audit_zoo(spec: AuditZooSpec) -> ZooAudit:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None

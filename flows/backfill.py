@@ -43,6 +43,7 @@ from zooaudit.store import Store
 from zooaudit_tasks.analysis import checkpoint_trend, committed_refs
 from zooaudit_tasks.extract import committed_audits, plan_extraction
 from zooaudit_tasks.report import trend_report
+from zooaudit_flows.liveness import record_process
 
 AUDIT_MODEL_DEPLOYMENT = "audit-model/on-demand"
 NIGHTLY_DEPLOYMENT = "audit-zoo/nightly"
@@ -236,7 +237,8 @@ def _trends(spec: BackfillSpec, all_plans: dict[str, tuple], run_id) -> list:
 
 
 # Threads only submit and wait on deployment runs; the global limit caps how many run at once.
-@flow(name="backfill", flow_run_name="backfill-{spec.mode}", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(name="backfill", flow_run_name="backfill-{spec.mode}", task_runner=ThreadPoolTaskRunner(max_workers=16),
+      on_running=[record_process])
 def backfill(spec: BackfillSpec) -> Backfill:
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None

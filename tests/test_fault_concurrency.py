@@ -148,3 +148,96 @@ def test_concurrent_audits_on_s3(n, local_stack):
     secret = local_stack.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in "".join(outs)
     print(f"s3 {n} concurrent audits: {wall:.0f}s, {figures}")
+
+
+# -- a nightly running while a backfill audits the same family ------------------------------
+
+FAMILY = "builtin:mlp-w32-s0"
+NIGHTLY_BOUND_S = 300   # nightly + backfill at once, both on the stack's runner (2-core CI box)
+# "| factorize | digits-2cc63dc6 | committed | `S1C84ZNPSMBN` | …" (zooaudit.report.summary.model_markdown)
+ARTIFACT_ROW = re.compile(r"^\| (\S+) \| (\S+) \| (committed|cached \(skipped\)) \| `([0-9A-Z]{12})` \|", re.M)
+
+
+def _audit_options(store_url: str) -> dict:
+    return {"store": store_url, "task_runner": "threads", "shard_size": 30, "batch_size": 30,
+            "datasets": [{"name": "digits", "max_samples": 60}], "factorize": {"k": 3, "methods": ["pca"]},
+            "similarity": {"control": "none"}}
+
+
+def _model_audit_rows(client, store_url: str) -> dict[str, list[tuple]]:
+    """``{flow run id: [(model, stage, dataset, status, snapshot)]}`` of every audit-model run on
+    this store (backfill items and the nightly's subflows), from their ``zooaudit: MODEL`` artifacts."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+
+    runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["audit-model"])))
+            if r.parameters["spec"].get("store") == store_url]
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs]))) if runs else []
+    out = {}
+    for run in runs:
+        model = run.parameters["spec"]["model"]
+        (md,) = [a.data for a in arts if a.flow_run_id == run.id and a.description == f"zooaudit: {model}"]
+        out[str(run.id)] = [(model, *row) for row in ARTIFACT_ROW.findall(md)]
+    return out
+
+
+@pytest.mark.slow
+def test_nightly_while_a_backfill_audits_the_same_family(local_stack, tmp_path):
+    """The nightly deployment (audit-zoo/nightly, the three checkpoints of FAMILY as its zoo) is
+    triggered through the API at the moment a backfill over ``FAMILY@*`` starts on the same store
+    (its items are audit-model/on-demand runs; both on the stack's runner). Both complete within
+    the bound; every stage of every repository is committed once; each (model, stage, dataset)
+    is reported "committed" by exactly one run and every snapshot a run reports is on ``main``
+    (no lost commit); the nightly's tag names a snapshot on ``main`` of each model repository."""
+    from faults import committed_stages, tagged_on_main
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from zooaudit.specs import AuditZooSpec, BackfillSpec
+    from zooaudit_flows.backfill import NIGHTLY_DEPLOYMENT, backfill, expand_checkpoints
+
+    store_url = "file://" + str(tmp_path / "store")
+    uris = expand_checkpoints([f"{FAMILY}@*"])
+    nightly_spec = AuditZooSpec(models=uris, **_audit_options(store_url))
+    backfill_spec = BackfillSpec(models=[f"{FAMILY}@*"], audit=_audit_options(store_url), concurrency=2,
+                                 timeout_s=NIGHTLY_BOUND_S)
+    t0 = time.monotonic()
+    nightly = run_deployment(NIGHTLY_DEPLOYMENT, parameters={"spec": nightly_spec.model_dump(mode="json")},
+                             timeout=0, as_subflow=False)
+    result = backfill(backfill_spec)       # in this process; its items run on the runner meanwhile
+    backfill_wall = time.monotonic() - t0
+    with get_client(sync_client=True) as client:
+        while not (run := client.read_flow_run(nightly.id)).state.is_final():
+            assert time.monotonic() - t0 < NIGHTLY_BOUND_S, f"nightly still {run.state.name} (deadlock?)"
+            time.sleep(1)
+        wall = time.monotonic() - t0
+        assert run.state.is_completed(), f"nightly ended {run.state.name}: {run.state.message}"
+        rows = _model_audit_rows(client, store_url)
+    assert result.items == uris and not result.failed and len(result.trends) == 1
+
+    # Each stage's cache key once in each repository's history (models and zoo).
+    stages = committed_stages(store_url)
+    assert set(stages) == {f"models/{k}" for k in Store.open(store_url).model_keys()} | {"zoo"}
+    assert len(stages) == len(uris) + 1
+    dupes = {name: {k: c for k, c in Counter(keys).items() if c > 1} for name, keys in stages.items()}
+    assert not any(dupes.values()), f"stages committed more than once: {dupes}"
+    # Exactly one run committed each (model, stage, dataset); every reported snapshot is on main.
+    store = Store.open(store_url)
+    on_main = {u: {i.id[:12] for i in store.model_repo(slug_key(u)).ancestry(branch="main")} for u in uris}
+    committed: Counter = Counter()
+    for run_rows in rows.values():
+        for model, stage, ds, status, snap in run_rows:
+            assert snap in on_main[model], f"{model} {stage} on {ds}: {snap} not on main (lost commit)"
+            committed[(model, stage, ds)] += status == "committed"
+    assert {m for m, _, _ in committed} == set(uris) and set(committed.values()) == {1}, committed
+    model_commits = sum(len(stages[f"models/{slug_key(u)}"]) for u in uris)
+    assert model_commits == len(committed)
+    # The nightly tagged every model repository at a snapshot on main.
+    tags = {name: tagged_on_main(store_url, name) for name in stages if name != "zoo"}
+    assert all(len(t) == 1 and all(t.values()) for t in tags.values()), tags
+    nightly_runs = [r for r in rows if r not in result.runs.values()]
+    by_nightly = sum(status == "committed" for r in nightly_runs for *_, status, _ in rows[r])
+    print(f"nightly + backfill of {FAMILY}@* ({len(uris)} checkpoints) at once: {wall:.0f}s "
+          f"(backfill {backfill_wall:.0f}s); {len(rows)} audit-model runs ({len(nightly_runs)} of the nightly); "
+          f"{model_commits} model-stage commits ({by_nightly} by the nightly), {len(stages['zoo'])} zoo commits, "
+          f"{sum(len(r) for r in rows.values()) - model_commits} cache hits; 0 lost, 0 duplicates")

@@ -1,18 +1,23 @@
 """Fault injection, part 3 (issue 18): a Dask worker of the stack is SIGKILLed mid-extraction,
-and the Prefect server is SIGKILLed and restarted during a run.
+the Prefect server is SIGKILLed and restarted during a run, and the deployment runner is
+SIGKILLed (with the run's process, its process group) during a deployment run.
 
 An audit runs on the stack's Dask cluster with many small shards; as soon as a shard task is
 processing on a worker, that worker process is SIGKILLed (its nanny starts a new one). The run
 must either complete (Dask reruns the lost task elsewhere) or fail cleanly; a rerun then
 completes, every stage committed exactly once on ``main``, and no staging branch is left.
 
-(The kill of the deployment runner is not covered yet: see docs/reliability.md.)
+What Prefect does when the runner dies: nothing — the server has no liveness check of its
+own for served runs, so the run stays ``Running``. The restarted runner marks it Crashed
+(``deployments/orphans.py``); a new run with the same parameters then completes.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -120,3 +125,80 @@ def test_prefect_server_restarted_mid_run_then_rerun_commits_each_stage_once(loc
     assert not [b for b in repo.list_branches() if b.startswith("staging-")], repo.list_branches()
     print(f"fault: Prefect server SIGKILLed 3 s into a run, back after {restarted[0]:.0f}s -> first run {outcome}; "
           f"rerun completed, {len(keys)} stages committed once each")
+
+
+def test_a_run_recorded_on_this_host_in_a_dead_process_is_orphaned():
+    """``orphans.orphaned``: only a ``host:pid`` of this host whose process is gone."""
+    import socket
+
+    from zooaudit_deployments.orphans import orphaned
+    from zooaudit_flows.liveness import process_id
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    assert orphaned(f"{host}:{dead.pid}")
+    assert not orphaned(process_id())                         # this process
+    assert not orphaned(f"{host}:{os.getppid()}")             # a live one
+    assert not orphaned(f"elsewhere-{host}:{dead.pid}")       # another host: not ours to judge
+    assert not orphaned(None) and not orphaned("") and not orphaned("12345") and not orphaned(f"{host}:x")
+
+
+RUNNER_BOUND_S = 60   # the restarted runner marks the orphaned run Crashed before serving again
+
+
+def test_runner_killed_mid_deployment_run_then_the_run_crashes_and_a_rerun_commits_each_stage_once(
+        local_stack, tmp_path):
+    """A run of ``audit-model/on-demand`` triggered through the API; once an extraction shard
+    task runs, the runner's process group (the runner and the run's process) is SIGKILLed.
+    The run stays Running while no runner is up (Prefect does not notice); the restarted runner
+    marks it Crashed within the bound; a new run with the same parameters completes, every stage
+    committed once, the activations once, no staging branch left."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+    from prefect.deployments import run_deployment
+    from s3proxy import start_component, stop_component
+
+    from zooaudit.specs import AuditModelSpec
+    from zooaudit_flows.backfill import AUDIT_MODEL_DEPLOYMENT
+
+    cfg = local_stack.config
+    store_url = "file://" + str(tmp_path / "store")
+    spec = AuditModelSpec(model=MODEL, store=store_url, shard_size=20, batch_size=20, task_runner="threads",
+                          datasets=[{"name": "digits", "max_samples": 400}], factorize={"k": 3, "methods": ["pca"]},
+                          similarity={"control": "none"})
+    params = {"spec": spec.model_dump(mode="json")}
+    t0 = time.monotonic()
+    run = run_deployment(AUDIT_MODEL_DEPLOYMENT, parameters=params, timeout=0, as_subflow=False)
+    with get_client(sync_client=True) as client:
+        def extracting() -> bool:
+            return bool(client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="extract-shards"))))
+
+        while not extracting():
+            assert time.monotonic() - t0 < 180, f"no extraction started: {client.read_flow_run(run.id).state}"
+            time.sleep(0.2)
+        killed_at = time.monotonic() - t0
+        stop_component(cfg.data_dir, "runner")          # SIGKILL the group: the runner and the run's process
+        time.sleep(5)
+        left = client.read_flow_run(run.id)
+        assert left.state.is_running(), left.state     # what Prefect does on its own: nothing
+        assert left.infrastructure_pid, "the served run did not record its process"
+        t1 = time.monotonic()
+        start_component(local_stack, "runner", lambda: client.read_flow_run(run.id).state.is_final(),
+                        timeout=RUNNER_BOUND_S)
+        crashed_after = time.monotonic() - t1
+        state = client.read_flow_run(run.id).state
+        assert state.is_crashed() and "runner" in state.message, state
+        again = run_deployment(AUDIT_MODEL_DEPLOYMENT, parameters=params, timeout=300, poll_interval=1,
+                               as_subflow=False)
+        assert again.state.is_completed(), again.state
+    repo = Store.open(store_url).model_repo(slug_key(MODEL))
+    keys = Counter(v.cache_key for v in history(repo) if v.cache_key)
+    assert keys and max(keys.values()) == 1, keys
+    assert sum(v.stage == "activations" for v in history(repo)) == 1
+    assert not [b for b in repo.list_branches() if b.startswith("staging-")], repo.list_branches()
+    print(f"fault: runner SIGKILLed {killed_at:.0f}s into a deployment run (mid-extraction) -> run left "
+          f"{left.state.name}; restarted runner marked it {state.name} after {crashed_after:.0f}s; rerun "
+          f"completed ({time.monotonic() - t0:.0f}s in all), {len(keys)} stages committed once each")
