@@ -199,7 +199,8 @@ def zoo_biasamp_section(audits, files: dict) -> list[str]:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, [f"{t[0].split(':')[-1]}" + ("" if t[3] is None else f"\nflip {t[3]:g}") for t in rows],
                   fontsize=7)
-    files["bias-amp-zoo.png"] = _line_chart_png(fig, ax, "bias amplification per model (bootstrap CI at the bias spec's level)")
+    files["bias-amp-zoo.png"] = _line_chart_png(fig, ax,
+                                                "bias amplification per model (bootstrap CI at the bias spec's level)")
     return ["<h2>Bias amplification per model (with CIs)</h2>"
             "<img src='bias-amp-zoo.png' alt='BiasAmp and BiasAmp→ A→T per model with bootstrap CIs'>" + _table(
                 ["model", "dataset", "attribute", "training colour flip"] + [label + " [CI]" for _, label in _BIASAMP],
