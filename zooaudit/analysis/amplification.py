@@ -99,34 +99,63 @@ def multi_hot(values, field: str, n_classes: int | None = None, *, multi_label: 
     return a.astype(np.float64)
 
 
+_BLOCK = 1 << 16          # samples per block of the streamed counts: bounds the per-sample temporaries
+
+
+class _Side:
+    """One side's distinct label rows: ``table`` ``(p, C)`` float64 0/1 (the distinct rows of
+    :func:`multi_hot` ``(values)``) and :meth:`index` — each sample's row, per block of samples.
+
+    Class codes keep only the caller's ``(n,)`` codes and a ``(C,)`` lookup table: the per-sample rows
+    are built one block at a time, so no ``(n,)`` index (nor an ``(n, C)`` matrix) is held.
+    ``multi_label``: the field was asked to be multi-hot; a 1-d array is then an error."""
+
+    def __init__(self, values, field: str, n_classes: int, *, multi_label: bool = False):
+        a = np.asarray(values)
+        self.n = len(a)
+        if a.ndim == 1 and not multi_label:
+            if a.size == 0:
+                a = a.astype(np.int64)   # no samples: no codes, whatever dtype the empty array got
+            if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
+                multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
+            # a lookup table over the class codes instead of np.unique: no sorted copy or inverse per sample
+            values_u = np.flatnonzero(np.bincount(a, minlength=n_classes))
+            self._lut = np.zeros(n_classes, np.int32)
+            self._lut[values_u] = np.arange(values_u.size, dtype=np.int32)
+            self._codes, self._index = a, None
+            self.table = multi_hot(values_u, field, n_classes)
+            return
+        mat = multi_hot(a, field, n_classes, multi_label=multi_label)
+        table, index = np.unique(mat.astype(np.int8), axis=0, return_inverse=True)
+        self.table, self._index = table.astype(np.float64), index.ravel()
+
+    def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``(stop − start,)`` row of each sample in ``[start, stop)`` (all samples by default)."""
+        if self._index is not None:
+            return self._index[start:stop]
+        return self._lut[self._codes[start:stop]]
+
+
 def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(table (p, C) float64 0/1, index (n,))``: the distinct rows of :func:`multi_hot` ``(values)`` and each
     sample's row, without building the ``(n, C)`` matrix for class codes (memory O(n) ints, not O(n·C) floats)."""
-    a = np.asarray(values)
-    if a.ndim == 1 and not multi_label:
-        if a.size == 0:
-            a = a.astype(np.int64)   # no samples: no codes, whatever dtype the empty array got
-        if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
-            multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
-        # a lookup table over the class codes instead of np.unique: no sorted copy or int64 inverse per sample
-        values_u = np.flatnonzero(np.bincount(a, minlength=n_classes))
-        lut = np.zeros(n_classes, np.int32)
-        lut[values_u] = np.arange(values_u.size, dtype=np.int32)
-        return multi_hot(values_u, field, n_classes), lut[a]
-    mat = multi_hot(a, field, n_classes, multi_label=multi_label)
-    table, index = np.unique(mat.astype(np.int8), axis=0, return_inverse=True)
-    return table.astype(np.float64), index.ravel()
+    side = _Side(values, field, n_classes, multi_label=multi_label)
+    return side.table, side.index()
 
 
-def _pair_rows(pa, pt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct (attribute row, task row) pairs of a split: ``(attr rows, task rows, counts)``."""
-    (ta, ia), (tt, it) = pa, pt
-    key = ia.astype(np.int64)
-    key *= len(tt)               # in place: one int64 array per sample
-    key += it
-    pair, count = _distinct(key, len(ta) * len(tt))
-    del key
-    return ta[pair // len(tt)], tt[pair % len(tt)], count.astype(np.float64)
+def _pair_rows(pa: _Side, pt: _Side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (attribute row, task row) pairs of a split: ``(attr rows, task rows, counts)``, counted
+    block by block."""
+    q = len(pt.table)
+
+    def keys():
+        for start in range(0, pa.n, _BLOCK):
+            key = pa.index(start, start + _BLOCK).astype(np.int64)
+            key *= q
+            key += pt.index(start, start + _BLOCK)
+            yield key
+    pair, count = _count_blocks(keys(), len(pa.table) * q)
+    return pa.table[pair // q], pt.table[pair % q], count.astype(np.float64)
 
 
 _DENSE_CODES = 1 << 24     # codes below this are counted with bincount (no per-sample sort or inverse)
@@ -146,6 +175,28 @@ def _distinct(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
         cells = np.flatnonzero(count)
         return cells, count[cells]
     return np.unique(codes, return_counts=True)
+
+
+_DENSE_BLOCKS = 1 << 20    # streamed counts: a running dense table up to this many codes, else merged uniques
+
+
+def _count_blocks(blocks, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_distinct` of the concatenation of ``blocks`` (an iterable of ``(b,)`` integer code arrays
+    below ``n_codes``) without concatenating them: a running ``bincount`` for few codes, else the
+    blocks' own ``(distinct, counts)`` merged once at the end (memory O(distinct codes))."""
+    if n_codes <= _DENSE_BLOCKS:
+        total = np.zeros(n_codes, np.int64)
+        for codes in blocks:
+            if codes.size:
+                total += np.bincount(codes, minlength=n_codes)
+        cells = np.flatnonzero(total)
+        return cells, total[cells]
+    parts = [np.unique(codes, return_counts=True) for codes in blocks if codes.size]
+    if len(parts) <= 1:
+        return parts[0] if parts else _distinct(np.zeros(0, np.int64), n_codes)
+    cells, inv = np.unique(np.concatenate([c for c, _ in parts]), return_inverse=True)
+    counts = np.bincount(inv.ravel(), weights=np.concatenate([w for _, w in parts]), minlength=len(cells))
+    return cells, counts.astype(np.int64)
 
 
 def label_sets(train_task: np.ndarray, test_task: np.ndarray, train_attr: np.ndarray, test_attr: np.ndarray,
@@ -255,11 +306,13 @@ def _nanvar(x):
 
 
 class _Rows:
-    """The test side as distinct patterns: per side a pattern table and one index per sample."""
+    """The test side as distinct patterns: per side a pattern table and each sample's row (:class:`_Side`);
+    the per-sample cell codes are built and counted block by block (:meth:`observed`)."""
 
-    def __init__(self, **sides: tuple[np.ndarray, np.ndarray]):
-        self.tables = {name: table for name, (table, _) in sides.items()}
-        self.index = {name: index for name, (_, index) in sides.items()}
+    def __init__(self, **sides: _Side):
+        self.sides = sides
+        self.tables = {name: side.table for name, side in sides.items()}
+        self.n = sides[next(iter(sides))].n
         self.order = list(sides)
         self.sizes = [len(self.tables[s]) for s in self.order]
         if np.prod(np.asarray(self.sizes, dtype=np.float64)) > 2.0 ** 62:
@@ -272,6 +325,19 @@ class _Rows:
             c *= size                # in place: one int64 array per sample, no temporaries
             c += index[s]
         return c
+
+    def index(self) -> dict[str, np.ndarray]:
+        """Every sample's row per side, ``{side: (n,)}`` (the per-sample shuffles only)."""
+        return {name: side.index() for name, side in self.sides.items()}
+
+    def observed(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct cell codes of the test samples and their ``(1, k)`` counts, counted per block of
+        samples (as :meth:`counts` of all the codes at once, without an ``(n,)`` code array)."""
+        def blocks():
+            for start in range(0, self.n, _BLOCK):
+                yield self.code({name: side.index(start, start + _BLOCK) for name, side in self.sides.items()})
+        cells, w = _count_blocks(blocks(), int(np.prod(self.sizes, dtype=np.int64)))
+        return cells, w[None, :].astype(np.float64)
 
     def multiplier(self, side: str) -> int:
         """What one step of ``side``'s index adds to a code."""
@@ -352,20 +418,20 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
         if np.asarray(attr).ndim == 1 else np.asarray(attr).shape[1]
     T = int(max(np.max(np.asarray(train_task)), np.max(np.asarray(task)), np.max(np.asarray(task_pred))) + 1) \
         if np.asarray(task).ndim == 1 else np.asarray(task).shape[1]
-    tr_a, A = patterns(train_attr, "train_attr", G), patterns(attr, "attr", G)
-    tr_t = patterns(train_task, "train_task", T, multi_label=multi_label)
-    Tt = patterns(task, "task", T, multi_label=multi_label)
-    P = patterns(task_pred, "task_pred", T, multi_label=multi_label)
-    Ahat = A if attr_pred is None else patterns(attr_pred, "attr_pred", G)
+    tr_a, A = _Side(train_attr, "train_attr", G), _Side(attr, "attr", G)
+    tr_t = _Side(train_task, "train_task", T, multi_label=multi_label)
+    Tt = _Side(task, "task", T, multi_label=multi_label)
+    P = _Side(task_pred, "task_pred", T, multi_label=multi_label)
+    Ahat = A if attr_pred is None else _Side(attr_pred, "attr_pred", G)
     for name, x, ref in (("attr", A, Tt), ("task_pred", P, Tt), ("attr_pred", Ahat, Tt), ("train_attr", tr_a, tr_t)):
-        if len(x[1]) != len(ref[1]):
-            raise ZooauditError(f"{name} has {len(x[1])} rows but {'train_task' if name == 'train_attr' else 'task'} "
-                                f"has {len(ref[1])}: one row per sample, in the same order.")
+        if x.n != ref.n:
+            raise ZooauditError(f"{name} has {x.n} rows but {'train_task' if name == 'train_attr' else 'task'} "
+                                f"has {ref.n}: one row per sample, in the same order.")
     for name, x in (("train_attr", tr_a), ("attr", A)):
-        if (x[0].sum(0) > 0).sum() < 2:
+        if (x.table.sum(0) > 0).sum() < 2:
             raise ZooauditError(f"{name} has a single attribute value: amplification compares at least two "
                                 "groups; give an attribute with two or more observed values.")
-    if len(tr_t[1]) == 0 or len(Tt[1]) == 0:
+    if tr_t.n == 0 or Tt.n == 0:
         raise ZooauditError("bias_amplification needs samples on both the training and the test side.")
     measures = [m for m in MEASURES if m in measures]
     train_rows, test_rows = _pair_rows(tr_a, tr_t), _pair_rows(A, Tt)
@@ -373,15 +439,14 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
                       test_rows[2])
     train = _Train(*train_rows[:2], sets, train_rows[2])
     rows = _Rows(A=A, Ahat=Ahat, T=Tt, P=P)
-    codes = rows.code(rows.index)
-    cells, w_obs = rows.counts(codes[None, :])
+    cells, w_obs = rows.observed()
     obs = _stats(w_obs, rows.features(cells, sets), train, G, measures)
 
     boot_ss, perm_ss = np.random.SeedSequence(random_state).spawn(2)
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
     value_ci = np.full((len(measures), 2), np.nan)
     if n_boot:
-        wb = np.random.default_rng(boot_ss).multinomial(len(codes), w_obs[0] / w_obs[0].sum(), size=n_boot)
+        wb = np.random.default_rng(boot_ss).multinomial(rows.n, w_obs[0] / w_obs[0].sum(), size=n_boot)
         boot = _stats(wb.astype(np.float64), rows.features(cells, sets), train, G, measures)
         for i, m in enumerate(measures):
             vals = boot[m][0][np.isfinite(boot[m][0])]
@@ -409,12 +474,13 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
                     for m in todo:
                         null[m].append(st[m][3])
             else:   # too many distinct patterns for tables: shuffle per-sample indices, in bounded batches
-                strata = rows.index[stratum]
-                batch = max(1, min(100, _PERM_ELEMENTS // max(len(codes), 1)))
+                per_sample = rows.index()
+                strata = per_sample[stratum]
+                batch = max(1, min(100, _PERM_ELEMENTS // max(rows.n, 1)))
                 for start in range(0, n_permutations, batch):
                     perm = _within_strata(strata, min(batch, n_permutations - start), rng)
-                    index = {s: np.broadcast_to(v, perm.shape) for s, v in rows.index.items()}
-                    index[moved] = rows.index[moved][perm]
+                    index = {s: np.broadcast_to(v, perm.shape) for s, v in per_sample.items()}
+                    index[moved] = per_sample[moved][perm]
                     c, w = rows.counts(rows.code(index))
                     st = _stats(w, rows.features(c, sets), train, G, todo)
                     for m in todo:
@@ -439,7 +505,7 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
                 "label_set": set_names})
     for m in measures:
         ds[f"pairs_{m}"] = (("attribute", "label_set" if m.startswith("multi") else "task"), obs[m][2][0])
-    ds.attrs.update(n_train=int(train.n), n_test=int(len(codes)), n_boot=int(n_boot),
+    ds.attrs.update(n_train=int(train.n), n_test=int(rows.n), n_boot=int(n_boot),
                     n_permutations=int(n_permutations), ci=float(ci), random_state=int(random_state),
                     max_order=int(max_order), attr_pred_given=attr_pred is not None, correction=correction,
                     ci_method="percentile bootstrap over test samples (training counts fixed)",

@@ -199,9 +199,10 @@ def zoo_parts(store, audits, zoo_results, compare_layers: list[str], files: dict
     sweep = shortcut_sweep_section(audits, files)
     if sweep:
         parts.append(("shortcut-sweep", "shortcut sweep", "".join(sweep)))
-    from .bias_measures import measures_sweep_section, zoo_measures_table
+    from .bias_measures import measures_sweep_section, zoo_biasamp_section, zoo_measures_table
 
-    if measures := measures_sweep_section(audits, files) + zoo_measures_table(audits):
+    if measures := (measures_sweep_section(audits, files) + zoo_biasamp_section(audits, files)
+                    + zoo_measures_table(audits)):
         parts.append(("bias-measures", "bias beyond accuracy across the zoo", "".join(measures)))
     parts.extend(history_parts(store, audits, compare_layers, files))
     return parts
