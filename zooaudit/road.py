@@ -24,7 +24,7 @@ implementation (github.com/tleemann/road_evaluation, also pytorch-grad-cam's ``m
   ``curve_baseline``: the deletion curve's endpoint) plus the noise.
 
 Curves (:func:`road_curves`): for each sample and order (each method's map high to low, ties by
-position, and one random order: the control; :func:`zooaudit.faithfulness._orders`), at
+position, and one random order: the control; :func:`zooaudit.faithfulness.pixel_ranks`), at
 fractions ``f = 0, 1/steps, … 1`` the first ``round(f·P)`` pixels (all channels) are removed
 and imputed: **MoRF** removes the most relevant first (a faithful map makes the score fall
 fast: lower AUC is better), **LeRF** the least relevant first (the reverse of the same
@@ -40,9 +40,9 @@ import torch
 import xarray as xr
 from scipy.sparse.linalg import spsolve
 
-from .attribution_maps import _logits
+from .attribution_maps import class_scores
 from .errors import ZooauditError
-from .faithfulness import _orders
+from .faithfulness import pixel_ranks
 
 __all__ = ["NEIGHBOUR_WEIGHTS", "imputation_system", "noisy_linear_imputation", "road_curves"]
 
@@ -160,7 +160,7 @@ def road_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *,
     module.eval()
     with torch.no_grad():
         for i in range(n):
-            ranks = _orders(values[i], order_rng)                            # (order, P): 0 = most relevant
+            ranks = pixel_ranks(values[i], order_rng)                            # (order, P): 0 = most relevant
             morf = ranks[:, None, :] < counts[None, :, None]                 # (order, step, P)
             lerf = ranks[:, None, :] >= (h * w - counts)[None, :, None]
             removed = np.stack([morf, lerf], 1).reshape(-1, h, w)            # (order·kind·step, H, W)
@@ -169,7 +169,7 @@ def road_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *,
             probs = []
             for start in range(0, len(batch), batch_size):
                 z = torch.as_tensor(batch[start:start + batch_size], device=device)
-                p = torch.softmax(_logits(module(z)).float(), 1)
+                p = torch.softmax(class_scores(module(z)).float(), 1)
                 if not 0 <= targets[i] < p.shape[1]:
                     raise ZooauditError(f"targets must be class indices in [0, {p.shape[1]}); got {targets[i]}.")
                 probs.append(p[:, targets[i]].cpu().numpy())
