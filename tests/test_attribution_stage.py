@@ -161,3 +161,42 @@ def test_report_section_renders_from_committed_results(balanced, tmp_path):
         (tmp_path / name).write_bytes(data)
         assert Image.open(tmp_path / name).size[0] > 100, name
         assert name in text
+
+
+def test_road_curves_are_committed_behind_their_switch(balanced):
+    """ROAD (road_samples > 0): its own product beside the deletion curves; off by default, so the
+    default spec's cache key is the one it had before ROAD existed."""
+    from zooaudit.stages.attribution import attribution_key
+
+    plan, _ = balanced
+    road_spec = SHORTCUT_ASPEC.model_copy(update={"methods": ["gradcam", "grad_x_input"], "road_samples": 6,
+                                                  "curve_steps": 4})
+    assert attribution_key(plan, SHORTCUT_ASPEC) != attribution_key(plan, road_spec)
+    assert attribution_key(plan, road_spec) != attribution_key(plan, road_spec.model_copy(update={"road_sigma": 0.02}))
+    result = run_attribution(plan, road_spec)
+    road = plan.repository.open(attribution_group(plan.ds_key, "act4", "road"), result.snapshot).load()
+    assert road["curves"].dims == ("sample", "order", "kind", "step") and road["curves"].shape == (6, 3, 2, 5)
+    assert list(road["order"].values) == ["gradcam", "grad_x_input", "random"]
+    assert list(road["kind"].values) == ["morf", "lerf"]
+    np.testing.assert_allclose(road["fraction"].values, [0, 0.25, 0.5, 0.75, 1])
+    curves = road["curves"].values
+    # nothing removed at step 0: every order and kind scores the untouched image alike
+    np.testing.assert_allclose(curves[..., 0], curves[:, :1, :1, 0].repeat(3, 1).repeat(2, 2), rtol=1e-5)
+    # every pixel removed at the last step: morf and lerf remove the same set (noise aside)
+    np.testing.assert_allclose(curves[:, :, 0, -1], curves[:, :, 1, -1], atol=0.05)
+    assert ((curves >= 0) & (curves <= 1)).all()
+    # auc by the trapezoid rule over the fractions
+    np.testing.assert_allclose(road["auc"].values, np.trapezoid(curves, road["fraction"].values, axis=-1), rtol=1e-5)
+    auc = road["auc"].mean("sample")
+    summary = result.summary["act4"]
+    assert set(summary["road_auc"]) == {"morf", "lerf"}
+    assert summary["road_auc"]["morf"]["gradcam"] == pytest.approx(float(auc.sel(kind="morf", order="gradcam")),
+                                                                   abs=1e-4)
+    # the report shows the ROAD table and both curves from these committed results
+    from zooaudit.report.attribution import attribution_section
+
+    files: dict[str, bytes] = {}
+    text = "".join(attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result,
+                                       "m-ds", files))
+    assert "ROAD MoRF AUC" in text and "ROAD (Rong et al. 2022)" in text
+    assert {"m-ds-attribution-act4-road-morf.png", "m-ds-attribution-act4-road-lerf.png"} <= set(files)

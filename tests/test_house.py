@@ -15,11 +15,11 @@ ROOT = Path(zooaudit.__file__).parent
 MODEL_SIDE = {"extract.py", "gradients.py", "stages/activations.py", "stages/controls.py", "stages/model.py",
               "stages/validate.py", "stages/common.py", "stages/cached.py",
               # attribution maps: the maps and the faithfulness curves run the model; their stage too
-              "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "stages/attribution.py"}
+              "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "road.py", "stages/attribution.py"}
 # Names whose use means running (or building) the model.
 FORWARD = {"forward_batches", "load_model", "load_random_init", "resolve_model", "random_init", "layer_gradients",
            "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "confidence_change",
-           "randomisation_maps"}
+           "randomisation_maps", "road_curves"}
 
 
 def _modules():
@@ -63,10 +63,10 @@ def test_nothing_outside_the_model_stages_runs_the_model():
         imported = {m for m in _imported_modules(rel, tree)
                     if not m.startswith(("zooaudit.zoo.manifest", "zooaudit.zoo.catalog"))  # YAML; names only
                     if m in ("zooaudit.extract", "zooaudit.zoo", "zooaudit.gradients", "zooaudit.attribution_maps",
-                             "zooaudit.faithfulness", "zooaudit.sanity_checks")
+                             "zooaudit.faithfulness", "zooaudit.sanity_checks", "zooaudit.road")
                     or m.startswith(("zooaudit.extract.", "zooaudit.zoo.", "zooaudit.gradients.",
                                      "zooaudit.attribution_maps.", "zooaudit.faithfulness.",
-                                     "zooaudit.sanity_checks."))}
+                                     "zooaudit.sanity_checks.", "zooaudit.road."))}
         bad = sorted(imported | (_calls(tree) & FORWARD))
         if bad:
             offenders[rel] = bad

@@ -84,7 +84,7 @@ def resolve_targets(target, logits: torch.Tensor, labels) -> torch.Tensor:
     return t
 
 
-def _logits(out) -> torch.Tensor:
+def class_scores(out) -> torch.Tensor:
     logits = _first_tensor(out)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or not logits.is_floating_point():
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -185,7 +185,7 @@ def _scorecam(module, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, b
     for start in range(0, b * c, batch_size):
         idx = torch.arange(start, min(start + batch_size, b * c), device=a.device)
         masked = x[idx // c] * up.flatten(0, 1)[idx][:, None]
-        scores[idx] = _logits(module(masked)).gather(1, rows[idx, None])[:, 0]
+        scores[idx] = class_scores(module(masked)).gather(1, rows[idx, None])[:, 0]
     w = torch.softmax(scores.view(b, c), dim=1)
     return (w[..., None, None] * a).sum(1)
 
@@ -205,11 +205,11 @@ def _integrated_gradients(module, x: torch.Tensor, targets: torch.Tensor, steps:
         ks = torch.tensor([k for k, _ in part], device=x.device)
         ids = torch.tensor([i for _, i in part], device=x.device)
         z = (x0[ids] + alphas[ks].view(-1, 1, 1, 1) * (x[ids] - x0[ids])).requires_grad_(True)
-        score = _logits(module(z)).gather(1, targets[ids, None]).sum()
+        score = class_scores(module(z)).gather(1, targets[ids, None]).sum()
         (gz,) = torch.autograd.grad(score, z)
         total.index_add_(0, ids, gz)
     with torch.no_grad():
-        at_baseline = _logits(module(x0)).gather(1, targets[:, None])[:, 0]
+        at_baseline = class_scores(module(x0)).gather(1, targets[:, None])[:, 0]
     return ((x - x0) * total / steps).sum(1), at_baseline
 
 
@@ -253,7 +253,7 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
             need_grad = any(m in GRADIENT_METHODS for m in methods)
             with torch.enable_grad():
                 x.requires_grad_("grad_x_input" in methods)
-                logits = _logits(module(x))
+                logits = class_scores(module(x))
                 t = resolve_targets(target, logits, lab)
                 a = hook.out if hook is not None else None
                 if cams:

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .attribution_maps import _logits
+from .attribution_maps import class_scores
 from .errors import ZooauditError
 
 __all__ = ["confidence_change", "explanation_masks", "faithfulness_curves"]
 
 
-def _orders(maps: np.ndarray, rng) -> np.ndarray:
+def pixel_ranks(maps: np.ndarray, rng) -> np.ndarray:
     """``(order, P)`` pixel ranks: position of each pixel in each order (methods, then random)."""
     m, h, w = maps.shape
     flat = maps.reshape(m, h * w)
@@ -70,7 +70,7 @@ def faithfulness_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, tar
     module.eval()
     with torch.no_grad():
         for i in range(n):
-            ranks = _orders(values[i], rng)                                   # (order, P)
+            ranks = pixel_ranks(values[i], rng)                                   # (order, P)
             gone = ranks[:, None, :] < counts[None, :, None]                  # (order, step, P)
             x = x_all[i].reshape(c, h * w)
             deleted = np.where(gone[:, :, None, :], np.float32(baseline), x[None, None])
@@ -79,7 +79,7 @@ def faithfulness_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, tar
             probs = []
             for start in range(0, len(batch), batch_size):
                 z = torch.as_tensor(batch[start:start + batch_size], device=device)
-                probs.append(torch.softmax(_logits(module(z)).float(), 1)[:, targets[i]].cpu().numpy())
+                probs.append(torch.softmax(class_scores(module(z)).float(), 1)[:, targets[i]].cpu().numpy())
             out[i] = np.concatenate(probs).reshape(n_orders, 2, steps + 1)
     return xr.Dataset(
         {"curves": (("sample", "order", "kind", "step"), out)},
@@ -138,7 +138,7 @@ def confidence_change(module: torch.nn.Module, inputs, maps: xr.DataArray, targe
 
     def probs(batch: np.ndarray, rows: np.ndarray) -> np.ndarray:
         z = torch.as_tensor(batch, device=device)
-        p = torch.softmax(_logits(module(z)).float(), 1)
+        p = torch.softmax(class_scores(module(z)).float(), 1)
         if int(targets.max(initial=0)) >= p.shape[1] or int(targets.min(initial=0)) < 0:
             raise ZooauditError(f"targets must be class indices in [0, {p.shape[1]}); got "
                                 f"{int(targets.min())} … {int(targets.max())}.")

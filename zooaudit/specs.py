@@ -246,6 +246,11 @@ class AttributionSpec(BaseModel):
                                "samples (0 = none).")
     curve_steps: int = Field(10, ge=2, description="Steps of the deletion/insertion curves.")
     curve_baseline: float = Field(0.0, description="Value that deleted pixels take (and insertion starts from).")
+    road_samples: int = Field(0, ge=0, le=1024, description="ROAD MoRF/LeRF curves (noisy linear imputation, Rong et "
+                              "al. 2022; zooaudit.road) on the first N of the mapped samples, at the curve_steps "
+                              "fractions (0 = off; at 0 the cache key is the one it was before ROAD).")
+    road_sigma: float = Field(0.01, ge=0.0, le=1.0, description="Standard deviation of the gaussian noise added to "
+                              "the imputed pixels (input units; the reference implementation's 0.01).")
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU: map ≥ this fraction of its max vs mask.")
     sanity_samples: int = Field(8, ge=0, description="Cascading-randomisation sanity check on the first N mapped "
                                 "samples (0 = off): every parameterised layer re-initialised from the top.")

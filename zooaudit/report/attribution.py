@@ -1,6 +1,7 @@
 """Report section of the attribution stage: per layer, a gallery of maps over the images (mask
 outline drawn), the localisation and faithfulness table beside the random-order control, the
-background share by group with CIs, the deletion/insertion curves and the method agreement.
+background share by group with CIs, the deletion/insertion curves (and the ROAD MoRF/LeRF
+curves where the stage computed them) and the method agreement.
 
 Reads committed results only (``open_group(group) -> xr.Dataset`` at the stage's snapshot) and
 the dataset's images and masks (loaded from its spec, as the factorization gallery does).
@@ -71,11 +72,14 @@ def _curves_png(curves: xr.Dataset, kind: str) -> bytes:
     for order in mean["order"].values:
         style = {"color": "black", "linestyle": "--"} if order == "random" else {}
         ax.plot(curves["fraction"].values, mean.sel(order=order).values, label=str(order), **style)
-    ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
+    what = {"deletion": "removed", "insertion": "inserted", "morf": "removed, most relevant first (imputed)",
+            "lerf": "removed, least relevant first (imputed)"}[kind]
+    ax.set_xlabel(f"fraction of pixels {what}", fontsize=8)
     ax.set_ylabel("p(target)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    ax.set_title(f"{kind} curves (dashed: random order)", fontsize=9)
+    title = f"ROAD {kind.upper()}" if kind in ("morf", "lerf") else kind
+    ax.set_title(f"{title} curves (dashed: random order)", fontsize=9)
     return _png(fig)
 
 
@@ -137,20 +141,26 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
                               else data.masks[pos], methods, labels)
     out.append(f"<p>Most and least background-reliant samples (under {html.escape(methods[0])}), then random ones; "
                f"maps normalised by their max, positive part shown, mask outlined.</p><img src='{name}' alt='Gallery: each sample's image, then one attribution map per method over it, mask outlined'>")
-    auc = s.get("auc", {})
+    auc, road = s.get("auc", {}), s.get("road_auc", {})
     header = ["method", "background share", "pointing game", "IoU"]
     if auc:
         header += ["deletion AUC ↓", "insertion AUC ↑"]
+    if road:
+        header += ["ROAD MoRF AUC ↓", "ROAD LeRF AUC ↑"]
     table = []
-    for m in methods:
-        row = [m, *(s.get(v, {}).get(m) for v in ("background_share", "pointing_game", "iou"))]
+    for m in [*methods, "random"] if auc or road else methods:
+        row = ([m, *(s.get(v, {}).get(m) for v in ("background_share", "pointing_game", "iou"))] if m != "random"
+               else ["random order (control)", None, None, None])
         if auc:
             row += [auc.get("deletion", {}).get(m), auc.get("insertion", {}).get(m)]
+        if road:
+            row += [road.get("morf", {}).get(m), road.get("lerf", {}).get(m)]
         table.append(row)
-    if auc:
-        table.append(["random order (control)", None, None, None, auc["deletion"].get("random"),
-                      auc["insertion"].get("random")])
     out.append(_table(header, table))
+    if road:
+        out.append("<p>ROAD (Rong et al. 2022): removed pixels are replaced by the noisy linear imputation of their "
+                   "8 neighbours instead of a constant, so the removal stays closer to the data; MoRF removes the "
+                   "most relevant pixels first, LeRF the least relevant first.</p>")
     if "ig_gap_mean_abs" in s:
         out.append(f"<p>Integrated Gradients completeness gap (mean |Σ IG − (s(x) − s(x₀))|): "
                    f"{_fmt(s['ig_gap_mean_abs'])}.</p>")
@@ -168,6 +178,13 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
             name = f"{base}-attribution-{layer}-{kind}.png"
             files[name] = _curves_png(curves, kind)
             out.append(f"<img src='{name}' alt='Deletion or insertion curve: model score against the fraction of pixels removed or added, beside the random order'>")
+    if road:
+        curves = open_group(attribution_group(plan.ds_key, layer, "road"))
+        for kind in ("morf", "lerf"):
+            name = f"{base}-attribution-{layer}-road-{kind}.png"
+            files[name] = _curves_png(curves, kind)
+            out.append(f"<img src='{name}' alt='ROAD {kind.upper()} curve: model score against the fraction of "
+                       f"pixels removed and imputed, beside the random order'>")
     if "sanity_flagged" in s:
         sanity = open_group(attribution_group(plan.ds_key, layer, "sanity"))
         name = f"{base}-attribution-{layer}-sanity.png"

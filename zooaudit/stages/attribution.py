@@ -15,6 +15,9 @@ Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
                ig_gap (sample) — Integrated Gradients' completeness gap
     curves     deletion / insertion curves (sample, order, kind, step) and their auc
                (sample, order, kind); order = the methods then ``random`` (the control)
+    road       with AttributionSpec.road_samples > 0: ROAD curves (sample, order, kind, step),
+               kind = morf / lerf, noisy linear imputation (zooaudit.road), and their auc
+               (sample, order, kind), the same orders and fractions as curves
     reliance   per attribute and method: background share per group (mean, bootstrap CI, n), the
                group difference, its permutation p-value and the run's corrected p (p_adjusted)
     confidence average drop and increase in confidence (Chattopadhyay et al. 2018) per method,
@@ -50,7 +53,7 @@ from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
 
-__all__ = ["attribution_key", "attribution_layers", "run_attribution", "sanity_flags"]
+__all__ = ["attribution_key", "attribution_layers", "key_params", "run_attribution", "sanity_flags"]
 
 STAGE = "attribution"
 
@@ -92,8 +95,17 @@ def attribution_key(plan, aspec: AttributionSpec) -> str | None:
     layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []
     if not layers and any(m in CAM_METHODS for m in aspec.methods):
         return None
-    return cache_key(STAGE, model=plan.model_hash, dataset=plan.ds_hash, resolved_layers=layers,
-                     **aspec.model_dump())
+    return cache_key(STAGE, model=plan.model_hash, dataset=plan.ds_hash, resolved_layers=layers, **key_params(aspec))
+
+
+def key_params(aspec: AttributionSpec) -> dict:
+    """The spec's fields in the cache key: all but the ROAD fields at their defaults (ROAD off:
+    the key it had before ROAD existed, so earlier commits stay cache hits)."""
+    params = aspec.model_dump()
+    for name in ("road_samples", "road_sigma"):
+        if params[name] == AttributionSpec.model_fields[name].default:
+            del params[name]
+    return params
 
 
 def _target(aspec: AttributionSpec, class_names: list[str], n_classes: int):
@@ -160,6 +172,16 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
         curves = curves.assign_coords(sample=ids[:n_curve])
         curves["auc"] = (("sample", "order", "kind"), metrics.auc(curves["curves"].values, curves["fraction"].values))
         products["curves"] = curves
+    n_road = min(aspec.road_samples, len(idx))
+    if n_road:
+        from ..road import road_curves
+
+        road = road_curves(module, x[:n_road], maps.isel(sample=slice(0, n_road)), out["target"].values[:n_road],
+                           steps=aspec.curve_steps, sigma=aspec.road_sigma, fill=aspec.curve_baseline,
+                           batch_size=max(aspec.batch_size, 64), random_state=aspec.random_state, device=dev)
+        road = road.assign_coords(sample=ids[:n_road])
+        road["auc"] = (("sample", "order", "kind"), metrics.auc(road["curves"].values, road["fraction"].values))
+        products["road"] = road
     n_sanity = min(aspec.sanity_samples, len(idx))
     from ..sanity_checks import cascade_layers
 
@@ -325,8 +347,9 @@ def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
                                     for m in out["sanity_flagged"]}
     if undefined:
         out["undefined"] = undefined
-    if "curves" in products:
-        auc = products["curves"]["auc"].mean("sample")
-        out["auc"] = {kind: {str(o): round(float(auc.sel(kind=kind, order=o)), 4) for o in auc["order"].values}
-                      for kind in auc["kind"].values}
+    for part, name in (("curves", "auc"), ("road", "road_auc")):   # deletion/insertion, ROAD morf/lerf
+        if part in products:
+            auc = products[part]["auc"].mean("sample")
+            out[name] = {kind: {str(o): round(float(auc.sel(kind=kind, order=o)), 4) for o in auc["order"].values}
+                         for kind in auc["kind"].values}
     return out
