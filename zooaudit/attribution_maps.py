@@ -24,7 +24,9 @@ of the target score ``s`` — the target class's logit, before any softmax):
   the numerator; ``D²`` is used, as torch-cam does ("personal correction"), so that ``σ = 0``
   gives Grad-CAM++ itself. The target is the clean input's, kept for every copy. The draws of a
   sample depend only on ``(random_state, its position in inputs, n)`` (not on the batching);
-  each noise draw ``n`` is one forward and one backward of the whole batch;
+  each noise draw ``n`` is one forward and one backward of the whole batch. On a layer followed
+  only by global average pooling and a linear head the gradient does not depend on the input:
+  there Smooth Grad-CAM++ is Grad-CAM++ (up to rounding);
 - ``layercam`` (Jiang et al. 2021): ``ReLU(Σ_c ReLU(g_c) ⊙ A_c)``;
 - ``scorecam`` (Wang et al. 2020): each channel upsampled to the input (bilinear,
   ``align_corners=True``, as ``nn.UpsamplingBilinear2d``), min–max scaled to [0, 1] (``+1e-8``),
