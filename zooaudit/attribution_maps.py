@@ -126,7 +126,8 @@ def _check(methods, normalise, ig_steps, smooth_samples=8, smooth_sigma=0.15, ra
             raise ZooauditError(f"smooth_sigma={smooth_sigma!r}: the noise level must be a finite number ≥ 0 (a "
                                 "fraction of each input's range; 0 = no noise).")
         if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)) or random_state < 0:
-            raise ZooauditError(f"random_state={random_state!r}: Smooth Grad-CAM++'s noise needs an integer seed ≥ 0.")
+            raise ZooauditError(f"random_state={random_state!r}: Smooth Grad-CAM++'s noise needs an integer seed "
+                                "≥ 0.")
     return methods
 
 

@@ -255,7 +255,8 @@ class AttributionSpec(BaseModel):
                                 "noisy copies per sample, each one forward and backward of the batch (at the "
                                 "default the cache key is the one it was before Smooth Grad-CAM++).")
     smooth_sigma: float = Field(0.15, ge=0.0, le=1.0, description="Smooth Grad-CAM++ noise: the gaussian's standard "
-                                "deviation as a fraction of each input's range (max − min; SmoothGrad's noise level). "
+                                "deviation as a fraction of each input's range (max − min; SmoothGrad's noise "
+                                "level). "
                                 "0 = no noise: the maps are Grad-CAM++'s.")
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU: map ≥ this fraction of its max vs mask.")
     sanity_samples: int = Field(8, ge=0, description="Cascading-randomisation sanity check on the first N mapped "

@@ -39,9 +39,9 @@ PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
 METHODS = CAM_METHODS + PIXEL_METHODS
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "grad_x_input", "integrated_gradients")
 
-__all__ = ["CAM_METHODS", "DEFAULT_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc", "background_share", "compare_groups",
-           "compare_paired", "defined_mean", "energy_inside", "kendall_maps", "mask_iou", "pointing_game",
-           "spearman_maps"]
+__all__ = ["CAM_METHODS", "DEFAULT_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc",
+           "background_share", "compare_groups", "compare_paired", "defined_mean", "energy_inside", "kendall_maps",
+           "mask_iou", "pointing_game", "spearman_maps"]
 
 
 def _pair(maps, masks, what: str) -> tuple[np.ndarray, np.ndarray]:
