@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from zooaudit.analysis.eigencam import eigencam
-from zooaudit.attribution_maps import METHODS, attribution_maps
+from zooaudit.attribution_maps import DEFAULT_METHODS, attribution_maps
 from zooaudit.data import load_dataset
 from zooaudit.errors import ZooauditError
 from zooaudit.zoo.builtin import BUILTIN_ZOO, build
@@ -141,7 +141,7 @@ def test_batch_size_does_not_change_the_maps(scene_cnn, scenes):
     a = attribution_maps(scene_cnn, scenes.inputs[:6], "act4", batch_size=1, ig_steps=8)
     b = attribution_maps(scene_cnn, scenes.inputs[:6], "act4", batch_size=4, ig_steps=8)
     np.testing.assert_allclose(a.maps.values, b.maps.values, atol=2e-5)
-    assert list(a.method.values) == list(METHODS)
+    assert list(a.method.values) == list(DEFAULT_METHODS)   # the opt-in methods are not computed unasked
 
 
 def test_one_backward_per_batch_for_the_gradient_methods(scene_cnn, scenes):
@@ -235,6 +235,9 @@ def test_normalisation_conventions(scene_cnn, scenes):
     ({"methods": ["gradcam", "cfcam"]}, "Unknown attribution method"),
     ({"normalise": "l2"}, "Unknown normalise"),
     ({"ig_steps": 0}, "positive integer"),
+    ({"methods": ["smoothgradcam++"], "smooth_samples": 0}, "smooth_samples=0.*positive integer"),
+    ({"methods": ["smoothgradcam++"], "smooth_sigma": -0.1}, "smooth_sigma=-0.1.*≥ 0"),
+    ({"methods": ["smoothgradcam++"], "smooth_sigma": float("nan")}, "smooth_sigma=nan.*finite"),
     ({"layer": None}, "need a layer"),
 ])
 def test_bad_input_is_named(kwargs, match, scene_cnn, scenes):
@@ -297,3 +300,87 @@ def test_a_method_whose_maps_do_not_change_is_flagged_by_both_statistics(scene_c
     only_ssim = sanity_flags(out, 1.0, -1.0)
     assert set(only_ssim.attrs["flagged"]) == {"gradcam", "eigencam"} and not only_ssim["flag_spearman"].sel(
         {"method": "gradcam"})
+
+
+# Smooth Grad-CAM++ on act3: on act4 (then global average pooling and a linear head) the layer
+# gradient does not depend on the input, and Smooth Grad-CAM++ is Grad-CAM++ there.
+SMOOTH = dict(methods=["gradcam++", "smoothgradcam++"], normalise="none")
+
+
+def test_smooth_gradcampp_without_noise_is_gradcampp(scene_cnn, scenes):
+    one = attribution_maps(scene_cnn, scenes.inputs, "act3", smooth_samples=1, smooth_sigma=0.0, batch_size=5,
+                           **SMOOTH).maps.values
+    np.testing.assert_array_equal(one[:, 1], one[:, 0])            # one noiseless copy: the same arithmetic
+    eight = attribution_maps(scene_cnn, scenes.inputs, "act3", smooth_samples=8, smooth_sigma=0.0, batch_size=5,
+                             **SMOOTH).maps.values
+    assert one[:, 0].max() > 0
+    np.testing.assert_allclose(eight[:, 1], eight[:, 0], rtol=1e-5, atol=1e-7 * one[:, 0].max())   # mean of 8 equal
+    noisy = attribution_maps(scene_cnn, scenes.inputs, "act3", smooth_sigma=0.15, **SMOOTH).maps.values
+    assert np.abs(noisy[:, 1] - noisy[:, 0]).max() > 0.05 * noisy[:, 0].max()   # the noise does change the maps
+
+
+def test_smooth_gradcampp_equals_a_hand_loop(scene_cnn, scenes):
+    """Per sample and per noise draw, plain autograd on one noisy copy; the 1st/2nd/3rd-order terms
+    averaged in float64, Grad-CAM++'s α on the clean activations, σ a fraction of the input range."""
+    from zooaudit.attribution_maps import smoothing_noise
+
+    samples, sigma, seed = 5, 0.2, 3
+    ours = attribution_maps(scene_cnn, scenes.inputs, "act3", methods=["smoothgradcam++"], normalise="none",
+                            smooth_samples=samples, smooth_sigma=sigma, random_state=seed, batch_size=5)
+    assert ours.attrs["smooth_samples"] == samples and ours.attrs["smooth_sigma"] == sigma
+
+    def layer_and_logits(x):
+        kept = []
+        h = scene_cnn.act3.register_forward_hook(lambda _m, _i, o: kept.append(o))
+        logits = scene_cnn(x)
+        h.remove()
+        return kept[0], logits
+
+    for i in range(len(scenes)):
+        x = torch.from_numpy(scenes.inputs[i:i + 1])
+        a, logits = layer_and_logits(x)
+        c = int(logits.argmax())
+        assert ours.target.values[i] == c
+        A = a[0].detach().numpy().astype(np.float64)
+        std = sigma * float(x.max() - x.min())
+        d = [np.zeros_like(A) for _ in range(3)]
+        for n in range(samples):
+            z = (x + std * smoothing_noise(x.shape[1:], i, n, seed)[None]).requires_grad_(True)
+            a_n, logits_n = layer_and_logits(z)
+            (g,) = torch.autograd.grad(logits_n[0, c], a_n)
+            G = g[0].numpy().astype(np.float64)
+            for p in range(3):
+                d[p] += G ** (p + 1) / samples
+        alpha = np.where(d[1] != 0, d[1] / (2 * d[1] + A.sum((1, 2))[:, None, None] * d[2] + 1e-6), 0)
+        ref = np.maximum(np.tensordot((alpha * np.maximum(d[0], 0)).sum((1, 2)), A, 1), 0)
+        np.testing.assert_allclose(ours.maps.values[i, 0], _bilinear(ref, (32, 32)), atol=1e-5, rtol=1e-4)
+    # the seed is used, and the draws do not depend on the batching
+    other = attribution_maps(scene_cnn, scenes.inputs, "act3", methods=["smoothgradcam++"], normalise="none",
+                             smooth_samples=samples, smooth_sigma=sigma, random_state=seed + 1, batch_size=5)
+    assert not np.allclose(other.maps.values, ours.maps.values)
+    rebatched = attribution_maps(scene_cnn, scenes.inputs, "act3", methods=["smoothgradcam++"], normalise="none",
+                                 smooth_samples=samples, smooth_sigma=sigma, random_state=seed, batch_size=12)
+    np.testing.assert_allclose(rebatched.maps.values, ours.maps.values, atol=1e-6, rtol=1e-5)
+
+
+def test_smooth_gradcampp_is_one_forward_and_backward_per_batch_and_noise_draw(scene_cnn, scenes):
+    forwards, backwards = [], []
+    hf = scene_cnn.register_forward_hook(lambda *_: forwards.append(1))
+    hb = scene_cnn.head.register_full_backward_hook(lambda *_: backwards.append(1))
+    try:
+        attribution_maps(scene_cnn, scenes.inputs, "act3", methods=["smoothgradcam++"], smooth_samples=3,
+                         batch_size=5)
+    finally:
+        hf.remove()
+        hb.remove()
+    assert len(forwards) == 3 * (1 + 3) and len(backwards) == 3 * 3   # 12 samples in 3 batches; 1 clean forward each
+
+
+@pytest.mark.parametrize("field,value", [("smooth_sigma", -0.1), ("smooth_samples", 0), ("smooth_sigma", 1.5)])
+def test_spec_refuses_bad_smoothing(field, value):
+    from pydantic import ValidationError
+
+    from zooaudit.specs import AttributionSpec
+
+    with pytest.raises(ValidationError, match=rf"(?s){field}.*(greater|less) than or equal to"):
+        AttributionSpec(methods=["smoothgradcam++"], **{field: value})

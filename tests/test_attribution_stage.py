@@ -200,3 +200,34 @@ def test_road_curves_are_committed_behind_their_switch(balanced):
                                        "m-ds", files))
     assert "ROAD MoRF AUC" in text and "ROAD (Rong et al. 2022)" in text
     assert {"m-ds-attribution-act4-road-morf.png", "m-ds-attribution-act4-road-lerf.png"} <= set(files)
+
+
+def test_smooth_gradcampp_is_opt_in_and_reaches_every_product(balanced):
+    """Smooth Grad-CAM++ is not a default method and its fields leave the default key as it was
+    (the key below was computed on main before the method existed); asked for, it goes through
+    the maps, agreement, confidence, curves and sanity check like any other method."""
+    from zooaudit.keys import cache_key
+    from zooaudit.stages.attribution import attribution_key, key_params
+
+    default = AttributionSpec()
+    assert "smoothgradcam++" not in default.methods and not {"smooth_samples", "smooth_sigma"} & set(
+        key_params(default))
+    assert cache_key("attribution", model="m", dataset="d", resolved_layers=["act4"],
+                     **key_params(default)) == "attribution-1836ea9c8ea1fd3ff3e7ae5d"
+    plan, _ = balanced
+    spec = AttributionSpec(methods=["gradcam++", "smoothgradcam++"], layers=["act3"], max_samples=8, curve_samples=4,
+                           curve_steps=3, sanity_samples=2, smooth_samples=2, n_boot=20, n_permutations=20,
+                           batch_size=64)
+    assert attribution_key(plan, spec) != attribution_key(plan, spec.model_copy(update={"smooth_sigma": 0.3}))
+    assert attribution_key(plan, spec) != attribution_key(plan, spec.model_copy(update={"smooth_samples": 3}))
+    result = run_attribution(plan, spec)
+    load = lambda part: plan.repository.open(attribution_group(plan.ds_key, "act3", part), result.snapshot).load()
+    maps = load("maps")
+    assert list(maps["method"].values) == spec.methods and maps.attrs["smooth_samples"] == 2
+    assert maps.attrs["smooth_sigma"] == 0.15
+    assert not np.allclose(maps["maps"].sel({"method": "smoothgradcam++"}), maps["maps"].sel({"method": "gradcam++"}))
+    assert list(load("agreement")["method"].values) == spec.methods
+    assert list(load("curves")["order"].values) == [*spec.methods, "random"]
+    assert list(load("sanity")["method"].values) == spec.methods
+    summary = result.summary["act3"]
+    assert set(summary["average_drop"]) == set(summary["sanity_spearman_all_random"]) == set(spec.methods)

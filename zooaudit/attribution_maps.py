@@ -12,6 +12,21 @@ of the target score ``s`` — the target class's logit, before any softmax):
 - ``gradcam++`` (Chattopadhay et al. 2018, eq. 19 with the exponential-score closed form, as
   pytorch-grad-cam): ``α = g² / (2 g² + Σ_hw A · g³ + 1e-6)`` (0 where ``g = 0``), channel
   weights ``Σ_hw α ReLU(g)``, map ``ReLU(Σ_c w_c A_c)``;
+- ``smoothgradcam++`` (Omeiza et al. 2019; opt-in, not in :data:`DEFAULT_METHODS`): Grad-CAM++
+  with its derivative terms averaged over ``smooth_samples`` noisy copies ``x + ε``,
+  ``ε ~ N(0, σ²)`` per pixel and channel, ``σ = smooth_sigma · (max x − min x)`` — a fraction of
+  each sample's own input range (SmoothGrad's "noise level", Smilkov et al. 2017; default 0.15).
+  ``D¹ = mean_n g_n``, ``D² = mean_n g_n²``, ``D³ = mean_n g_n³`` (``g_n`` the layer gradient of
+  the target logit on copy ``n``, the exponential-score closed form as for ``gradcam++``), then
+  ``α = D² / (2 D² + Σ_hw A · D³ + 1e-6)`` (0 where ``D² = 0``), weights ``Σ_hw α ReLU(D¹)``
+  and the map ``ReLU(Σ_c w_c A_c)`` of the **clean** input's activations ``A`` (as torch-cam's
+  ``SmoothGradCAMpp``, which keeps the clean feature map). The paper's eq. for ``α`` has ``D¹`` in
+  the numerator; ``D²`` is used, as torch-cam does ("personal correction"), so that ``σ = 0``
+  gives Grad-CAM++ itself. The target is the clean input's, kept for every copy. The draws of a
+  sample depend only on ``(random_state, its position in inputs, n)`` (not on the batching);
+  each noise draw ``n`` is one forward and one backward of the whole batch. On a layer followed
+  only by global average pooling and a linear head the gradient does not depend on the input:
+  there Smooth Grad-CAM++ is Grad-CAM++ (up to rounding);
 - ``layercam`` (Jiang et al. 2021): ``ReLU(Σ_c ReLU(g_c) ⊙ A_c)``;
 - ``scorecam`` (Wang et al. 2020): each channel upsampled to the input (bilinear,
   ``align_corners=True``, as ``nn.UpsamplingBilinear2d``), min–max scaled to [0, 1] (``+1e-8``),
@@ -51,13 +66,13 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from .analysis.attribution import CAM_METHODS, METHODS, PIXEL_METHODS
+from .analysis.attribution import CAM_METHODS, DEFAULT_METHODS, METHODS, PIXEL_METHODS
 from .analysis.eigencam import eigencam
 from .errors import ZooauditError
 from .extract import _first_tensor
 
-__all__ = ["CAM_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS", "attribution_maps",
-           "resolve_targets"]
+__all__ = ["CAM_METHODS", "DEFAULT_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS",
+           "attribution_maps", "resolve_targets", "smoothing_noise"]
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "grad_x_input")  # served by the batch's one backward
 NORMALISATIONS = ("max", "minmax", "none")
@@ -93,7 +108,7 @@ def class_scores(out) -> torch.Tensor:
     return logits
 
 
-def _check(methods, normalise, ig_steps) -> tuple[str, ...]:
+def _check(methods, normalise, ig_steps, smooth_samples=8, smooth_sigma=0.15, random_state=0) -> tuple[str, ...]:
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -102,6 +117,17 @@ def _check(methods, normalise, ig_steps) -> tuple[str, ...]:
         raise ZooauditError(f"Unknown normalise {normalise!r}. Allowed: {', '.join(NORMALISATIONS)}.")
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise ZooauditError(f"ig_steps={ig_steps!r}: Integrated Gradients needs a positive integer step count.")
+    if "smoothgradcam++" in methods:
+        if isinstance(smooth_samples, bool) or not isinstance(smooth_samples, (int, np.integer)) or smooth_samples < 1:
+            raise ZooauditError(f"smooth_samples={smooth_samples!r}: Smooth Grad-CAM++ needs a positive integer "
+                                "number of noisy copies.")
+        if isinstance(smooth_sigma, bool) or not isinstance(smooth_sigma, (int, float)) or \
+                not np.isfinite(smooth_sigma) or smooth_sigma < 0:
+            raise ZooauditError(f"smooth_sigma={smooth_sigma!r}: the noise level must be a finite number ≥ 0 (a "
+                                "fraction of each input's range; 0 = no noise).")
+        if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)) or random_state < 0:
+            raise ZooauditError(f"random_state={random_state!r}: Smooth Grad-CAM++'s noise needs an integer seed "
+                                "≥ 0.")
     return methods
 
 
@@ -161,16 +187,50 @@ def _spatial(a: torch.Tensor, layer: str) -> None:
                             "or use only the pixel methods (grad_x_input, integrated_gradients).")
 
 
+def _gradcampp(a: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ ``(b, h, w)`` before its ReLU from ``A`` and the 1st/2nd/3rd-order terms
+    ``(b, c, h, w)`` (``g, g², g³``; their noise averages for Smooth Grad-CAM++); α = 0 where ``D² = 0``."""
+    alpha = d2 / (2 * d2 + a.sum((2, 3), keepdim=True) * d3 + 1e-6)
+    alpha = torch.where(d2 != 0, alpha, torch.zeros_like(alpha))
+    w = (alpha * d1.clamp_min(0)).sum((2, 3), keepdim=True)
+    return (w * a).sum(1)
+
+
 def _gradient_cams(a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Grad-CAM, Grad-CAM++ and Layer-CAM ``(b, h, w)`` before their final ReLU, from ``A`` and ``g``."""
-    out = {"gradcam": (g.mean((2, 3), keepdim=True) * a).sum(1)}
     g2 = g * g
-    alpha = g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6)
-    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    w = (alpha * g.clamp_min(0)).sum((2, 3), keepdim=True)
-    out["gradcam++"] = (w * a).sum(1)
-    out["layercam"] = (g.clamp_min(0) * a).sum(1)
-    return out
+    return {"gradcam": (g.mean((2, 3), keepdim=True) * a).sum(1), "gradcam++": _gradcampp(a, g, g2, g2 * g),
+            "layercam": (g.clamp_min(0) * a).sum(1)}
+
+
+def smoothing_noise(shape, index: int, draw: int, random_state: int = 0) -> torch.Tensor:
+    """Standard normal ``shape`` (float32, CPU): noise draw ``draw`` of the sample at position
+    ``index`` of the inputs, seeded by ``(random_state, index, draw)`` alone — the same whatever
+    batch the sample is in (scaled by Smooth Grad-CAM++'s σ by the caller)."""
+    seed = int(np.random.SeedSequence([int(random_state), int(index), int(draw)]).generate_state(1, np.uint64)[0])
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _smooth_gradcampp(module, hook: _Hook, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, first: int,
+                      samples: int, sigma: float, random_state: int) -> torch.Tensor:
+    """Smooth Grad-CAM++ ``(b, h, w)`` before its ReLU: ``samples`` forward+backward passes of the
+    batch's noisy copies (rows ``first …`` of the inputs), the derivative terms averaged, on ``A``
+    of the clean input."""
+    b = x.shape[0]
+    flat = x.flatten(1)
+    scale = (sigma * (flat.max(1).values - flat.min(1).values)).view(b, *([1] * (x.ndim - 1)))
+    d1, d2, d3 = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
+    for n in range(samples):
+        noise = torch.stack([smoothing_noise(x.shape[1:], first + i, n, random_state) for i in range(b)])
+        z = (x + scale * noise.to(device=x.device, dtype=x.dtype)).requires_grad_(True)
+        with torch.enable_grad():
+            score = class_scores(module(z)).gather(1, targets[:, None]).sum()
+            (g,) = torch.autograd.grad(score, hook.out)
+        g2 = g * g
+        d1 += g
+        d2 += g2
+        d3 += g2 * g
+    return _gradcampp(a, d1 / samples, d2 / samples, d3 / samples)
 
 
 def _scorecam(module, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -213,9 +273,11 @@ def _integrated_gradients(module, x: torch.Tensor, targets: torch.Tensor, steps:
     return ((x - x0) * total / steps).sum(1), at_baseline
 
 
-def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, methods=METHODS, target="predicted",
-                     labels=None, batch_size: int = 32, ig_steps: int = 64, ig_baseline: float = 0.0,
-                     normalise: str = "max", device: str | torch.device = "cpu") -> xr.Dataset:
+def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, methods=DEFAULT_METHODS,
+                     target="predicted", labels=None, batch_size: int = 32, ig_steps: int = 64,
+                     ig_baseline: float = 0.0, smooth_samples: int = 8, smooth_sigma: float = 0.15,
+                     random_state: int = 0, normalise: str = "max",
+                     device: str | torch.device = "cpu") -> xr.Dataset:
     """Attribution maps of ``methods`` for every input, with the targets and scores they explain.
 
     Args:
@@ -224,15 +286,18 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         layer: module path of the spatial layer the CAM methods read (``(b, c, h, w)`` output);
             may be None when only pixel methods are asked for.
         target: ``"predicted"``, ``"true"`` (needs ``labels`` ``(n,)``) or a class index.
+        methods: names from :data:`METHODS` (default :data:`DEFAULT_METHODS`).
         batch_size: samples per forward/backward; also the masked inputs per Score-CAM forward
             and the interpolated inputs per Integrated Gradients forward.
+        smooth_samples, smooth_sigma, random_state: Smooth Grad-CAM++'s noisy copies per sample,
+            noise standard deviation as a fraction of each input's range, and the noise seed.
 
     Returns an ``xarray.Dataset`` with ``maps (sample, method, y, x)`` float32, ``target
     (sample,)`` the class explained, ``predicted (sample,)``, ``logits (sample, class)``, and
     with Integrated Gradients ``ig_gap (sample,)``: ``Σ IG − (s(x) − s(x₀))`` on the raw map;
     attrs record the layer, the layer's map size, the upsampling, normalisation and IG settings.
     """
-    methods = _check(methods, normalise, ig_steps)
+    methods = _check(methods, normalise, ig_steps, smooth_samples, smooth_sigma, random_state)
     x_all = np.asarray(inputs)
     if x_all.ndim != 4:
         raise ZooauditError(f"Attribution maps need image inputs (sample, channel, y, x); got shape {x_all.shape}.")
@@ -270,8 +335,12 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
                         for name, cam in _gradient_cams(a.detach(), grads[0]).items():
                             if name in methods:
                                 out[name] = _finish_cam(cam, size, normalise)
+            xd = x.detach()
+            if "smoothgradcam++" in methods:
+                out["smoothgradcam++"] = _finish_cam(
+                    _smooth_gradcampp(module, hook, xd, a.detach(), t, start, smooth_samples, float(smooth_sigma),
+                                      random_state), size, normalise)
             with torch.no_grad():
-                xd = x.detach()
                 if "scorecam" in methods:
                     out["scorecam"] = _finish_cam(_scorecam(module, xd, a.detach(), t, batch_size), size, normalise)
                 if "eigencam" in methods:
@@ -292,6 +361,9 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         if hook is not None:
             hook.handle.remove()
     n = len(x_all)
+    smooth = {"smooth_samples": int(smooth_samples), "smooth_sigma": float(smooth_sigma), "random_state": int(
+        random_state), "smooth_noise": "gaussian, sigma = smooth_sigma x each input's (max - min); clean activations"} \
+        if "smoothgradcam++" in methods else {}
     extra = {"ig_gap": ("sample", np.concatenate(gaps).astype(np.float64))} if gaps else {}
     return xr.Dataset(
         {"maps": (("sample", "method", "y", "x"), np.concatenate(maps) if maps else np.zeros((0, len(methods), *size))),
@@ -302,5 +374,5 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         attrs={"layer": layer or "", "layer_size": list(layer_hw or ()), "input_size": list(size),
                "upsampling": "bilinear, align_corners=False (ReLU at the layer's resolution first)",
                "normalise": normalise, "target": str(target), "ig_steps": ig_steps, "ig_baseline": float(ig_baseline),
-               "ig_rule": "midpoint Riemann sum", "pixel_maps": "summed over input channels, signed"},
+               "ig_rule": "midpoint Riemann sum", "pixel_maps": "summed over input channels, signed", **smooth},
     )

@@ -251,6 +251,13 @@ class AttributionSpec(BaseModel):
                               "fractions (0 = off; at 0 the cache key is the one it was before ROAD).")
     road_sigma: float = Field(0.01, ge=0.0, le=1.0, description="Standard deviation of the gaussian noise added to "
                               "the imputed pixels (input units; the reference implementation's 0.01).")
+    smooth_samples: int = Field(8, ge=1, le=256, description="Smooth Grad-CAM++ (method 'smoothgradcam++', opt-in): "
+                                "noisy copies per sample, each one forward and backward of the batch (at the "
+                                "default the cache key is the one it was before Smooth Grad-CAM++).")
+    smooth_sigma: float = Field(0.15, ge=0.0, le=1.0, description="Smooth Grad-CAM++ noise: the gaussian's standard "
+                                "deviation as a fraction of each input's range (max − min; SmoothGrad's noise "
+                                "level). "
+                                "0 = no noise: the maps are Grad-CAM++'s.")
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="IoU: map ≥ this fraction of its max vs mask.")
     sanity_samples: int = Field(8, ge=0, description="Cascading-randomisation sanity check on the first N mapped "
                                 "samples (0 = off): every parameterised layer re-initialised from the top.")

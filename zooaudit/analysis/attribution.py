@@ -32,13 +32,16 @@ from .multitest import permutation_p_value
 
 # The attribution methods (computed by zooaudit.attribution_maps, the model side), declared here
 # so that the specs validate names without importing torch.
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam")
+# METHODS: every method that may be asked for; DEFAULT_METHODS: those computed when none are named
+# (the opt-in ones, slower, stay out of it so that default runs and cache keys do not change).
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "smoothgradcam++")
 PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
 METHODS = CAM_METHODS + PIXEL_METHODS
+DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "grad_x_input", "integrated_gradients")
 
-__all__ = ["CAM_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc", "background_share", "compare_groups",
-           "compare_paired", "defined_mean", "energy_inside", "kendall_maps", "mask_iou", "pointing_game",
-           "spearman_maps"]
+__all__ = ["CAM_METHODS", "DEFAULT_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc",
+           "background_share", "compare_groups", "compare_paired", "defined_mean", "energy_inside", "kendall_maps",
+           "mask_iou", "pointing_game", "spearman_maps"]
 
 
 def _pair(maps, masks, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -99,10 +99,10 @@ def attribution_key(plan, aspec: AttributionSpec) -> str | None:
 
 
 def key_params(aspec: AttributionSpec) -> dict:
-    """The spec's fields in the cache key: all but the ROAD fields at their defaults (ROAD off:
-    the key it had before ROAD existed, so earlier commits stay cache hits)."""
+    """The spec's fields in the cache key: all but the ROAD and Smooth Grad-CAM++ fields at their
+    defaults (the key it had before those existed, so earlier commits stay cache hits)."""
     params = aspec.model_dump()
-    for name in ("road_samples", "road_sigma"):
+    for name in ("road_samples", "road_sigma", "smooth_samples", "smooth_sigma"):
         if params[name] == AttributionSpec.model_fields[name].default:
             del params[name]
     return params
@@ -129,6 +129,12 @@ def _device_module(module, device: str):
     return (module, dev) if dev.type == "cpu" else (copy.deepcopy(module).to(dev), dev)
 
 
+def _smooth_options(aspec: AttributionSpec) -> dict:
+    """Smooth Grad-CAM++'s settings for :func:`attribution_maps` (its noise seeded by the spec's random_state)."""
+    return {"smooth_samples": aspec.smooth_samples, "smooth_sigma": aspec.smooth_sigma,
+            "random_state": aspec.random_state}
+
+
 def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, target) -> dict[str, xr.Dataset]:
     """The maps, metrics, curves and agreement of one layer (reliance is assembled across layers)."""
     from ..faithfulness import confidence_change, faithfulness_curves
@@ -138,7 +144,7 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
     ids = data.sample_ids[idx]
     out = attribution_maps(module, x, layer, methods=aspec.methods, target=target, labels=labels,
                            batch_size=aspec.batch_size, ig_steps=aspec.ig_steps, ig_baseline=aspec.ig_baseline,
-                           normalise="max", device=dev)
+                           normalise="max", device=dev, **_smooth_options(aspec))
     methods = list(aspec.methods)
     maps = out["maps"].assign_coords(sample=ids)
     per_sample = {"label": ("sample", labels), "target": ("sample", out["target"].values),
@@ -193,8 +199,9 @@ def _layer_products(module, dev, data, idx, layer, aspec: AttributionSpec, targe
         n_sanity = 0
     if n_sanity:
         sanity = randomisation_maps(module, x[:n_sanity], layer, methods=methods,
-                                    targets=out["target"].values[:n_sanity], seed=aspec.random_state, batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
-                                    ig_baseline=aspec.ig_baseline, device=dev)
+                                    targets=out["target"].values[:n_sanity], seed=aspec.random_state,
+                                    batch_size=aspec.batch_size, ig_steps=aspec.ig_steps,
+                                    ig_baseline=aspec.ig_baseline, device=dev, **_smooth_options(aspec))
         products["sanity"] = sanity_flags(sanity, aspec.sanity_threshold, aspec.sanity_ssim_threshold)
     return products
 
