@@ -46,9 +46,10 @@ def _both(*args, **kw):
 
 @pytest.mark.parametrize("block", [None, 97])
 def test_class_codes_scores_and_hard_predictions(monkeypatch, block):
-    if block:   # several blocks of samples (and an odd block size)
+    if block:   # several blocks of samples (and an odd block size), bootstrap draws in batches
         monkeypatch.setattr(ctx_mod, "_BLOCK", block)
         monkeypatch.setattr(amp, "_BLOCK", block)
+        monkeypatch.setattr(ctx_mod, "_BOOT_ELEMENTS", 1001)
     y, z, pred, scores = _single(1500, 5, 3, 0)
     ty, tz, _, _ = _single(2000, 5, 3, 1)
     _same(*_both(ty, tz, y, z, pred, scores, category_names=list("abcde"), context_names=["r", "g", "b"],
@@ -65,6 +66,8 @@ def test_multi_hot_categories_and_contexts(monkeypatch, block):
     if block:
         monkeypatch.setattr(ctx_mod, "_BLOCK", block)
         monkeypatch.setattr(amp, "_BLOCK", block)
+        monkeypatch.setattr(amp, "_CHECK_ELEMENTS", 50)
+        monkeypatch.setattr(ctx_mod, "_BOOT_ELEMENTS", 333)
     labels, pred, scores = _multi(900, 6, 2)
     tr, _, _ = _multi(1200, 6, 3)
     _same(*_both(tr, tr, labels, labels, pred, scores, contexts_are_categories=True, n_boot=30, random_state=1))
