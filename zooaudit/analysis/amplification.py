@@ -88,15 +88,28 @@ def multi_hot(values, field: str, n_classes: int | None = None, *, multi_label: 
         out = np.zeros((a.size, C))
         out[np.arange(a.size), a] = 1.0
         return out
+    check_multi_hot(a, field, n_classes, multi_label=multi_label)
+    return a.astype(np.float64)
+
+
+_CHECK_ELEMENTS = 1 << 20   # entries of a multi-hot matrix validated (and packed) at a time
+
+
+def check_multi_hot(a: np.ndarray, field: str, n_classes: int | None = None, *, multi_label: bool = False) -> None:
+    """Raise unless ``a`` is an ``(n, C)`` 0/1 matrix (``C = n_classes`` when given); the entries are checked
+    block by block of rows, so no ``(n, C)`` temporary is made (the first bad entry in row order is named)."""
     if a.ndim != 2:
         raise ZooauditError(f"{field} must be a multi-hot (n_samples, n_labels) matrix of 0/1"
                             f"{'' if multi_label else ' or (n_samples,) class codes'}; got shape {a.shape}.")
-    if not np.isin(a, (0, 1)).all():
-        bad = a[~np.isin(a, (0, 1))].ravel()[0]
-        raise ZooauditError(f"{field} must be multi-hot (every entry 0 or 1); found {bad!r}.")
+    step = max(1, _CHECK_ELEMENTS // max(a.shape[1], 1))
+    for start in range(0, a.shape[0], step):
+        block = a[start:start + step]
+        ok = np.isin(block, (0, 1))
+        if not ok.all():
+            bad = block[~ok].ravel()[0]
+            raise ZooauditError(f"{field} must be multi-hot (every entry 0 or 1); found {bad!r}.")
     if n_classes is not None and a.shape[1] != n_classes:
         raise ZooauditError(f"{field} has {a.shape[1]} columns but {n_classes} labels are known.")
-    return a.astype(np.float64)
 
 
 _BLOCK = 1 << 16          # samples per block of the streamed counts: bounds the per-sample temporaries
@@ -125,15 +138,47 @@ class _Side:
             self._codes, self._index = a, None
             self.table = multi_hot(values_u, field, n_classes)
             return
-        mat = multi_hot(a, field, n_classes, multi_label=multi_label)
-        table, index = np.unique(mat.astype(np.int8), axis=0, return_inverse=True)
-        self.table, self._index = table.astype(np.float64), index.ravel()
+        check_multi_hot(a, field, n_classes, multi_label=multi_label)
+        self._codes = self._index = None
+        if a.shape[1] > _PACKED_LABELS:   # rows too wide to pack into one int64: the whole-matrix sort
+            table, index = np.unique(a.astype(np.int8), axis=0, return_inverse=True)
+            self.table, self._index = table.astype(np.float64), index.ravel()
+            return
+        # each row packed into one int64 (first column most significant: numeric order = np.unique's
+        # lexicographic row order), packed and counted per block of rows: no (n, C) copy
+        self._mat, self._step = a, max(1, _CHECK_ELEMENTS // max(a.shape[1], 1))
+        self._cells, _ = _count_blocks((_pack_rows(a[s:s + self._step]) for s in range(0, self.n, self._step)),
+                                       1 << a.shape[1])
+        self.table = _unpack_rows(self._cells, a.shape[1])
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """``(stop − start,)`` row of each sample in ``[start, stop)`` (all samples by default)."""
         if self._index is not None:
             return self._index[start:stop]
-        return self._lut[self._codes[start:stop]]
+        if self._codes is not None:
+            return self._lut[self._codes[start:stop]]
+        stop = self.n if stop is None else min(stop, self.n)
+        parts = [np.searchsorted(self._cells, _pack_rows(self._mat[s:min(s + self._step, stop)]))
+                 for s in range(start, stop, self._step)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+_PACKED_LABELS = 62        # multi-hot rows up to this wide are packed into int64 codes
+
+
+def _pack_rows(block: np.ndarray) -> np.ndarray:
+    """``(b,)`` int64 code of each 0/1 row of ``block`` ``(b, C)``, ``C ≤ 62``, first column most significant."""
+    code = np.zeros(block.shape[0], np.int64)
+    for j in range(block.shape[1]):
+        code <<= 1
+        code |= block[:, j].astype(np.int64)     # one (b,) column at a time: no (b, C) int copy
+    return code
+
+
+def _unpack_rows(codes: np.ndarray, C: int) -> np.ndarray:
+    """``(p, C)`` float64 0/1 rows of packed ``codes`` (the inverse of :func:`_pack_rows`)."""
+    shifts = np.arange(C - 1, -1, -1, dtype=np.int64)
+    return ((np.asarray(codes, np.int64)[:, None] >> shifts[None, :]) & 1).astype(np.float64)
 
 
 def patterns(values, field: str, n_classes: int, *, multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,16 @@ For every component ``j`` (a column of the codes ``(sample, component)``) and a 
   family the caller passes (all layers × methods × components of one target).
 - Min-n policy: a target whose positive or negative class has fewer than ``min_group_size``
   samples gets AUCs (flagged ``small``) but no p-values.
+
+The midranks come from one sort per component, shared by every target (:func:`_auc_var`): the codes
+are read one float64 column at a time, so memory beyond the caller's codes is O(samples).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy.stats import norm, rankdata
+from scipy.stats import norm
 
 from ..errors import ZooauditError
 from .fairness import CI_COORD
@@ -28,21 +31,61 @@ from .fairness import CI_COORD
 
 def delong_auc(scores: np.ndarray, target: np.ndarray, *, ci: float = 0.95):
     """``(auc (k,), ci (k, 2), p (k,))`` of each column of ``scores`` ``(n, k)`` for the binary ``target`` ``(n,)``."""
-    X = np.asarray(scores, dtype=np.float64)
+    X = np.asarray(scores)
+    t = _check(X, target)
+    if t.all() or not t.any():
+        k = X.shape[1]
+        return np.full(k, np.nan), np.full((k, 2), np.nan), np.full(k, np.nan)
+    auc, var = _auc_var(X, t[:, None])
+    return _interval(auc[0], var[0], ci)
+
+
+def _check(X: np.ndarray, target) -> np.ndarray:
     t = np.asarray(target).astype(bool)
     if X.ndim != 2 or len(t) != X.shape[0]:
         raise ZooauditError(f"scores must be (n_samples, n_components) with one target per sample; got scores "
                             f"{X.shape} and target {t.shape}.")
-    m, n = int(t.sum()), int((~t).sum())
-    k = X.shape[1]
-    if m == 0 or n == 0:
-        return np.full(k, np.nan), np.full((k, 2), np.nan), np.full(k, np.nan)
-    r_all = rankdata(X, axis=0)
-    r_pos, r_neg = rankdata(X[t], axis=0), rankdata(X[~t], axis=0)
-    auc = (r_all[t].sum(0) - m * (m + 1) / 2) / (m * n)
-    v10 = (r_all[t] - r_pos) / n
-    v01 = 1.0 - (r_all[~t] - r_neg) / m
-    var = (v10.var(0, ddof=1) / m if m > 1 else 0.0) + (v01.var(0, ddof=1) / n if n > 1 else 0.0)
+    return t
+
+
+def _auc_var(X: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(auc (targets, k), DeLong variance (targets, k))`` of the columns of ``X`` ``(n, k)`` (any dtype; one
+    float64 column at a time) for the binary targets ``T`` ``(n, targets)``. One sort per column serves
+    every target: in sorted order, a tie group ``g`` of ``c_g`` samples, ``c⁺_g`` of them positive, gives
+    each positive ``R_i − R⁺_i = N⁻_before(g) + c⁻_g/2`` and each negative ``R_k − R⁻_k = N⁺_before(g) + c⁺_g/2``
+    (midranks), so ``V10``, ``V01`` and the AUC are sums over the groups — the midrank values exactly
+    (half-integers), the variances to rounding. NaN in a column: NaN AUC and variance (as ``rankdata``)."""
+    k, nt = X.shape[1], T.shape[1]
+    m, n = T.sum(0), (~T).sum(0)
+    auc, var = np.full((nt, k), np.nan), np.full((nt, k), np.nan)
+    live = [i for i in range(nt) if m[i] and n[i]]
+    for j in range(k):
+        x = np.asarray(X[:, j], dtype=np.float64)
+        if not live or np.isnan(x).any():
+            continue
+        order = np.argsort(x)
+        xs = x[order]
+        gid = np.concatenate([[0], np.cumsum(xs[1:] != xs[:-1])])          # tie group of each sorted sample
+        size = np.bincount(gid).astype(np.float64)
+        for i in live:
+            pos = np.bincount(gid[T[order, i]], minlength=size.size).astype(np.float64)
+            neg = size - pos
+            below = (np.cumsum(neg) - neg) + neg / 2          # per group: R_i − R⁺_i of its positives (exact)
+            auc[i, j] = (pos @ below) / (m[i] * n[i])          # the Mann–Whitney count, exact below 2⁵³
+            v10 = below / n[i]
+            v01 = 1.0 - ((np.cumsum(pos) - pos) + pos / 2) / m[i]            # per group, for its negatives
+            var[i, j] = (_weighted_var(v10, pos, m[i]) / m[i] if m[i] > 1 else 0.0) + \
+                        (_weighted_var(v01, neg, n[i]) / n[i] if n[i] > 1 else 0.0)
+    return auc, var
+
+
+def _weighted_var(v: np.ndarray, w: np.ndarray, total: int) -> float:
+    """Sample variance (ddof 1) of ``total`` values, ``w[g]`` of them equal to ``v[g]``."""
+    mean = (w @ v) / total
+    return float(w @ (v - mean) ** 2) / (total - 1)
+
+
+def _interval(auc: np.ndarray, var, ci: float):
     se = np.sqrt(var)
     z = norm.ppf(1 - (1 - ci) / 2)
     lohi = np.clip(np.stack([auc - z * se, auc + z * se], 1), 0.0, 1.0)
@@ -56,22 +99,23 @@ def component_aucs(codes: np.ndarray, targets: dict[str, np.ndarray], *, compone
     """AUC of every component for every binary target.
 
     Args:
-        codes: ``(n_samples, n_components)``.
+        codes: ``(n_samples, n_components)``, any float dtype: read one float64 column at a time (memory
+            O(n_samples) beyond ``codes``; no float64 copy of the matrix).
         targets: ``{target name: (n_samples,) bool}`` (e.g. ``"colour=red"``, ``"error"``).
     Returns:
         Dataset over ``(target, component)``: ``auc``, ``auc_ci`` (+ ``ci``), ``separation``,
         ``p_value``; ``n_pos``, ``small`` per target. No correction (the caller's family).
     """
-    codes = np.asarray(codes, dtype=np.float64)
+    codes = np.asarray(codes)
     k = codes.shape[1]
     names = list(targets)
-    auc, lohi, p = np.full((len(names), k), np.nan), np.full((len(names), k, 2), np.nan), np.full((len(names), k), np.nan)
-    n_pos, small = np.zeros(len(names), np.int64), np.zeros(len(names), bool)
-    for i, name in enumerate(names):
-        t = np.asarray(targets[name]).astype(bool)
-        n_pos[i] = t.sum()
-        small[i] = min(t.sum(), (~t).sum()) < max(min_group_size, 2)
-        auc[i], lohi[i], p[i] = delong_auc(codes, t, ci=ci)
+    T = np.stack([_check(codes, targets[name]) for name in names], 1) if names else np.zeros((len(codes), 0), bool)
+    auc, var = _auc_var(codes, T)
+    lohi, p = np.full((len(names), k, 2), np.nan), np.full((len(names), k), np.nan)
+    n_pos = T.sum(0).astype(np.int64)
+    small = np.minimum(n_pos, len(T) - n_pos) < max(min_group_size, 2)
+    for i in range(len(names)):
+        _, lohi[i], p[i] = _interval(auc[i], var[i], ci)
         if small[i]:
             p[i] = np.nan
     comps = component_names if component_names is not None else np.arange(k)

@@ -17,6 +17,11 @@ by bias score. Min-n policy (as the group metrics): a pair whose co-occurring or
 audit subset has fewer than ``min_group_size`` samples is reported, flagged ``small``, never
 chosen as a most-biased context and ranked after every non-small pair. ``bias_ci`` is a
 percentile bootstrap stratified by the two subsets.
+
+Memory: no ``(n, C)`` matrix is built. Each side is kept as its distinct rows and the caller's array
+(:class:`.amplification._Side`); the training co-occurrence is counted per block of samples over the
+distinct (category, context) row pairs, and each candidate pair's two score subsets (``O(n)``) and
+hit counts are gathered per block; bootstrap resamples are drawn in bounded batches (the same draws).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ZooauditError
-from .amplification import multi_hot
+from .amplification import _BLOCK, _pair_rows, _Side
 from .fairness import CI_COORD, wilson_interval
 
 
@@ -54,20 +59,23 @@ def contextual_bias(train_category, train_context, category, context, predicted,
         raise ZooauditError(f"min_cooccurrence is a fraction in [0, 1); got {min_cooccurrence!r}.")
     C = _n_cols(train_category, category, predicted)
     Z = _n_cols(train_context, context)
-    tr_b, tr_z = multi_hot(train_category, "train_category", C), multi_hot(train_context, "train_context", Z)
-    B_, Zm = multi_hot(category, "category", C), multi_hot(context, "context", Z)
-    pred = multi_hot(predicted, "predicted", C)
-    p_hat = pred if scores is None else np.asarray(scores, dtype=np.float64)
-    if p_hat.shape != pred.shape:
-        raise ZooauditError(f"scores must have shape (n_samples, n_categories) = {pred.shape}; got {p_hat.shape}.")
+    tr_b, tr_z = _Side(train_category, "train_category", C), _Side(train_context, "train_context", Z)
+    B_, Zm = _Side(category, "category", C), _Side(context, "context", Z)
+    pred = _Side(predicted, "predicted", C)
+    p_hat = None if scores is None else np.asarray(scores)
+    if p_hat is not None and p_hat.shape != (pred.n, C):
+        raise ZooauditError(f"scores must have shape (n_samples, n_categories) = {(pred.n, C)}; got {p_hat.shape}.")
     for name, x, ref in (("context", Zm, B_), ("predicted", pred, B_), ("train_context", tr_z, tr_b)):
-        if len(x) != len(ref):
-            raise ZooauditError(f"{name} has {len(x)} rows but its categories have {len(ref)}: one row per sample.")
+        if x.n != ref.n:
+            raise ZooauditError(f"{name} has {x.n} rows but its categories have {ref.n}: one row per sample.")
     if contexts_are_categories and Z != C:
         raise ZooauditError("contexts_are_categories needs as many context columns as categories.")
+    # training co-occurrence from the distinct (category row, context row) pairs, counted per block:
+    # exact integer counts in float64, as the (C, Z) product of the whole 0/1 matrices
+    rows_b, rows_z, count = _pair_rows(tr_b, tr_z)
     with np.errstate(invalid="ignore", divide="ignore"):
-        n_b_tr = tr_b.sum(0)
-        co_tr = (tr_b.T @ tr_z) / np.where(n_b_tr > 0, n_b_tr, 1)[:, None]        # (C, Z) fraction
+        n_b_tr = count @ rows_b if count.size else np.zeros(C)
+        co_tr = ((rows_b * count[:, None]).T @ rows_z) / np.where(n_b_tr > 0, n_b_tr, 1)[:, None]  # (C, Z)
     cand = (co_tr > min_cooccurrence) & (co_tr < 1.0) & (n_b_tr[:, None] > 0)
     if contexts_are_categories:
         np.fill_diagonal(cand, False)
@@ -75,20 +83,16 @@ def contextual_bias(train_category, train_context, category, context, predicted,
     rng = np.random.default_rng(random_state)
     rows = []
     for b, z in zip(bs, zs):
-        has_b = B_[:, b] == 1
-        with_z, without_z = has_b & (Zm[:, z] == 1), has_b & (Zm[:, z] == 0)
-        s_with, s_without = p_hat[with_z, b], p_hat[without_z, b]
+        s_with, s_without, hit_with, hit_without = _pair_scores(B_, Zm, pred, p_hat, b, z)
         bias = _ratio(s_with.mean() if s_with.size else np.nan, s_without.mean() if s_without.size else np.nan)
         lohi = np.full(2, np.nan)
         if n_boot and s_with.size > 1 and s_without.size > 1:
-            mw = s_with[rng.integers(0, s_with.size, (n_boot, s_with.size))].mean(1)
-            mo = s_without[rng.integers(0, s_without.size, (n_boot, s_without.size))].mean(1)
+            mw, mo = _boot_means(s_with, n_boot, rng), _boot_means(s_without, n_boot, rng)
             r = _ratio(mw, mo)
             r = r[np.isfinite(r)]
             if r.size:
                 lohi = np.quantile(r, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-        hit_with, hit_without = int(pred[with_z, b].sum()), int(pred[without_z, b].sum())
-        rows.append((b, z, bias, lohi, int(with_z.sum()), int(without_z.sum()), hit_with, hit_without, co_tr[b, z]))
+        rows.append((b, z, bias, lohi, s_with.size, s_without.size, hit_with, hit_without, co_tr[b, z]))
     small = np.array([min(r[4], r[5]) < min_group_size for r in rows], bool)
     bias_v = np.array([r[2] for r in rows], np.float64)
     # rank: non-small first, then by bias score (NaN last)
@@ -128,6 +132,35 @@ def contextual_bias(train_category, train_context, category, context, predicted,
                     n_boot=int(n_boot), ci=float(ci), random_state=int(random_state),
                     scores="model scores" if scores is not None else "hard predictions")
     return ds
+
+
+_BOOT_ELEMENTS = 1 << 20    # bootstrap draws × subset size per batch: bounds the (batch, subset) index array
+
+
+def _pair_scores(B_: _Side, Zm: _Side, pred: _Side, p_hat, b: int, z: int):
+    """``(scores with z (k,), scores without z (l,), hits with z, hits without z)`` over the samples that have
+    category ``b``, in sample order, gathered per block of samples (no ``(n, C)`` matrix): the scores are
+    column ``b`` of ``p_hat`` (None: the 0/1 predictions), the hits the samples whose prediction has ``b``."""
+    with_z, without_z, hits = [], [], [0, 0]
+    for start in range(0, B_.n, _BLOCK):
+        stop = start + _BLOCK
+        has_b = B_.table[B_.index(start, stop), b] == 1
+        in_z = Zm.table[Zm.index(start, stop), z] == 1
+        hit = pred.table[pred.index(start, stop), b]
+        score = hit if p_hat is None else np.asarray(p_hat[start:stop, b], dtype=np.float64)
+        for k, mask in enumerate((has_b & in_z, has_b & ~in_z)):
+            (with_z, without_z)[k].append(score[mask])
+            hits[k] += int(hit[mask].sum())
+    join = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))
+    return join(with_z), join(without_z), hits[0], hits[1]
+
+
+def _boot_means(s: np.ndarray, n_boot: int, rng) -> np.ndarray:
+    """``(n_boot,)`` means of bootstrap resamples of ``s``: ``s[rng.integers(0, k, (n_boot, k))].mean(1)``
+    drawn in batches of an even number of resamples (the same draws from ``rng``, bounded memory)."""
+    batch = max(2, _BOOT_ELEMENTS // s.size // 2 * 2)
+    return np.concatenate([s[rng.integers(0, s.size, (min(batch, n_boot - i), s.size))].mean(1)
+                           for i in range(0, n_boot, batch)])
 
 
 def _n_cols(*arrays) -> int:

@@ -8,7 +8,9 @@ errors (:mod:`zooaudit.analysis.bias_features`), BH/Holm across every component 
 and methods for each target, ranked by separation ``|AUC − 0.5|``. Written to
 ``<ds>/bias/features``: dims ``(target, feature)`` with ``feature`` labelled by ``layer``,
 ``method``, ``component``. Its spec is the pair (``BiasSpec``, ``FactorizeSpec``): the latter
-names the factorize result it reads (by that stage's cache key).
+names the factorize result it reads (by that stage's cache key). Memory: the codes are read from the
+store in blocks of components of at most ``READ_BYTES`` (stored dtype, row runs of ``ROW_BYTES``), so
+1 000 components of 1M samples never sit in memory whole.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import xarray as xr
 from .. import layout
 from ..analysis.bias_features import component_aucs, group_targets
 from ..analysis.multitest import adjust
+from ..analysis.sim_stream import iter_row_blocks
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..store import write_dataset
@@ -46,7 +49,9 @@ def bias_features_key(ref: ActivationsRef, specs) -> str | None:
     return cache_key(STAGE, factorize=factorize_key(ref, fspec), **{p: getattr(bspec, p) for p in PARAMS})
 
 
-COMPONENT_BLOCK = 64   # components ranked at a time: memory O(samples × block), whatever the dictionary size
+COMPONENT_BLOCK = 4096        # components ranked per read at most
+READ_BYTES = 128 << 20        # one read: (samples, components) codes in their stored dtype, whatever N and k
+ROW_BYTES = 32 << 20          # rows read at a time within one read (whole chunks of every component)
 
 
 def _codes(store, ref, layer: str, method: str, ids: np.ndarray) -> xr.DataArray | None:
@@ -61,14 +66,33 @@ def _codes(store, ref, layer: str, method: str, ids: np.ndarray) -> xr.DataArray
     return codes if np.array_equal(codes["sample"].values, ids) else codes.sel(sample=ids)
 
 
+def _read_width(codes: xr.DataArray) -> int:
+    """Components per read: ``READ_BYTES`` of codes in their stored dtype (at least one, at most
+    ``COMPONENT_BLOCK``)."""
+    n, k = codes.sizes["sample"], codes.sizes["component"]
+    return int(max(1, min(k, COMPONENT_BLOCK, READ_BYTES // max(1, n * codes.dtype.itemsize))))
+
+
+def _read_columns(codes: xr.DataArray, j: int, stop: int) -> np.ndarray:
+    """Components ``[j, stop)`` of the lazy codes as one ``(sample, stop − j)`` array in the stored dtype,
+    filled run of rows by run of rows (each run: whole chunks, read one ahead on a helper thread), so
+    no more than the block and two runs are held."""
+    data = codes.transpose("sample", "component").data[:, j:stop]
+    out = np.empty(data.shape, data.dtype)
+    rows = max(1, ROW_BYTES // max(1, codes.sizes["component"] * codes.dtype.itemsize))
+    for start, end, (block,) in iter_row_blocks([data], rows):
+        out[start:end] = block
+    return out
+
+
 def _block_aucs(codes: xr.DataArray, targets: dict, bspec) -> xr.Dataset:
-    """:func:`component_aucs` over column blocks of the lazy codes, concatenated along ``component``."""
-    k = codes.sizes["component"]
-    return xr.concat([component_aucs(np.asarray(codes.isel(component=slice(j, j + COMPONENT_BLOCK)).values,
-                                                dtype=np.float64), targets, ci=bspec.ci,
+    """:func:`component_aucs` over column blocks of the lazy codes (:func:`_read_width` components per
+    read), concatenated along ``component``. Memory: one block (``READ_BYTES``) and O(samples) per column."""
+    k, w = codes.sizes["component"], _read_width(codes)
+    return xr.concat([component_aucs(_read_columns(codes, j, min(j + w, k)), targets, ci=bspec.ci,
                                      min_group_size=bspec.min_group_size,
-                                     component_names=np.arange(j, min(j + COMPONENT_BLOCK, k)))
-                      for j in range(0, k, COMPONENT_BLOCK)], dim="component", data_vars="minimal",
+                                     component_names=np.arange(j, min(j + w, k)))
+                      for j in range(0, k, w)], dim="component", data_vars="minimal",
                      coords="minimal", compat="override", combine_attrs="override")
 
 
