@@ -69,7 +69,8 @@ def zoo_reliance_section(audits) -> list[str]:
            "attribution energy outside the object mask (bootstrap CI), per method; the group difference of that "
            "share (higher group code − lower; the range for more groups) with its CI and adjusted p; and, where "
            "the bias stage ran its counterfactual pairs, the accuracy drop when the background is swapped "
-           "(accuracy on originals − on partners, McNemar p).</p>"]
+           "(accuracy on originals − on partners, McNemar p; negative where the partners score higher, e.g. "
+           "originals whose background disagrees with the class).</p>"]
     for method, rows in ranked.items():
         cells = []
         for rank, t in enumerate(rows, 1):
