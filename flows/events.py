@@ -10,6 +10,10 @@ Event ``zooaudit.audit.regression``, one per (model, metric), emitted by ``audit
 - the statistics stage finds a layer's dead-unit fraction up, or its effective rank or NC1
   moved, beyond ``StatisticsSpec``'s thresholds since the previous audit
   (``zooaudit.stages.statistics.regressions``), metric ``statistics:<statistic>:<layer>``.
+- the attribution stage finds a method's mean background share at a layer up by more than
+  ``AttributionSpec.regression_background_increase`` since the previous audit, with the bootstrap CI
+  of the rise above 0 ("the model began looking at the background";
+  ``zooaudit.stages.attribution_regression``), metric ``attribution:background_share:<layer>:<method>``.
 
 Resource: ``zooaudit.model.<model key>`` with labels ``zooaudit.model`` (the URI),
 ``zooaudit.metric``, ``zooaudit.dataset`` and ``zooaudit.store``; the payload holds the numbers. Stages that
@@ -80,6 +84,14 @@ def find_regressions(audits, cka_drop_threshold: float, drift: dict | None = Non
                                   "payload": {"kind": "statistics", **reg,
                                               "previous_snapshot": r.summary.get("previous_snapshot"),
                                               "snapshot": r.snapshot}})
+            elif r.stage == "attribution":
+                for layer, info in (r.summary or {}).items():
+                    for reg in (info or {}).get("background_regressions") or []:
+                        found.append({"model": audit.model, "dataset": r.dataset,
+                                      "metric": f"attribution:background_share:{layer}:{reg['method']}",
+                                      "payload": {"kind": "attribution", "layer": layer, **reg,
+                                                  "previous_snapshot": info.get("previous_snapshot"),
+                                                  "snapshot": r.snapshot}})
             elif r.stage == "activations" and r.dataset in refs:
                 if drift is not None:
                     d = (drift.get(audit.model) or {}).get(r.dataset)

@@ -272,6 +272,11 @@ class AttributionSpec(BaseModel):
                                               "attributes of one run.")
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     random_state: int = 0
+    regression_background_increase: float = Field(
+        0.05, ge=0.0, le=1.0, description="Regression alert (\"the model began looking at the background\"): a "
+        "method's mean background share at a layer up by more than this (absolute) since the previous attribution "
+        "audit of the model on the dataset, with the bootstrap CI (at ci) of the rise above 0; paired by sample id "
+        "when both audits mapped the same samples (zooaudit.stages.attribution_regression).")
 
     @field_validator("methods")
     @classmethod

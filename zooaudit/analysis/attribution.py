@@ -41,7 +41,7 @@ DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "
 
 __all__ = ["CAM_METHODS", "DEFAULT_METHODS", "METHODS", "PIXEL_METHODS", "agreement_matrix", "auc",
            "background_share", "compare_groups", "compare_paired", "defined_mean", "energy_inside", "kendall_maps",
-           "mask_iou", "pointing_game", "spearman_maps"]
+           "mask_iou", "mean_ci", "pointing_game", "spearman_maps"]
 
 
 def _pair(maps, masks, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -303,6 +303,19 @@ def defined_mean(values) -> tuple[float, int]:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     return (float(v.mean()), int(v.size)) if v.size else (float("nan"), 0)
+
+
+def mean_ci(values, *, n_boot: int = 1000, ci: float = 0.95, random_state: int = 0) -> tuple[float, float, float, int]:
+    """``(mean, ci_low, ci_high, n)`` of the finite ``values (sample,)``: their mean with a percentile
+    bootstrap CI at level ``ci`` (NaN bounds when ``n_boot`` is 0 or no value is finite)."""
+    _check_stats(n_boot, 0, ci)
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return float("nan"), float("nan"), float("nan"), 0
+    boot = _bootstrap_means(v, n_boot, np.random.default_rng(random_state))
+    lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2]) if n_boot else (np.nan, np.nan)
+    return float(v.mean()), float(lo), float(hi), int(v.size)
 
 
 def agreement_matrix(maps: xr.DataArray, *, top_fraction: float = 0.1) -> xr.Dataset:

@@ -157,6 +157,13 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
             row += [road.get("morf", {}).get(m), road.get("lerf", {}).get(m)]
         table.append(row)
     out.append(_table(header, table))
+    if regs := s.get("background_regressions"):
+        out.append(f"<p><b>Background share up since the previous audit</b> (snapshot "
+                   f"{html.escape(str(s.get('previous_snapshot'))[:12])}; rise above "
+                   f"{_fmt(regs[0]['threshold'])} with its {regs[0]['ci']:.0%} bootstrap CI above 0):</p>" + _table(
+                       ["method", "previous", "current", "rise", "CI low", "CI high", "test"],
+                       [[r["method"], r["previous"], r["current"], r["difference"], r["ci_low"], r["ci_high"],
+                         r["test"]] for r in regs]))
     if road:
         out.append("<p>ROAD (Rong et al. 2022): removed pixels are replaced by the noisy linear imputation of their "
                    "8 neighbours instead of a constant, so the removal stays closer to the data; MoRF removes the "

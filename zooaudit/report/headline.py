@@ -173,6 +173,9 @@ def regression_badge(reg: dict) -> str:
         text = f"CKA drop {p.get('layer')}: {p.get('cka', float('nan')):.6f}"
     elif p.get("kind") == "bias":
         text = f"bias worse: {p.get('attribute')} {p.get('disparity')}"
+    elif p.get("kind") == "attribution":
+        text = (f"background share up: {p.get('layer')} {p.get('method')} {fmt(p.get('previous'))} → "
+                f"{fmt(p.get('current'))}")
     else:
         text = reg["metric"]
     return badge(text)

@@ -204,5 +204,9 @@ def zoo_parts(store, audits, zoo_results, compare_layers: list[str], files: dict
     if measures := (measures_sweep_section(audits, files) + zoo_biasamp_section(audits, files)
                     + zoo_measures_table(audits)):
         parts.append(("bias-measures", "bias beyond accuracy across the zoo", "".join(measures)))
+    from .reliance_zoo import zoo_reliance_section
+
+    if reliance := zoo_reliance_section(audits):
+        parts.append(("background-reliance", "background reliance across the zoo", "".join(reliance)))
     parts.extend(history_parts(store, audits, compare_layers, files))
     return parts

@@ -28,6 +28,13 @@ Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
                ssim_abs (step, method) with the trained model's maps; flag_spearman, flag_ssim
                (method): the maps stay correlated (≥ sanity_threshold) / structurally similar
                (≥ sanity_ssim_threshold) once every layer is random; attrs flagged = either
+
+The commit's summary holds, per layer, each metric's mean per method (the background share with its
+bootstrap CI, ``background_share_ci``), ``background_share_by_group`` (group means, difference with its
+CI, adjusted p) and, when the model had an earlier attribution commit on the dataset,
+``previous_snapshot`` and ``background_regressions``: the methods whose background share rose
+significantly by more than ``AttributionSpec.regression_background_increase``
+(:mod:`.attribution_regression`; the nightly alert ``attribution:background_share:<layer>:<method>``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from ..keys import cache_key
 from ..layout import attribution_group
 from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
+from .attribution_regression import reliance_regressions
 from .common import load_model, random_subset, shard_dataset, skipped
 from .refs import StageResult
 
@@ -99,10 +107,11 @@ def attribution_key(plan, aspec: AttributionSpec) -> str | None:
 
 
 def key_params(aspec: AttributionSpec) -> dict:
-    """The spec's fields in the cache key: all but the ROAD and Smooth Grad-CAM++ fields at their
-    defaults (the key it had before those existed, so earlier commits stay cache hits)."""
+    """The spec's fields in the cache key: all but the ROAD and Smooth Grad-CAM++ fields and the
+    regression threshold at their defaults (the key it had before those existed, so earlier commits
+    stay cache hits)."""
     params = aspec.model_dump()
-    for name in ("road_samples", "road_sigma", "smooth_samples", "smooth_sigma"):
+    for name in ("road_samples", "road_sigma", "smooth_samples", "smooth_sigma", "regression_background_increase"):
         if params[name] == AttributionSpec.model_fields[name].default:
             del params[name]
     return params
@@ -267,13 +276,14 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
     module, dev = _device_module(model.module, plan.device)
     cam_layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []
     groups_out: dict[str, xr.Dataset] = {}
-    reliance_rows, summary = [], {}
+    reliance_rows, summary, metrics_by_layer = [], {}, {}
     for layer in cam_layers or [None]:
         name = layer or "input"
         products = _layer_products(module, dev, data, idx, layer, aspec, target)
         for part, ds in products.items():
             groups_out[attribution_group(plan.ds_key, name, part)] = ds
-        summary[name] = _layer_summary(products)
+        summary[name] = _layer_summary(products, aspec)
+        metrics_by_layer[name] = products["metrics"]
         if "background_share" in products["metrics"]:
             for ds in _reliance(products["metrics"], data, idx, aspec):
                 reliance_rows.append((name, ds))
@@ -293,8 +303,19 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
                 str(m): {**{str(g): round(float(ds["mean"].sel({"method": m, "group": g})), 4)
                             for g in ds["group"].values},
                          "difference": round(float(ds["difference"].sel({"method": m})), 4),
+                         "difference_ci": [_rounded(ds[f"difference_ci_{e}"].sel({"method": m}))
+                                           for e in ("low", "high")],
                          "p_adjusted": round(float(ds["p_adjusted"].sel({"method": m})), 6)}
                 for m in ds["method"].values}
+
+    previous, worse = reliance_regressions(plan, key, metrics_by_layer, aspec)
+    for name, found in worse.items():
+        summary[name]["previous_snapshot"] = previous
+        summary[name]["background_regressions"] = found
+        if found:
+            log.warning("%s on %s at %s: background share up significantly since the previous audit: %s",
+                        plan.model_uri, plan.ds_key, name,
+                        ", ".join(f"{r['method']} {r['previous']:.3f} → {r['current']:.3f}" for r in found))
 
     def write(session):
         for group, ds in groups_out.items():
@@ -315,9 +336,10 @@ def _rounded(value, digits: int = 4) -> float | None:
     return round(value, digits) if np.isfinite(value) else None
 
 
-def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
+def _layer_summary(products: dict[str, xr.Dataset], aspec: AttributionSpec) -> dict:
     """Headline numbers of one layer for the commit metadata: per method, the mean of each metric
-    and the deletion / insertion AUC beside the random order's."""
+    (the background share's with its bootstrap CI, ``background_share_ci``) and the deletion /
+    insertion AUC beside the random order's."""
     out: dict = {}
     m = products["metrics"]
     undefined: dict = {}
@@ -329,6 +351,12 @@ def _layer_summary(products: dict[str, xr.Dataset]) -> dict:
                 out[var][str(k)] = round(mean, 4) if n else None
                 if not n:
                     undefined.setdefault(var, {})[str(k)] = "no sample's map has positive energy (or a maximum > 0)"
+    if "background_share" in m:
+        out["background_share_ci"] = {}
+        for k in m["method"].values:
+            _, lo, hi, _ = metrics.mean_ci(m["background_share"].sel({"method": k}).values, n_boot=aspec.n_boot,
+                                           ci=aspec.ci, random_state=aspec.random_state)
+            out["background_share_ci"][str(k)] = [_rounded(lo), _rounded(hi)]
     if "ig_gap" in m:
         out["ig_gap_mean_abs"] = round(float(np.abs(m["ig_gap"].values).mean()), 6)
     conf = products["confidence"]
