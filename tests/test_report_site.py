@@ -237,6 +237,16 @@ def test_site_pages_links_images_and_headlines(two_nights):
     assert "<th scope='col'>CKA embed</th>" in trend_page and "open_group(Store(" in trend_page
 
 
+SCROLL_AND_RENDER = ("y => new Promise(done => { window.scrollTo(0, y);"
+                     " requestAnimationFrame(() => requestAnimationFrame(done)); })")
+SHOW_PENDING_IMAGES = """async () => {
+    for (const img of [...document.images].filter(i => !i.complete || i.naturalWidth === 0)) {
+        img.scrollIntoView();
+        await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));
+    }
+}"""
+
+
 @pytest.mark.slow
 def test_site_in_a_real_browser(two_nights, tmp_path):
     if not shutil.which(CHROMIUM):
@@ -262,8 +272,13 @@ def test_site_in_a_real_browser(two_nights, tmp_path):
             page.wait_for_load_state("load")
             page.screenshot(path=str(shots / f"{name}.png"))
             height = page.evaluate("document.documentElement.scrollHeight")
+            # each step waits two animation frames: a scroll and the next one inside one frame never
+            # render the positions between them, so the lazy images there would never be asked for
             for y in range(0, height, 800):
-                page.evaluate(f"window.scrollTo(0, {y})")
+                page.evaluate(SCROLL_AND_RENDER, y)
+            # then, as a reader would, bring each image not yet loaded into view (a lazy image far
+            # down a long page on a slow machine can still be pending after the pass above)
+            page.evaluate(SHOW_PENDING_IMAGES)
             try:
                 page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)",
                                        timeout=15_000)
