@@ -43,6 +43,16 @@ def test_bad_maps_are_refused():
         faithfulness_curves(Weighted(np.zeros((1, 4, 4))), x, maps, [0, 0])
 
 
+def test_curves_refuse_bad_targets():
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    maps = xr.DataArray(np.zeros((2, 1, 4, 4)), dims=("sample", "method", "y", "x"), coords={"method": ["m"]})
+    model = Weighted(np.zeros((1, 4, 4)))
+    with pytest.raises(ZooauditError, match=r"targets has shape \(3,\)"):
+        faithfulness_curves(model, x, maps, [0, 0, 0])
+    with pytest.raises(ZooauditError, match=r"class indices in \[0, 2\)"):
+        faithfulness_curves(model, x, maps, [0, 2])
+
+
 def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
