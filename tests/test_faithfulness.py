@@ -6,21 +6,10 @@ import torch
 import xarray as xr
 from torch import nn
 
+from weighted_model import Weighted
 from zooaudit.analysis.attribution import auc
 from zooaudit.errors import ZooauditError
 from zooaudit.faithfulness import confidence_change, explanation_masks, faithfulness_curves
-
-
-class Weighted(nn.Module):
-    """Logits (w·x, 0): the evidence for class 0 is exactly the pixel weights ``w``."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = torch.as_tensor(w, dtype=torch.float32)
-
-    def forward(self, x):
-        s = (x * self.w).flatten(1).sum(1)
-        return torch.stack([s, torch.zeros_like(s)], 1)
 
 
 def test_curves_endpoints_and_the_oracle_beats_random():
@@ -52,6 +41,16 @@ def test_bad_maps_are_refused():
     maps = xr.DataArray(np.zeros((2, 1, 3, 3)), dims=("sample", "method", "y", "x"), coords={"method": ["m"]})
     with pytest.raises(ZooauditError, match="do not match inputs"):
         faithfulness_curves(Weighted(np.zeros((1, 4, 4))), x, maps, [0, 0])
+
+
+def test_curves_refuse_bad_targets():
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    maps = xr.DataArray(np.zeros((2, 1, 4, 4)), dims=("sample", "method", "y", "x"), coords={"method": ["m"]})
+    model = Weighted(np.zeros((1, 4, 4)))
+    with pytest.raises(ZooauditError, match=r"targets has shape \(3,\)"):
+        faithfulness_curves(model, x, maps, [0, 0, 0])
+    with pytest.raises(ZooauditError, match=r"class indices in \[0, 2\)"):
+        faithfulness_curves(model, x, maps, [0, 2])
 
 
 def _sigmoid(z):

@@ -19,7 +19,7 @@ MODEL_SIDE = {"extract.py", "gradients.py", "stages/activations.py", "stages/con
 # Names whose use means running (or building) the model.
 FORWARD = {"forward_batches", "load_model", "load_random_init", "resolve_model", "random_init", "layer_gradients",
            "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "confidence_change",
-           "randomisation_maps", "road_curves"}
+           "randomisation_maps", "road_curves", "removal_curves"}
 
 
 def _modules():

@@ -5,23 +5,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from torch import nn
 
+from weighted_model import Weighted
 from zooaudit.analysis.attribution import auc
 from zooaudit.errors import ZooauditError
 from zooaudit.road import imputation_system, noisy_linear_imputation, road_curves
-
-
-class Weighted(nn.Module):
-    """Logits (w·x, 0): the evidence for class 0 is exactly the pixel weights ``w``."""
-
-    def __init__(self, w):
-        super().__init__()
-        self.w = torch.as_tensor(w, dtype=torch.float32)
-
-    def forward(self, x):
-        s = (x * self.w).flatten(1).sum(1)
-        return torch.stack([s, torch.zeros_like(s)], 1)
 
 
 def test_a_pixel_among_constants_gets_the_constant():

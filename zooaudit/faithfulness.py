@@ -40,6 +40,74 @@ def pixel_ranks(maps: np.ndarray, rng) -> np.ndarray:
     return ranks
 
 
+def most_relevant_first(ranks: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(order, step, P)`` bool: the first ``counts[step]`` pixels of each order (``ranks (order, P)``
+    from :func:`pixel_ranks`, ``counts (step,)``): deletion's and MoRF's removed pixels."""
+    return ranks[:, None, :] < counts[None, :, None]
+
+
+def removal_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *, kinds: dict, remove,
+                   steps: int, batch_size: int, rng: np.random.Generator, device: str | torch.device,
+                   caller: str, attrs: dict) -> xr.Dataset:
+    """Curves ``(sample, order, kind, step)`` of every method's maps under one way of removing pixels:
+    the loop that :func:`faithfulness_curves` and :func:`zooaudit.road.road_curves` share.
+
+    For each sample, its orders (:func:`pixel_ranks`: the methods, then one random order drawn
+    from ``rng``) and fractions ``f = 0, 1/steps, … 1`` (``counts = round(f·P)`` pixels), each
+    kind's removed pixels are replaced by ``remove`` and the ``order·kind·step`` inputs are scored
+    in forward batches of ``batch_size``: the softmax probability of the sample's target class.
+
+    Args:
+        inputs: ``(n, channel, H, W)``; maps: ``(sample, method, y, x)`` at the input size;
+        targets: ``(n,)`` the class whose probability is tracked.
+        kinds: kind name → ``rule(ranks (order, P), counts (step,)) → removed (order, step, P)``
+            bool, the pixels that kind removes at each step; the curves' ``kind`` follows its order.
+        remove: ``remove(x (channel, H, W), removed (k, H, W) bool) → (k, channel, H, W)``
+            float32, the input with the removed pixels replaced (``k = order·kind·step``, that
+            order, order-major), called once per sample in sample order.
+        caller: the public function's name, for the error messages; attrs: the Dataset's attributes.
+
+    Returns ``curves`` with ``order`` = the methods then ``random``, ``kind`` = the names of
+    ``kinds``, and coordinate ``fraction (step,)``.
+    """
+    x_all = np.asarray(inputs, dtype=np.float32)
+    if tuple(maps.dims) != ("sample", "method", "y", "x"):
+        raise ZooauditError(f"{caller} needs maps with dims (sample, method, y, x); got {maps.dims}.")
+    if x_all.ndim != 4 or maps.shape[0] != len(x_all) or maps.shape[2:] != x_all.shape[2:]:
+        raise ZooauditError(f"maps {maps.shape} do not match inputs {x_all.shape}: one map per input, at its size.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ZooauditError(f"steps={steps!r}: the curves need an integer ≥ 2 steps.")
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.shape != (len(x_all),):
+        raise ZooauditError(f"targets has shape {targets.shape}; expected ({len(x_all)},), one class per input.")
+    values = maps.values.astype(np.float32)
+    n, c, h, w = x_all.shape
+    fractions = np.arange(steps + 1) / steps
+    counts = np.round(fractions * h * w).astype(int)
+    n_orders = values.shape[1] + 1
+    out = np.empty((n, n_orders, len(kinds), steps + 1), np.float32)
+    module.eval()
+    with torch.no_grad():
+        for i in range(n):
+            ranks = pixel_ranks(values[i], rng)                                   # (order, P): 0 = most relevant
+            removed = np.stack([rule(ranks, counts) for rule in kinds.values()], 1)  # (order, kind, step, P)
+            batch = remove(x_all[i], removed.reshape(-1, h, w))                # (order·kind·step, c, h, w)
+            probs = []
+            for start in range(0, len(batch), batch_size):
+                z = torch.as_tensor(batch[start:start + batch_size], device=device)
+                p = torch.softmax(class_scores(module(z)).float(), 1)
+                if not 0 <= targets[i] < p.shape[1]:
+                    raise ZooauditError(f"targets must be class indices in [0, {p.shape[1]}); got {targets[i]}.")
+                probs.append(p[:, targets[i]].cpu().numpy())
+            out[i] = np.concatenate(probs).reshape(n_orders, len(kinds), steps + 1)
+    return xr.Dataset(
+        {"curves": (("sample", "order", "kind", "step"), out)},
+        coords={"order": [*map(str, maps["method"].values), "random"], "kind": list(kinds),
+                "fraction": ("step", fractions)},
+        attrs=attrs,
+    )
+
+
 def faithfulness_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *, steps: int = 10,
                         baseline: float = 0.0, batch_size: int = 64, random_state: int = 0,
                         device: str | torch.device = "cpu") -> xr.Dataset:
@@ -52,42 +120,20 @@ def faithfulness_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, tar
     Returns ``curves`` with ``order`` = the methods then ``random``, ``kind`` = ``deletion``,
     ``insertion``, and coordinate ``fraction (step,)``.
     """
-    x_all = np.asarray(inputs, dtype=np.float32)
-    if tuple(maps.dims) != ("sample", "method", "y", "x"):
-        raise ZooauditError(f"faithfulness_curves needs maps with dims (sample, method, y, x); got {maps.dims}.")
-    if maps.shape[0] != len(x_all) or maps.shape[2:] != x_all.shape[2:]:
-        raise ZooauditError(f"maps {maps.shape} do not match inputs {x_all.shape}: one map per input, at its size.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ZooauditError(f"steps={steps!r}: the curves need an integer ≥ 2 steps.")
-    targets = np.asarray(targets, dtype=np.int64)
-    rng = np.random.default_rng(random_state)
-    values = maps.values.astype(np.float32)
-    n, c, h, w = x_all.shape
-    fractions = np.arange(steps + 1) / steps
-    counts = np.round(fractions * h * w).astype(int)
-    n_orders = values.shape[1] + 1
-    out = np.empty((n, n_orders, 2, steps + 1), np.float32)
-    module.eval()
-    with torch.no_grad():
-        for i in range(n):
-            ranks = pixel_ranks(values[i], rng)                                   # (order, P)
-            gone = ranks[:, None, :] < counts[None, :, None]                  # (order, step, P)
-            x = x_all[i].reshape(c, h * w)
-            deleted = np.where(gone[:, :, None, :], np.float32(baseline), x[None, None])
-            inserted = np.where(gone[:, :, None, :], x[None, None], np.float32(baseline))
-            batch = np.stack([deleted, inserted], 1).reshape(-1, c, h, w)      # (order·kind·step, c, h, w)
-            probs = []
-            for start in range(0, len(batch), batch_size):
-                z = torch.as_tensor(batch[start:start + batch_size], device=device)
-                probs.append(torch.softmax(class_scores(module(z)).float(), 1)[:, targets[i]].cpu().numpy())
-            out[i] = np.concatenate(probs).reshape(n_orders, 2, steps + 1)
-    return xr.Dataset(
-        {"curves": (("sample", "order", "kind", "step"), out)},
-        coords={"order": [*map(str, maps["method"].values), "random"], "kind": ["deletion", "insertion"],
-                "fraction": ("step", fractions)},
+    fill = np.float32(baseline)
+
+    def to_baseline(x, removed):            # x (c, H, W), removed (k, H, W) → (k, c, H, W)
+        return np.where(removed[:, None], fill, x[None])
+
+    def not_yet_inserted(ranks, counts):    # insertion: all but the first counts[step] pixels are the baseline
+        return ~most_relevant_first(ranks, counts)
+
+    return removal_curves(
+        module, inputs, maps, targets, kinds={"deletion": most_relevant_first, "insertion": not_yet_inserted},
+        remove=to_baseline, steps=steps, batch_size=batch_size, rng=np.random.default_rng(random_state),
+        device=device, caller="faithfulness_curves",
         attrs={"baseline": float(baseline), "steps": steps, "score": "softmax probability of the target class",
-               "random_state": random_state, "ties": "by pixel position (stable sort)"},
-    )
+               "random_state": random_state, "ties": "by pixel position (stable sort)"})
 
 
 def explanation_masks(maps) -> np.ndarray:

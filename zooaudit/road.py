@@ -40,9 +40,8 @@ import torch
 import xarray as xr
 from scipy.sparse.linalg import spsolve
 
-from .attribution_maps import class_scores
 from .errors import ZooauditError
-from .faithfulness import pixel_ranks
+from .faithfulness import most_relevant_first, removal_curves
 
 __all__ = ["NEIGHBOUR_WEIGHTS", "imputation_system", "noisy_linear_imputation", "road_curves"]
 
@@ -139,47 +138,20 @@ def road_curves(module: torch.nn.Module, inputs, maps: xr.DataArray, targets, *,
     ``random_state``: the random order of sample ``i`` is the one :func:`zooaudit.faithfulness.
     faithfulness_curves` draws with the same seed.
     """
-    x_all = np.asarray(inputs, dtype=np.float32)
-    if tuple(maps.dims) != ("sample", "method", "y", "x"):
-        raise ZooauditError(f"road_curves needs maps with dims (sample, method, y, x); got {maps.dims}.")
-    if x_all.ndim != 4 or maps.shape[0] != len(x_all) or maps.shape[2:] != x_all.shape[2:]:
-        raise ZooauditError(f"maps {maps.shape} do not match inputs {x_all.shape}: one map per input, at its size.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ZooauditError(f"steps={steps!r}: the curves need an integer ≥ 2 steps.")
-    targets = np.asarray(targets, dtype=np.int64)
-    if targets.shape != (len(x_all),):
-        raise ZooauditError(f"targets has shape {targets.shape}; expected ({len(x_all)},), one class per input.")
-    order_rng = np.random.default_rng(random_state)
     noise_rng = np.random.default_rng([random_state, 1])
-    values = maps.values.astype(np.float32)
-    n, c, h, w = x_all.shape
-    fractions = np.arange(steps + 1) / steps
-    counts = np.round(fractions * h * w).astype(int)
-    n_orders = values.shape[1] + 1
-    out = np.empty((n, n_orders, 2, steps + 1), np.float32)
-    module.eval()
-    with torch.no_grad():
-        for i in range(n):
-            ranks = pixel_ranks(values[i], order_rng)                            # (order, P): 0 = most relevant
-            morf = ranks[:, None, :] < counts[None, :, None]                 # (order, step, P)
-            lerf = ranks[:, None, :] >= (h * w - counts)[None, :, None]
-            removed = np.stack([morf, lerf], 1).reshape(-1, h, w)            # (order·kind·step, H, W)
-            batch = noisy_linear_imputation(np.broadcast_to(x_all[i], (len(removed), c, h, w)), removed,
-                                            sigma=sigma, fill=fill, rng=noise_rng)
-            probs = []
-            for start in range(0, len(batch), batch_size):
-                z = torch.as_tensor(batch[start:start + batch_size], device=device)
-                p = torch.softmax(class_scores(module(z)).float(), 1)
-                if not 0 <= targets[i] < p.shape[1]:
-                    raise ZooauditError(f"targets must be class indices in [0, {p.shape[1]}); got {targets[i]}.")
-                probs.append(p[:, targets[i]].cpu().numpy())
-            out[i] = np.concatenate(probs).reshape(n_orders, 2, steps + 1)
-    return xr.Dataset(
-        {"curves": (("sample", "order", "kind", "step"), out)},
-        coords={"order": [*map(str, maps["method"].values), "random"], "kind": ["morf", "lerf"],
-                "fraction": ("step", fractions)},
+
+    def impute(x, removed):                 # x (c, H, W), removed (k, H, W) → (k, c, H, W)
+        return noisy_linear_imputation(np.broadcast_to(x, (len(removed), *x.shape)), removed,
+                                       sigma=sigma, fill=fill, rng=noise_rng)
+
+    def least_relevant_first(ranks, counts):  # (order, P), (step,) → (order, step, P): the last counts[step]
+        return ranks[:, None, :] >= (ranks.shape[1] - counts)[None, :, None]
+
+    return removal_curves(
+        module, inputs, maps, targets, kinds={"morf": most_relevant_first, "lerf": least_relevant_first},
+        remove=impute, steps=steps, batch_size=batch_size, rng=np.random.default_rng(random_state),
+        device=device, caller="road_curves",
         attrs={"imputation": "noisy linear (8 neighbours, 1/6 direct, 1/12 diagonal; Rong et al. 2022)",
                "sigma": float(sigma), "fill_all_removed": float(fill), "steps": steps,
                "score": "softmax probability of the target class", "random_state": random_state,
-               "ties": "by pixel position (stable sort); lerf is the reverse of the morf order"},
-    )
+               "ties": "by pixel position (stable sort); lerf is the reverse of the morf order"})
