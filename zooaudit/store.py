@@ -818,7 +818,16 @@ def _batch_ok(ds: xr.Dataset) -> bool:
             return False
         if any(k in var.attrs for k in ("_FillValue", "coordinates", "missing_value", "units", "calendar")):
             return False
-    return True
+    non_dim = _non_dim_coords(ds)
+    if "coordinates" in ds.attrs or any(not isinstance(c, str) or " " in c for c in ds.variables):
+        return False
+    # a coordinate no variable's dimensions cover goes to a global attribute: left to xarray
+    return all(any(v not in non_dim and v not in ds.variables[v].dims and
+                   set(ds.variables[c].dims) <= set(ds.variables[v].dims) for v in ds.variables) for c in non_dim)
+
+
+def _non_dim_coords(ds: xr.Dataset) -> list:
+    return [c for c in ds.coords if c not in ds.dims]
 
 
 def _array_spec(ds: xr.Dataset, name) -> tuple[np.ndarray, dict]:
@@ -836,8 +845,9 @@ def _array_spec(ds: xr.Dataset, name) -> tuple[np.ndarray, dict]:
     else:
         dtype, fill = data.dtype, (np.nan if data.dtype.kind == "f" else None)
     attrs = dict(var.attrs)
-    if name not in ds.coords:
-        coords = [c for c in ds.coords if c not in ds.dims and set(ds.coords[c].dims) & set(var.dims)]
+    non_dim = _non_dim_coords(ds)
+    if name not in non_dim and name not in var.dims:   # xarray.conventions._encode_coordinates' rule
+        coords = sorted(str(c) for c in non_dim if set(ds.variables[c].dims) <= set(var.dims))
         if coords:
             attrs["coordinates"] = " ".join(coords)
     if fill is not None:
@@ -857,15 +867,18 @@ def write_datasets(session: icechunk.Session, datasets: dict[str, xr.Dataset]) -
     stage committing ~80 small arrays was most of its commit). The stored layout — metadata and
     chunks — is what :func:`write_dataset` writes (tests/test_store_batch.py compares the two
     byte for byte); datasets this writer does not handle (lazy variables, encodings, other
-    dtypes) go through :func:`write_dataset`."""
+    dtypes, a coordinate on no variable's dimensions), and all of them when one group lies
+    inside another, go through :func:`write_dataset`, in the order given."""
     import asyncio
 
     import zarr.api.asynchronous as za
     from zarr.core.sync import sync
 
     batch = {}
+    names = [g.strip("/") for g in datasets]
+    nested = any(a != b and b.startswith(a + "/") for a in names for b in names)
     for group, ds in datasets.items():
-        if not _batch_ok(ds):
+        if nested or not _batch_ok(ds):   # a group inside another is cleared by its parent's write: in order
             write_dataset(session, ds, group)
             continue
         batch[group] = ds
