@@ -59,7 +59,7 @@ from ..devices import moments_device
 from ..errors import ZooauditError
 from ..keys import cache_key
 from ..specs import StatisticsSpec
-from ..store import write_dataset
+from ..store import write_datasets
 from .common import commit_stage, open_matrices, skipped
 from .refs import ActivationsRef, StageResult
 
@@ -383,8 +383,7 @@ def run_statistics(ref: ActivationsRef, spec: StatisticsSpec, run_id: str | None
         log.warning("%s on %s: activation statistics moved since the previous audit: %s", ref.model_uri, ref.ds_key,
                     ", ".join(f"{r['metric']}:{r['layer']}" for r in summary["regressions"]))
 
-    def write(s):
-        for group, ds in results.items():
-            write_dataset(s, ds, group)
+    def write(s):   # ~80 small arrays: created and filled in one batch (byte-identical to write_dataset)
+        write_datasets(s, results)
 
     return commit_stage(ref, "statistics", key, spec.model_dump(), write, summary, run_id)
