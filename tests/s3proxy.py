@@ -82,6 +82,10 @@ class LoopbackProxy:
 
     def __exit__(self, *exc) -> None:
         self._closed.set()
+        # close() alone does not wake a thread blocked in accept() (it sat out join's 5 s);
+        # shutdown() of the listening socket does, on Linux.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._server.close()
         self.cut()
