@@ -131,6 +131,8 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help="factorization method (repeatable): pca, nmf, semi_nmf, sae, eigencam (default: pca, nmf)")
     p.add_argument("--k", type=int, help="components per layer (default 8)")
     p.add_argument("--k-sweep", type=int, nargs="+", help="also fit these k and plot the quality curve")
+    p.add_argument("--text-reference", metavar="SENTENCE",
+                   help="text encoders: token attributions of each text's similarity to this sentence")
 
 
 def _spec_fields(args) -> dict:
@@ -157,6 +159,8 @@ def _spec_fields(args) -> dict:
             if value is not None}                 # --k 0 reaches the spec's bound check
     if fact:
         out["factorize"] = fact
+    if getattr(args, "text_reference", None) is not None:
+        out["attribution"] = {"text_reference": args.text_reference}
     return out
 
 

@@ -15,11 +15,14 @@ ROOT = Path(zooaudit.__file__).parent
 MODEL_SIDE = {"extract.py", "gradients.py", "stages/activations.py", "stages/controls.py", "stages/model.py",
               "stages/validate.py", "stages/common.py", "stages/cached.py",
               # attribution maps: the maps and the faithfulness curves run the model; their stage too
-              "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "road.py", "stages/attribution.py"}
+              "attribution_maps.py", "faithfulness.py", "sanity_checks.py", "road.py", "stages/attribution.py",
+              # token attributions of text encoders and their stage (the attribution stage's text side)
+              "token_attribution.py", "stages/attribution_text.py"}
 # Names whose use means running (or building) the model.
 FORWARD = {"forward_batches", "load_model", "load_random_init", "resolve_model", "random_init", "layer_gradients",
            "concept_sensitivity", "layer_shapes", "attribution_maps", "faithfulness_curves", "confidence_change",
-           "randomisation_maps", "road_curves", "removal_curves"}
+           "randomisation_maps", "road_curves", "removal_curves",
+           "token_attributions"}
 
 
 def _modules():

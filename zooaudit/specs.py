@@ -272,6 +272,10 @@ class AttributionSpec(BaseModel):
                                               "attributes of one run.")
     alpha: float = Field(0.05, gt=0.0, lt=1.0)
     random_state: int = 0
+    text_reference: str | None = Field(
+        None, min_length=1, description="Text encoders: token attributions (the text methods grad_x_input, "
+        "integrated_gradients on the word embeddings) explain the cosine similarity of each text's sentence "
+        "embedding to this reference sentence (zooaudit.stages.attribution_text). None = no token attributions.")
     regression_background_increase: float = Field(
         0.05, ge=0.0, le=1.0, description="Regression alert (\"the model began looking at the background\"): a "
         "method's mean background share at a layer up by more than this (absolute) since the previous attribution "

@@ -11,6 +11,7 @@ from .attribution import attribution_section
 from .bias_measures import bias_measures_section
 from .sections import ModelContext, Section, register
 from .statistics import statistics_section
+from .token_attribution import token_attribution_section
 
 
 def _attribution(ctx: ModelContext) -> list[str]:
@@ -18,6 +19,13 @@ def _attribution(ctx: ModelContext) -> list[str]:
     if res is None:
         return []
     return attribution_section(lambda g: ctx.open("attribution", g), ctx.ref, res, ctx.base, ctx.files)
+
+
+def _token_attribution(ctx: ModelContext) -> list[str]:
+    res = ctx.results.get("attribution-text")
+    if res is None:
+        return []
+    return token_attribution_section(lambda g: ctx.open("attribution-text", g), ctx.ref, res)
 
 
 def _bias_measures(ctx: ModelContext) -> list[str]:
@@ -43,5 +51,6 @@ def _statistics(ctx: ModelContext) -> list[str]:
 
 
 register(Section("attribution", "Attribution", _attribution))
+register(Section("token-attribution", "Token attributions", _token_attribution))
 register(Section("bias-measures", "Bias beyond accuracy", _bias_measures))
 register(Section("statistics", "Activation statistics", _statistics))

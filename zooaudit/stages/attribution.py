@@ -39,7 +39,6 @@ significantly by more than ``AttributionSpec.regression_background_increase``
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -56,7 +55,8 @@ from ..layout import attribution_group
 from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
 from .attribution_regression import reliance_regressions
-from .common import load_model, random_subset, shard_dataset, skipped
+from .attribution_text import is_text_plan, run_text_attribution, text_attribution_key
+from .common import device_module, load_model, random_subset, shard_dataset, skipped
 from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
@@ -96,7 +96,10 @@ def _applies(plan, aspec: AttributionSpec) -> tuple[bool, str]:
 
 
 def attribution_key(plan, aspec: AttributionSpec) -> str | None:
-    """Cache key of the attribution stage of ``plan`` (None: it does not apply)."""
+    """Cache key of the attribution stage of ``plan`` (None: it does not apply); a text encoder on
+    texts gets its token attributions' key (:mod:`.attribution_text`)."""
+    if aspec.enabled and is_text_plan(plan):
+        return text_attribution_key(plan, aspec)
     ok, _ = _applies(plan, aspec)
     if not ok:
         return None
@@ -107,11 +110,12 @@ def attribution_key(plan, aspec: AttributionSpec) -> str | None:
 
 
 def key_params(aspec: AttributionSpec) -> dict:
-    """The spec's fields in the cache key: all but the ROAD and Smooth Grad-CAM++ fields and the
-    regression threshold at their defaults (the key it had before those existed, so earlier commits
-    stay cache hits)."""
+    """The spec's fields in the cache key: all but the ROAD and Smooth Grad-CAM++ fields, the
+    regression threshold and the text reference (token attributions have their own key) at their
+    defaults (the key it had before those existed, so earlier commits stay cache hits)."""
     params = aspec.model_dump()
-    for name in ("road_samples", "road_sigma", "smooth_samples", "smooth_sigma", "regression_background_increase"):
+    for name in ("road_samples", "road_sigma", "smooth_samples", "smooth_sigma", "regression_background_increase",
+                 "text_reference"):
         if params[name] == AttributionSpec.model_fields[name].default:
             del params[name]
     return params
@@ -127,15 +131,6 @@ def _target(aspec: AttributionSpec, class_names: list[str], n_classes: int):
         return class_names.index(t)
     raise ZooauditError(f"Unknown attribution target {t!r}. Allowed: 'predicted', 'true', a class index in "
                         f"[0, {n_classes})" + (f", or a class name: {', '.join(class_names)}." if class_names else "."))
-
-
-def _device_module(module, device: str):
-    """The module on ``device``: the shared CPU copy itself, or a copy moved to the GPU
-    (the per-process model cache must stay on the CPU for the other stages)."""
-    from ..devices import resolve_device
-
-    dev = resolve_device(device, what=" for the attribution stage", missing_cuda="cpu")
-    return (module, dev) if dev.type == "cpu" else (copy.deepcopy(module).to(dev), dev)
 
 
 def _smooth_options(aspec: AttributionSpec) -> dict:
@@ -258,7 +253,10 @@ def _reliance(metric_ds: xr.Dataset, data, idx, aspec: AttributionSpec) -> list[
 
 def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> StageResult | None:
     """The attribution stage of one model on one dataset (every layer in one commit), or None
-    when it does not apply; a cache hit when its key is already on ``main``."""
+    when it does not apply; a cache hit when its key is already on ``main``. A text encoder on
+    texts gets token attributions instead (:func:`.attribution_text.run_text_attribution`)."""
+    if aspec.enabled and is_text_plan(plan):
+        return run_text_attribution(plan, aspec, run_id)
     ok, why = _applies(plan, aspec)
     if not ok:
         log.info("attribution of %s on %s: not applicable (%s)", plan.model_uri, plan.ds_key, why)
@@ -273,7 +271,7 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
     data = shard_dataset(plan)
     target = _target(aspec, data.class_names, plan.n_outputs)
     idx = random_subset(len(data), aspec.max_samples, aspec.random_state)
-    module, dev = _device_module(model.module, plan.device)
+    module, dev = device_module(model.module, plan.device, " for the attribution stage")
     cam_layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []
     groups_out: dict[str, xr.Dataset] = {}
     reliance_rows, summary, metrics_by_layer = [], {}, {}

@@ -4,6 +4,7 @@ subsets, cache hits and result commits through the repository handle
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -42,6 +43,16 @@ def load_model(uri: str, store_url: str) -> LoadedModel:
 
 
 @functools.lru_cache(maxsize=4)
+def device_module(module, device: str, what: str = ""):
+    """``(module, torch.device)``: the shared CPU copy itself, or a copy moved to the GPU (the
+    per-process model cache must stay on the CPU for the other stages). ``device`` resolves as
+    everywhere (:func:`zooaudit.devices.resolve_device`; absent CUDA falls back to the CPU)."""
+    from ..devices import resolve_device
+
+    dev = resolve_device(device, what=what, missing_cuda="cpu")
+    return (module, dev) if dev.type == "cpu" else (copy.deepcopy(module).to(dev), dev)
+
+
 def load_random_init(uri: str, store_url: str):
     """The seeded random-initialised copy of a model, built once per process by the model
     source's ``random_init`` factory (the same copy in every process: a fixed torch seed)."""

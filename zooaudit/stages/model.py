@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..specs import RunOptions
 from .activations import ExtractionPlan, activations_ref, cache_hit, extract_product
+from . import attribution_text
 from .attribution import attribution_key, run_attribution
 from .common import skipped
 from .controls import (
@@ -103,5 +104,6 @@ def committed_model_stages(plan: ExtractionPlan, spec: RunOptions) -> tuple[Acti
     if (key := attribution_key(plan, spec.attribution)) is not None:
         if (asnap := repository.find(key)) is None:
             return None
-        results.append(skipped("attribution", plan, key, asnap))
+        results.append(skipped(attribution_text.STAGE if attribution_text.is_text_plan(plan) else "attribution",
+                               plan, key, asnap))
     return activations_ref(plan, snap, controls), results
