@@ -402,3 +402,18 @@ def test_weights_and_checkpoint_glob_on_s3(local_stack, r18, tmp_path):
     assert [e.uri.split("?")[0] for e in entries] == [f"file:{prefix}/ckpts/e1.safetensors",
                                                       f"file:{prefix}/ckpts/e3.safetensors"]
     assert resolve_model(entries[1].uri, store).content_hash == r18.content_hash
+
+
+def test_timm_vit_options(store):
+    """img_size / patch_size reach timm's create_model (a ViT's position embedding fixes its input
+    size); img_size sets the default input shape; refused where they do not apply."""
+    m = resolve_model("timm:vit_tiny_patch16_224?img_size=32&patch_size=8&num_classes=3", store)
+    assert m.input_shape == (3, 32, 32) and tuple(m.module.patch_embed.grid_size) == (4, 4)
+    assert m.info["img_size"] == 32 and m.info["patch_size"] == 8
+    assert tuple(m.module(torch.zeros(1, 3, 32, 32)).shape) == (1, 3)
+    with pytest.raises(ZooauditError, match=r"'test_resnet' does not take img_size="):
+        resolve_model("timm:test_resnet?img_size=32", store)
+    with pytest.raises(ZooauditError, match=r"Unknown option\(s\) \['img_size'\]"):
+        resolve_model("torchvision:resnet18?img_size=32", store)
+    with pytest.raises(ZooauditError, match=r"Option patch_size='x' in .* must be an integer"):
+        resolve_model("timm:vit_tiny_patch16_224?patch_size=x", store)

@@ -48,6 +48,13 @@ gradients at once); Integrated Gradients backpropagates once per chunk of ``batc
 interpolated inputs. Targets: ``"predicted"`` (the argmax of the logits, default), ``"true"``
 (the labels), or a class index.
 
+Vision transformers (timm ViT / DeiT: a model with ``num_prefix_tokens`` and
+``patch_embed.grid_size``): a ``(batch, token, channel)`` layer is read as its ``(batch, channel,
+gy, gx)`` patch grid, the prefix tokens (CLS, DeiT's distillation token) dropped
+(:mod:`zooaudit.patch_tokens`, pytorch-grad-cam's ``reshape_transform``), so the maps have the
+grid's resolution before upsampling and explain the patches only; the attrs record
+``prefix_tokens_excluded`` and ``token_grid``.
+
 Maps are returned at the input's size ``(sample, method, y, x)``. CAM maps are computed at the
 layer's resolution, ReLU'd, then upsampled bilinearly (``align_corners=False``, which equals
 OpenCV's ``INTER_LINEAR`` used by pytorch-grad-cam). ``normalise``:
@@ -70,6 +77,7 @@ from .analysis.attribution import CAM_METHODS, DEFAULT_METHODS, METHODS, PIXEL_M
 from .analysis.eigencam import eigencam
 from .errors import ZooauditError
 from .extract import _first_tensor
+from .patch_tokens import PatchTokenLayout, patch_token_layout
 
 __all__ = ["CAM_METHODS", "DEFAULT_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS",
            "attribution_maps", "resolve_targets", "smoothing_noise"]
@@ -162,14 +170,25 @@ def _finish_pixel(a: torch.Tensor, normalise: str) -> torch.Tensor:
 
 
 class _Hook:
-    """Keeps the layer's output of the last forward (graph attached)."""
+    """Keeps the layer's output of the last forward (graph attached).
 
-    def __init__(self, module: torch.nn.Module):
+    With a patch-token ``layout`` (a vision transformer), a ``(batch, token, channel)`` output is
+    kept as its ``(batch, channel, gy, gx)`` patch grid, prefix tokens dropped, and the layer's
+    output is replaced by the same values rebuilt from that grid, so the grid is in the autograd
+    graph and every CAM's gradient with respect to it is the patch tokens' gradient."""
+
+    def __init__(self, module: torch.nn.Module, layout: PatchTokenLayout | None = None, name: str = ""):
         self.out = None
+        self.layout, self.name, self.reshaped = layout, name, False
         self.handle = module.register_forward_hook(self._keep)
 
     def _keep(self, _m, _i, out):
         self.out = _first_tensor(out)
+        if self.layout is None or not isinstance(out, torch.Tensor) or out.ndim != 3:
+            return None
+        self.out = self.layout.to_grid(out, self.name)
+        self.reshaped = True
+        return self.layout.to_tokens(out, self.out)
 
 
 def _layer(module: torch.nn.Module, layer: str) -> torch.nn.Module:
@@ -182,8 +201,10 @@ def _layer(module: torch.nn.Module, layer: str) -> torch.nn.Module:
 def _spatial(a: torch.Tensor, layer: str) -> None:
     if a is None or a.ndim != 4:
         shape = None if a is None else tuple(a.shape)
-        raise ZooauditError(f"CAM methods need a spatial layer whose output is (batch, channel, y, x); layer {layer!r} "
-                            f"gives {shape}. Choose a convolutional layer (e.g. the last conv block's activation), "
+        raise ZooauditError(f"CAM methods need a spatial layer whose output is (batch, channel, y, x) (or, on a "
+                            f"vision transformer with num_prefix_tokens and patch_embed.grid_size, (batch, token, "
+                            f"channel) patch tokens); layer {layer!r} gives {shape}. Choose a convolutional layer "
+                            "(e.g. the last conv block's activation), "
                             "or use only the pixel methods (grad_x_input, integrated_gradients).")
 
 
@@ -283,8 +304,10 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
     Args:
         module: a classifier (output ``(batch, n_classes)`` scores), in eval mode, on ``device``.
         inputs: ``(n, channel, H, W)`` float array.
-        layer: module path of the spatial layer the CAM methods read (``(b, c, h, w)`` output);
-            may be None when only pixel methods are asked for.
+        layer: module path of the spatial layer the CAM methods read (``(b, c, h, w)`` output; on a
+            vision transformer a ``(b, token, c)`` layer, read as its ``(b, c, gy, gx)`` patch grid
+            with the prefix tokens dropped: :mod:`zooaudit.patch_tokens`); may be None when only
+            pixel methods are asked for.
         target: ``"predicted"``, ``"true"`` (needs ``labels`` ``(n,)``) or a class index.
         methods: names from :data:`METHODS` (default :data:`DEFAULT_METHODS`).
         batch_size: samples per forward/backward; also the masked inputs per Score-CAM forward
@@ -295,7 +318,8 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
     Returns an ``xarray.Dataset`` with ``maps (sample, method, y, x)`` float32, ``target
     (sample,)`` the class explained, ``predicted (sample,)``, ``logits (sample, class)``, and
     with Integrated Gradients ``ig_gap (sample,)``: ``Σ IG − (s(x) − s(x₀))`` on the raw map;
-    attrs record the layer, the layer's map size, the upsampling, normalisation and IG settings.
+    attrs record the layer, the layer's map size, the upsampling, normalisation and IG settings
+    (on a patch-token layer also ``token_layout``, ``prefix_tokens_excluded`` and ``token_grid``).
     """
     methods = _check(methods, normalise, ig_steps, smooth_samples, smooth_sigma, random_state)
     x_all = np.asarray(inputs)
@@ -306,8 +330,9 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
     cams = [m for m in methods if m in CAM_METHODS]
     if cams and layer is None:
         raise ZooauditError(f"CAM methods {cams} need a layer (a spatial layer of the model).")
-    hook = _Hook(_layer(module, layer)) if layer is not None else None
     size = tuple(x_all.shape[-2:])
+    layout = patch_token_layout(module, size) if cams else None
+    hook = _Hook(_layer(module, layer), layout, layer) if layer is not None else None
     maps, targets, preds, logits_all, gaps, layer_hw = [], [], [], [], [], None
     module.eval()
     try:
@@ -374,5 +399,6 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         attrs={"layer": layer or "", "layer_size": list(layer_hw or ()), "input_size": list(size),
                "upsampling": "bilinear, align_corners=False (ReLU at the layer's resolution first)",
                "normalise": normalise, "target": str(target), "ig_steps": ig_steps, "ig_baseline": float(ig_baseline),
-               "ig_rule": "midpoint Riemann sum", "pixel_maps": "summed over input channels, signed", **smooth},
+               "ig_rule": "midpoint Riemann sum", "pixel_maps": "summed over input channels, signed", **smooth,
+               **(layout.attrs() if hook is not None and hook.reshaped else {})},
     )

@@ -141,6 +141,12 @@ def _layer(open_group, plan, layer: str, s: dict, base: str, files: dict, data) 
                               else data.masks[pos], methods, labels)
     out.append(f"<p>Most and least background-reliant samples (under {html.escape(methods[0])}), then random ones; "
                f"maps normalised by their max, positive part shown, mask outlined.</p><img src='{name}' alt='Gallery: each sample's image, then one attribution map per method over it, mask outlined'>")
+    if "token_grid" in maps.attrs:   # a vision transformer: say what the maps are of
+        gy, gx = (int(g) for g in maps.attrs["token_grid"])
+        n = int(maps.attrs.get("prefix_tokens_excluded", 0))
+        out.append(f"<p>Vision transformer: the CAMs read this layer's patch tokens as their {gy}×{gx} patch grid; "
+                   f"the {n} prefix token{'s' if n != 1 else ''} (CLS{', distillation' if n > 1 else ''}) "
+                   f"{'are' if n != 1 else 'is'} excluded from the maps.</p>")
     auc, road = s.get("auc", {}), s.get("road_auc", {})
     header = ["method", "background share", "pointing game", "IoU"]
     if auc:

@@ -3,14 +3,17 @@
 Runs per model × dataset × layer on the extraction placement (it needs the model:
 :mod:`zooaudit.attribution_maps`, :mod:`zooaudit.faithfulness`), after the activations, in
 :func:`zooaudit.stages.model.run_model_stages`. It applies to classifiers on image datasets
-(``(sample, channel, y, x)`` inputs) that have a spatial layer; with
+(``(sample, channel, y, x)`` inputs) that have a spatial layer (on a timm ViT / DeiT, the patch tokens
+of a ``(token, channel)`` layer read as their grid, prefix tokens excluded: :mod:`zooaudit.patch_tokens`;
+by default the last block's ``norm1``); with
 ``AttributionSpec.only_masked`` (default) only to datasets with foreground masks.
 
 Written under ``<ds>/attribution/<layer>/`` (one commit, its own cache key)::
 
     maps       maps (sample, method, y, x) float16 at the input size (normalised by each map's
                max |value|, see zooaudit.attribution_maps), label / target / predicted and the
-               group attributes per sample; coordinate sample = the dataset's sample ids
+               group attributes per sample; coordinate sample = the dataset's sample ids; on a
+               vision transformer attrs prefix_tokens_excluded and token_grid (gy, gx)
     metrics    per (sample, method): energy_inside, background_share, pointing_game, iou;
                ig_gap (sample) — Integrated Gradients' completeness gap
     curves     deletion / insertion curves (sample, order, kind, step) and their auc
@@ -52,6 +55,7 @@ from ..errors import ZooauditError
 from ..extract import layer_shapes
 from ..keys import cache_key
 from ..layout import attribution_group
+from ..patch_tokens import default_token_layer, patch_token_layout
 from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
 from .attribution_regression import reliance_regressions
@@ -68,15 +72,28 @@ STAGE = "attribution"
 
 def attribution_layers(plan, aspec: AttributionSpec) -> list[str]:
     """The layers the CAMs read: ``aspec.layers``, or the last of the plan's layers whose output is
-    a ``(channel, y, x)`` map (one dry forward); [] when there is none."""
+    a ``(channel, y, x)`` map (one dry forward); [] when there is none.
+
+    On a vision transformer (:func:`zooaudit.patch_tokens.patch_token_layout`: timm ViT / DeiT) a
+    ``(token, channel)`` layer with the model's prefix + patch-grid token count is spatial too (its
+    patch tokens are read as the grid), and the default is the last block's ``norm1``
+    (:func:`zooaudit.patch_tokens.default_token_layer` says why not the last block's output)."""
     model = load_model(plan.model_uri, plan.store)
-    candidates = list(aspec.layers) if aspec.layers else list(plan.layers)
+    layout = patch_token_layout(model.module, tuple(model.input_shape[-2:]))
+    token_default = default_token_layer(model.module) if layout is not None else None
+    candidates = list(aspec.layers) if aspec.layers else [token_default] if token_default else list(plan.layers)
     shapes = layer_shapes(model.module, model.input_shape, candidates, "none")
-    spatial = [name for name in candidates if len(shapes[name]) == 3]
+
+    def spatial_shape(shape) -> bool:
+        return len(shape) == 3 or (layout is not None and len(shape) == 2 and shape[0] == layout.n_tokens)
+
+    spatial = [name for name in candidates if spatial_shape(shapes[name])]
     if aspec.layers:
         if bad := [name for name in candidates if name not in spatial]:
+            tokens = (f" or, on this vision transformer, ({layout.n_tokens} tokens = {layout.n_prefix} prefix + "
+                      f"{layout.grid[0]}×{layout.grid[1]} patches, channel)") if layout is not None else ""
             raise ZooauditError(f"AttributionSpec.layers {bad} of {plan.model_uri!r} are not spatial: CAM methods "
-                                f"need a (channel, y, x) output; their shapes are "
+                                f"need a (channel, y, x) output{tokens}; their shapes are "
                                 f"{ {n: shapes[n] for n in bad} }. Spatial layers here: {spatial or 'none'}.")
         return spatial
     return spatial[-1:]
@@ -337,8 +354,12 @@ def _rounded(value, digits: int = 4) -> float | None:
 def _layer_summary(products: dict[str, xr.Dataset], aspec: AttributionSpec) -> dict:
     """Headline numbers of one layer for the commit metadata: per method, the mean of each metric
     (the background share's with its bootstrap CI, ``background_share_ci``) and the deletion /
-    insertion AUC beside the random order's."""
+    insertion AUC beside the random order's; on a ViT layer ``patch_tokens`` (the prefix tokens
+    excluded and the grid)."""
     out: dict = {}
+    if "token_grid" in (attrs := products["maps"].attrs):   # a ViT layer: what the maps exclude, for the report
+        out["patch_tokens"] = {"prefix_tokens_excluded": attrs["prefix_tokens_excluded"],
+                               "token_grid": list(attrs["token_grid"])}
     m = products["metrics"]
     undefined: dict = {}
     for var in ("background_share", "pointing_game", "iou", "energy_inside"):

@@ -10,10 +10,13 @@ URIs::
 Options: ``weights`` (safetensors or a torch.save state dict; read without
 executing code, see :mod:`zooaudit.zoo.file`), ``seed`` (random init; default 0),
 ``num_classes``, ``input_shape`` (``CxHxW``; default the architecture's own,
-224×224 for torchvision). The architecture is always built with
-``weights=None`` / ``pretrained=False``: nothing is downloaded, and a missing
-weights file is an error. Default layers: timm's ``feature_info`` modules, else
-the model's direct children except the last (the classifier head).
+224×224 for torchvision), and for timm vision transformers ``img_size`` and
+``patch_size`` (create_model kwargs: ``timm:vit_tiny_patch16_224?img_size=64&patch_size=8``
+takes 64×64 inputs as an 8×8 patch grid; ``img_size`` sets the default input shape).
+The architecture is always built with ``weights=None`` / ``pretrained=False``:
+nothing is downloaded, and a missing weights file is an error. Default layers:
+timm's ``feature_info`` modules, else the model's direct children except the last
+(the classifier head).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from .types import LoadedModel, weights_hash
 from .file import check_query, load_into, parse_shape, read_state_dict, split_uri
 
 ALLOWED_QUERY = {"weights", "seed", "num_classes", "input_shape"}
+# create_model kwargs of timm's vision transformers (a ViT's position embedding is built for one
+# input size: img_size=64 makes it take 64×64 inputs); timm: URIs only
+TIMM_ONLY = ("img_size", "patch_size")
 # Seed of the untrained control copy = the model's seed + this (as for builtin models).
 RANDOM_INIT_SEED_OFFSET = 1_000_003
 
@@ -93,7 +99,7 @@ def _input_shape(library: str, module: torch.nn.Module, given: tuple[int, ...] |
 
 def _load(library: str, name: str, *, store=None, uri: str) -> LoadedModel:
     arch, query = split_uri(name)
-    check_query(query, ALLOWED_QUERY, uri)
+    check_query(query, ALLOWED_QUERY | (set(TIMM_ONLY) if library == "timm" else set()), uri)
     if not arch:
         raise ZooauditError(f"Model URI {uri!r} names no architecture: expected '{library}:<arch>', "
                             f"e.g. '{library}:resnet18'.")
@@ -101,6 +107,9 @@ def _load(library: str, name: str, *, store=None, uri: str) -> LoadedModel:
     kwargs = {}
     if (num_classes := _parse_int(query, "num_classes", uri)) is not None:
         kwargs["num_classes"] = num_classes
+    for key in TIMM_ONLY:
+        if (value := _parse_int(query, key, uri)) is not None:
+            kwargs[key] = value
     seed = _parse_int(query, "seed", uri)
     weights = query.get("weights")
     if weights is not None and seed is not None:
@@ -112,7 +121,14 @@ def _load(library: str, name: str, *, store=None, uri: str) -> LoadedModel:
         # Seeded init in a forked RNG so building a model never disturbs the caller's stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            return build(arch, kwargs).eval()
+            try:
+                return build(arch, kwargs).eval()
+            except TypeError as err:   # e.g. img_size= given to a timm CNN
+                if not any(k in kwargs for k in TIMM_ONLY):
+                    raise
+                raise ZooauditError(f"timm architecture {arch!r} does not take "
+                                    f"{', '.join(f'{k}=' for k in TIMM_ONLY if k in kwargs)} ({err}); those are "
+                                    "vision transformer options.") from None
 
     module = make(seed)
     info = {"source": library, "arch": arch, **kwargs}
@@ -121,7 +137,10 @@ def _load(library: str, name: str, *, store=None, uri: str) -> LoadedModel:
         info["weights"] = weights
     else:
         info["random_init_seed"] = seed
-    shape = _input_shape(library, module, parse_shape(query.get("input_shape")))
+    given = parse_shape(query.get("input_shape"))
+    if given is None and "img_size" in kwargs:   # timm keeps its pretrained_cfg's size: the model's own is this
+        given = (_input_shape(library, module, None)[0], kwargs["img_size"], kwargs["img_size"])
+    shape = _input_shape(library, module, given)
     return LoadedModel(
         uri=uri, module=module, content_hash=weights_hash(module.state_dict()), input_shape=shape,
         default_layers=_default_layers(module), info=info,
