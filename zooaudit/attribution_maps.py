@@ -333,7 +333,10 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
     size = tuple(x_all.shape[-2:])
     layout = patch_token_layout(module, size) if cams else None
     hook = _Hook(_layer(module, layer), layout, layer) if layer is not None else None
-    maps, targets, preds, logits_all, gaps, layer_hw = [], [], [], [], [], None
+    # filled batch by batch: the (n, method, H, W) result is the only O(n) buffer (no list of
+    # per-batch arrays concatenated at the end, which held the maps twice at the peak)
+    maps = np.empty((len(x_all), len(methods), *size), np.float32)
+    targets, preds, logits_all, gaps, layer_hw = [], [], [], [], None
     module.eval()
     try:
         for start in range(0, len(x_all), batch_size):
@@ -378,7 +381,7 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
                 gaps.append((ig.sum((1, 2)) - (logits.detach().gather(1, t[:, None])[:, 0] - at_baseline))
                             .cpu().numpy())
                 out["integrated_gradients"] = _finish_pixel(ig.detach(), normalise)
-            maps.append(torch.stack([out[m] for m in methods], 1).float().cpu().numpy())
+            maps[start:start + len(x)] = torch.stack([out[m] for m in methods], 1).float().cpu().numpy()
             targets.append(t.cpu().numpy())
             preds.append(logits.argmax(1).detach().cpu().numpy())
             logits_all.append(logits.detach().float().cpu().numpy())
@@ -391,7 +394,7 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
         if "smoothgradcam++" in methods else {}
     extra = {"ig_gap": ("sample", np.concatenate(gaps).astype(np.float64))} if gaps else {}
     return xr.Dataset(
-        {"maps": (("sample", "method", "y", "x"), np.concatenate(maps) if maps else np.zeros((0, len(methods), *size))),
+        {"maps": (("sample", "method", "y", "x"), maps),
          "target": ("sample", np.concatenate(targets) if targets else np.zeros(0, np.int64)),
          "predicted": ("sample", np.concatenate(preds) if preds else np.zeros(0, np.int64)),
          "logits": (("sample", "class"), np.concatenate(logits_all) if logits_all else np.zeros((0, 0))), **extra},
