@@ -232,7 +232,7 @@ def test_normalisation_conventions(scene_cnn, scenes):
     ({"target": 4}, "out of range.*4 outputs"),
     ({"target": "true"}, "needs the samples' labels"),
     ({"target": "best"}, "Unknown attribution target"),
-    ({"methods": ["gradcam", "cfcam"]}, "Unknown attribution method"),
+    ({"methods": ["gradcam", "xgradcam"]}, "Unknown attribution method"),
     ({"normalise": "l2"}, "Unknown normalise"),
     ({"ig_steps": 0}, "positive integer"),
     ({"methods": ["smoothgradcam++"], "smooth_samples": 0}, "smooth_samples=0.*positive integer"),

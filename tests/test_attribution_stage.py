@@ -231,3 +231,27 @@ def test_smooth_gradcampp_is_opt_in_and_reaches_every_product(balanced):
     assert list(load("sanity")["method"].values) == spec.methods
     summary = result.summary["act3"]
     assert set(summary["average_drop"]) == set(summary["sanity_spearman_all_random"]) == set(spec.methods)
+
+
+def test_cfcam_is_opt_in_and_reaches_every_product(balanced, tmp_path):
+    """CF-CAM is not a default method (the default key above is unchanged by it); asked for, it goes
+    through the maps, agreement, curves, sanity check and the report like any other CAM."""
+    from zooaudit.report.attribution import attribution_section
+
+    assert "cfcam" not in AttributionSpec().methods
+    plan, _ = balanced
+    spec = AttributionSpec(methods=["gradcam", "cfcam"], layers=["act3"], max_samples=8, curve_samples=4,
+                           curve_steps=3, sanity_samples=2, n_boot=20, n_permutations=20, batch_size=64)
+    result = run_attribution(plan, spec)
+    load = lambda part: plan.repository.open(attribution_group(plan.ds_key, "act3", part), result.snapshot).load()
+    maps = load("maps")
+    assert list(maps["method"].values) == spec.methods
+    cf = maps["maps"].sel({"method": "cfcam"}).values.astype(np.float64)
+    assert np.isfinite(cf).all() and cf.max() > 0 and not np.allclose(cf, maps["maps"].sel({"method": "gradcam"}))
+    assert list(load("agreement")["method"].values) == spec.methods
+    assert list(load("curves")["order"].values) == [*spec.methods, "random"]
+    assert list(load("sanity")["method"].values) == spec.methods
+    assert set(result.summary["act3"]["average_drop"]) == set(spec.methods)
+    text = "".join(attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result,
+                                       "m-ds", {}))
+    assert "cfcam" in text

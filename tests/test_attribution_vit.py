@@ -72,9 +72,10 @@ def test_cams_equal_pytorch_grad_cam_with_its_vit_reshape_transform(which, x):
 
 def test_every_cam_method_runs_on_the_grid(x):
     m = _model("deit")
-    out = attribution_maps(m, x, "blocks.1.norm1", methods=["eigencam", "smoothgradcam++", "gradcam++"],
-                           smooth_samples=2, smooth_sigma=0.0, normalise="none")
+    out = attribution_maps(m, x, "blocks.1.norm1", methods=["eigencam", "smoothgradcam++", "gradcam++",
+                           "cfcam"], smooth_samples=2, smooth_sigma=0.0, normalise="none")
     assert np.isfinite(out.maps.values).all() and (out.maps.sel({"method": "eigencam"}).values > 0).any()
+    assert (out.maps.sel({"method": "cfcam"}).values > 0).any()   # clustered on the patch grid's channels
     # σ = 0: Smooth Grad-CAM++ is Grad-CAM++ (its noisy forwards go through the same grid hook)
     np.testing.assert_allclose(out.maps.sel({"method": "smoothgradcam++"}).values,
                                out.maps.sel({"method": "gradcam++"}).values, rtol=1e-4, atol=1e-7)

@@ -28,6 +28,35 @@ of the target score ``s`` — the target class's logit, before any softmax):
   only by global average pooling and a linear head the gradient does not depend on the input:
   there Smooth Grad-CAM++ is Grad-CAM++ (up to rounding);
 - ``layercam`` (Jiang et al. 2021): ``ReLU(Σ_c ReLU(g_c) ⊙ A_c)``;
+- ``cfcam`` (CF-CAM, Cluster Filter CAM, 2025; as its authors' script jerryp-hfut/CF-CAM
+  ``cfcam.py``; opt-in, not in :data:`DEFAULT_METHODS`): per sample, on the ``(c, h·w)`` rows of
+  ``A`` — (1) the channels whose L2 norm is ≥ the 75th percentile of the channel norms (numpy's
+  linear interpolation) are "important": they keep their raw gradient and weight
+  ``mean_hw(g_c)``; (2) the other channels are clustered by DBSCAN (sklearn, euclidean) on those
+  same rows, ``eps`` = the 25th percentile of their pairwise distances (each ordered pair ``i ≠ j``
+  counted, as the reference's full distance matrix off its diagonal), at least ``1e-5``;
+  ``min_samples = max(2, ⌊0.05 · n_rest⌋)``, DBSCAN given that same distance matrix
+  (``metric="precomputed"``; the script lets sklearn recompute the distances, and since every
+  distance is listed twice the percentile is often one of them exactly, so that pair fell either
+  side of ``eps`` by rounding — 3 of 24 scene-CNN maps clustered differently; here it is a
+  neighbour, ``d ≤ eps``, in any batch); DBSCAN's noise channels get no weight (dropped
+  from the map); a lone remaining channel (no pair to measure) is noise; (3) each cluster's
+  mean gradient ``ḡ (h, w)`` is filtered with one ``(h, w)`` kernel, the reference's
+  "bilateral filter": ``K(i, j) ∝ exp(−((i − h/2)² + (j − w/2)²) / (2·5²)) ·
+  exp(−(ḡ(i, j) − mean ḡ)² / (2·0.1²))``, normalised by ``Σ K + 1e-6``, applied as a
+  cross-correlation with zero padding ``'same'`` (for an even side one row/column more after
+  than before, as ``torch.nn.functional.conv2d``) — a fixed kernel per cluster, not OpenCV's
+  per-pixel ``bilateralFilter``; every channel of the cluster gets the weight
+  ``mean_hw(filtered ḡ)``; (4) the weights of the kept channels (important + clustered) are
+  softmaxed over those channels, map ``ReLU(Σ_c w_c A_c)``. The softmax makes every weight
+  positive, so there is no setting in which CF-CAM is Grad-CAM: with every channel important
+  (all norms equal) it is ``ReLU(Σ_c softmax_c(mean_hw g_c) A_c)``. The reference's optional
+  ``noise_level`` is not used (its default, None). One forward and backward per batch (shared
+  with the gradient methods); clustering per sample on CPU, all clusters' filters of the batch
+  in one grouped convolution. The script's finish (ReLU at the layer's resolution, bilinear
+  ``align_corners=False`` upsampling, ÷ max) is ``normalise="max"``. (The repository's README
+  describes an older variant, ``ver6.py``: a guided filter and plain GAP weights, no important
+  channels, no softmax; ``cfcam.py`` is followed here);
 - ``scorecam`` (Wang et al. 2020): each channel upsampled to the input (bilinear,
   ``align_corners=True``, as ``nn.UpsamplingBilinear2d``), min–max scaled to [0, 1] (``+1e-8``),
   multiplied into the input; the target logits of those masked inputs, softmaxed over
@@ -82,8 +111,9 @@ from .patch_tokens import PatchTokenLayout, patch_token_layout
 __all__ = ["CAM_METHODS", "DEFAULT_METHODS", "GRADIENT_METHODS", "METHODS", "NORMALISATIONS", "PIXEL_METHODS",
            "attribution_maps", "resolve_targets", "smoothing_noise"]
 
-GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "grad_x_input")  # served by the batch's one backward
+GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "cfcam", "grad_x_input")  # served by the batch's one backward
 NORMALISATIONS = ("max", "minmax", "none")
+LAYER_GRADIENT_CAMS = ("gradcam", "gradcam++", "layercam", "cfcam")  # read the layer gradient of that backward
 
 
 def resolve_targets(target, logits: torch.Tensor, labels) -> torch.Tensor:
@@ -224,6 +254,69 @@ def _gradient_cams(a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
             "layercam": (g.clamp_min(0) * a).sum(1)}
 
 
+def _cfcam_distances(rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(m, m)`` euclidean distances of ``rows`` ``(m, h·w)`` and CF-CAM's DBSCAN radius from them:
+    the 25th percentile off the diagonal (both orders of each pair), at least 1e-5."""
+    d = np.linalg.norm(rows[:, None] - rows[None, :], axis=2)
+    return d, max(float(np.percentile(d[~np.eye(len(rows), dtype=bool)], 25)), 1e-5)
+
+
+def cfcam_channels(fmap: np.ndarray) -> np.ndarray:
+    """CF-CAM's channel labels ``(c,)`` for one sample's ``(c, h, w)`` map: −2 important (norm ≥ the
+    75th percentile), −1 DBSCAN noise (dropped), ``k ≥ 0`` the cluster of the other channels."""
+    from sklearn.cluster import DBSCAN
+
+    rows = fmap.reshape(len(fmap), -1)
+    norms = np.linalg.norm(rows, ord=2, axis=1)
+    important = norms >= np.percentile(norms, 75)
+    labels = np.full(len(rows), -2, dtype=np.int64)
+    rest = np.flatnonzero(~important)
+    if len(rest) == 1:
+        labels[rest] = -1                       # no pair to set eps from; one channel is no cluster
+    elif len(rest) > 1:
+        # each distance is listed twice, so eps is often one of them exactly: DBSCAN reads the
+        # same matrix (precomputed) so that pair is a neighbour (d ≤ eps) whatever the rounding
+        # of a recomputed distance (a batch's forward differs from one image's in the last bits)
+        d, eps = _cfcam_distances(rows[rest])
+        labels[rest] = DBSCAN(eps=eps, min_samples=max(2, int(len(rest) * 0.05)), metric="precomputed").fit(d).labels_
+    return labels
+
+
+def _cfcam_filter(g: torch.Tensor, sigma_spatial: float = 5.0, sigma_range: float = 0.1) -> torch.Tensor:
+    """CF-CAM's gradient filter of ``(p, h, w)`` cluster-mean gradients, each by its own ``(h, w)``
+    kernel (spatial gaussian about the centre × range gaussian about the map's mean), in one
+    grouped convolution."""
+    p, h, w = g.shape
+    iy = torch.arange(h, device=g.device, dtype=g.dtype) - h / 2
+    ix = torch.arange(w, device=g.device, dtype=g.dtype) - w / 2
+    spatial = torch.exp(-(iy[:, None] ** 2 + ix[None, :] ** 2) / (2 * sigma_spatial ** 2))
+    rng = torch.exp(-(g - g.mean((1, 2), keepdim=True)) ** 2 / (2 * sigma_range ** 2))
+    k = spatial * rng
+    k = k / (k.sum((1, 2), keepdim=True) + 1e-6)
+    # conv2d's padding="same", written out: for an even side the extra zero goes after
+    pad = ((w - 1) // 2, w - 1 - (w - 1) // 2, (h - 1) // 2, h - 1 - (h - 1) // 2)
+    return F.conv2d(F.pad(g[None], pad), k[:, None], groups=p)[0]
+
+
+def cfcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """CF-CAM ``(b, h, w)`` before its final ReLU from the layer's ``A`` and gradient ``g``
+    ``(b, c, h, w)``; the conventions are in the module docstring."""
+    b, c = a.shape[:2]
+    labels = [cfcam_channels(m) for m in a.detach().cpu().float().numpy()]
+    weights = g.mean((2, 3)).clone()            # (b, c): the important channels' weights
+    # one (sample, cluster) row per cluster of the batch: its channels' mean gradient
+    pairs = [(i, k) for i, lab in enumerate(labels) for k in np.unique(lab[lab >= 0])]
+    if pairs:
+        means = torch.stack([g[i, torch.as_tensor(np.flatnonzero(labels[i] == k), device=g.device)].mean(0)
+                             for i, k in pairs])
+        filtered = _cfcam_filter(means).mean((1, 2))
+        for (i, k), wk in zip(pairs, filtered):
+            weights[i, torch.as_tensor(np.flatnonzero(labels[i] == k), device=g.device)] = wk
+    kept = torch.as_tensor(np.stack([lab != -1 for lab in labels]), device=g.device).reshape(b, c)
+    w = torch.softmax(weights.masked_fill(~kept, float("-inf")), dim=1)
+    return (w[..., None, None] * a).sum(1)
+
+
 def smoothing_noise(shape, index: int, draw: int, random_state: int = 0) -> torch.Tensor:
     """Standard normal ``shape`` (float32, CPU): noise draw ``draw`` of the sample at position
     ``index`` of the inputs, seeded by ``(random_state, index, draw)`` alone — the same whatever
@@ -354,7 +447,7 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
                     layer_hw = tuple(a.shape[-2:])
                 out: dict[str, torch.Tensor] = {}
                 if need_grad:
-                    wrt = ([a] if any(m in ("gradcam", "gradcam++", "layercam") for m in methods) else []) + \
+                    wrt = ([a] if any(m in LAYER_GRADIENT_CAMS for m in methods) else []) + \
                           ([x] if "grad_x_input" in methods else [])
                     grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), wrt)
                     if "grad_x_input" in methods:
@@ -363,6 +456,8 @@ def attribution_maps(module: torch.nn.Module, inputs, layer: str | None, *, meth
                         for name, cam in _gradient_cams(a.detach(), grads[0]).items():
                             if name in methods:
                                 out[name] = _finish_cam(cam, size, normalise)
+                        if "cfcam" in methods:
+                            out["cfcam"] = _finish_cam(cfcam(a.detach(), grads[0]), size, normalise)
             xd = x.detach()
             if "smoothgradcam++" in methods:
                 out["smoothgradcam++"] = _finish_cam(

@@ -6,7 +6,7 @@ A timm ViT / DeiT block's output is ``(sample, token, channel)``: ``P`` prefix t
 for a model built with ``dynamic_img_size`` the grid of the actual input,
 ``patch_embed.dynamic_feat_size``). :class:`PatchTokenLayout` drops the prefix tokens and
 reshapes the patch tokens to ``(sample, channel, gy, gx)`` — the layout a conv layer's output
-has — so Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, Layer-CAM, Score-CAM and Eigen-CAM run
+has — so Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, Layer-CAM, CF-CAM, Score-CAM and Eigen-CAM run
 unchanged, and their maps explain the patches only (the prefix tokens have no place in the
 image). This is pytorch-grad-cam's ``reshape_transform`` for ViTs
 (``tensor[:, 1:].reshape(b, gy, gx, c)`` then channels first), generalised to any number of

@@ -34,7 +34,7 @@ from .multitest import permutation_p_value
 # so that the specs validate names without importing torch.
 # METHODS: every method that may be asked for; DEFAULT_METHODS: those computed when none are named
 # (the opt-in ones, slower, stay out of it so that default runs and cache keys do not change).
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "smoothgradcam++")
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "smoothgradcam++", "cfcam")
 PIXEL_METHODS = ("grad_x_input", "integrated_gradients")
 METHODS = CAM_METHODS + PIXEL_METHODS
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "eigencam", "grad_x_input", "integrated_gradients")
