@@ -7,23 +7,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.cluster import DBSCAN
-from test_attribution_maps import _bilinear, _briefly_trained
+# the same 12 scenes and briefly trained scene CNN as the other map tests (module-scoped fixtures)
+from test_attribution_maps import _bilinear, scene_cnn, scenes  # noqa: F401
 from torch import nn
 
 from zooaudit.attribution_maps import DEFAULT_METHODS, attribution_maps, cfcam, cfcam_channels
-from zooaudit.data import load_dataset
-from zooaudit.zoo.builtin import BUILTIN_ZOO, build
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return load_dataset({"name": "scenes", "options": {"n_test": 12, "image_size": 32}})
-
-
-@pytest.fixture(scope="module")
-def scene_cnn(scenes):
-    m = build(BUILTIN_ZOO["scene-cnn-a25-w8-s0"])
-    return _briefly_trained(m, torch.from_numpy(scenes.inputs), torch.from_numpy(scenes.labels))
 
 
 def _reference_labels(A: np.ndarray) -> np.ndarray:
