@@ -305,13 +305,12 @@ def cfcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     labels = [cfcam_channels(m) for m in a.detach().cpu().float().numpy()]
     weights = g.mean((2, 3)).clone()            # (b, c): the important channels' weights
     # one (sample, cluster) row per cluster of the batch: its channels' mean gradient
-    pairs = [(i, k) for i, lab in enumerate(labels) for k in np.unique(lab[lab >= 0])]
-    if pairs:
-        means = torch.stack([g[i, torch.as_tensor(np.flatnonzero(labels[i] == k), device=g.device)].mean(0)
-                             for i, k in pairs])
-        filtered = _cfcam_filter(means).mean((1, 2))
-        for (i, k), wk in zip(pairs, filtered):
-            weights[i, torch.as_tensor(np.flatnonzero(labels[i] == k), device=g.device)] = wk
+    members = [(i, torch.as_tensor(np.flatnonzero(lab == k), device=g.device))
+               for i, lab in enumerate(labels) for k in np.unique(lab[lab >= 0])]
+    if members:
+        filtered = _cfcam_filter(torch.stack([g[i, chans].mean(0) for i, chans in members])).mean((1, 2))
+        for (i, chans), wk in zip(members, filtered):
+            weights[i, chans] = wk
     kept = torch.as_tensor(np.stack([lab != -1 for lab in labels]), device=g.device).reshape(b, c)
     w = torch.softmax(weights.masked_fill(~kept, float("-inf")), dim=1)
     return (w[..., None, None] * a).sum(1)
