@@ -42,7 +42,6 @@ def load_model(uri: str, store_url: str) -> LoadedModel:
     return _cached_model(uri, store_url)
 
 
-@functools.lru_cache(maxsize=4)
 def device_module(module, device: str, what: str = ""):
     """``(module, torch.device)``: the shared CPU copy itself, or a copy moved to the GPU (the
     per-process model cache must stay on the CPU for the other stages). ``device`` resolves as
@@ -53,6 +52,7 @@ def device_module(module, device: str, what: str = ""):
     return (module, dev) if dev.type == "cpu" else (copy.deepcopy(module).to(dev), dev)
 
 
+@functools.lru_cache(maxsize=4)
 def load_random_init(uri: str, store_url: str):
     """The seeded random-initialised copy of a model, built once per process by the model
     source's ``random_init`` factory (the same copy in every process: a fixed torch seed)."""
