@@ -6,8 +6,8 @@
 ``contextual``: ``contextual_bias`` with 200 bootstrap resamples on synthetic single-label data (10
 categories, a 2-valued context that follows the category in 70% of the samples, 80% right
 predictions), training split of N/2 samples. ``--form codes``: class codes and no scores (the call's
-own memory; inputs O(N) ints); ``--form stage``: what the amplification stage passes — float64 one-hot
-matrices and ``(N, 10)`` float64 softmax scores (inputs O(N·C), the caller's). Printed per N: peak RSS
+own memory; inputs O(N) ints); ``--form stage``: what the amplification stage passes — class codes and
+``(N, 10)`` float32 softmax scores of float32 logits (issue 17; before it: float64 one-hot matrices). Printed per N: peak RSS
 (``ru_maxrss``), RSS before the call, the call's own tracemalloc peak and its wall.
 
 ``features``: the stage's reading and ranking (``stages.bias_features._block_aucs``) of ``(N, k)``
@@ -47,12 +47,16 @@ def _context_data(n: int, seed: int, form: str):
     pred = np.where(rng.random(n) < 0.8, y, rng.integers(0, C, n))
     if form == "codes":
         return y, z, pred, None
-    scores = rng.normal(size=(n, C))
-    scores[np.arange(n), pred] += 2.0
-    np.exp(scores, out=scores)
-    scores /= scores.sum(1, keepdims=True)
-    eye_c, eye_z = np.eye(C), np.eye(Z)
-    return eye_c[y], eye_z[z], eye_c[pred], scores
+    # as the stage (issue 17): class codes, and the softmax of float32 logits (as stored) in float32
+    # drawn in float32: a float64 draw cast down would put an (N, C) float64 temporary in the RSS
+    logits = rng.standard_normal((n, C), dtype=np.float32)
+    logits[np.arange(n), pred] += 2.0
+    # the stage's _softmax, inline: importing zooaudit.stages.amplification adds ~490 MiB of base RSS,
+    # which would hide the call's own growth with N
+    logits -= logits.max(1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(1, keepdims=True)
+    return y, z, pred, logits
 
 
 def _one_contextual(n: int, form: str, impl: str) -> None:

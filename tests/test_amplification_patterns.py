@@ -65,3 +65,40 @@ def test_bad_entry_in_a_later_block_is_named(monkeypatch):
         _Side(_sets(50, 4, 0), "task", 5)
     with pytest.raises(ZooauditError, match=r"got shape \(2, 2, 2\)"):
         _Side(np.zeros((2, 2, 2)), "task", 2)
+
+
+@pytest.mark.parametrize("T", [6, 70])     # 70: one-hot rows wider than the packed int64 codes
+def test_class_codes_give_the_one_hot_results(T):
+    """Single-label tasks and attributes as ``(n,)`` codes (what the stage passes, issue 17) give exactly
+    the results of their ``(n, C)`` one-hot matrices, bootstrap CIs included: the codes' distinct rows are
+    listed in the one-hot rows' lexicographic order, so the multinomial draws run over the same cells. The
+    last task and group never occur, so their table rows come from ``n_tasks`` / ``n_groups``."""
+    from zooaudit.analysis.contextual import contextual_bias
+
+    rng = np.random.default_rng(11)
+    G, n_tr, n = 4, 1800, 1500
+    g_tr, g = rng.integers(0, G - 1, n_tr), rng.integers(0, G - 1, n)
+    t_tr = np.where(rng.random(n_tr) < 0.5, g_tr, rng.integers(0, min(T, 6) - 1, n_tr))   # task follows group
+    t = np.where(rng.random(n) < 0.5, g, rng.integers(0, min(T, 6) - 1, n))
+    pred = np.where(rng.random(n) < 0.7, t, rng.integers(0, min(T, 6) - 1, n))
+    g_pred = np.where(rng.random(n) < 0.8, g, rng.integers(0, G - 1, n))
+    hot_g, hot_t = np.eye(G, dtype=np.uint8), np.eye(T, dtype=np.uint8)
+
+    side_codes, side_hot = _Side(t, "task", T), _Side(hot_t[t], "task", T)
+    np.testing.assert_array_equal(side_codes.table, side_hot.table)
+    np.testing.assert_array_equal(side_codes.index(), side_hot.index())
+
+    kw = dict(max_order=2, n_boot=40, n_permutations=40, random_state=3)
+    got = bias_amplification(g_tr, t_tr, g, t, pred, g_pred, n_groups=G, n_tasks=T, **kw)
+    want = bias_amplification(hot_g[g_tr], hot_t[t_tr], hot_g[g], hot_t[t], hot_t[pred], hot_g[g_pred], **kw)
+    xr.testing.assert_identical(got, want)
+    assert np.isfinite(got["value_ci"].values).all() and got.sizes["task"] == T and got.sizes["attribute"] == G
+
+    logits = rng.normal(size=(n, T)).astype(np.float32)
+    logits[np.arange(n), pred] += 2.0
+    scores = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ckw = dict(n_boot=40, random_state=5, min_group_size=5)
+    got = contextual_bias(t_tr, g_tr, t, g, pred, scores, n_categories=T, n_contexts=G, **ckw)
+    want = contextual_bias(hot_t[t_tr], hot_g[g_tr], hot_t[t], hot_g[g], hot_t[pred], scores, **ckw)
+    xr.testing.assert_identical(got, want)
+    assert got.sizes["pair"] > 0 and np.isfinite(got["bias_ci"].values).any()

@@ -131,8 +131,11 @@ class _Side:
                 a = a.astype(np.int64)   # no samples: no codes, whatever dtype the empty array got
             if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= n_classes):
                 multi_hot(a, field, n_classes)       # raises the error that names the bad dtype or code
-            # a lookup table over the class codes instead of np.unique: no sorted copy or inverse per sample
-            values_u = np.flatnonzero(np.bincount(a, minlength=n_classes))
+            # a lookup table over the class codes instead of np.unique: no sorted copy or inverse per sample.
+            # Codes in descending order: the one-hot row of code k is 2^(C−1−k) packed (first column most
+            # significant), so this is np.unique's lexicographic order of the one-hot rows; the cells, and so
+            # the multinomial bootstrap draws over them, are then the same as for the one-hot matrix.
+            values_u = np.flatnonzero(np.bincount(a, minlength=n_classes))[::-1]
             self._lut = np.zeros(n_classes, np.int32)
             self._lut[values_u] = np.arange(values_u.size, dtype=np.int32)
             self._codes, self._index = a, None
@@ -427,7 +430,8 @@ def _within_strata(strata: np.ndarray, B: int, rng) -> np.ndarray:
 def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=None, *,
                        measures=MEASURES, attr_names=None, task_names=None, max_order: int = 2,
                        n_boot: int = 200, n_permutations: int = 1000, ci: float = 0.95, random_state: int = 0,
-                       correction: str = "bh", alpha: float = 0.05, multi_label: bool = False) -> xr.Dataset:
+                       correction: str = "bh", alpha: float = 0.05, multi_label: bool = False,
+                       n_groups: int | None = None, n_tasks: int | None = None) -> xr.Dataset:
     """Bias amplification measures with bootstrap CIs and permutation p-values (module docstring).
 
     Args:
@@ -439,6 +443,9 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
         n_boot, n_permutations, ci, random_state: resampling (0 = none); independent streams.
         correction, alpha: BH or Holm across the measures of this call.
         multi_label: the task labels must be multi-hot matrices (a 1-d array is an error).
+        n_groups, n_tasks: ``G`` / ``T`` when the attribute / task are given as codes (None: the largest
+            code + 1), so that codes give the same tables as the one-hot matrices when the last classes
+            never occur.
 
     Returns:
         Dataset over ``measure``: ``value``, ``value_ci`` (measure, ci), ``variance`` (multi
@@ -459,10 +466,11 @@ def bias_amplification(train_attr, train_task, attr, task, task_pred, attr_pred=
         if empty := [name for name, v in fields.items() if np.asarray(v).size == 0]:
             raise ZooauditError(f"bias_amplification needs samples on both the training and the test side; "
                                 f"{', '.join(empty)} ({side} side) {'is' if len(empty) == 1 else 'are'} empty.")
-    G = int(max(np.max(np.asarray(train_attr)) + 1, np.max(np.asarray(attr)) + 1)) \
-        if np.asarray(attr).ndim == 1 else np.asarray(attr).shape[1]
-    T = int(max(np.max(np.asarray(train_task)), np.max(np.asarray(task)), np.max(np.asarray(task_pred))) + 1) \
-        if np.asarray(task).ndim == 1 else np.asarray(task).shape[1]
+    # with codes and a given width, a code ≥ the width is refused by _Side
+    G = np.asarray(attr).shape[1] if np.asarray(attr).ndim != 1 else int(n_groups) if n_groups is not None else \
+        int(max(np.max(np.asarray(train_attr)) + 1, np.max(np.asarray(attr)) + 1))
+    T = np.asarray(task).shape[1] if np.asarray(task).ndim != 1 else int(n_tasks) if n_tasks is not None else \
+        int(max(np.max(np.asarray(train_task)), np.max(np.asarray(task)), np.max(np.asarray(task_pred))) + 1)
     tr_a, A = _Side(train_attr, "train_attr", G), _Side(attr, "attr", G)
     tr_t = _Side(train_task, "train_task", T, multi_label=multi_label)
     Tt = _Side(task, "task", T, multi_label=multi_label)

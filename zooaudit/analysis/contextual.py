@@ -37,7 +37,8 @@ from .fairness import CI_COORD, wilson_interval
 def contextual_bias(train_category, train_context, category, context, predicted, scores=None, *,
                     category_names=None, context_names=None, contexts_are_categories: bool = False,
                     min_cooccurrence: float = 0.1, min_group_size: int = 20, n_boot: int = 200, ci: float = 0.95,
-                    random_state: int = 0, top_k: int | None = None) -> xr.Dataset:
+                    random_state: int = 0, top_k: int | None = None, n_categories: int | None = None,
+                    n_contexts: int | None = None) -> xr.Dataset:
     """Bias scores and exclusive/co-occurring accuracy of the candidate (category, context) pairs.
 
     Args:
@@ -49,6 +50,9 @@ def contextual_bias(train_category, train_context, category, context, predicted,
         min_cooccurrence: a pair is a candidate when ``z`` is in more than this fraction of ``b``'s
             training samples and ``b`` also occurs without ``z`` there.
         top_k: keep only the ``top_k`` highest-ranked pairs (None: all candidates).
+        n_categories, n_contexts: ``C`` / ``Z`` when the categories / contexts are given as codes (None:
+            the largest code + 1); with them, codes give the same result as the ``(n, C)`` one-hot matrices
+            even when the last classes never occur (a caller's ``(n, C)`` scores keep their width).
 
     Returns:
         Dataset over ``pair`` (coords ``category``, ``context``), in rank order: ``bias``,
@@ -57,8 +61,8 @@ def contextual_bias(train_category, train_context, category, context, predicted,
     """
     if not 0.0 <= min_cooccurrence < 1.0:
         raise ZooauditError(f"min_cooccurrence is a fraction in [0, 1); got {min_cooccurrence!r}.")
-    C = _n_cols(train_category, category, predicted)
-    Z = _n_cols(train_context, context)
+    C = _n_cols(train_category, category, predicted, n=n_categories)
+    Z = _n_cols(train_context, context, n=n_contexts)
     tr_b, tr_z = _Side(train_category, "train_category", C), _Side(train_context, "train_context", Z)
     B_, Zm = _Side(category, "category", C), _Side(context, "context", Z)
     pred = _Side(predicted, "predicted", C)
@@ -163,10 +167,12 @@ def _boot_means(s: np.ndarray, n_boot: int, rng) -> np.ndarray:
                            for i in range(0, n_boot, batch)])
 
 
-def _n_cols(*arrays) -> int:
+def _n_cols(*arrays, n: int | None = None) -> int:
     a0 = np.asarray(arrays[0])
     if a0.ndim == 2:
         return a0.shape[1]
+    if n is not None:
+        return int(n)   # a code ≥ n is refused by _Side
     return int(max(int(np.max(np.asarray(a))) for a in arrays if np.asarray(a).size) + 1)
 
 

@@ -60,9 +60,11 @@ def training_side(ref, bspec: BiasSpec):
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
+    """``(n, C)`` softmax in the logits' dtype (float32 as stored), computed in place in one ``(n, C)`` array."""
     z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(1, keepdims=True)
+    return z
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -73,8 +75,10 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 class TaskSide:
     """The task side of amplification and contextual bias.
 
-    ``train`` ``(m,)`` codes or ``(m, T)`` 0/1; ``test`` and ``pred`` ``(n,)`` / ``(n, T)``; ``scores``
-    ``(n, T)`` (softmax, or sigmoid for multi-label); ``names`` (T,)."""
+    ``train`` ``(m,)`` class codes (single-label) or ``(m, T)`` uint8 0/1 (label sets); ``test`` and ``pred``
+    ``(n,)`` / ``(n, T)``, the same forms; ``scores`` ``(n, T)`` (softmax in the logits' dtype, or sigmoid
+    for multi-label); ``names`` (T,). Codes, not one-hot matrices: the analysis functions take them and
+    keep ``O(n)`` per side (issue 17)."""
 
     train: np.ndarray
     test: np.ndarray
@@ -97,6 +101,14 @@ def _align(matrix: np.ndarray, names: list[str], target: list[str], field: str) 
     return out
 
 
+def _codes(values, field: str, n_classes: int) -> np.ndarray:
+    """``(n,)`` class codes, checked as :func:`multi_hot` checks them (its error), without the ``(n, C)`` matrix."""
+    a = np.asarray(values)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= n_classes)):
+        multi_hot(a, field, n_classes)    # raises the error that names the bad dtype, shape or code
+    return a
+
+
 def _describe(train) -> str:
     return f"The training side ({train.name}, split {train.spec.get('split')!r})"
 
@@ -111,9 +123,8 @@ def task_side(samples: xr.Dataset, outputs: xr.Dataset, bspec: BiasSpec, train) 
     if not multi:
         names = [str(t) for t in (train.class_names or range(T))][:T]
         names += [str(t) for t in range(len(names), T)]
-        return TaskSide(multi_hot(np.asarray(train.labels), "training labels", T),
-                        multi_hot(samples["label"].values, "labels", T),
-                        multi_hot(outputs["prediction"].values, "predictions", T), _softmax(logits), names, False)
+        return TaskSide(_codes(train.labels, "training labels", T), _codes(samples["label"].values, "labels", T),
+                        _codes(outputs["prediction"].values, "predictions", T), _softmax(logits), names, False)
     if not has_sets:
         raise ZooauditError("BiasSpec.multi_label=True, but the audit dataset has no multi-hot label sets (its labels "
                             "are single class codes). Allowed: a dataset with label_sets (see the README's "
@@ -133,9 +144,9 @@ def task_side(samples: xr.Dataset, outputs: xr.Dataset, bspec: BiasSpec, train) 
 
 
 def attribute_sides(samples: xr.Dataset, attr: str, train) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(train (m, G), test (n, G), names)`` 0/1 of a group attribute: single-coded (one-hot) or set-valued
-    (multi-hot, the columns of both sides matched by name: the audit side's names, then the training side's
-    others)."""
+    """``(train, test, names)`` of a group attribute: single-coded as ``(m,)`` / ``(n,)`` codes (G = len(names))
+    or set-valued as ``(m, G)`` / ``(n, G)`` uint8 0/1 (multi-hot, the columns of both sides matched by name:
+    the audit side's names, then the training side's others)."""
     if attr in samples.attrs.get("multi_hot_attributes", []):
         var = samples[multi_hot_var(attr)]
         names = [str(v) for v in var[var.dims[1]].values]
@@ -154,8 +165,7 @@ def attribute_sides(samples: xr.Dataset, attr: str, train) -> tuple[np.ndarray, 
                             "that carries it.")
     names = samples.attrs["group_names"].get(attr) or [str(v) for v in np.unique(samples[attr].values)]
     G = len(names)
-    tr, te = (multi_hot(np.asarray(v), f"group attribute {attr!r}", G)
-              for v in (train.groups[attr], samples[attr].values))
+    tr, te = (_codes(v, f"group attribute {attr!r}", G) for v in (train.groups[attr], samples[attr].values))
     return tr, te, names
 
 
@@ -174,14 +184,15 @@ def attribute_tables(ref, samples: xr.Dataset, outputs: xr.Dataset, attr: str, b
         amp = bias_amplification(attr_tr, tasks.train, attr_te, tasks.test, tasks.pred, attr_names=names,
                                  task_names=tasks.names, max_order=bspec.max_order, n_boot=bspec.n_boot,
                                  n_permutations=bspec.n_permutations, ci=bspec.ci, random_state=bspec.random_state,
-                                 correction=bspec.correction, alpha=bspec.alpha, multi_label=tasks.multi_label)
+                                 correction=bspec.correction, alpha=bspec.alpha, multi_label=tasks.multi_label,
+                                 n_groups=len(names), n_tasks=len(tasks.names))
         amp.attrs.update(provenance)
         out["amplification"] = amp
     if "contextual" in bspec.measures:
         ctx = contextual_bias(tasks.train, attr_tr, tasks.test, attr_te, tasks.pred, tasks.scores,
                               category_names=tasks.names, context_names=names, min_group_size=bspec.min_group_size,
                               n_boot=bspec.n_boot, ci=bspec.ci, random_state=bspec.random_state,
-                              top_k=bspec.contextual_top_k)
+                              top_k=bspec.contextual_top_k, n_categories=len(tasks.names), n_contexts=len(names))
         ctx.attrs.update(provenance)
         out["contextual"] = ctx
         summary["contextual"] = [
