@@ -42,8 +42,14 @@ def _write(path: str, record: dict) -> None:
 
 
 def _read(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
+    """The lock record; read again when caught mid-refresh (a local write truncates first)."""
+    for _ in range(50):
+        with open(path) as fh:
+            raw = fh.read()
+        if raw:
+            return json.loads(raw)
+        time.sleep(0.01)
+    raise AssertionError(f"{path} stayed empty")
 
 
 def _until(cond, timeout: float) -> bool:
@@ -137,6 +143,31 @@ def test_refreshing_keeps_a_long_held_lock_fresh(local, monkeypatch):
             with store._s3_lock(path, timeout=3.0):
                 pass
         assert _read(path)["time"] > first and not hold.lost
+
+
+def test_a_torn_lock_record_is_held_not_broken_and_not_a_crash(local, monkeypatch):
+    """A waiter that reads the lock object mid-refresh (empty: a local write truncates, then
+    writes) waits for it like any held lock: no JSON error, the object is not broken."""
+    store, path = local
+    monkeypatch.setenv("ZOOAUDIT_S3_LOCK_TTL", "60")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    with pytest.raises(ZooauditError, match="Timed out"):
+        with store._s3_lock(path, timeout=1.0):
+            pass
+    assert os.path.exists(path) and os.path.getsize(path) == 0
+
+
+def test_a_lock_record_torn_for_a_whole_ttl_is_broken(local, monkeypatch):
+    """An object that stays unparseable for longer than the TTL was left by a writer that died
+    between truncating and writing: it is stale, broken, and the lock taken."""
+    store, path = local
+    monkeypatch.setenv("ZOOAUDIT_S3_LOCK_TTL", "1")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    with store._s3_lock(path, timeout=10.0) as hold:
+        assert _read(path)["ttl"] == 1.0 and not hold.lost
+    assert not os.path.exists(path)
 
 
 class _HangingHeartbeatFS:

@@ -336,6 +336,7 @@ class Store:
         deadline = time.monotonic() + timeout
         delay = 0.05
         down_since: float | None = None
+        torn_since: float | None = None   # since when the lock object reads unparseable
         etag: str | None = None
         while True:
             try:
@@ -359,12 +360,19 @@ class Store:
             down_since = None
             fs.invalidate_cache(path)
             with contextlib.suppress(FileNotFoundError, *_transport_errors()):
-                held = json.loads(fs.cat_file(path))
-                if held.get("owner") == token:
+                held = _read_record(fs, path)
+                if held is None:
+                    # torn (mid-write): held and fresh, unless it stays torn for a whole TTL
+                    # (its writer died between truncating and writing): then it is stale
+                    torn_since = torn_since or time.monotonic()
+                    held = {} if time.monotonic() - torn_since > ttl else None
+                else:
+                    torn_since = None
+                if held is not None and held.get("owner") == token:
                     # our own create went through but its answer was lost and the retry got a 412:
                     # the lock is ours, not another run's (no ETag: the first refresh is unconditional)
                     break
-                if _is_stale(held, ttl) and self._break_stale(path, held, ttl):
+                if held is not None and _is_stale(held, ttl) and self._break_stale(path, held, ttl):
                     continue
             if time.monotonic() > deadline:
                 raise ZooauditError(f"Timed out after {timeout:.0f}s waiting for the store lock {path}; if no "
@@ -421,9 +429,11 @@ class Store:
         fs = self.fs
         fs.invalidate_cache(path)
         try:
-            held = json.loads(fs.cat_file(path))
+            held = _read_record(fs, path)
         except FileNotFoundError:
             raise LockLost("the lock object is gone (broken as stale by another run)") from None
+        if held is None:   # caught mid-write: the next beat reads it again
+            raise ZooauditError("the lock object is being rewritten (unparseable for now)")
         if held.get("owner") != token:
             raise LockLost(f"the lock object now names another owner ({held.get('owner')})")
         if done.is_set():   # released meanwhile: do not re-create what the release deletes
@@ -452,15 +462,17 @@ class Store:
             if not _lock_taken(err):
                 raise
             with contextlib.suppress(FileNotFoundError):   # a breaker that died: its object goes stale too
-                if _is_stale(json.loads(fs.cat_file(breaker)), ttl):
+                seen = _read_record(fs, breaker)
+                if seen is None or _is_stale(seen, ttl):   # torn for good: its writer died
                     fs.rm_file(breaker)
             return False
         try:
             fs.invalidate_cache(path)
             try:
-                now = json.loads(fs.cat_file(path))
+                now = _read_record(fs, path)
             except FileNotFoundError:
                 return True
+            now = {} if now is None else now   # torn: the same as the torn record we judged stale
             if now.get("owner") != held.get("owner") or now.get("time") != held.get("time"):
                 return False   # refreshed or replaced since we read it
             log.warning("breaking stale store lock %s (held by %s, not refreshed for %.0fs, its TTL %.0fs)", path,
@@ -477,7 +489,10 @@ class Store:
         while True:
             try:
                 fs.invalidate_cache(path)
-                if json.loads(fs.cat_file(path)).get("owner") == token:
+                held = _read_record(fs, path)
+                if held is None:   # caught mid-write: read it again
+                    raise TimeoutError("the lock object is being rewritten")
+                if held.get("owner") == token:
                     fs.rm_file(path)
                 return
             except FileNotFoundError:
@@ -529,6 +544,25 @@ def _held_ttl(held: dict, default: float) -> float:
     except (KeyError, TypeError, ValueError):
         return default
     return ttl if math.isfinite(ttl) and ttl > 0 else default
+
+
+def _read_record(fs: Any, path: str, tries: int = 5) -> dict | None:
+    """The JSON record of the lock (or breaker) object ``path``; None when it stays unparseable.
+
+    A backend whose writes are not atomic (a local filesystem truncates, then writes) can show a
+    reader an empty or partial record while the holder refreshes it; that is a lock being
+    written, i.e. held and fresh, never a stale one to break. Read again a few times first.
+    Raises ``FileNotFoundError`` when the object is gone."""
+    for attempt in range(tries):
+        raw = fs.cat_file(path)
+        try:
+            held = json.loads(raw)
+        except ValueError:
+            time.sleep(0.02 * (attempt + 1))
+            fs.invalidate_cache(path)
+            continue
+        return held if isinstance(held, dict) else {}
+    return None
 
 
 def _is_stale(held: dict, default_ttl: float) -> bool:
