@@ -61,6 +61,32 @@ def test_class_codes_scores_and_hard_predictions(monkeypatch, block):
     _same(*_both(np.eye(5)[ty], np.eye(3)[tz], one_hot, np.eye(3)[z], np.eye(5)[pred], scores, n_boot=15))
 
 
+@pytest.mark.parametrize("block", [None, 97])
+def test_own_category_scores_equal_the_score_matrix(monkeypatch, block):
+    """With class codes, the ``(n,)`` score of each sample's own category is all the measure reads: the
+    result is identical to passing the ``(n, C)`` matrix; and the stage's blockwise own-class softmax
+    equals the whole matrix's column exactly (a stored float32 DataArray, several blocks)."""
+    from zooaudit.stages import amplification as amp_stage
+
+    if block:
+        monkeypatch.setattr(ctx_mod, "_BLOCK", block)
+        monkeypatch.setattr(amp, "_BLOCK", block)
+        monkeypatch.setattr(amp_stage, "_SCORE_ROWS", block)
+    y, z, pred, scores = _single(1500, 5, 3, 0)
+    ty, tz, _, _ = _single(2000, 5, 3, 1)
+    own = scores[np.arange(len(y)), y]
+    kw = dict(min_group_size=10, n_boot=40, random_state=3, n_categories=5, n_contexts=3)
+    _same(contextual_bias(ty, tz, y, z, pred, own, **kw), contextual_bias(ty, tz, y, z, pred, scores, **kw))
+    logits = xr.DataArray(np.log(scores).astype(np.float32) + 1.5, dims=("sample", "class"))
+    want = amp_stage._softmax(logits.values.copy())[np.arange(len(y)), y]
+    got = amp_stage.own_class_scores(logits, y)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    with pytest.raises(ZooauditError, match=r"or \(1500,\) \(each sample's own"):
+        contextual_bias(ty, tz, y, z, pred, own[:-1], **kw)
+    with pytest.raises(ZooauditError, match=r"= \(1500, 5\); got \(1500,\)"):   # one-hot categories: no (n,) form
+        contextual_bias(np.eye(5)[ty], tz, np.eye(5)[y], z, pred, own, **kw)
+
+
 @pytest.mark.parametrize("block", [None, 64])
 def test_multi_hot_categories_and_contexts(monkeypatch, block):
     if block:
@@ -96,4 +122,9 @@ def test_error_messages_unchanged():
             reference(*case["args"], **case.get("kw", {}))
         with pytest.raises(ZooauditError) as got:
             contextual_bias(*case["args"], **case.get("kw", {}))
-        assert str(got.value) == str(want.value)
+        if case["args"][5:] and np.asarray(case["args"][5]).ndim == 2:
+            # the one message that changed on purpose: with class codes it also names the (n,) own-category form
+            assert str(got.value) == str(want.value).replace(
+                "= (50, 3); got", "= (50, 3), or (50,) (each sample's own category's score); got")
+        else:
+            assert str(got.value) == str(want.value)

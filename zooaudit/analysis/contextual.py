@@ -45,7 +45,10 @@ def contextual_bias(train_category, train_context, category, context, predicted,
         train_category, train_context: training split, ``(m,)`` codes or ``(m, C)`` / ``(m, Z)`` 0/1.
         category, context: the audit split, same forms (``(n, C)``, ``(n, Z)``).
         predicted: ``(n,)`` predicted class codes or ``(n, C)`` 0/1 predictions.
-        scores: ``(n, C)`` model scores p̂ (e.g. softmax probabilities); None = ``predicted``.
+        scores: ``(n, C)`` model scores p̂ (e.g. softmax probabilities); or, when ``category`` is ``(n,)``
+            class codes, ``(n,)`` the score of each sample's own category p̂(b = category_i) — the only
+            column the measure reads of a single-label sample (``O(n)`` instead of ``O(n·C)``, the same
+            result); None = ``predicted``.
         contexts_are_categories: the context columns are the categories (``z = b`` is skipped).
         min_cooccurrence: a pair is a candidate when ``z`` is in more than this fraction of ``b``'s
             training samples and ``b`` also occurs without ``z`` there.
@@ -67,8 +70,11 @@ def contextual_bias(train_category, train_context, category, context, predicted,
     B_, Zm = _Side(category, "category", C), _Side(context, "context", Z)
     pred = _Side(predicted, "predicted", C)
     p_hat = None if scores is None else np.asarray(scores)
-    if p_hat is not None and p_hat.shape != (pred.n, C):
-        raise ZooauditError(f"scores must have shape (n_samples, n_categories) = {(pred.n, C)}; got {p_hat.shape}.")
+    own = np.asarray(category).ndim == 1    # class codes: an (n,) score is each sample's own category's
+    if p_hat is not None and p_hat.shape != (pred.n, C) and not (own and p_hat.shape == (pred.n,)):
+        allowed = f"(n_samples, n_categories) = {(pred.n, C)}" + (f", or {(pred.n,)} (each sample's own "
+                                                                  "category's score)" if own else "")
+        raise ZooauditError(f"scores must have shape {allowed}; got {p_hat.shape}.")
     for name, x, ref in (("context", Zm, B_), ("predicted", pred, B_), ("train_context", tr_z, tr_b)):
         if x.n != ref.n:
             raise ZooauditError(f"{name} has {x.n} rows but its categories have {ref.n}: one row per sample.")
@@ -144,14 +150,16 @@ _BOOT_ELEMENTS = 1 << 20    # bootstrap draws × subset size per batch: bounds t
 def _pair_scores(B_: _Side, Zm: _Side, pred: _Side, p_hat, b: int, z: int):
     """``(scores with z (k,), scores without z (l,), hits with z, hits without z)`` over the samples that have
     category ``b``, in sample order, gathered per block of samples (no ``(n, C)`` matrix): the scores are
-    column ``b`` of ``p_hat`` (None: the 0/1 predictions), the hits the samples whose prediction has ``b``."""
+    column ``b`` of ``p_hat`` (``(n,)``: the own-category scores, which are column ``b`` on these samples; None:
+    the 0/1 predictions), the hits the samples whose prediction has ``b``."""
     with_z, without_z, hits = [], [], [0, 0]
     for start in range(0, B_.n, _BLOCK):
         stop = start + _BLOCK
         has_b = B_.table[B_.index(start, stop), b] == 1
         in_z = Zm.table[Zm.index(start, stop), z] == 1
         hit = pred.table[pred.index(start, stop), b]
-        score = hit if p_hat is None else np.asarray(p_hat[start:stop, b], dtype=np.float64)
+        score = hit if p_hat is None else np.asarray(p_hat[start:stop] if p_hat.ndim == 1 else p_hat[start:stop, b],
+                                                     dtype=np.float64)
         for k, mask in enumerate((has_b & in_z, has_b & ~in_z)):
             (with_z, without_z)[k].append(score[mask])
             hits[k] += int(hit[mask].sum())

@@ -67,6 +67,27 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+_SCORE_ROWS = 65_536   # logits rows per block of :func:`own_class_scores` (bounds its (rows, C) temporary)
+
+
+def own_class_scores(logits, labels: np.ndarray) -> np.ndarray:
+    """``(n,)`` softmax score of each sample's own class, ``p̂(labels_i)``, in the logits' dtype.
+
+    ``logits``: ``(n, C)``, a NumPy array or a (lazily indexed) ``DataArray`` of the stored outputs;
+    read and normalised one block of rows at a time with :func:`_softmax`, so the values equal
+    ``_softmax(logits)[arange(n), labels]`` exactly and neither the ``(n, C)`` scores nor the whole
+    logits are held — all that contextual bias reads of a single-label sample."""
+    n = int(logits.shape[0])
+    out = None
+    for start in range(0, n, _SCORE_ROWS):
+        block = np.array(logits[start:start + _SCORE_ROWS])    # a copy: _softmax works in place on it
+        p = _softmax(block)
+        if out is None:
+            out = np.empty(n, p.dtype)
+        out[start:start + len(p)] = p[np.arange(len(p)), labels[start:start + len(p)]]
+    return out if out is not None else np.zeros(0, np.float32)
+
+
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float64)))   # = 1 / (1 + e^-x), without overflow
 
@@ -76,8 +97,9 @@ class TaskSide:
     """The task side of amplification and contextual bias.
 
     ``train`` ``(m,)`` class codes (single-label) or ``(m, T)`` uint8 0/1 (label sets); ``test`` and ``pred``
-    ``(n,)`` / ``(n, T)``, the same forms; ``scores`` ``(n, T)`` (softmax in the logits' dtype, or sigmoid
-    for multi-label); ``names`` (T,). Codes, not one-hot matrices: the analysis functions take them and
+    ``(n,)`` / ``(n, T)``, the same forms; ``scores`` ``(n,)`` the softmax score of each sample's own class
+    (single-label, in the logits' dtype: :func:`own_class_scores`) or ``(n, T)`` sigmoids (multi-label);
+    ``names`` (T,). Codes, not one-hot matrices: the analysis functions take them and
     keep ``O(n)`` per side (issue 17)."""
 
     train: np.ndarray
@@ -114,17 +136,19 @@ def _describe(train) -> str:
 
 
 def task_side(samples: xr.Dataset, outputs: xr.Dataset, bspec: BiasSpec, train) -> TaskSide:
-    """Single labels (one-hot, argmax predictions, softmax scores) or multi-hot label sets (predictions:
+    """Single labels (class codes, argmax predictions, own-class softmax scores) or multi-hot label sets (predictions:
     sigmoid ≥ ``multi_label_threshold``), as ``BiasSpec.multi_label`` asks (None: label sets when present)."""
-    logits = outputs["logits"].values
+    logits = outputs["logits"]     # lazy where the caller left it so: single labels read it by blocks
     T = int(logits.shape[1])
     has_sets = "label_sets" in samples
     multi = has_sets if bspec.multi_label is None else bspec.multi_label
     if not multi:
         names = [str(t) for t in (train.class_names or range(T))][:T]
         names += [str(t) for t in range(len(names), T)]
-        return TaskSide(_codes(train.labels, "training labels", T), _codes(samples["label"].values, "labels", T),
-                        _codes(outputs["prediction"].values, "predictions", T), _softmax(logits), names, False)
+        labels = _codes(samples["label"].values, "labels", T)
+        return TaskSide(_codes(train.labels, "training labels", T), labels,
+                        _codes(outputs["prediction"].values, "predictions", T),
+                        own_class_scores(logits, labels), names, False)
     if not has_sets:
         raise ZooauditError("BiasSpec.multi_label=True, but the audit dataset has no multi-hot label sets (its labels "
                             "are single class codes). Allowed: a dataset with label_sets (see the README's "
@@ -137,7 +161,7 @@ def task_side(samples: xr.Dataset, outputs: xr.Dataset, bspec: BiasSpec, train) 
         raise ZooauditError(f"{_describe(train)} has no multi-hot label_sets, but the audit side is multi-label; "
                             "set BiasSpec.train_split (or train_options) to a split that carries the same label "
                             "sets, or multi_label=False.")
-    scores = _sigmoid(logits)
+    scores = _sigmoid(np.asarray(logits))
     return TaskSide(_align(train.label_sets, train.label_set_names, names, "label_sets"),
                     samples["label_sets"].values.astype(np.uint8),
                     (scores >= bspec.multi_label_threshold).astype(np.uint8), scores, names, True)

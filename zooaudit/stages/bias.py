@@ -148,6 +148,15 @@ def bias_key(target, bspec: BiasSpec) -> str | None:
     return cache_key("bias", activations=target.cache_key, **params, **weat_stage.key_params(target, bspec))
 
 
+def _open_outputs(session, ref: ActivationsRef) -> xr.Dataset:
+    """The stored outputs, every variable loaded but ``logits`` ``(sample, class)``: it stays lazy (xarray's
+    lazily indexed backend array, no Dask: a slice reads only its chunks), read whole only by a measure that needs the matrix (output leakage) and by blocks
+    for the own-class scores of contextual bias — ``O(n·C)`` would dominate the stage at many classes."""
+    ds = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False, chunks=None)
+    lazy = [v for v in ("logits",) if v in ds]
+    return ds.drop_vars(lazy).load().assign({v: ds[v] for v in lazy})
+
+
 def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) -> StageResult | None:
     """The bias audit of one model on a dataset with group attributes (and, for text
     encoders, WEAT/SEAT: :mod:`.weat`); one commit."""
@@ -159,8 +168,7 @@ def run_bias(ref: ActivationsRef, bspec: BiasSpec, run_id: str | None = None) ->
     session = ref.repository.session(ref.snapshot)
     matrices = open_matrices(ref, session=session)
     samples = xr.open_zarr(session.store, group=layout.samples_group(ref.ds_key), consolidated=False).load()
-    outputs = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False).load() \
-        if predictions else None
+    outputs = _open_outputs(session, ref) if predictions else None
     groups_out: dict[str, xr.Dataset] = {}
     reports, summary, amp_tables, cf_tables = {}, {}, {}, {}
     attributes = samples.attrs.get("group_attributes", []) if predictions else []
