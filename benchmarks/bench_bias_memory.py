@@ -7,7 +7,8 @@
 categories, a 2-valued context that follows the category in 70% of the samples, 80% right
 predictions), training split of N/2 samples. ``--form codes``: class codes and no scores (the call's
 own memory; inputs O(N) ints); ``--form stage``: what the amplification stage passes — class codes and
-``(N, 10)`` float32 softmax scores of float32 logits (issue 17; before it: float64 one-hot matrices). Printed per N: peak RSS
+``(N,)`` float32 own-class softmax scores of float32 logits, computed by blocks (issue 17; before it:
+float64 one-hot matrices and ``(N, 10)`` scores). Printed per N: peak RSS
 (``ru_maxrss``), RSS before the call, the call's own tracemalloc peak and its wall.
 
 ``features``: the stage's reading and ranking (``stages.bias_features._block_aucs``) of ``(N, k)``
@@ -47,16 +48,20 @@ def _context_data(n: int, seed: int, form: str):
     pred = np.where(rng.random(n) < 0.8, y, rng.integers(0, C, n))
     if form == "codes":
         return y, z, pred, None
-    # as the stage (issue 17): class codes, and the softmax of float32 logits (as stored) in float32
-    # drawn in float32: a float64 draw cast down would put an (N, C) float64 temporary in the RSS
-    logits = rng.standard_normal((n, C), dtype=np.float32)
-    logits[np.arange(n), pred] += 2.0
-    # the stage's _softmax, inline: importing zooaudit.stages.amplification adds ~490 MiB of base RSS,
-    # which would hide the call's own growth with N
-    logits -= logits.max(1, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(1, keepdims=True)
-    return y, z, pred, logits
+    # as the stage (issue 17): class codes, and each sample's own-class softmax score of float32 logits
+    # (as stored), computed by blocks of 65 536 rows as stages.amplification.own_class_scores reads the
+    # stored logits — inline: importing that module adds ~490 MiB of base RSS, which would hide the
+    # call's own growth with N. Drawn in float32: a float64 draw would be a temporary the stage never has.
+    own = np.empty(n, np.float32)
+    for s in range(0, n, 65_536):
+        logits = rng.standard_normal((min(65_536, n - s), C), dtype=np.float32)
+        rows = np.arange(len(logits))
+        logits[rows, pred[s:s + len(logits)]] += 2.0
+        logits -= logits.max(1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(1, keepdims=True)
+        own[s:s + len(logits)] = logits[rows, y[s:s + len(logits)]]
+    return y, z, pred, own
 
 
 def _one_contextual(n: int, form: str, impl: str) -> None:
