@@ -1,6 +1,6 @@
 """CAMs on vision transformers (zooaudit.patch_tokens): the patch tokens read as their grid, prefix
 tokens (CLS, DeiT's distillation token) excluded; equal to pytorch-grad-cam with its ViT
-``reshape_transform``; a gradient on the prefix tokens alone leaves the maps unchanged; a token
+``reshape_transform`` (Eigen-CAM up to its sign, which pytorch-grad-cam leaves to LAPACK); a gradient on the prefix tokens alone leaves the maps unchanged; a token
 count that does not match is named; the attribution stage end to end on a timm ViT on scenes.
 
 Models are random-init timm ViT / DeiT at 32×32 inputs and 8×8 patches (a 4×4 grid), 2 blocks,
@@ -178,3 +178,46 @@ def test_the_attribution_stage_runs_on_a_vit(store_url):
     html = "".join(attribution_section(lambda g: plan.repository.open(g, result.snapshot).load(), plan, result,
                                        "m-ds", {}))
     assert "the 1 prefix token (CLS) is excluded from the maps" in html
+
+
+@pytest.mark.parametrize("which", list(ARCHS))
+def test_eigencam_on_the_patch_grid_equals_pytorch_grad_cam_up_to_its_sign(which, x):
+    """Eigen-CAM has no gradient to fix the projection's sign: pytorch-grad-cam leaves it to LAPACK's SVD,
+    zooaudit makes the map correlate with the channel sum (analysis.eigencam). Per image, ours equals
+    pytorch-grad-cam's EigenCAM (its ViT reshape_transform, ReLU, min-max, resize) where the two signs
+    agree, and the same pipeline applied to the negated projection where they do not."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from zooaudit.analysis.eigencam import eigencam
+
+    m, n_prefix = _model(which), ARCHS[which][1]
+
+    def reshape_transform(t, h=4, w=4):
+        r = t[:, n_prefix:, :].reshape(t.size(0), h, w, t.size(2))
+        return r.transpose(2, 3).transpose(1, 2)
+
+    ours = attribution_maps(m, x, "blocks.1.norm1", methods=["eigencam"], normalise="minmax", batch_size=3)
+    cam = pgc.EigenCAM(m, [m.blocks[-1].norm1], reshape_transform=reshape_transform)
+    try:
+        theirs = cam(torch.from_numpy(x), targets=None)   # gradient-free: the targets are unused
+    finally:
+        cam.activations_and_grads.release()
+    grids = []
+    h = m.blocks[-1].norm1.register_forward_hook(lambda _m, _i, o: grids.append(reshape_transform(o).detach()))
+    with torch.no_grad():
+        m(torch.from_numpy(x))
+    h.remove()
+    grid = grids[0].numpy()                      # (sample, channel, 4, 4): the patch tokens, prefix excluded
+    projection = get_2d_projection(grid.copy())
+    flipped = scale_cam_image(scale_cam_image(np.maximum(-projection, 0), (32, 32)))   # their pipeline on −p
+    ours_grid = eigencam(grid)
+    got = ours.maps.sel({"method": "eigencam"}).values
+    agree = np.array([np.sign((o * p).sum()) for o, p in zip(ours_grid, projection)])
+    assert set(agree) <= {-1.0, 1.0}
+    for i in range(len(x)):
+        np.testing.assert_allclose(np.abs(ours_grid[i]), np.abs(projection[i]), atol=1e-4)
+        want = theirs[i] if agree[i] > 0 else flipped[i]
+        assert want.max() > 0.5   # non-degenerate
+        np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=0, err_msg=f"{which} image {i} sign {agree[i]}")
