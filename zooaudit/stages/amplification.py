@@ -78,14 +78,11 @@ def own_class_scores(logits, labels: np.ndarray) -> np.ndarray:
     ``_softmax(logits)[arange(n), labels]`` exactly and neither the ``(n, C)`` scores nor the whole
     logits are held — all that contextual bias reads of a single-label sample."""
     n = int(logits.shape[0])
-    out = None
+    out = np.empty(n, logits.dtype)    # _softmax keeps the dtype
     for start in range(0, n, _SCORE_ROWS):
-        block = np.array(logits[start:start + _SCORE_ROWS])    # a copy: _softmax works in place on it
-        p = _softmax(block)
-        if out is None:
-            out = np.empty(n, p.dtype)
+        p = _softmax(np.array(logits[start:start + _SCORE_ROWS]))    # a copy: _softmax works in place on it
         out[start:start + len(p)] = p[np.arange(len(p)), labels[start:start + len(p)]]
-    return out if out is not None else np.zeros(0, np.float32)
+    return out
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:

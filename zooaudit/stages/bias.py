@@ -150,8 +150,9 @@ def bias_key(target, bspec: BiasSpec) -> str | None:
 
 def _open_outputs(session, ref: ActivationsRef) -> xr.Dataset:
     """The stored outputs, every variable loaded but ``logits`` ``(sample, class)``: it stays lazy (xarray's
-    lazily indexed backend array, no Dask: a slice reads only its chunks), read whole only by a measure that needs the matrix (output leakage) and by blocks
-    for the own-class scores of contextual bias — ``O(n·C)`` would dominate the stage at many classes."""
+    lazily indexed backend array, no Dask: a slice reads only its chunks), read whole only by a measure that
+    needs the matrix (output leakage) and by blocks for the own-class scores of contextual bias — ``O(n·C)``
+    would dominate the stage at many classes."""
     ds = xr.open_zarr(session.store, group=layout.outputs_group(ref.ds_key), consolidated=False, chunks=None)
     lazy = [v for v in ("logits",) if v in ds]
     return ds.drop_vars(lazy).load().assign({v: ds[v] for v in lazy})
