@@ -49,13 +49,12 @@ def _representation_audit(ref: ActivationsRef, matrices: dict, samples: xr.Datas
     """Probe leakage per layer beside its controls, output leakage, and erasure per layer."""
     idx = random_subset(ref.n_samples, bspec.probe_max_samples, bspec.random_state)
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
-    inputs = shard_dataset(ref).inputs[idx].reshape(len(idx), -1)
     random_acts, _ = control_rows(ref, "random_init", ref.sample_layers, idx, required=False)
     probes, erasures = [], []
     kw = {"cv": bspec.probe_cv, "random_state": bspec.random_state}
     for layer in ref.sample_layers:
         acts = np.asarray(matrices[layer][idx], dtype=np.float64)
-        controls = {"inputs": inputs}
+        controls = {**_input_control(ref, idx)}
         if layer in random_acts:
             controls["random_init"] = random_acts[layer]
         probes.append(bias_mod.probe_leakage(acts, groups, controls=controls, **kw).expand_dims(layer=[layer]))
@@ -69,16 +68,27 @@ def _representation_audit(ref: ActivationsRef, matrices: dict, samples: xr.Datas
     return out
 
 
+def _input_control(ref: ActivationsRef, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """What the inputs alone carry, the probes' first control, ``{name: (len(idx), p)}``: the pixels
+    of an image model; a text model's input token embeddings (mask-aware mean, the
+    ``input_embeddings`` control) — texts are strings, not features — or nothing without that control."""
+    inputs = shard_dataset(ref).inputs
+    if inputs.dtype.kind not in "OUS":
+        return {"inputs": inputs[idx].reshape(len(idx), -1)}
+    if "input_embeddings" not in ref.controls:
+        return {}
+    (words,) = control_rows(ref, "input_embeddings", list(ref.controls["input_embeddings"].layers), idx)[0].values()
+    return {"input_embeddings": words}
+
+
 def _encoder_probes(ref: ActivationsRef, matrices: dict, samples: xr.Dataset, attr: str,
                     bspec: BiasSpec) -> xr.Dataset:
     """Encoders (no predictions): probe leakage of ``attr`` per layer beside shuffled labels, a
     random-init copy and the input token embeddings (mask-aware mean: what the words alone carry)."""
     idx = random_subset(ref.n_samples, bspec.probe_max_samples, bspec.random_state)
     groups = samples[attr].values[idx]
-    controls: dict[str, dict] = {}
-    if "input_embeddings" in ref.controls:
-        (words,) = control_rows(ref, "input_embeddings", list(ref.controls["input_embeddings"].layers), idx)[0].values()
-        controls["input_embeddings"] = dict.fromkeys(ref.sample_layers, words)
+    controls: dict[str, dict] = {name: dict.fromkeys(ref.sample_layers, rows)
+                                 for name, rows in _input_control(ref, idx).items()}
     if random_acts := control_rows(ref, "random_init", ref.sample_layers, idx, required=False)[0]:
         controls["random_init"] = random_acts
     probes = []

@@ -51,6 +51,7 @@ from ..specs import BiasSpec, RunOptions
 from ..store import commit_metadata, write_dataset
 from . import weat as weat_stage
 from .activations import ExtractionPlan
+from ..zoo.types import find_classifier
 from ..tokens import is_token_shape
 from ..analysis.shortcut import check_pairs
 from ..data.counterfactual import counterfactual_spec
@@ -100,8 +101,8 @@ def input_embedding_layer(model) -> str | None:
 
 
 def input_embeddings_plan(plan: ExtractionPlan, spec: RunOptions) -> ExtractionPlan | None:
-    """The plan of the input-embedding control of an encoder's probes, or None."""
-    if not (plan.has_groups and plan.n_outputs is None and spec.bias.probes and plan.sample_layers):
+    """The plan of the input-embedding control of a text model's probes (encoder or classifier), or None."""
+    if not (plan.has_groups and spec.bias.probes and plan.sample_layers):
         return None
     model = load_model(plan.model_uri, plan.store)
     if (name := input_embedding_layer(model)) is None:
@@ -302,14 +303,6 @@ def classifier_key(plan: ExtractionPlan) -> str | None:
     # found on that dataset's samples)
     return cache_key("controls-classifier", model=plan.model_hash, dataset=plan.ds_hash, layers=plan.sample_layers,
                      pooling=plan.pooling)
-
-
-def find_classifier(module, n_outputs: int) -> str | None:
-    """Module path of the classifier: the last ``nn.Linear`` with ``n_outputs`` outputs (None if none)."""
-    import torch
-
-    found = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_outputs]
-    return found[-1] if found else None
 
 
 def classifier_input_layer(module, head: str, plan: ExtractionPlan) -> str | None:

@@ -21,7 +21,13 @@ turns a batch of strings ``(batch,)`` into ``input_ids`` / ``attention_mask`` (a
 passes as keyword arguments. Module paths are those of the transformers model
 (``embeddings``, ``encoder.layer.0`` … ``encoder.layer.5`` for BERT-like encoders), plus
 ``sentence_embedding`` ``(batch, unit)``. The default layers are the transformer blocks
-and ``sentence_embedding``. The model has no class logits (``has_logits=False``).
+and ``sentence_embedding``. An encoder has no class logits (``has_logits=False``).
+
+A folder whose config names a ``*ForSequenceClassification`` architecture (a fine-tuned
+classifier) loads as a :class:`TextClassifier` instead: its output is the folder's own class
+logits (``has_logits=True``, class names from ``id2label``), its module paths are the
+classifier's (``bert.encoder.layer.0`` …, ``classifier``), and ``sentence_embedding`` is still
+the mean-pooled last hidden state. Its default layers add the class head.
 
 Cache identity: sha256 over the weights (:func:`zooaudit.zoo.weights_hash`), the
 tokenizer files and the pooling settings — all three determine the activations.
@@ -42,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import ZooauditError
-from .types import LoadedModel, weights_hash
+from .types import LoadedModel, find_classifier, weights_hash
 
 # Set before transformers / huggingface_hub are first imported: they read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,11 +138,46 @@ class TextEncoder(nn.Module):
     def unk_token_id(self) -> int | None:
         return getattr(self.tokenizer, "unk_token_id", None)
 
+    #: False: the output is a sentence embedding, not class scores (see :class:`TextClassifier`).
+    has_class_head = False
+
     def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return self.embeds_forward(None, attention_mask, token_type_ids, input_ids=input_ids)
+
+    def embeds_forward(self, inputs_embeds, attention_mask, token_type_ids=None, *, input_ids=None):
+        """The module's output from word embeddings ``inputs_embeds (batch, token, hidden)`` (or from
+        ``input_ids``): here the sentence embedding ``(batch, unit)``. Token attributions
+        differentiate it with respect to ``inputs_embeds`` (:mod:`zooaudit.token_attribution`)."""
         kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        out = self._backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return self.sentence_embedding(hidden, attention_mask)
+
+
+class TextClassifier(TextEncoder):
+    """A transformers sequence classifier (``*ForSequenceClassification``): the output is the
+    model's own class logits ``(batch, class)`` (its pooler and head, as in the folder).
+
+    ``sentence_embedding`` stays a layer: the mask-aware mean of the last hidden state, computed
+    beside the head (it does not feed it) so that the text stages (WEAT, probes, similarity) read
+    the same embedding as for an encoder. Module paths are the classifier's (``bert.encoder.layer.0``
+    … , ``classifier``); ``class_names`` are the config's ``id2label``.
+    """
+
+    has_class_head = True
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: SentencePooling, max_length: int,
+                 class_names: list[str]):
+        super().__init__(backbone, tokenizer, pooling, max_length)
+        self.class_names = list(class_names)
+
+    def embeds_forward(self, inputs_embeds, attention_mask, token_type_ids=None, *, input_ids=None):
+        """Class logits ``(batch, class)`` from ``inputs_embeds`` (or ``input_ids``)."""
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self._backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             output_hidden_states=True, **kw)
+        self.sentence_embedding(out.hidden_states[-1], attention_mask)   # for its hooks only
+        return out.logits
 
 
 # -- locating a model folder ----------------------------------------------------------------
@@ -222,7 +263,7 @@ def _content_hash(state: dict, path: Path, settings: dict) -> str:
 
 
 def _load(name: str, *, uri: str, scheme: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -232,14 +273,24 @@ def _load(name: str, *, uri: str, scheme: str) -> LoadedModel:
     else:
         mode, normalize, max_length = "mean", False, DEFAULT_MAX_LENGTH
     try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        classifier = is_sequence_classifier(config)
+        auto = AutoModelForSequenceClassification if classifier else AutoModel
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        backbone = AutoModel.from_pretrained(str(path), local_files_only=True)
+        backbone = auto.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ZooauditError(f"{uri}: cannot load the transformers model in {str(path)!r}: {err}") from err
     max_length = min(max_length, int(getattr(tokenizer, "model_max_length", max_length) or max_length))
-    backbone.eval()
-    model = TextEncoder(backbone, tokenizer, SentencePooling(mode, normalize), max_length).eval()
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    pooling = SentencePooling(mode, normalize)
+    class_names = _class_names(config) if classifier else []
+
+    def wrap(net: nn.Module) -> TextEncoder:
+        net.eval()
+        if classifier:
+            return TextClassifier(net, tokenizer, pooling, max_length, class_names).eval()
+        return TextEncoder(net, tokenizer, pooling, max_length).eval()
+
+    model = wrap(backbone)
     settings = {"pooling": mode, "normalize": normalize, "max_length": max_length}
     blocks = _blocks(model, getattr(config, "num_hidden_layers", None))
 
@@ -247,17 +298,45 @@ def _load(name: str, *, uri: str, scheme: str) -> LoadedModel:
         # Same architecture and tokenizer, fresh weights from a fixed seed: the control.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            fresh = AutoModel.from_config(config)
-        return TextEncoder(fresh.eval(), tokenizer, SentencePooling(mode, normalize), max_length).eval()
+            return wrap(auto.from_config(config))
 
+    info = {"arch": getattr(config, "model_type", type(backbone).__name__), "source": scheme,
+            "path": str(path), "modality": "text", "hidden_size": getattr(config, "hidden_size", None),
+            "n_blocks": len(blocks), **settings}
+    head = []
+    if classifier:
+        info.update(task="sequence-classification", class_names=class_names)
+        head = _head_layers(model)
     return LoadedModel(
         uri=uri, module=model, content_hash=_content_hash(model.state_dict(), path, settings), input_shape=(),
-        default_layers=blocks + ["sentence_embedding"],
-        info={"arch": getattr(config, "model_type", type(backbone).__name__), "source": scheme,
-              "path": str(path), "modality": "text", "hidden_size": getattr(config, "hidden_size", None),
-              "n_blocks": len(blocks), **settings},
-        random_init=random_init, random_init_seed=RANDOM_INIT_SEED, has_logits=False,
+        default_layers=blocks + ["sentence_embedding"] + head, info=info,
+        random_init=random_init, random_init_seed=RANDOM_INIT_SEED, has_logits=classifier,
     )
+
+
+def is_sequence_classifier(config) -> bool:
+    """Whether a transformers config describes a sequence classifier (``architectures`` names a
+    ``*ForSequenceClassification`` class): such a folder loads as a :class:`TextClassifier`."""
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def _class_names(config) -> list[str]:
+    """``id2label`` in index order (transformers fills ``LABEL_<i>`` when the folder names none)."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    n = int(getattr(config, "num_labels", len(id2label)))
+    return [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+
+
+def _head_layers(model: "TextClassifier") -> list[str]:
+    """The classifier's default layers beyond the blocks: the pooler that feeds the head where the
+    architecture has one (BERT's ``bert.pooler``: stored, it is the head's input, so the statistics
+    stage's NC3 can pair it with the head's weights), then the head itself."""
+    head = find_classifier(model, len(model.class_names))
+    if head is None:
+        raise ZooauditError(f"Sequence classifier {type(model._backbone).__name__}: no Linear layer with "
+                            f"{len(model.class_names)} outputs (the class head) was found.")
+    pooler = [name for name, _ in model.named_modules() if name.split(".")[-1] == "pooler"]
+    return pooler[-1:] + [head]
 
 
 def load_sentence_transformers(name: str, *, store=None, uri: str) -> LoadedModel:
@@ -270,4 +349,5 @@ def load_hf(name: str, *, store=None, uri: str) -> LoadedModel:
     return _load(name, uri=uri, scheme="hf")
 
 
-__all__ = ["SentencePooling", "TextEncoder", "load_hf", "load_sentence_transformers", "model_dir"]
+__all__ = ["SentencePooling", "TextClassifier", "TextEncoder", "is_sequence_classifier", "load_hf",
+           "load_sentence_transformers", "model_dir"]

@@ -14,7 +14,7 @@ import torch
 
 from ..keys import slug_key
 
-__all__ = ["LoadedModel", "weights_hash"]
+__all__ = ["LoadedModel", "find_classifier", "weights_hash"]
 
 
 @dataclass
@@ -60,3 +60,9 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
+
+
+def find_classifier(module: torch.nn.Module, n_outputs: int) -> str | None:
+    """Module path of the classifier: the last ``nn.Linear`` with ``n_outputs`` outputs (None if none)."""
+    found = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == n_outputs]
+    return found[-1] if found else None
