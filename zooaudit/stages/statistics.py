@@ -28,8 +28,9 @@ in a pass of their own; no per-group figures and no neural collapse (no row per 
 their centred rows (same nonzero eigenvalues, rows kept as the pass reads them, within
 ``sim_span.MAX_REDUCE_BYTES`` over all such layers of a pass: the per-sample pass, then each
 all-tokens layer's own, one at a time); otherwise they get none. Either is recorded. Neural collapse runs on the
-``nc_layers`` (default: the penultimate layer, the last per-sample layer before the output
-layer) of labelled datasets; on a dataset whose labels take fewer than two values (an
+``nc_layers`` (default: the penultimate layer — the stored layer that feeds the classifier where
+the classifier control found one, else the last per-sample layer before the output layer) of
+labelled datasets; on a dataset whose labels take fewer than two values (an
 unlabelled text set stores zeros) it is skipped and the reason recorded. NC4 needs the final
 class means: it reads the NC layers a second time. The covariance GEMMs run with torch on the
 run's GPU when it has one (:class:`~zooaudit.analysis.sim_torch.TorchJointGram`, as the
@@ -78,13 +79,19 @@ def _width(target, layer: str) -> int:
 
 def nc_layer_names(target, spec: StatisticsSpec) -> list[str]:
     """The layers whose neural collapse is computed: ``spec.nc_layers`` resolved against the
-    per-sample layers of ``target`` (``penultimate``: the last one before the output layer, the
-    output layer being the last layer when its width is the number of outputs)."""
+    per-sample layers of ``target`` (``penultimate``: the stored layer that feeds the classifier
+    where the classifier control found one — a text classifier's ``bert.pooler`` — else the last
+    one before the output layer, the output layer being the last layer when its width is the
+    number of outputs)."""
     layers = list(target.sample_layers)
+    fed = getattr(target, "controls", {}).get("classifier")
+    fed = [name for name in (fed.layers if fed is not None else ()) if name in layers]
     out: list[str] = []
     for name in spec.nc_layers:
         if name == "*":
             out.extend(layers)
+        elif name == "penultimate" and fed:
+            out.extend(fed[:1])
         elif name == "penultimate":
             rest = layers[:-1] if layers and target.n_outputs is not None and \
                 _width(target, layers[-1]) == target.n_outputs else layers
@@ -365,8 +372,11 @@ def statistics_key(target, spec: StatisticsSpec) -> str | None:
         return None
     controls = getattr(target, "controls", {}) or {}
     classifier = controls["classifier"].cache_key if "classifier" in controls else None
+    # penultimate: the rule 'penultimate' resolves by (nc_layer_names) — results of the earlier
+    # rule (the last layer before the output only) are not reused under it
     return cache_key("statistics", activations=target.cache_key, classifier=classifier,
-                     spectrum_routing=spectrum_routing(MAX_REDUCE_BYTES), **spec.model_dump())
+                     spectrum_routing=spectrum_routing(MAX_REDUCE_BYTES), penultimate="classifier-input",
+                     **spec.model_dump())
 
 
 def run_statistics(ref: ActivationsRef, spec: StatisticsSpec, run_id: str | None = None) -> StageResult | None:
