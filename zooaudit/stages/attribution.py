@@ -60,7 +60,7 @@ from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
 from .attribution_regression import reliance_regressions
 from .attribution_text import is_text_plan, run_text_attribution, text_attribution_key
-from .common import device_module, load_model, random_subset, shard_dataset, skipped
+from .common import attribution_target, device_module, load_model, random_subset, shard_dataset, skipped
 from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
@@ -136,18 +136,6 @@ def key_params(aspec: AttributionSpec) -> dict:
         if params[name] == AttributionSpec.model_fields[name].default:
             del params[name]
     return params
-
-
-def _target(aspec: AttributionSpec, class_names: list[str], n_classes: int):
-    t = aspec.target
-    if t in ("predicted", "true"):
-        return t
-    if t.lstrip("-").isdigit():
-        return int(t)
-    if t in class_names:
-        return class_names.index(t)
-    raise ZooauditError(f"Unknown attribution target {t!r}. Allowed: 'predicted', 'true', a class index in "
-                        f"[0, {n_classes})" + (f", or a class name: {', '.join(class_names)}." if class_names else "."))
 
 
 def _smooth_options(aspec: AttributionSpec) -> dict:
@@ -286,7 +274,7 @@ def run_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> 
         return skipped(STAGE, plan, key, snap)
     model = load_model(plan.model_uri, plan.store)
     data = shard_dataset(plan)
-    target = _target(aspec, data.class_names, plan.n_outputs)
+    target = attribution_target(aspec.target, data.class_names, plan.n_outputs)
     idx = random_subset(len(data), aspec.max_samples, aspec.random_state)
     module, dev = device_module(model.module, plan.device, " for the attribution stage")
     cam_layers = attribution_layers(plan, aspec) if any(m in CAM_METHODS for m in aspec.methods) else []

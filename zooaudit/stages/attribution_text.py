@@ -1,19 +1,27 @@
-"""Token attributions of text encoders (the text side of the attribution model stage).
+"""Token attributions of text models (the text side of the attribution model stage).
 
-Runs in :func:`zooaudit.stages.attribution.run_attribution` when the model is a text encoder
-(``sentence-transformers:`` / ``hf:``), the dataset holds texts, ``AttributionSpec.text_reference``
-names a reference sentence and the spec's methods include a text method (``grad_x_input``,
-``integrated_gradients``; the CAM methods need a spatial layer and do not apply to text). The
-explained output is the cosine similarity of each text's sentence embedding to the reference's
-(:mod:`zooaudit.token_attribution`, which states the conventions).
+Runs in :func:`zooaudit.stages.attribution.run_attribution` when the model is a text model
+(``sentence-transformers:`` / ``hf:``), the dataset holds texts and the spec's methods include a
+text method (``grad_x_input``, ``integrated_gradients``; the CAM methods need a spatial layer and
+do not apply to text). The explained output (:mod:`zooaudit.token_attribution`, which states the
+conventions):
+
+- ``AttributionSpec.text_reference`` set: the cosine similarity of each text's sentence
+  embedding to the reference's (any text model);
+- no reference and a sequence classifier (``hf:`` folder of a ``*ForSequenceClassification``,
+  :class:`zooaudit.zoo.hf.TextClassifier`): the logit of ``AttributionSpec.target`` (predicted,
+  true, a class index or a class name of the model's ``id2label``);
+- no reference and an encoder: nothing to explain (not applicable, the reason logged).
 
 Written under ``<ds>/attribution/input_embeddings/tokens`` (one commit, its own cache key) in the
 ragged layout of the token-text control: per sample ``text``, ``score``, ``token_offset``,
-``token_count``, ``baseline_score`` and ``ig_gap`` (Integrated Gradients), the dataset's group
-attributes ``group_<name>``; per token ``token_text``, ``special``, ``attribution (token, method)``.
+``token_count``, ``baseline_score`` and ``ig_gap`` (Integrated Gradients), with a class output
+``target``, ``predicted`` and ``label``; the dataset's group attributes ``group_<name>``; per token
+``token_text``, ``special``, ``attribution (token, method)``.
 
 The commit's summary holds, per method, the tokens with the largest mean attribution over the
-mapped texts (content tokens seen at least twice), the mean score, and the mean score by group.
+mapped texts (content tokens seen at least twice), with a class output the same per target class,
+the mean score, and the mean score by group.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from ..layout import attribution_group
 from ..specs import AttributionSpec
 from ..store import commit_metadata, write_dataset
 from ..token_attribution import TEXT_METHODS, token_attributions
-from .common import device_module, load_model, random_subset, shard_dataset, skipped
+from .common import attribution_target, device_module, load_model, random_subset, shard_dataset, skipped
 from .refs import StageResult
 
 log = logging.getLogger("zooaudit.stages")
@@ -53,11 +61,20 @@ def _methods(aspec: AttributionSpec) -> list[str]:
     return [m for m in aspec.methods if m in TEXT_METHODS]
 
 
+def _output(plan, aspec: AttributionSpec) -> str | None:
+    """What is explained: ``"similarity"`` (a reference sentence), ``"class"`` (a classifier's
+    logit, no reference) or None (an encoder without a reference)."""
+    if aspec.text_reference is not None:
+        return "similarity"
+    return "class" if plan.n_outputs is not None else None
+
+
 def _applies(plan, aspec: AttributionSpec) -> tuple[bool, str]:
     if not aspec.enabled:
         return False, "disabled"
-    if aspec.text_reference is None:
-        return False, "no AttributionSpec.text_reference (the sentence whose similarity is explained)"
+    if _output(plan, aspec) is None:
+        return False, ("an encoder without a class head and no AttributionSpec.text_reference (the sentence whose "
+                       "similarity is explained)")
     if not _methods(aspec):
         return False, f"no text method among {list(aspec.methods)} (text methods: {', '.join(TEXT_METHODS)})"
     return True, ""
@@ -67,17 +84,27 @@ def text_attribution_key(plan, aspec: AttributionSpec) -> str | None:
     """Cache key of the token attributions of ``plan`` (None: they do not apply)."""
     if not _applies(plan, aspec)[0]:
         return None
-    return cache_key(STAGE, model=plan.model_hash, dataset=plan.ds_hash, reference=aspec.text_reference,
+    # the similarity's key is the one it had before class outputs existed (earlier commits stay hits)
+    explained = {"reference": aspec.text_reference} if _output(plan, aspec) == "similarity" else \
+        {"output": "class", "target": aspec.target}
+    return cache_key(STAGE, model=plan.model_hash, dataset=plan.ds_hash, **explained,
                      methods=_methods(aspec), ig_steps=aspec.ig_steps, max_samples=aspec.max_samples,
                      batch_size=aspec.batch_size, random_state=aspec.random_state)
 
 
-def _top_tokens(ds, method: str) -> list[dict]:
-    """Content tokens by mean attribution over their occurrences (seen at least twice)."""
+def _top_tokens(ds, method: str, samples: np.ndarray | None = None) -> list[dict]:
+    """Content tokens by mean attribution over their occurrences (seen at least twice), over the
+    texts ``samples`` (positions; default all)."""
     sums, counts = defaultdict(float), defaultdict(int)
     values = ds["attribution"].sel({"method": method}).values
-    for text, special, value in zip(ds["token_text"].values, ds["special"].values, values):
-        if not special:
+    keep = np.ones(ds.sizes["token"], bool)
+    if samples is not None:
+        keep[:] = False
+        for i in samples:
+            lo = int(ds["token_offset"].values[i])
+            keep[lo:lo + int(ds["token_count"].values[i])] = True
+    for text, special, value, kept in zip(ds["token_text"].values, ds["special"].values, values, keep):
+        if kept and not special:
             sums[str(text)] += float(value)
             counts[str(text)] += 1
     means = [(t, sums[t] / counts[t], counts[t]) for t in sums if counts[t] >= 2]
@@ -86,7 +113,7 @@ def _top_tokens(ds, method: str) -> list[dict]:
 
 
 def run_text_attribution(plan, aspec: AttributionSpec, run_id: str | None = None) -> StageResult | None:
-    """Token attributions of one text encoder on one text dataset (one commit), None when they do
+    """Token attributions of one text model on one text dataset (one commit), None when they do
     not apply; a cache hit when the key is already on ``main``."""
     ok, why = _applies(plan, aspec)
     if not ok:
@@ -100,20 +127,39 @@ def run_text_attribution(plan, aspec: AttributionSpec, run_id: str | None = None
     idx = random_subset(len(data), aspec.max_samples, aspec.random_state)
     module, dev = device_module(load_model(plan.model_uri, plan.store).module, plan.device,
                                 " for the attribution stage")
-    ds = token_attributions(module, data.inputs[idx], aspec.text_reference, methods=_methods(aspec),
-                            ig_steps=aspec.ig_steps, batch_size=aspec.batch_size, device=dev,
-                            sample_ids=np.asarray(data.sample_ids)[idx])
+    output = _output(plan, aspec)
+    if output == "class":
+        names = list(getattr(module, "class_names", None) or data.class_names)
+        explained = {"target": attribution_target(aspec.target, names, plan.n_outputs),
+                     "labels": np.asarray(data.labels)[idx]}
+    else:
+        explained = {"reference": aspec.text_reference}
+    ds = token_attributions(module, data.inputs[idx], methods=_methods(aspec), ig_steps=aspec.ig_steps,
+                            batch_size=aspec.batch_size, device=dev, sample_ids=np.asarray(data.sample_ids)[idx],
+                            **explained)
     for name, values in data.groups.items():
         ds[f"group_{name}"] = ("sample", np.asarray(values)[idx])
     summary = {"n_samples": int(ds.sizes["sample"]), "mean_score": round(float(ds["score"].mean()), 5),
-               "reference": aspec.text_reference,
-               "top_tokens": {m: _top_tokens(ds, m) for m in ds["method"].values}}
+               "output": output, "top_tokens": {str(m): _top_tokens(ds, m) for m in ds["method"].values}}
+    if output == "class":
+        names = ds.attrs["class_names"]
+        summary["target"] = aspec.target
+        if len(np.unique(data.labels)) > 1:   # an unlabelled text set stores zeros: no accuracy to give
+            summary["accuracy"] = round(float((ds["predicted"].values == ds["label"].values).mean()), 5)
+        summary["top_tokens_by_target"] = {
+            (names[c] if c < len(names) else str(c)): {str(m): _top_tokens(ds, m, np.flatnonzero(ds["target"].values == c))
+                                                       for m in ds["method"].values}
+            for c in np.unique(ds["target"].values).tolist()}
+    else:
+        summary["reference"] = aspec.text_reference
     if "ig_gap" in ds:
         summary["mean_abs_ig_gap"] = float(np.abs(ds["ig_gap"].values).mean())
     for name, values in data.groups.items():
         g = np.asarray(values)[idx]
+        names = data.group_names.get(name) or []
         summary.setdefault("mean_score_by_group", {})[name] = {
-            str(v): round(float(ds["score"].values[g == v].mean()), 5) for v in np.unique(g)}
+            (str(names[v]) if 0 <= v < len(names) else str(v)): round(float(ds["score"].values[g == v].mean()), 5)
+            for v in np.unique(g).tolist()}
     group = attribution_group(plan.ds_key, TOKENS_LAYER, "tokens")
     meta = commit_metadata(STAGE, key, aspec.model_dump(), model=plan.model_uri, model_hash=plan.model_hash,
                            dataset=plan.dataset.model_dump(), dataset_hash=plan.ds_hash, flow_run_id=run_id,

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ..data import load_dataset
+from ..errors import ZooauditError
 from ..keys import canonical_json
 from ..store import Store, commit_metadata
 from ..zoo import LoadedModel, resolve_model
@@ -29,6 +30,19 @@ def random_subset(n: int, cap: int, rng) -> np.ndarray:
     if n <= cap:
         return np.arange(n)
     return np.sort(np.random.default_rng(rng).choice(n, cap, replace=False))
+
+
+def attribution_target(target: str, class_names: list[str], n_classes: int | None):
+    """An attribution spec's ``target`` for the maps: ``"predicted"`` / ``"true"`` as they are, a
+    class index as an int, a class name (of ``class_names``) as its index."""
+    if target in ("predicted", "true"):
+        return target
+    if target.lstrip("-").isdigit():
+        return int(target)
+    if target in class_names:
+        return class_names.index(target)
+    raise ZooauditError(f"Unknown attribution target {target!r}. Allowed: 'predicted', 'true', a class index in "
+                        f"[0, {n_classes})" + (f", or a class name: {', '.join(class_names)}." if class_names else "."))
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,7 +175,6 @@ def control_rows(ref, kind: str, layers: list[str], idx: np.ndarray | None = Non
     beside ``ref``'s activations (:mod:`.controls`), or ``({}, {})`` when ``ref`` has no such
     control and it is not ``required``."""
     from .. import layout
-    from ..errors import ZooauditError
 
     control = ref.controls.get(kind)
     if control is None:
