@@ -94,7 +94,8 @@ def test_class_logit_attributions_match_finite_differences_and_are_complete(mode
                 step[0, t] = E64[0, t]
                 h = 1e-4
                 with torch.no_grad():
-                    fd = (_logit(module, E64 + h * step, batch, cls) - _logit(module, E64 - h * step, batch, cls)) / (2 * h)
+                    up, down = _logit(module, E64 + h * step, batch, cls), _logit(module, E64 - h * step, batch, cls)
+                fd = (up - down) / (2 * h)
                 assert float(attr[t, 0]) == pytest.approx(float(fd[0]), abs=2e-4, rel=1e-3)
         finally:
             module.float()
@@ -130,7 +131,8 @@ def test_targets_true_index_and_bad_input(model):
 def test_the_stages_audit_a_text_classifier_and_explain_its_classes(folder, store_url):
     uri = f"hf:{folder}"
     spec = AuditModelSpec(model=uri, store=store_url, shard_size=16, batch_size=16,
-                          layers=["bert.pooler", "sentence_embedding", "classifier"], datasets=[DatasetSpec(name="text")],
+                          layers=["bert.pooler", "sentence_embedding", "classifier"],
+                          datasets=[DatasetSpec(name="text")],
                           attribution={"max_samples": 24, "ig_steps": 16},
                           bias={"n_boot": 40, "n_permutations": 100, "probe_cv": 3})
     plan = stages.plan_extraction(spec, spec.datasets[0])

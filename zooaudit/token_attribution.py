@@ -136,11 +136,16 @@ def token_attributions(encoder, texts: Sequence[str], reference: str | None = No
         forward = _embed_forward(encoder, batch)
         with torch.no_grad():
             embeds = word_embeddings(ids)
-            out = forward(embeds)
+        # one forward on the texts themselves gives the score, the targets and gradient × input's graph
+        with_grad = "grad_x_input" in methods
+        e = embeds.clone().requires_grad_(True) if with_grad else embeds
+        with torch.set_grad_enabled(with_grad):
+            out = forward(e)
         if classify:
-            t = resolve_targets(target, out, None if labels is None else np.asarray(labels)[start:start + len(ids)])
+            t = resolve_targets(target, out.detach(),
+                                None if labels is None else np.asarray(labels)[start:start + len(ids)])
             targets.append(t.cpu().numpy())
-            predicted.append(out.argmax(1).cpu().numpy())
+            predicted.append(out.detach().argmax(1).cpu().numpy())
 
             def output(o: torch.Tensor, t=t) -> torch.Tensor:
                 return o.gather(1, t.unsqueeze(1)).squeeze(1)   # the target's logit (b,)
@@ -149,10 +154,10 @@ def token_attributions(encoder, texts: Sequence[str], reference: str | None = No
                 return _cosine(o, ref)
         score = output(out)
         per_method = {}
-        if "grad_x_input" in methods:
-            e = embeds.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(output(forward(e)).sum(), e)
+        if with_grad:
+            (grad,) = torch.autograd.grad(score.sum(), e)
             per_method["grad_x_input"] = (grad * embeds).sum(-1)
+        score = score.detach()
         if "integrated_gradients" in methods:
             is_special = torch.isin(ids, torch.tensor(sorted(special_ids), device=dev)) if special_ids \
                 else torch.zeros_like(mask)

@@ -100,9 +100,9 @@ def _top_tokens(ds, method: str, samples: np.ndarray | None = None) -> list[dict
     keep = np.ones(ds.sizes["token"], bool)
     if samples is not None:
         keep[:] = False
+        offsets, counts_of = ds["token_offset"].values, ds["token_count"].values
         for i in samples:
-            lo = int(ds["token_offset"].values[i])
-            keep[lo:lo + int(ds["token_count"].values[i])] = True
+            keep[offsets[i]:offsets[i] + counts_of[i]] = True
     for text, special, value, kept in zip(ds["token_text"].values, ds["special"].values, values, keep):
         if kept and not special:
             sums[str(text)] += float(value)
@@ -128,9 +128,9 @@ def run_text_attribution(plan, aspec: AttributionSpec, run_id: str | None = None
     module, dev = device_module(load_model(plan.model_uri, plan.store).module, plan.device,
                                 " for the attribution stage")
     output = _output(plan, aspec)
+    class_names = list(getattr(module, "class_names", None) or data.class_names)
     if output == "class":
-        names = list(getattr(module, "class_names", None) or data.class_names)
-        explained = {"target": attribution_target(aspec.target, names, plan.n_outputs),
+        explained = {"target": attribution_target(aspec.target, class_names, plan.n_outputs),
                      "labels": np.asarray(data.labels)[idx]}
     else:
         explained = {"reference": aspec.text_reference}
@@ -142,13 +142,12 @@ def run_text_attribution(plan, aspec: AttributionSpec, run_id: str | None = None
     summary = {"n_samples": int(ds.sizes["sample"]), "mean_score": round(float(ds["score"].mean()), 5),
                "output": output, "top_tokens": {str(m): _top_tokens(ds, m) for m in ds["method"].values}}
     if output == "class":
-        names = ds.attrs["class_names"]
         summary["target"] = aspec.target
         if len(np.unique(data.labels)) > 1:   # an unlabelled text set stores zeros: no accuracy to give
             summary["accuracy"] = round(float((ds["predicted"].values == ds["label"].values).mean()), 5)
         summary["top_tokens_by_target"] = {
-            (names[c] if c < len(names) else str(c)): {str(m): _top_tokens(ds, m, np.flatnonzero(ds["target"].values == c))
-                                                       for m in ds["method"].values}
+            (class_names[c] if c < len(class_names) else str(c)):
+                {str(m): _top_tokens(ds, m, np.flatnonzero(ds["target"].values == c)) for m in ds["method"].values}
             for c in np.unique(ds["target"].values).tolist()}
     else:
         summary["reference"] = aspec.text_reference
@@ -156,9 +155,10 @@ def run_text_attribution(plan, aspec: AttributionSpec, run_id: str | None = None
         summary["mean_abs_ig_gap"] = float(np.abs(ds["ig_gap"].values).mean())
     for name, values in data.groups.items():
         g = np.asarray(values)[idx]
-        names = data.group_names.get(name) or []
+        values_named = data.group_names.get(name) or []
         summary.setdefault("mean_score_by_group", {})[name] = {
-            (str(names[v]) if 0 <= v < len(names) else str(v)): round(float(ds["score"].values[g == v].mean()), 5)
+            (str(values_named[v]) if 0 <= v < len(values_named) else str(v)):
+                round(float(ds["score"].values[g == v].mean()), 5)
             for v in np.unique(g).tolist()}
     group = attribution_group(plan.ds_key, TOKENS_LAYER, "tokens")
     meta = commit_metadata(STAGE, key, aspec.model_dump(), model=plan.model_uri, model_hash=plan.model_hash,

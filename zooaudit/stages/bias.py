@@ -49,12 +49,13 @@ def _representation_audit(ref: ActivationsRef, matrices: dict, samples: xr.Datas
     """Probe leakage per layer beside its controls, output leakage, and erasure per layer."""
     idx = random_subset(ref.n_samples, bspec.probe_max_samples, bspec.random_state)
     groups, labels = samples[attr].values[idx], samples["label"].values[idx]
+    inputs = _input_control(ref, idx)
     random_acts, _ = control_rows(ref, "random_init", ref.sample_layers, idx, required=False)
     probes, erasures = [], []
     kw = {"cv": bspec.probe_cv, "random_state": bspec.random_state}
     for layer in ref.sample_layers:
         acts = np.asarray(matrices[layer][idx], dtype=np.float64)
-        controls = {**_input_control(ref, idx)}
+        controls = dict(inputs)
         if layer in random_acts:
             controls["random_init"] = random_acts[layer]
         probes.append(bias_mod.probe_leakage(acts, groups, controls=controls, **kw).expand_dims(layer=[layer]))
